@@ -1,0 +1,37 @@
+# The README's two set-up commands: `make demo` and `make test`. Each creates .venv and installs
+# what it needs (CPU torch pinned so no CUDA build is downloaded).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+
+.PHONY: install demo test test-slow bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/embrag demo --run-dir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/v17_vs_v18.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check embrag storage tasks flows embrag_cli tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

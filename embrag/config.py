@@ -1,0 +1,236 @@
+"""Frozen configuration dataclasses, one per stage, composed into :class:`RunConfig`.
+
+Every config round-trips through ``to_dict`` / ``from_dict`` (JSON-able) and carries a
+``format_version`` at the top level; unknown versions and unknown keys are refused, so an old
+run directory can never be silently read with new meanings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """msprime/stdpopsim simulation of a human-like panel, study cohort and test set."""
+
+    seed: int = 42
+    species: str = "HomSap"
+    demographic_model: str = "OutOfAfrica_3G09"
+    population: str = "CEU"
+    contig: str = "chr20"
+    contig_id: str = "20"  # name written to the VCF CHROM column
+    left: float = 10_000_000.0  # simulated interval on the contig (bp)
+    length: float = 1_000_000.0
+    n_panel: int = 400  # diploid samples
+    n_study: int = 200  # split into train / val by SplitConfig
+    n_test: int = 50
+    array_every: int = 10  # "array" target keeps every n-th common site (MAF >= array_min_maf)
+    array_min_maf: float = 0.05
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How study samples are split into train / val (test comes from its own VCF)."""
+
+    val_fraction: float = 0.2
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Fixed number of matched sites per window; consecutive windows share ``overlap`` sites."""
+
+    size: int = 64
+    overlap: int = 16
+
+    def __post_init__(self) -> None:
+        if self.size < 2:
+            raise ValueError(f"WindowConfig.size must be >= 2, got {self.size}")
+        if not 0 <= self.overlap < self.size:
+            raise ValueError(
+                f"WindowConfig.overlap must be in [0, size), got overlap={self.overlap}, size={self.size}"
+            )
+
+    @property
+    def step(self) -> int:
+        return self.size - self.overlap
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Mask plan: training curriculum, AF-guided rare-site rate, fixed validation mask.
+
+    A mask depends only on (seed, mask version, window) and site properties (panel MAF), never on
+    a sample's genotypes.
+    """
+
+    seed: int = 1234
+    curriculum: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # training rate per curriculum level
+    epochs_per_level: int = 2  # curriculum advances every n epochs (0 = never)
+    rare_rate: float | None = 0.7  # rate for sites with panel MAF < rare_maf (None: same as common)
+    rare_maf: float = 0.05
+    val_rate: float = 0.5  # fixed validation mask rate, independent of the curriculum
+    val_seed: int = 2024
+    min_unmasked: int = 1  # keep at least this many observed sites per window
+
+    def __post_init__(self) -> None:
+        rates = list(self.curriculum) + [self.val_rate] + ([self.rare_rate] if self.rare_rate is not None else [])
+        if not self.curriculum or any(not 0.0 < r < 1.0 for r in rates):
+            raise ValueError(f"mask rates must be in (0, 1): curriculum={self.curriculum}, val={self.val_rate}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Transformer size and retrieval fusion. ``variant`` picks V17 (token RAG) or V18 (embedding RAG)."""
+
+    variant: Literal["v17", "v18", "none"] = "v18"
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+    k: int = 4  # retrieved haplotypes per query haplotype
+    max_len: int = 64  # window length in sites (== WindowConfig.size)
+    af_features: int = 16  # Fourier frequencies of the allele-frequency encoding
+    position_norm: bool = True  # per-position LayerNorm in the embedding layer
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Masked retrieval index per window. ``compact`` is exact and ~L-dimensional (DESIGN.md §5)."""
+
+    kind: Literal["flat", "compact"] = "compact"
+    overfetch: int = 8  # extra neighbours fetched so self-matches can be dropped
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    focal_gamma: float = 0.0  # 0 = plain cross-entropy
+    seed: int = 0
+    reference_embeddings: Literal["store", "live"] = "store"
+    max_train_batches: int | None = None  # cap per epoch (demo / tests)
+    max_val_batches: int | None = None
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.focal_gamma < 0 or self.focal_gamma > 2:
+            raise ValueError(f"TrainConfig.focal_gamma must be in [0, 2], got {self.focal_gamma}")
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    """When masks are regenerated (new mask version + index rebuild).
+
+    ``epochs``: every ``every`` epochs (seed's option A); ``batches``: every ``every`` batches
+    inside an epoch (option B); ``plateau``: when validation F1 has not improved by ``min_delta``
+    for ``patience`` epochs (option C). Complete embeddings are re-encoded at the end of every
+    epoch when ``reencode_every_epoch``.
+    """
+
+    policy: Literal["epochs", "batches", "plateau"] = "epochs"
+    every: int = 1
+    patience: int = 1
+    min_delta: float = 1e-3
+    reencode_every_epoch: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.max_len != self.window.size:
+            raise ValueError(
+                f"model.max_len ({self.model.max_len}) must equal window.size ({self.window.size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"config format_version {version!r} is not supported (expected {CONFIG_FORMAT_VERSION}); "
+                "re-create the config with this version of embrag"
+            )
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                kwargs[f.name] = _section_from_dict(_SECTION_TYPES[f.name], data[f.name], f.name)
+        return cls(**kwargs)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """Return a copy with whole sections or ``section__field`` overrides replaced."""
+        kwargs: dict[str, Any] = {}
+        for key, value in sections.items():
+            if "__" in key:
+                section, name = key.split("__", 1)
+                current = kwargs.get(section, getattr(self, section))
+                kwargs[section] = dataclasses.replace(current, **{name: value})
+            else:
+                kwargs[key] = value
+        return dataclasses.replace(self, **kwargs)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.field -> value`` for experiment trackers."""
+        return {
+            f"{section}.{key}": value
+            for section, values in dataclasses.asdict(self).items()
+            for key, value in values.items()
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "simulate": SimulateConfig,
+    "split": SplitConfig,
+    "window": WindowConfig,
+    "mask": MaskConfig,
+    "model": ModelConfig,
+    "index": IndexConfig,
+    "train": TrainConfig,
+    "refresh": RefreshConfig,
+}
+
+
+def _section_from_dict(kind: type, values: dict[str, Any], name: str) -> Any:
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} in config section '{name}'; known: {sorted(names)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return kind(**values)
