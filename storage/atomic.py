@@ -1,0 +1,79 @@
+"""Atomic writes: build at a temporary path beside the target, then rename into place.
+
+A reader either sees the previous complete artifact or the new complete one, never a half-written
+one; a crash leaves at most a ``*.tmp-*`` sibling, which is ignored and cleaned on the next write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success replace ``target`` with it, on error delete it.
+
+    Works for files and directories (a Zarr store, a folder of index files).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
+    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        _replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if tmp.is_dir():
+        if target.exists():
+            old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)  # two renames: a directory cannot replace a non-empty one
+            os.replace(tmp, target)
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+    else:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _remove_stale_tmp(target: Path) -> None:
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):
+        _remove(stale)
