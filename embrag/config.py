@@ -164,10 +164,9 @@ class RunConfig:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
     def __post_init__(self) -> None:
+        # The model's length is the window's: derived, so overriding window.size alone is enough.
         if self.model.max_len != self.window.size:
-            raise ValueError(
-                f"model.max_len ({self.model.max_len}) must equal window.size ({self.window.size})"
-            )
+            object.__setattr__(self, "model", dataclasses.replace(self.model, max_len=self.window.size))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}

@@ -1,0 +1,266 @@
+"""One training epoch and one validation pass, as plain functions over a window source.
+
+Batches are grouped by window (one index and one block of reference embeddings per group, never
+one per item), retrieval runs in this process, keys were encoded in eval mode without grad, and
+results are scattered back by haplotype row. File access lives behind :class:`WindowSource`
+(implemented in ``storage``), so this module never touches paths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from embrag.config import ModelConfig, TrainConfig
+from embrag.constants import ALT, REF
+from embrag.loss import masked_loss
+from embrag.retrieval import WindowIndex, apply_mask
+
+
+@dataclass
+class WindowData:
+    """Everything one window contributes to a batch group."""
+
+    window: int
+    query_tokens: np.ndarray  # (Hq, L) uint8, complete (labels come from here)
+    af: np.ndarray  # (L,) float32
+    position: np.ndarray  # (L,) float32 in [0, 1]
+    real: np.ndarray  # (L,) bool, False on padding
+    mask: np.ndarray  # (L,) bool, True = hidden (same mask as the index)
+    index: WindowIndex | None  # None for the no-retrieval model
+    panel_tokens: np.ndarray  # (Hp, L) uint8, complete
+    # rows (N,) -> (N, L, D) float16 complete reference embeddings ("store" mode)
+    reference_rows: Callable[[np.ndarray], np.ndarray] | None = None
+    exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve
+
+
+class WindowSource(Protocol):
+    n_windows: int
+    n_query_haplotypes: int
+
+    def window(self, w: int) -> WindowData: ...
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    f1: float
+    rare_f1: float
+    common_f1: float
+    n_batches: int
+    n_masked_sites: int
+    seconds: float
+    ms_per_batch: float
+    retrieval_ms_per_batch: float
+    peak_memory_mb: float
+    refreshes: list[dict] = field(default_factory=list)
+    predictions: dict | None = None  # validation only: per-window probabilities for r^2
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        keys = ("loss", "f1", "rare_f1", "common_f1", "ms_per_batch", "retrieval_ms_per_batch", "seconds", "peak_memory_mb")
+        return {f"{prefix}_{k}": float(getattr(self, k)) for k in keys}
+
+
+def batch_plan(n_windows: int, n_haps: int, batch_size: int, *, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """Window-grouped batches ``(window, haplotype rows)`` in a seeded shuffled order."""
+    rng = np.random.default_rng([seed, epoch])
+    plan = []
+    for w in rng.permutation(n_windows):
+        rows = rng.permutation(n_haps)
+        plan.extend((int(w), rows[i : i + batch_size]) for i in range(0, n_haps, batch_size))
+    return plan
+
+
+def _batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    complete = data.query_tokens[rows]  # (B, L)
+    masked = apply_mask(complete, data.mask)
+    b = len(rows)
+    target = data.mask[None, :] & data.real[None, :] & ((complete == REF) | (complete == ALT))  # (B, L)
+    return {
+        "tokens": torch.as_tensor(masked, dtype=torch.long, device=device),
+        "labels": torch.as_tensor(complete == ALT, dtype=torch.float32, device=device),
+        "target": torch.as_tensor(target, device=device),
+        "af": torch.as_tensor(np.broadcast_to(data.af, (b, len(data.af))).copy(), device=device),
+        "position": torch.as_tensor(np.broadcast_to(data.position, (b, len(data.af))).copy(), device=device),
+        "pad": torch.as_tensor(np.broadcast_to(data.real, (b, len(data.af))).copy(), device=device),
+    }
+
+
+def retrieve(data: WindowData, rows: np.ndarray, k: int) -> np.ndarray:
+    """Top-k panel rows ``(B, k)`` for query rows (masked inside the index), -1 where none."""
+    exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
+    _, hits = data.index.search(data.query_tokens[rows], k, exclude_rows=exclude)
+    return hits
+
+
+def forward_batch(
+    model: torch.nn.Module, cfg: ModelConfig, data: WindowData, rows: np.ndarray, batch: dict, *,
+    live: bool, device: torch.device,
+) -> tuple[torch.Tensor, float]:
+    """Logits ``(B, L)`` and the retrieval milliseconds spent for this batch."""
+    if cfg.variant == "none" or data.index is None:
+        return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], None, None), 0.0
+    t0 = time.perf_counter()
+    hits = retrieve(data, rows, cfg.k)  # (B, K)
+    valid = torch.as_tensor(hits >= 0, device=device)
+    safe = np.where(hits >= 0, hits, 0)
+    retrieval_ms = (time.perf_counter() - t0) * 1e3
+    if cfg.variant == "v17":
+        ref_tokens = torch.as_tensor(data.panel_tokens[safe], dtype=torch.long, device=device)  # (B, K, L)
+        return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], ref_tokens, valid), retrieval_ms
+    if live:  # re-embed the retrieved complete tokens with the current layer, with grad
+        ref_tokens = torch.as_tensor(data.panel_tokens[safe], dtype=torch.long, device=device)  # (B, K, L)
+        ref = model.embed_references(ref_tokens, batch["af"], batch["position"])  # (B, K, L, D)
+    else:
+        t1 = time.perf_counter()
+        block = data.reference_rows(safe.ravel())  # (B*K, L, D)
+        ref = torch.as_tensor(block, device=device).float().view(*safe.shape, *block.shape[1:])  # (B, K, L, D)
+        retrieval_ms += (time.perf_counter() - t1) * 1e3
+    return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], ref, valid), retrieval_ms
+
+
+class _Counts:
+    """Pooled ALT-allele confusion counts, split by rarity."""
+
+    def __init__(self) -> None:
+        self.c = np.zeros((2, 3), dtype=np.int64)  # (rare/common, tp/fp/fn)
+
+    def add(self, prob: np.ndarray, label: np.ndarray, rare: np.ndarray) -> None:
+        pred = prob > 0.5
+        truth = label > 0.5
+        for r in (0, 1):
+            sel = rare == bool(r)
+            self.c[r] += [(pred & truth & sel).sum(), (pred & ~truth & sel).sum(), (~pred & truth & sel).sum()]
+
+    @staticmethod
+    def _f1(tp: int, fp: int, fn: int) -> float:
+        return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else float("nan")
+
+    def f1s(self) -> tuple[float, float, float]:
+        total = self.c.sum(0)
+        return self._f1(*total), self._f1(*self.c[1]), self._f1(*self.c[0])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _iterate(source: WindowSource, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[WindowData, np.ndarray, int]]:
+    current, data = -1, None
+    for i, (w, rows) in enumerate(plan):
+        if w != current:
+            current, data = w, source.window(w)
+        yield data, rows, i
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    source: WindowSource,
+    *,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    epoch: int,
+    rare_maf: float,
+    device: torch.device,
+    after_batch: Callable[[int], dict | None] | None = None,
+) -> EpochResult:
+    """Train one epoch. ``after_batch(batch_index)`` may refresh masks (option B) and return a report;
+    the current window is then re-read so its mask and index are the new ones."""
+    from embrag.optim import autocast
+
+    model.train()
+    plan = batch_plan(source.n_windows, source.n_query_haplotypes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+    if cfg.max_train_batches is not None:
+        plan = plan[: cfg.max_train_batches]
+    counts, losses, refreshes = _Counts(), [], []
+    retrieval_ms, n_masked = 0.0, 0
+    t_start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    stale = False
+    current, data = -1, None
+    for i, (w, rows) in enumerate(plan):
+        if w != current or stale:
+            current, data, stale = w, source.window(w), False
+        batch = _batch_tensors(data, rows, device)
+        with autocast(device):
+            logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live", device=device)
+            loss = masked_loss(logits.float(), batch["labels"], batch["target"], cfg.focal_gamma)
+        scaler.scale(loss / cfg.grad_accum).backward()
+        if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plan):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        retrieval_ms += ms
+        target = batch["target"].cpu().numpy()
+        n_masked += int(target.sum())
+        losses.append((float(loss.detach()), int(target.sum())))
+        probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
+        rare = np.broadcast_to(np.minimum(data.af, 1 - data.af) < rare_maf, target.shape)
+        counts.add(probs[target], batch["labels"].cpu().numpy()[target], rare[target])
+        if after_batch is not None and (report := after_batch(i + 1)) is not None:
+            refreshes.append(report)
+            stale = True
+    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, device, refreshes)
+
+
+def _result(losses, counts, n_batches, n_masked, t_start, retrieval_ms, device, refreshes, predictions=None) -> EpochResult:
+    seconds = time.perf_counter() - t_start
+    total = sum(n for _, n in losses)
+    loss = sum(v * n for v, n in losses) / total if total else float("nan")  # mean per masked site
+    f1, rare_f1, common_f1 = counts.f1s()
+    nb = max(n_batches, 1)
+    return EpochResult(
+        loss=loss, f1=f1, rare_f1=rare_f1, common_f1=common_f1, n_batches=n_batches, n_masked_sites=n_masked,
+        seconds=seconds, ms_per_batch=seconds * 1e3 / nb, retrieval_ms_per_batch=retrieval_ms / nb,
+        peak_memory_mb=_peak_memory_mb(device), refreshes=refreshes, predictions=predictions,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, source: WindowSource, *, model_cfg: ModelConfig, cfg: TrainConfig, rare_maf: float,
+    device: torch.device,
+) -> EpochResult:
+    """Validation pass with the source's fixed masks, no grad; keeps per-window ALT probabilities
+    ``{window: (Hq, L) float32}`` (NaN where not scored) for dosage r^2."""
+    from embrag.optim import autocast
+
+    model.eval()
+    plan = batch_plan(source.n_windows, source.n_query_haplotypes, cfg.batch_size * 2, seed=0, epoch=0)
+    plan.sort(key=lambda item: item[0])
+    if cfg.max_val_batches is not None:
+        plan = plan[: cfg.max_val_batches]
+    counts, losses, predictions = _Counts(), [], {}
+    retrieval_ms, n_masked = 0.0, 0
+    t_start = time.perf_counter()
+    for data, rows, _ in _iterate(source, plan):
+        batch = _batch_tensors(data, rows, device)
+        with autocast(device):
+            logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=False, device=device)
+        logits = logits.float()
+        loss = masked_loss(logits, batch["labels"], batch["target"], cfg.focal_gamma)
+        retrieval_ms += ms
+        target = batch["target"].cpu().numpy()
+        n_masked += int(target.sum())
+        losses.append((float(loss), int(target.sum())))
+        probs = torch.sigmoid(logits).cpu().numpy()
+        rare = np.broadcast_to(np.minimum(data.af, 1 - data.af) < rare_maf, target.shape)
+        counts.add(probs[target], batch["labels"].cpu().numpy()[target], rare[target])
+        store = predictions.setdefault(data.window, np.full(data.query_tokens.shape, np.nan, np.float32))
+        store[rows] = np.where(target, probs, np.nan)  # scatter back by haplotype row
+    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, device, [], predictions)

@@ -1,0 +1,73 @@
+"""Complete (unmasked) reference embeddings per embedding version, in Zarr (fp16).
+
+Because the embedding layer is position-wise, one window's behaviour is its table ``[L, V, D]``;
+the store keeps the tables (float32, used to encode index keys and queries for this version) and
+the complete panel embeddings ``[W, Hp, L, D]`` (float16, what V18 hands the model). One chunk
+holds one window and a block of haplotypes, so a batch reads only the blocks of its retrieved rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from embrag.embedding import lookup_table
+from storage.atomic import atomic_path
+from storage.prepared import PreparedData
+
+HAP_BLOCK = 64  # haplotypes per chunk: a batch of retrieved rows touches few chunks
+
+
+def encode_complete_embeddings(path: Path, prepared: PreparedData, embedding: torch.nn.Module, *, version: int) -> Path:
+    """Encode the panel of every window with ``embedding`` (eval mode, no grad) into ``path``."""
+    n_w, size = len(prepared.windows), prepared.window_size
+    n_h = prepared.n_haplotypes("panel")
+    device = next(embedding.parameters()).device
+    with atomic_path(Path(path)) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        tables = complete = None
+        for w in range(n_w):
+            af, position, _ = prepared.window_features(w)
+            table = embedding.table(torch.as_tensor(af, device=device), torch.as_tensor(position, device=device))  # (L, V, D)
+            tokens = torch.as_tensor(prepared.tokens("panel", w), dtype=torch.long, device=device)  # (Hp, L)
+            emb = lookup_table(table, tokens)  # (Hp, L, D)
+            if tables is None:
+                d, v = table.shape[2], table.shape[1]
+                tables = root.create_array("table", shape=(n_w, size, v, d), dtype="float32", chunks=(1, size, v, d))
+                complete = root.create_array(
+                    "complete", shape=(n_w, n_h, size, d), dtype="float16", chunks=(1, min(HAP_BLOCK, n_h), size, d)
+                )
+            tables[w] = table.cpu().numpy()
+            complete[w] = emb.cpu().numpy().astype(np.float16)
+        root.attrs.update({"embedding_version": version, "complete": True})
+    return Path(path)
+
+
+class EmbeddingStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        root = zarr.open_group(str(self.path), mode="r")
+        if not root.attrs.get("complete"):
+            raise ValueError(f"{self.path}: embedding store is incomplete; rerun the encode stage")
+        self.version = int(root.attrs["embedding_version"])
+        self.table = root["table"]
+        self.complete = root["complete"]
+
+    def window_table(self, w: int) -> np.ndarray:
+        return self.table[w]  # (L, V, D)
+
+    def rows(self, w: int, rows: np.ndarray) -> np.ndarray:
+        """``float16 (len(rows), L, D)`` complete embeddings of panel rows of window ``w``."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = self.complete.get_orthogonal_selection((w, unique))  # (U, L, D): reads only their chunks
+        return block[inverse]
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("complete"))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False

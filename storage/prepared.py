@@ -1,0 +1,134 @@
+"""The prepared dataset: matched sites, windows and per-role haplotype tokens in one Zarr v3 group.
+
+Token arrays are chunked one window per chunk (no sharding), so per-window stages can read, and
+parallel writers can write, whole chunks without touching each other's bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from embrag.constants import ROLES
+from embrag.tokens import window_tokens
+from embrag.windows import Windows
+from storage.atomic import atomic_path
+
+PREPARED_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    contig: np.ndarray  # (S,) str
+    position: np.ndarray  # (S,) int64, 1-based
+    ref: np.ndarray  # (S,) str
+    alt: np.ndarray  # (S,) str
+    af: np.ndarray  # (S,) float32, panel ALT frequency
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    @property
+    def maf(self) -> np.ndarray:
+        return np.minimum(self.af, 1.0 - self.af)
+
+
+def write_prepared(
+    path: Path,
+    *,
+    sites: SiteTable,
+    windows: Windows,
+    window_size: int,
+    tokens: dict[str, np.ndarray],
+    sample_ids: dict[str, list[str]],
+    attrs: dict[str, Any],
+) -> Path:
+    """Write the prepared group atomically. ``tokens[role]`` is ``uint8 (H_role, S)``."""
+    unknown = set(tokens) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown sample roles {sorted(unknown)}; expected a subset of {ROLES}")
+    for role, t in tokens.items():
+        if t.shape != (2 * len(sample_ids[role]), len(sites)):
+            raise ValueError(f"tokens[{role}] has shape {t.shape}, expected ({2 * len(sample_ids[role])}, {len(sites)})")
+    with atomic_path(Path(path)) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        _array(root, "site_contig", sites.contig.astype(str))
+        _array(root, "site_position", sites.position.astype(np.int64))
+        _array(root, "site_ref", sites.ref.astype(str))
+        _array(root, "site_alt", sites.alt.astype(str))
+        _array(root, "site_af", sites.af.astype(np.float32))
+        _array(root, "window_contig", windows.contig.astype(str))
+        _array(root, "window_start", windows.start)
+        _array(root, "window_stop", windows.stop)
+        for role, t in tokens.items():
+            wt = window_tokens(t, windows, window_size)  # (W, H, L)
+            root.create_array(f"tokens/{role}", data=wt, chunks=(1, wt.shape[1], window_size))
+            _array(root, f"sample_id/{role}", np.asarray(sample_ids[role], dtype=str))
+        root.attrs.update({"format_version": PREPARED_FORMAT_VERSION, "window_size": window_size, **attrs})
+    return Path(path)
+
+
+def _array(root: zarr.Group, name: str, data: np.ndarray) -> None:
+    if data.dtype.kind == "U":  # variable-length strings: the v3 "string" type, not fixed-width UTF-32
+        data = data.astype(np.dtypes.StringDType())
+    root.create_array(name, data=data, chunks=(max(1, len(data)),))
+
+
+class PreparedData:
+    """Read access to ``prepared.zarr``. Small per-site arrays are loaded; tokens are read per window."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise FileNotFoundError(f"{self.path}: no prepared dataset here; run `embrag prepare` first")
+        self.root = zarr.open_group(str(self.path), mode="r")
+        version = self.root.attrs.get("format_version")
+        if version != PREPARED_FORMAT_VERSION:
+            raise ValueError(f"{self.path}: prepared format_version {version!r} unsupported (expected {PREPARED_FORMAT_VERSION})")
+        self.window_size = int(self.root.attrs["window_size"])
+        self.sites = SiteTable(
+            contig=self.root["site_contig"][:], position=self.root["site_position"][:],
+            ref=self.root["site_ref"][:], alt=self.root["site_alt"][:], af=self.root["site_af"][:],
+        )
+        self.windows = Windows(
+            contig=self.root["window_contig"][:], start=self.root["window_start"][:], stop=self.root["window_stop"][:],
+        )
+        self.roles = tuple(r for r in ROLES if f"tokens/{r}" in self.root)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs)
+
+    def sample_ids(self, role: str) -> np.ndarray:
+        return self.root[f"sample_id/{role}"][:]
+
+    def n_haplotypes(self, role: str) -> int:
+        return int(self.root[f"tokens/{role}"].shape[1])
+
+    def tokens(self, role: str, window: int) -> np.ndarray:
+        """``uint8 (H_role, L)`` tokens of one window (PAD-padded)."""
+        return self.root[f"tokens/{role}"][window]
+
+    def window_sites(self, window: int) -> tuple[int, int]:
+        return int(self.windows.start[window]), int(self.windows.stop[window])
+
+    def window_features(self, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(af, position01, real)`` float32/float32/bool ``(L,)`` for one window.
+
+        ``position01`` is the genomic position scaled to [0, 1] within the window (0 on padding).
+        """
+        lo, hi = self.window_sites(window)
+        size = self.window_size
+        af = np.zeros(size, np.float32)
+        af[: hi - lo] = self.sites.af[lo:hi]
+        pos = self.sites.position[lo:hi].astype(np.float64)
+        span = max(pos[-1] - pos[0], 1.0)
+        position = np.zeros(size, np.float32)
+        position[: hi - lo] = (pos - pos[0]) / span
+        real = np.zeros(size, bool)
+        real[: hi - lo] = True
+        return af, position, real

@@ -1,0 +1,366 @@
+"""Training stages with their artifacts: masks, complete embeddings, indexes, epochs, validation.
+
+Each stage reads its inputs from the run layout, calls ``embrag``, writes its outputs atomically
+and returns a small summary. Each is idempotent: when its output already exists it is not
+recomputed, so after a failure the same sequence of calls redoes only what is missing.
+
+Per epoch ``e`` (the order of the seed note and DESIGN.md):
+``plan_epoch`` (refresh masks when due) -> ``write_masks`` + ``build_indexes`` -> ``train_epoch``
+(option-B refreshes inside) -> ``validate`` -> ``encode_embeddings`` (V18: next embedding version).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embrag.config import RunConfig
+from embrag.epoch import EpochResult, WindowData, evaluate, train_epoch
+from embrag.masking import train_masks, validation_masks
+from embrag.model import build_model, resolve_device
+from embrag.optim import build_optimizer, build_scheduler, make_scaler
+from embrag.refresh import RefreshState, after_reencode, after_validation, batch_due, bump_mask, epoch_start
+from embrag.retrieval import build_index
+from storage.atomic import atomic_path, read_json, write_json
+from storage.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from storage.embeddings import EmbeddingStore, encode_complete_embeddings, is_complete
+from storage.index_files import IndexManifest, read_index, write_index
+from storage.layout import RunLayout, VariantLayout
+from storage.metrics_report import validation_report
+from storage.prepared import PreparedData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VariantRun:
+    """One training run of one model variant over a prepared dataset."""
+
+    layout: RunLayout
+    cfg: RunConfig
+    prepared: PreparedData = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prepared = PreparedData(self.layout.prepared)
+        if self.cfg.window.size != self.prepared.window_size:
+            raise ValueError(
+                f"config window.size={self.cfg.window.size} but {self.layout.prepared} was prepared with "
+                f"{self.prepared.window_size}; prepare again or use the same window size"
+            )
+
+    @property
+    def variant(self) -> str:
+        return self.cfg.model.variant
+
+    @property
+    def paths(self) -> VariantLayout:
+        return self.layout.variant(self.variant)
+
+    @property
+    def uses_embeddings(self) -> bool:
+        return self.variant == "v18"
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.train.device)
+
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        per_window = -(-self.prepared.n_haplotypes("train") // t.batch_size)
+        batches = per_window * len(self.prepared.windows)
+        if t.max_train_batches is not None:
+            batches = min(batches, t.max_train_batches)
+        return max(1, t.epochs * -(-batches // t.grad_accum))
+
+
+# -- model state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainable:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    state: RefreshState
+    epoch: int  # last completed epoch (-1 = initial)
+    step: int
+
+
+def _fresh(run: VariantRun) -> Trainable:
+    torch.manual_seed(run.cfg.train.seed)
+    np.random.seed(run.cfg.train.seed)
+    random.seed(run.cfg.train.seed)
+    model = build_model(run.cfg.model).to(run.device)
+    optimizer = build_optimizer(model, run.cfg.train)
+    scheduler = build_scheduler(optimizer, run.cfg.train, run.total_steps())
+    return Trainable(model, optimizer, scheduler, make_scaler(run.device), RefreshState(), -1, 0)
+
+
+def checkpoint_path(run: VariantRun, epoch: int) -> Path:
+    return run.paths.root / "checkpoints" / "init.pt" if epoch < 0 else run.paths.checkpoint(epoch)
+
+
+def save_trainable(run: VariantRun, t: Trainable, path: Path) -> Path:
+    return save_checkpoint(
+        path, model=t.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
+        scaler=t.scaler.state_dict(), rng=rng_state(), epoch=t.epoch, step=t.step, refresh=t.state.to_dict(),
+        config=run.cfg.to_dict(),
+    )
+
+
+def load_trainable(run: VariantRun, path: Path) -> Trainable:
+    t = _fresh(run)
+    bundle = load_checkpoint(path, map_location=run.device)
+    t.model.load_state_dict(bundle["model"])
+    t.optimizer.load_state_dict(bundle["optimizer"])
+    t.scheduler.load_state_dict(bundle["scheduler"])
+    t.scaler.load_state_dict(bundle["scaler"])
+    restore_rng(bundle["rng"])
+    t.state, t.epoch, t.step = RefreshState.from_dict(bundle["refresh"]), int(bundle["epoch"]), int(bundle["step"])
+    return t
+
+
+def ensure_initial(run: VariantRun) -> Path:
+    path = checkpoint_path(run, -1)
+    if not path.exists():
+        write_json(run.paths.root / "config.json", run.cfg.to_dict())
+        save_trainable(run, _fresh(run), path)
+    return path
+
+
+# -- per-epoch plan --------------------------------------------------------------------------------
+
+
+def state_before_epoch(run: VariantRun, epoch: int) -> tuple[RefreshState, str | None]:
+    """Refresh state in force during ``epoch`` and why a new mask version was drawn (or None)."""
+    if epoch == 0:
+        return RefreshState(), None
+    prev = load_checkpoint(checkpoint_path(run, epoch - 1))
+    state = RefreshState.from_dict(prev["refresh"])
+    metrics = read_json(run.paths.epoch_metrics(epoch - 1))
+    state = after_validation(state, metrics["val_f1"], run.cfg.refresh)
+    if run.uses_embeddings and run.cfg.refresh.reencode_every_epoch:
+        state = after_reencode(state)
+    return epoch_start(state, epoch, run.cfg.refresh, run.cfg.mask)
+
+
+# -- masks, embeddings, indexes --------------------------------------------------------------------
+
+
+def write_masks(run: VariantRun, mask_version: int, level: int) -> Path:
+    path = run.paths.masks(mask_version)
+    if not path.exists():
+        masks = train_masks(run.cfg.mask, version=mask_version, level=level, windows=run.prepared.windows,
+                            site_maf=run.prepared.sites.maf, size=run.prepared.window_size)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, masks=masks, version=mask_version, level=level)
+    return path
+
+
+def write_val_masks(run: VariantRun) -> Path:
+    path = run.paths.val_masks
+    if not path.exists():
+        masks = validation_masks(run.cfg.mask, windows=run.prepared.windows, site_maf=run.prepared.sites.maf,
+                                 size=run.prepared.window_size)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, masks=masks)
+    return path
+
+
+def read_masks(path: Path) -> np.ndarray:
+    with np.load(path) as data:
+        return data["masks"]
+
+
+def encode_embeddings(run: VariantRun, checkpoint: Path, version: int) -> Path | None:
+    """Complete reference embeddings of ``version`` from the model in ``checkpoint`` (V18 only)."""
+    if not run.uses_embeddings:
+        return None
+    path = run.paths.embeddings(version)
+    if not is_complete(path):
+        model = build_model(run.cfg.model).to(run.device)
+        model.load_state_dict(load_checkpoint(checkpoint, map_location=run.device)["model"])
+        encode_complete_embeddings(path, run.prepared, model.embedding, version=version)
+        _prune_embeddings(run, keep=version)
+    return path
+
+
+def _prune_embeddings(run: VariantRun, keep: int) -> None:
+    """Keep the two newest embedding versions: a rerun of the previous epoch still finds its inputs."""
+    import shutil
+
+    for old in sorted((run.paths.root / "embeddings").glob("e*.zarr")):
+        if int(old.stem[1:]) < keep - 1:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def index_dir(run: VariantRun, split: str, mask_version: int, embedding_version: int) -> Path:
+    ev = embedding_version if run.uses_embeddings else 0
+    base = run.paths.index_dir(mask_version, ev)
+    return base.with_name(f"val-e{ev:04d}") if split == "val" else base
+
+
+def build_indexes(run: VariantRun, split: str, mask_version: int, embedding_version: int) -> dict:
+    """One index per window for (split masks, mask version, embedding version); idempotent."""
+    out = index_dir(run, split, mask_version, embedding_version)
+    done = out / "complete.json"
+    if done.exists():
+        return read_json(done)
+    masks = read_masks(run.paths.val_masks if split == "val" else run.paths.masks(mask_version))
+    kind = "token" if run.variant == "v17" else run.cfg.index.kind
+    store = EmbeddingStore(run.paths.embeddings(embedding_version)) if run.uses_embeddings else None
+    samples = run.prepared.sample_ids("panel")
+    t0 = time.perf_counter()
+    for w in range(len(run.prepared.windows)):
+        table = store.window_table(w) if store is not None else None
+        index = build_index(kind, run.prepared.tokens("panel", w), masks[w], table)
+        manifest = IndexManifest.for_index(
+            index, window=w, mask_version=mask_version if split == "train" else -1,
+            embedding_version=str(embedding_version) if store is not None else "",
+            sample_ids=np.repeat(samples, 2).tolist(), haplotypes=[0, 1] * len(samples),
+        )
+        write_index(index, out, manifest)
+    summary = {"dir": str(out), "windows": len(masks), "kind": kind, "seconds": time.perf_counter() - t0}
+    write_json(done, summary)
+    return summary
+
+
+class StoreSource:
+    """``WindowSource`` over the run's files: one window's tokens, mask, index and embeddings at a time."""
+
+    def __init__(self, run: VariantRun, role: str, masks: np.ndarray, index_path: Path | None, store: EmbeddingStore | None):
+        self.run, self.role, self.masks, self.index_path, self.store = run, role, masks, index_path, store
+        self.n_windows = len(run.prepared.windows)
+        self.n_query_haplotypes = run.prepared.n_haplotypes(role)
+
+    def window(self, w: int) -> WindowData:
+        p = self.run.prepared
+        af, position, real = p.window_features(w)
+        index = None
+        if self.index_path is not None:
+            kind = "token" if self.run.variant == "v17" else self.run.cfg.index.kind
+            index, manifest = read_index(self.index_path / f"w{w:05d}-{kind}.json")
+            if not np.array_equal(np.asarray(manifest.mask), self.masks[w]):
+                raise ValueError(f"{self.index_path}: window {w} index mask differs from the query mask; rebuild the index")
+        rows = (lambda r, w=w: self.store.rows(w, r)) if self.store is not None else None
+        return WindowData(
+            window=w, query_tokens=p.tokens(self.role, w), af=af, position=position, real=real, mask=self.masks[w],
+            index=index, panel_tokens=p.tokens("panel", w), reference_rows=rows,
+        )
+
+
+def _source(run: VariantRun, role: str, masks: np.ndarray, split: str, mask_version: int, ev: int) -> StoreSource:
+    if run.variant == "none":
+        return StoreSource(run, role, masks, None, None)
+    store = EmbeddingStore(run.paths.embeddings(ev)) if run.uses_embeddings else None
+    return StoreSource(run, role, masks, index_dir(run, split, mask_version, ev), store)
+
+
+def prepare_epoch_inputs(run: VariantRun, epoch: int) -> dict:
+    """Masks, embeddings and indexes that ``epoch`` needs (idempotent). Returns a summary."""
+    ensure_initial(run)
+    state, reason = state_before_epoch(run, epoch)
+    t0 = time.perf_counter()
+    write_masks(run, state.mask_version, state.level)
+    write_val_masks(run)
+    encode_embeddings(run, checkpoint_path(run, epoch - 1), state.embedding_version)
+    summary = {"epoch": epoch, "mask_version": state.mask_version, "embedding_version": state.embedding_version,
+               "level": state.level, "refresh_reason": reason}
+    if run.variant != "none":
+        summary["index_build_seconds"] = build_indexes(run, "train", state.mask_version, state.embedding_version)["seconds"]
+        build_indexes(run, "val", 0, state.embedding_version)
+    summary["prepare_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def train_one_epoch(run: VariantRun, epoch: int) -> dict:
+    """Train epoch ``epoch`` from the checkpoint of ``epoch - 1``; writes ``epoch-<e>.pt``. Idempotent."""
+    out = checkpoint_path(run, epoch)
+    summary_path = run.paths.root / "metrics" / f"train-{epoch:03d}.json"
+    if out.exists() and summary_path.exists():
+        return read_json(summary_path)
+    t = load_trainable(run, checkpoint_path(run, epoch - 1))
+    t.state, _ = state_before_epoch(run, epoch)
+    masks = read_masks(run.paths.masks(t.state.mask_version))
+    source = _source(run, "train", masks, "train", t.state.mask_version, t.state.embedding_version)
+
+    def after_batch(batches_done: int) -> dict | None:  # option B: new masks + indexes inside the epoch
+        if not batch_due(run.cfg.refresh, batches_done):
+            return None
+        t0 = time.perf_counter()
+        t.state = bump_mask(t.state)
+        write_masks(run, t.state.mask_version, t.state.level)
+        built = build_indexes(run, "train", t.state.mask_version, t.state.embedding_version)
+        source.masks = read_masks(run.paths.masks(t.state.mask_version))
+        source.index_path = index_dir(run, "train", t.state.mask_version, t.state.embedding_version)
+        return {"step": t.step + batches_done, "mask_version": t.state.mask_version,
+                "index_build_seconds": built["seconds"], "seconds": time.perf_counter() - t0}
+
+    result = train_epoch(
+        t.model, t.optimizer, t.scheduler, t.scaler, source, model_cfg=run.cfg.model, cfg=run.cfg.train,
+        epoch=epoch, rare_maf=run.cfg.mask.rare_maf, device=run.device, after_batch=after_batch,
+    )
+    t.epoch, t.step = epoch, t.step + result.n_batches
+    save_trainable(run, t, out)
+    summary = {**result.metrics("train"), "epoch": epoch, "step": t.step, "mask_version": t.state.mask_version,
+               "level": t.state.level, "mask_rate": run.cfg.mask.curriculum[t.state.level],
+               "embedding_version": t.state.embedding_version, "refreshes": result.refreshes}
+    write_json(summary_path, summary)
+    return summary
+
+
+def validate_epoch(run: VariantRun, epoch: int) -> dict:
+    """Validation of the model after ``epoch`` with the fixed validation masks; writes epoch metrics."""
+    path = run.paths.epoch_metrics(epoch)
+    if path.exists():
+        return read_json(path)
+    bundle = load_checkpoint(checkpoint_path(run, epoch), map_location=run.device)
+    model = build_model(run.cfg.model).to(run.device)
+    model.load_state_dict(bundle["model"])
+    state = RefreshState.from_dict(bundle["refresh"])
+    masks = read_masks(run.paths.val_masks)
+    source = _source(run, "val", masks, "val", 0, state.embedding_version)
+    result = evaluate(model, source, model_cfg=run.cfg.model, cfg=run.cfg.train, rare_maf=run.cfg.mask.rare_maf,
+                      device=run.device)
+    metrics = {**read_json(run.paths.root / "metrics" / f"train-{epoch:03d}.json"), **result.metrics("val")}
+    metrics.update(validation_report(run.prepared, result.predictions, masks))
+    write_json(path, metrics)
+    return metrics
+
+
+def reencode_after_epoch(run: VariantRun, epoch: int) -> dict:
+    """End of epoch: complete embeddings of the next version from the trained embedding layer (V18)."""
+    if not (run.uses_embeddings and run.cfg.refresh.reencode_every_epoch):
+        return {"epoch": epoch, "reencode_seconds": 0.0}
+    state = RefreshState.from_dict(load_checkpoint(checkpoint_path(run, epoch))["refresh"])
+    t0 = time.perf_counter()
+    encode_embeddings(run, checkpoint_path(run, epoch), state.embedding_version + 1)
+    return {"epoch": epoch, "embedding_version": state.embedding_version + 1, "reencode_seconds": time.perf_counter() - t0}
+
+
+def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch=None) -> list[dict]:
+    """All stages for each epoch in order (what the Prefect flow chains); resumes from what exists."""
+    history = []
+    for epoch in range(epochs if epochs is not None else run.cfg.train.epochs):
+        prep = prepare_epoch_inputs(run, epoch)
+        train_one_epoch(run, epoch)
+        metrics = validate_epoch(run, epoch)
+        reenc = reencode_after_epoch(run, epoch)
+        row = {**metrics, **{k: v for k, v in prep.items() if k != "epoch"}, **reenc}
+        write_json(run.paths.epoch_metrics(epoch).with_suffix(".summary.json"), row)
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return history
+
+
+def load_history(path: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(path).glob("epoch-*.summary.json"))]
