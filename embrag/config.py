@@ -192,14 +192,16 @@ class RunConfig:
 
     def replace(self, **sections: Any) -> RunConfig:
         """Return a copy with whole sections or ``section__field`` overrides replaced."""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {k: v for k, v in sections.items() if "__" not in k}
+        fields: dict[str, dict[str, Any]] = {}
         for key, value in sections.items():
             if "__" in key:
                 section, name = key.split("__", 1)
-                current = kwargs.get(section, getattr(self, section))
-                kwargs[section] = dataclasses.replace(current, **{name: value})
-            else:
-                kwargs[key] = value
+                fields.setdefault(section, {})[name] = value
+        for section, values in fields.items():  # one replace per section: fields validated together
+            if section not in _SECTION_TYPES:
+                raise ValueError(f"unknown config section {section!r}; known: {sorted(_SECTION_TYPES)}")
+            kwargs[section] = dataclasses.replace(kwargs.get(section, getattr(self, section)), **values)
         return dataclasses.replace(self, **kwargs)
 
     def flat(self) -> dict[str, Any]:

@@ -354,7 +354,8 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch=None) -> lis
         train_one_epoch(run, epoch)
         metrics = validate_epoch(run, epoch)
         reenc = reencode_after_epoch(run, epoch)
-        row = {**metrics, **{k: v for k, v in prep.items() if k != "epoch"}, **reenc}
+        # Train-stage values win: option-B refreshes move the mask version on inside the epoch.
+        row = {**{k: v for k, v in prep.items() if k not in metrics}, **metrics, **reenc}
         write_json(run.paths.epoch_metrics(epoch).with_suffix(".summary.json"), row)
         history.append(row)
         if on_epoch is not None:
