@@ -1,0 +1,313 @@
+"""Masked retrieval indexes, one per (window, mask version).
+
+Three kinds share one mechanism: a :class:`SiteCodec` maps each (masked) haplotype to a vector
+by a per-site lookup ``codebook[j, token at site j]``; FAISS does exact search over those vectors.
+
+- ``flat``: the seed design. The codebook is the embedding table itself, so a vector is the
+  flattened masked embedding ``[L*D]`` and distances are literal squared L2.
+- ``compact``: exact equivalent of ``flat`` (DESIGN.md §5). Masked sites contribute 0, and at an
+  unmasked site the tokens come from {REF, ALT, MISSING}; any 3 points of R^D sit isometrically in
+  R^2, so 2 coordinates per unmasked site reproduce every pairwise distance.
+- ``token`` (V17): Hamming distance over 2 bits per unmasked site (is_alt, is_missing).
+
+Columns on which every panel row has the same value cannot change the ranking, so ``compact`` and
+``token`` drop them from the index and add the query's contribution back as a per-query offset:
+distances stay exact while the index shrinks (monomorphic sites, MISSING-free panels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from embrag.constants import ALT, MASK, MISSING, PAD, REF, VOCAB_SIZE
+
+KINDS: tuple[str, ...] = ("flat", "compact", "token")
+_OBSERVED = np.array([REF, ALT, MISSING])
+_GPU_RESOURCES: list = []  # one StandardGpuResources per process, created on first GPU use
+
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees a device (faiss-cpu: always False)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def apply_mask(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Return ``uint8 [N, L]`` with masked sites (``mask`` True) set to MASK."""
+    mask = _as_mask(mask)
+    tokens = _as_tokens(tokens, mask.shape[0], "tokens")
+    return np.where(mask[None, :], np.uint8(MASK), tokens)  # (N, L) uint8
+
+
+def masked_embeddings(table: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Flattened masked embeddings ``float32 [N, L*D]`` (the seed's keys and queries)."""
+    mask = _as_mask(mask)
+    tokens = _as_tokens(tokens, mask.shape[0], "tokens")
+    return SiteCodec.flat(_as_table(table, mask.shape[0]), mask).encode(tokens, "tokens")[0]
+
+
+@dataclass(frozen=True, eq=False)
+class SiteCodec:
+    """Per-site lookup encoder of raw tokens: ``vector[n] = codebook[j, tokens[n, sites[j]], :]`` over j.
+
+    The mask is part of the codec, so nobody can encode with another one: ``flat`` maps every
+    token of a masked site to e(MASK); ``compact``/``token`` encode only unmasked sites.
+    Columns listed in ``drop_cols`` hold the same value (``drop_values``) for every panel row; they
+    are left out of the index and ``sum((q - drop_values)^2)`` is returned as the query's offset.
+    For 0/1 columns that term is also the Hamming contribution, so one rule serves all kinds.
+    """
+
+    sites: np.ndarray  # int64 [S] window sites that are encoded
+    codebook: np.ndarray  # float32 (flat, compact) or uint8 (token) [S, V, C]
+    allowed: np.ndarray  # bool [S, V] tokens a row may hold at each encoded site
+    keep_cols: np.ndarray  # int64 [K] columns of the S*C vector stored in the index
+    drop_cols: np.ndarray  # int64 [S*C - K]
+    drop_values: np.ndarray  # float32 [S*C - K]
+
+    @staticmethod
+    def flat(table: np.ndarray, mask: np.ndarray) -> SiteCodec:
+        length, _, dim = table.shape
+        book = np.array(table, dtype=np.float32)  # (L, V, D)
+        book[mask] = table[mask, MASK][:, None, :]  # any token at a masked site embeds as MASK
+        cols = np.arange(length * dim)
+        return SiteCodec(
+            np.arange(length), book, np.ones((length, VOCAB_SIZE), bool), cols, cols[:0], np.zeros(0, np.float32)
+        )
+
+    def lookup(self, tokens: np.ndarray, what: str) -> np.ndarray:
+        """Rows into the flattened codebook ``intp [N, S]``; ValueError on a token outside a site's alphabet."""
+        n_sites, vocab, _ = self.codebook.shape
+        lookup = tokens[:, self.sites].astype(np.intp) + np.arange(n_sites) * vocab  # (N, S)
+        ok = self.allowed.ravel()[lookup]  # (N, S)
+        if not ok.all():
+            row, j = np.argwhere(~ok)[0]
+            site = int(self.sites[j])
+            raise ValueError(
+                f"{what} row {row} holds token {int(tokens[row, site])} at unmasked site {site}; allowed "
+                f"there: {np.flatnonzero(self.allowed[j]).tolist()} (PAD only where the panel is PAD)"
+            )
+        return lookup
+
+    def full(self, lookup: np.ndarray) -> np.ndarray:
+        """All S*C columns ``[N, S*C]``, before column dropping."""
+        n_sites, vocab, n_coords = self.codebook.shape
+        flat_book = self.codebook.reshape(n_sites * vocab, n_coords)  # (S*V, C)
+        return np.take(flat_book, lookup.ravel(), axis=0).reshape(len(lookup), n_sites * n_coords)
+
+    def encode(self, tokens: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors [N, max(K, 1)], offset float32 [N])`` for raw token rows (the codec applies the mask)."""
+        return self.split(self.full(self.lookup(tokens, what)))
+
+    def split(self, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``full [N, S*C]`` -> (index columns ``[N, max(K, 1)]``, dropped columns' distance ``[N]``)."""
+        if len(self.drop_cols) == 0:
+            return full, np.zeros(len(full), np.float32)
+        if len(self.keep_cols):
+            kept = np.ascontiguousarray(full[:, self.keep_cols])  # (N, K)
+        else:
+            kept = np.zeros((len(full), 1), full.dtype)  # every row identical: one zero column
+        diff = full[:, self.drop_cols].astype(np.float32) - self.drop_values  # (N, S*C - K)
+        return kept, np.einsum("nc,nc->n", diff, diff)
+
+    def reduced(self, keys_full: np.ndarray) -> SiteCodec:
+        """Copy that drops the columns on which all panel rows (``keys_full [H, S*C]``) agree."""
+        constant = (keys_full == keys_full[:1]).all(axis=0)  # (S*C,)
+        cols = np.arange(keys_full.shape[1])
+        return SiteCodec(
+            self.sites, self.codebook, self.allowed, cols[~constant], cols[constant],
+            keys_full[0, constant].astype(np.float32),
+        )
+
+
+class WindowIndex:
+    """A FAISS index over one window's panel under one mask, plus what is needed to encode queries."""
+
+    def __init__(self, kind: str, index, mask: np.ndarray, codec: SiteCodec, *, use_gpu: bool = False) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+        self.kind = kind
+        self.index = index  # CPU index: what gets written to disk
+        self.mask = _as_mask(mask)
+        self.codec = codec
+        self._searcher = _to_gpu(index) if use_gpu and kind != "token" else index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def metric(self) -> str:
+        return "hamming" if self.kind == "token" else "L2"
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[0])
+
+    def encode_queries(self, query_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mask with this index's mask, validate, encode: ``(vectors [Q, dim], offset [Q])``."""
+        tokens = _as_tokens(query_tokens, self.length, "query_tokens")  # (Q, L)
+        vectors, offset = self.codec.encode(tokens, "query")  # the codec applies the mask
+        return (_pack_bits(vectors) if self.kind == "token" else vectors), offset
+
+    def search(
+        self, query_tokens: np.ndarray, k: int, exclude_rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest panel rows per query: ``(dist float32 [Q, k], rows int64 [Q, k])``.
+
+        ``exclude_rows [Q, E]`` (-1 padded) are never returned (a query's own haplotypes). Slots
+        beyond the available neighbours hold row -1 and distance +inf.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        vectors, offset = self.encode_queries(query_tokens)
+        n_query = len(vectors)
+        exclude = _as_exclude(exclude_rows, n_query)
+        fetch = min(k + exclude.shape[1], self.ntotal)  # at most E fetched rows can be excluded
+        if n_query == 0 or fetch == 0:
+            return _pad(np.zeros((n_query, 0), np.float32), np.zeros((n_query, 0), np.int64), k)
+        dist, rows = self._searcher.search(vectors, fetch)  # (Q, fetch)
+        dist = dist.astype(np.float32) + offset[:, None]
+        bad = (rows < 0) | (rows[:, :, None] == exclude[:, None, :]).any(axis=2)  # (Q, fetch)
+        order = np.argsort(bad, axis=1, kind="stable")  # valid first, distance order kept
+        rows = np.take_along_axis(rows, order, axis=1).astype(np.int64)
+        dist = np.take_along_axis(dist, order, axis=1)
+        bad = np.take_along_axis(bad, order, axis=1)
+        rows[bad], dist[bad] = -1, np.inf
+        return _pad(dist[:, :k], rows[:, :k], k)
+
+
+def build_index(
+    kind: str, panel_tokens: np.ndarray, mask: np.ndarray, table: np.ndarray | None = None, *, use_gpu: bool = False
+) -> WindowIndex:
+    """Index the panel ``uint8 [H, L]`` of one window under ``mask bool [L]``.
+
+    ``table float32 [L, V, D]`` (the embedding layer's table on this window) is required for
+    ``flat`` and ``compact`` and ignored for ``token``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+    mask = _as_mask(mask)
+    tokens = _as_tokens(panel_tokens, mask.shape[0], "panel_tokens")  # (H, L)
+    if len(tokens) == 0:
+        raise ValueError("cannot build an index over an empty panel (0 haplotypes)")
+    if kind != "token":
+        if table is None:
+            raise ValueError(f"index kind {kind!r} needs the embedding table [L, V, D]")
+        table = _as_table(table, mask.shape[0])
+    codec = _codec(kind, tokens, mask, table)
+    keys_full = codec.full(codec.lookup(tokens, "panel"))  # (H, S*C)
+    if kind != "flat":
+        codec = codec.reduced(keys_full)
+    keys, _ = codec.split(keys_full)  # (H, dim); panel offsets are 0 by construction
+    if kind == "token":
+        keys = _pack_bits(keys)
+        index = faiss.IndexBinaryFlat(keys.shape[1] * 8)
+    else:
+        index = faiss.IndexFlatL2(keys.shape[1])
+    index.add(np.ascontiguousarray(keys))
+    return WindowIndex(kind, index, mask, codec, use_gpu=use_gpu)
+
+
+def _codec(kind: str, tokens: np.ndarray, mask: np.ndarray, table: np.ndarray | None) -> SiteCodec:
+    if kind == "flat":
+        return SiteCodec.flat(table, mask)
+    sites = np.flatnonzero(~mask)  # (S,) masked sites are MASK on both sides: contribute 0
+    pad = (tokens[:, sites] == PAD).all(axis=0)  # (S,) padded slots, PAD in every row
+    allowed = np.zeros((len(sites), VOCAB_SIZE), dtype=bool)
+    allowed[np.ix_(~pad, _OBSERVED)] = True
+    allowed[pad, PAD] = True  # codebook row stays 0 there: PAD == PAD contributes 0
+    book = _compact_book(table[sites]) if kind == "compact" else _token_book(len(sites))
+    book[pad] = 0
+    empty = np.zeros(0, np.int64)
+    return SiteCodec(sites, book, allowed, empty, empty, np.zeros(0, np.float32))
+
+
+def _compact_book(table: np.ndarray) -> np.ndarray:
+    """2-D isometric coordinates of e(REF), e(ALT), e(MISSING) per site: ``float32 [S, V, 2]``.
+
+    Gram–Schmidt on u = e(ALT) - e(REF), w = e(MISSING) - e(REF): REF -> (0, 0), ALT -> (|u|, 0),
+    MISSING -> (w.q, |w - (w.q) q|) with q = u / |u|. If e(ALT) == e(REF), q = 0 and MISSING ->
+    (0, |w|): still exact. Computed in float64 so the 2-D distances match the D-dim ones.
+    """
+    table = table.astype(np.float64)  # (S, V, D)
+    u = table[:, ALT] - table[:, REF]  # (S, D)
+    w = table[:, MISSING] - table[:, REF]  # (S, D)
+    a = np.linalg.norm(u, axis=1)  # (S,)
+    q = np.divide(u, a[:, None], out=np.zeros_like(u), where=a[:, None] > 0)  # (S, D) unit or 0
+    c = np.einsum("sd,sd->s", w, q)  # (S,)
+    b = np.linalg.norm(w - c[:, None] * q, axis=1)  # (S,)
+    book = np.zeros((len(table), VOCAB_SIZE, 2), np.float64)
+    book[:, ALT, 0] = a
+    book[:, MISSING, 0] = c
+    book[:, MISSING, 1] = b
+    return book.astype(np.float32)
+
+
+def _token_book(n_sites: int) -> np.ndarray:
+    """Bits (is_alt, is_missing) per site: REF 00, ALT 10, MISSING 01 are pairwise distinct."""
+    book = np.zeros((n_sites, VOCAB_SIZE, 2), np.uint8)
+    book[:, ALT, 0] = 1
+    book[:, MISSING, 1] = 1
+    return book
+
+
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+    """``uint8 [N, C]`` 0/1 -> packed ``uint8 [N, ceil(C/8)]``; zero bits pad to a multiple of 8."""
+    return np.packbits(bits.astype(np.uint8, copy=False), axis=1)
+
+
+def _pad(dist: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    missing = k - dist.shape[1]
+    if missing > 0:
+        dist = np.pad(dist, ((0, 0), (0, missing)), constant_values=np.inf)
+        rows = np.pad(rows, ((0, 0), (0, missing)), constant_values=-1)
+    return np.ascontiguousarray(dist, np.float32), np.ascontiguousarray(rows, np.int64)
+
+
+def _to_gpu(index):
+    if not gpu_available():
+        raise ValueError("use_gpu=True but faiss has no GPU support or sees no GPU (check gpu_available())")
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], 0, index)
+
+
+def _as_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 1 or mask.dtype != np.bool_:
+        raise ValueError(f"mask must be bool [L], got {mask.dtype} {mask.shape}")
+    return mask
+
+
+def _as_tokens(tokens: np.ndarray, length: int, what: str) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != length:
+        raise ValueError(f"{what} must be [N, {length}] (window length of the mask), got {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{what} must hold integer token ids, got {tokens.dtype}")
+    signed = np.issubdtype(tokens.dtype, np.signedinteger)
+    if tokens.size and (tokens.max() >= VOCAB_SIZE or (signed and tokens.min() < 0)):
+        raise ValueError(f"{what} holds token ids outside [0, {VOCAB_SIZE}): min {tokens.min()}, max {tokens.max()}")
+    return tokens.astype(np.uint8, copy=False)
+
+
+def _as_table(table: np.ndarray, length: int) -> np.ndarray:
+    table = np.asarray(table, dtype=np.float32)
+    if table.ndim != 3 or table.shape[:2] != (length, VOCAB_SIZE):
+        raise ValueError(f"table must be float32 [{length}, {VOCAB_SIZE}, D], got {table.shape}")
+    return table
+
+
+def _as_exclude(exclude_rows: np.ndarray | None, n_query: int) -> np.ndarray:
+    if exclude_rows is None:
+        return np.full((n_query, 0), -1, np.int64)
+    exclude = np.asarray(exclude_rows, dtype=np.int64)
+    if exclude.ndim != 2 or exclude.shape[0] != n_query:
+        raise ValueError(f"exclude_rows must be [Q={n_query}, E] (-1 padded), got {exclude.shape}")
+    return exclude
