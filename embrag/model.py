@@ -1,0 +1,273 @@
+"""The imputation models: V18 (embedding RAG, early fusion) and V17 (token RAG, late fusion).
+
+Both share one layout so the comparison is fair: ``SiteEmbedding`` -> ``RetrievalFusion`` ->
+``Encoder`` -> ``AlleleHead``; only *where* the K retrieved complete references enter differs:
+
+- V18: the references are embedding-layer outputs ``[B, K, L, D]`` (stored, or re-embedded live
+  with grad by ``embed_references``), fused with the query embedding BEFORE one encoder pass.
+- V17: the reference tokens go through the same embedding AND the full encoder (compute ~(1+K)x),
+  fused with the query's final hidden state AFTER the last layer.
+
+Fixes over the prototype (reference-system.md §4, §10): pre-LN blocks with an attention padding
+mask; one logit per site (no softmax in the model: the loss takes logits); references kept apart
+(not averaged over K) and invalid neighbours excluded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embrag.config import ModelConfig
+from embrag.constants import MASK, MISSING, PAD
+from embrag.embedding import AF_SCALAR_FEATURES, SiteEmbedding, af_scalar_features
+from embrag.fusion import RetrievalFusion
+
+# ---------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        h = self.heads
+        qkv = self.qkv(x).view(b, length, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, L, dh)
+        q, k, v = qkv.unbind(0)  # (B, H, L, dh) each
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, L, dh)
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))  # (B, L, D)
+
+
+class Block(nn.Module):
+    """Pre-LN block: the residual stream is never normalised away (stable for 10+ layers)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ff_mult * cfg.dim),
+            nn.GELU(),
+            nn.Linear(cfg.ff_mult * cfg.dim, cfg.dim),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+        return x + self.drop(self.ff(self.ln2(x)))  # (B, L, D)
+
+
+class Encoder(nn.Module):
+    """Transformer encoder over the sites of one window; PAD slots are never attended to."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, D]``, ``pad [B, L]`` bool (True = real site) -> ``[B, L, D]``."""
+        b, length, d = x.shape
+        assert d == self.cfg.dim, f"dim {d} != cfg.dim {self.cfg.dim}"
+        assert pad.shape == (b, length), f"pad {tuple(pad.shape)} != {(b, length)}"
+        keys = pad.bool()
+        # A row without any real site would give an all-False mask (NaN softmax); let it attend to
+        # everything instead — its outputs are padding and ignored by the loss.
+        keys = keys | ~keys.any(dim=1, keepdim=True)
+        attn_mask = keys[:, None, None, :]  # (B, 1, 1, L): True = key takes part
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_f(x)  # (B, L, D)
+
+
+class AlleleHead(nn.Module):
+    """ALT logit per site from the hidden state and the site's allele frequency (a prior it can use)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cfg.dim + AF_SCALAR_FEATURES, 1)
+
+    def forward(self, h: torch.Tensor, af: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([h, af_scalar_features(af).to(h.dtype)], dim=-1)  # (B, L, D+3)
+        return self.proj(x).squeeze(-1)  # (B, L)
+
+
+def _init_weights(model: nn.Module, layers: int) -> None:
+    """nanoGPT init for Linear / Embedding: N(0, 0.02), zero biases, residual projections scaled by
+    1/sqrt(2 * layers) so the residual stream does not grow with depth. Other parameters (LayerNorm,
+    the fusion's match weights) keep their own initialisation."""
+    residual_std = 0.02 / math.sqrt(2 * max(1, layers))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            std = residual_std if name.endswith(("attn.proj", "ff.2")) else 0.02
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+
+def observed_sites(tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: real sites whose allele is known (not PAD / MASK / MISSING) — used for matching."""
+    return pad.bool() & (tokens != MASK) & (tokens != MISSING) & (tokens != PAD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class _ImputationModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, retrieval: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = SiteEmbedding(cfg)
+        self.fusion = RetrievalFusion(cfg) if retrieval else None
+        self.encoder = Encoder(cfg)
+        self.head = AlleleHead(cfg)
+        _init_weights(self, cfg.layers)
+
+    def _check_inputs(
+        self, tokens: torch.Tensor, af: torch.Tensor, position: torch.Tensor, pad: torch.Tensor
+    ) -> None:
+        assert tokens.dim() == 2, f"tokens must be [B, L], got {tuple(tokens.shape)}"
+        assert tokens.shape[1] <= self.cfg.max_len, (
+            f"window length {tokens.shape[1]} > max_len {self.cfg.max_len}"
+        )
+        for name, t in (("af", af), ("position", position), ("pad", pad)):
+            assert t.shape == tokens.shape, f"{name} {tuple(t.shape)} != tokens {tuple(tokens.shape)}"
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class V18Model(_ImputationModel):
+    """Embedding RAG: query embedding + K complete reference embeddings -> fusion -> ONE encoder pass."""
+
+    def embed_references(
+        self, ref_tokens: torch.Tensor, af: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        """Live (with grad) embeddings of complete references: ``ref_tokens [B, K, L]`` -> ``[B, K, L, D]``.
+
+        AF and position are site properties, shared by the query and its references.
+        """
+        b, k, length = ref_tokens.shape
+        assert af.shape == (b, length) and position.shape == (b, length)
+        flat = self.embedding(
+            ref_tokens.reshape(b * k, length),  # (B*K, L)
+            af.unsqueeze(1).expand(b, k, length).reshape(b * k, length),
+            position.unsqueeze(1).expand(b, k, length).reshape(b * k, length),
+        )  # (B*K, L, D)
+        return flat.view(b, k, length, self.cfg.dim)  # (B, K, L, D)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        af: torch.Tensor,
+        position: torch.Tensor,
+        pad: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """-> ALT logits ``[B, L]``. ``ref_embeddings [B, K, L, D]`` float, ``ref_valid [B, K]`` bool."""
+        self._check_inputs(tokens, af, position, pad)
+        x = self.embedding(tokens, af, position)  # (B, L, D)
+        if self.fusion is not None and ref_embeddings is not None:
+            x = self.fusion(
+                x, ref_embeddings.to(x.dtype), ref_valid, af, observed_sites(tokens, pad)
+            )  # (B, L, D)
+        h = self.encoder(x, pad)  # (B, L, D)
+        return self.head(h, af)  # (B, L)
+
+
+class V17Model(_ImputationModel):
+    """Token RAG: query AND each retrieved complete haplotype through the full encoder; late fusion."""
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        af: torch.Tensor,
+        position: torch.Tensor,
+        pad: torch.Tensor,
+        ref_tokens: torch.Tensor | None = None,
+        ref_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """-> ALT logits ``[B, L]``. ``ref_tokens [B, K, L]`` long, ``ref_valid [B, K]`` bool."""
+        self._check_inputs(tokens, af, position, pad)
+        b, length = tokens.shape
+        h = self.encoder(self.embedding(tokens, af, position), pad)  # (B, L, D)
+        if self.fusion is not None and ref_tokens is not None and ref_tokens.shape[1] > 0:
+            k = ref_tokens.shape[1]
+            assert ref_tokens.shape == (b, k, length), (
+                f"ref_tokens {tuple(ref_tokens.shape)} != {(b, k, length)}"
+            )
+            valid = (
+                torch.ones(b, k, dtype=torch.bool, device=tokens.device)
+                if ref_valid is None
+                else ref_valid.bool()
+            )
+            # Encode only valid neighbours (row -1 carries no haplotype); the rest stay zero and are
+            # excluded by the fusion's validity mask.
+            bi, ki = valid.nonzero(as_tuple=True)  # (M,), (M,)
+            refs = h.new_zeros(b, k, length, self.cfg.dim)  # (B, K, L, D)
+            if bi.numel():
+                r = self.encoder(
+                    self.embedding(ref_tokens[bi, ki], af[bi], position[bi]), pad[bi]
+                )  # (M, L, D)
+                refs = refs.index_put((bi, ki), r)  # (B, K, L, D)
+            h = self.fusion(h, refs, valid, af, observed_sites(tokens, pad))  # (B, L, D)
+        return self.head(h, af)  # (B, L)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """``v18`` / ``v17`` / ``none`` (V18 layout without retrieval: the no-RAG baseline)."""
+    if cfg.variant == "v18":
+        return V18Model(cfg)
+    if cfg.variant == "v17":
+        return V17Model(cfg)
+    if cfg.variant == "none":
+        return V18Model(cfg, retrieval=False)
+    raise ValueError(f"unknown model variant {cfg.variant!r}; expected 'v18', 'v17' or 'none'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def genotype_probabilities(p_hap1: torch.Tensor, p_hap2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALT probabilities of the two haplotypes -> (GP ``[..., 3]`` = P(0/0), P(0/1), P(1/1); DS ``[...]``).
+
+    Haplotypes are treated as independent given the model; DS = p1 + p2 equals the expected ALT count.
+    """
+    assert p_hap1.shape == p_hap2.shape, f"{tuple(p_hap1.shape)} != {tuple(p_hap2.shape)}"
+    q1, q2 = 1.0 - p_hap1, 1.0 - p_hap2
+    gp = torch.stack([q1 * q2, p_hap1 * q2 + q1 * p_hap2, p_hap1 * p_hap2], dim=-1)  # (..., 3)
+    return gp, p_hap1 + p_hap2
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; anything else is taken literally (cuda must exist)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
