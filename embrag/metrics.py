@@ -1,0 +1,257 @@
+"""Imputation accuracy: ALT-allele F1 (the seed's metric) and dosage metrics by MAF bin.
+
+Conventions (numpy only, vectorised; slow loop oracles live in ``tests/embrag/metric_oracles.py``):
+
+- ``dosage`` is ``float [N_samples, M]`` ALT dosage in [0, 2]; NaN = not imputed for that sample.
+- ``truth`` is ``int [N_samples, M]`` ALT allele count in {0, 1, 2}; -1 = missing.
+- ``gp`` is ``float [N_samples, M, 3]`` genotype probabilities P(0), P(1), P(2).
+- MAF bins are :data:`embrag.constants.MAF_BINS`, binned by the *panel* MAF (never the truth's).
+
+A (sample, site) pair counts only where the truth is called and dosage and GP are finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embrag.constants import MAF_BIN_NAMES, MAF_BINS, RARE_MAF
+
+ZERO_VAR = 1e-12  # per-pair variance below this is "no variance" (float noise of a constant column)
+ALL_BIN = "all"
+
+
+# ---------------------------------------------------------------------------------------- F1
+
+
+def alt_f1(pred_alt: np.ndarray, true_alt: np.ndarray) -> float:
+    """F1 of the ALT class over pooled haplotype calls (bool [N] each); NaN when no ALT anywhere."""
+    pred, true = np.asarray(pred_alt, bool).ravel(), np.asarray(true_alt, bool).ravel()
+    if pred.shape != true.shape:
+        raise ValueError(f"pred {pred.shape} and truth {true.shape} differ")
+    tp = np.count_nonzero(pred & true)
+    denom = 2 * tp + np.count_nonzero(pred & ~true) + np.count_nonzero(~pred & true)
+    return float("nan") if denom == 0 else 2.0 * tp / denom
+
+
+def f1_by_rarity(
+    pred: np.ndarray, truth: np.ndarray, maf: np.ndarray, rare_maf: float = RARE_MAF
+) -> dict[str, float]:
+    """ALT-F1 overall, for MAF < rare_maf ("rare") and MAF >= rare_maf ("common"); NaN if a class is empty."""
+    pred, truth, maf = (np.asarray(a).ravel() for a in (pred, truth, maf))
+    rare = maf < rare_maf
+    common = maf >= rare_maf  # NaN MAF falls in neither class
+
+    def part(sel: np.ndarray) -> float:
+        return alt_f1(pred[sel], truth[sel]) if sel.any() else float("nan")
+
+    return {"f1": alt_f1(pred, truth), "rare_f1": part(rare), "common_f1": part(common)}
+
+
+# ------------------------------------------------------------------------- GP and estimated r2
+
+
+def gp_from_hap_dosage(hds: np.ndarray) -> np.ndarray:
+    """GP from haplotype ALT probabilities ``[..., 2] -> [..., 3]`` (haplotypes independent, minimac4)."""
+    h1, h2 = hds[..., 0], hds[..., 1]
+    return np.stack([(1 - h1) * (1 - h2), h1 * (1 - h2) + (1 - h1) * h2, h1 * h2], axis=-1)
+
+
+def gp_from_dosage(dosage: np.ndarray) -> np.ndarray:
+    """GP from diploid dosage only, assuming both haplotypes carry ALT with probability DS/2 (HWE-like).
+
+    The only GP consistent with a dosage when nothing else is known; used when a VCF has DS but
+    neither GP nor HDS. ``[...] -> [..., 3]``.
+    """
+    h = np.clip(np.asarray(dosage, np.float64) / 2.0, 0.0, 1.0)
+    return gp_from_hap_dosage(np.stack([h, h], axis=-1))
+
+
+def _est_r2(values: np.ndarray, ploidy: int) -> np.ndarray:
+    """var(values) / (ploidy p (1-p)), p = mean / ploidy, per column of ``[n, M]``; NaNs ignored."""
+    v = np.asarray(values, np.float64)  # [n, M]
+    ok = np.isfinite(v)
+    n = ok.sum(axis=0)
+    x = np.where(ok, v, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = x.sum(axis=0) / n
+        var = np.where(ok, (x - mean) ** 2, 0.0).sum(axis=0) / n  # population variance, as minimac
+        p = mean / ploidy
+        expected = ploidy * p * (1 - p)
+        r2 = np.where(expected > ZERO_VAR, var / expected, 0.0)  # monomorphic call: nothing imputed -> 0
+    return np.clip(np.nan_to_num(r2, nan=0.0), 0.0, 1.0)  # float64 [M]
+
+
+def estimated_r2(dosage: np.ndarray) -> np.ndarray:
+    """Truth-free r2 from diploid dosages ``[N_samples, M] -> float32 [M]``.
+
+    var(DS) / (2 p (1-p)), p = mean(DS) / 2, clipped to [0, 1]; 0 where p is 0 or 1. Equals the
+    minimac Rsq of :func:`estimated_r2_hap` only when the two haplotype dosages are uncorrelated.
+    """
+    return _est_r2(dosage, ploidy=2).astype(np.float32)
+
+
+def estimated_r2_hap(hds: np.ndarray) -> np.ndarray:
+    """minimac Rsq from haplotype dosages ``[N_samples, 2, M] -> float32 [M]`` (the VCF writer's INFO/R2).
+
+    var(HDS) / (p (1-p)) over all 2N haplotypes, p = mean(HDS), clipped to [0, 1]; 0 where p is 0 or 1.
+    """
+    h = np.asarray(hds)
+    return _est_r2(h.reshape(h.shape[0] * 2, h.shape[2]), ploidy=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------- site stats
+
+
+@dataclass(frozen=True, eq=False)
+class SiteStats:
+    """Per-site sufficient statistics (all ``[M]``); concatenate chunks with :func:`concat_site_stats`."""
+
+    n: np.ndarray  # usable (sample) pairs
+    mean_x: np.ndarray  # dosage mean
+    mean_y: np.ndarray  # truth mean
+    cxx: np.ndarray  # centred sums of squares / products (pooled later for aggregate r2)
+    cyy: np.ndarray
+    cxy: np.ndarray
+    r2: np.ndarray  # squared Pearson; NaN where truth or dosage has no variance
+    iqs: np.ndarray  # Lin et al. 2010; NaN where chance agreement is 1
+    nrd_disc: np.ndarray  # best guess != truth among pairs where either is non-reference
+    nrd_denom: np.ndarray  # pairs where truth or best guess is non-reference
+    est_r2: np.ndarray  # truth-free estimate from the dosages (estimated_r2)
+
+
+def concat_site_stats(parts: list[SiteStats]) -> SiteStats:
+    names = SiteStats.__dataclass_fields__
+    return SiteStats(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in names})
+
+
+def iqs(gp: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Imputation quality score per site: kappa of the truth x posterior-probability table.
+
+    n_ij = sum over samples with true genotype i of GP_j; Po = sum_i n_ii / n,
+    Pc = sum_i n_i. n_.i / n^2, IQS = (Po - Pc) / (1 - Pc). ``gp [N,M,3]``, truth/valid ``[N,M]``.
+    """
+    onehot = (truth[..., None] == np.arange(3)) & valid[..., None]  # [N, M, 3]
+    p = np.where(valid[..., None], gp, 0.0)
+    table = np.einsum("nmi,nmj->mij", onehot.astype(np.float64), p)  # [M, 3, 3]
+    n = table.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        po = np.trace(table, axis1=1, axis2=2) / n
+        pc = (table.sum(axis=2) * table.sum(axis=1)).sum(axis=1) / n**2
+        out = (po - pc) / (1 - pc)
+    return np.where((n > 0) & (1 - pc > ZERO_VAR), out, np.nan)
+
+
+def site_stats(dosage: np.ndarray, truth: np.ndarray, gp: np.ndarray | None = None) -> SiteStats:
+    """All per-site statistics for ``dosage [N,M]``, ``truth [N,M]``, ``gp [N,M,3]`` (derived if None)."""
+    dosage = np.asarray(dosage, np.float64)
+    truth = np.asarray(truth)
+    if dosage.shape != truth.shape:
+        raise ValueError(f"dosage {dosage.shape} and truth {truth.shape} differ")
+    gp = gp_from_dosage(dosage) if gp is None else np.asarray(gp, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gp = gp / gp.sum(axis=-1, keepdims=True)  # rounded GP in files need not sum to exactly 1
+    valid = (truth >= 0) & np.isfinite(dosage) & np.isfinite(gp).all(axis=-1)  # [N, M]
+    w = valid.astype(np.float64)
+    n = w.sum(axis=0)  # [M]
+    x, y = np.where(valid, dosage, 0.0), np.where(valid, truth, 0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx, my = x.sum(axis=0) / n, y.sum(axis=0) / n
+        dx, dy = w * (x - mx), w * (y - my)  # [N, M], 0 off the valid pairs
+        cxx, cyy, cxy = (dx * dx).sum(0), (dy * dy).sum(0), (dx * dy).sum(0)
+        has_var = (cxx > ZERO_VAR * n) & (cyy > ZERO_VAR * n)
+        r2 = np.where(has_var, np.clip(cxy**2 / (cxx * cyy), 0.0, 1.0), np.nan)
+    guess = np.argmax(gp, axis=-1)  # [N, M]; ties -> fewer ALT alleles
+    nonref = valid & ((truth > 0) | (guess > 0))
+    return SiteStats(
+        n=n.astype(np.int64), mean_x=mx, mean_y=my, cxx=cxx, cyy=cyy, cxy=cxy, r2=r2,
+        iqs=iqs(gp, truth, valid),
+        nrd_disc=(nonref & (guess != truth)).sum(axis=0).astype(np.int64),
+        nrd_denom=nonref.sum(axis=0).astype(np.int64),
+        est_r2=_est_r2(dosage, ploidy=2),
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------- bin metrics
+
+
+@dataclass(frozen=True)
+class BinMetrics:
+    """One row of the accuracy table (one MAF bin, or ``"all"``)."""
+
+    bin: str
+    n_sites: int
+    r2_aggregate: float  # squared Pearson over all (sample, site) pairs of the bin pooled
+    r2_mean_site: float  # mean per-site r2 over sites where truth and dosage both vary
+    n_r2_undefined: int  # sites left out of r2_mean_site (no variance in truth or dosage)
+    iqs_mean: float
+    nrd: float  # pooled non-reference discordance of best-guess (argmax GP) genotypes
+    est_r2_mean: float  # estimated r2, over sites where the truth varies ...
+    emp_r2_mean: float  # ... and empirical r2 on the same sites (0 where the dosage is constant)
+
+
+def maf_bin_index(maf: np.ndarray) -> np.ndarray:
+    """Bin of each MAF in MAF_BINS (lower bound inclusive, upper exclusive except the last); -1 if none."""
+    maf = np.asarray(maf, np.float64)
+    if np.any(maf > 0.5 + 1e-9):
+        raise ValueError("maf must be <= 0.5 (pass min(AF, 1 - AF), not AF)")
+    out = np.full(maf.shape, -1, np.int64)
+    for i, (lo, hi) in enumerate(MAF_BINS):
+        last = i == len(MAF_BINS) - 1
+        out[(maf >= lo) & ((maf <= hi) if last else (maf < hi))] = i
+    return out
+
+
+def _nanmean(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _pooled_r2(s: SiteStats, sel: np.ndarray) -> float:
+    """Aggregate r2 by combining per-site centred moments (Chan et al.), stable for large n."""
+    sel = sel & (s.n > 0)
+    n = s.n[sel].astype(np.float64)
+    if n.sum() < 2:
+        return float("nan")
+    mx, my = s.mean_x[sel], s.mean_y[sel]
+    gx, gy = (n * mx).sum() / n.sum(), (n * my).sum() / n.sum()
+    cxx = s.cxx[sel].sum() + (n * (mx - gx) ** 2).sum()
+    cyy = s.cyy[sel].sum() + (n * (my - gy) ** 2).sum()
+    cxy = s.cxy[sel].sum() + (n * (mx - gx) * (my - gy)).sum()
+    if cxx <= ZERO_VAR * n.sum() or cyy <= ZERO_VAR * n.sum():
+        return float("nan")
+    return float(min(1.0, cxy**2 / (cxx * cyy)))
+
+
+def _bin_row(name: str, s: SiteStats, sel: np.ndarray) -> BinMetrics:
+    truth_varies = sel & (s.cyy > ZERO_VAR * s.n)
+    emp = np.where(np.isfinite(s.r2), s.r2, 0.0)  # truth varies, dosage constant: explains nothing
+    denom = int(s.nrd_denom[sel].sum())
+    return BinMetrics(
+        bin=name,
+        n_sites=int(sel.sum()),
+        r2_aggregate=_pooled_r2(s, sel),
+        r2_mean_site=_nanmean(s.r2[sel]),
+        n_r2_undefined=int((sel & ~np.isfinite(s.r2)).sum()),
+        iqs_mean=_nanmean(s.iqs[sel]),
+        nrd=float(s.nrd_disc[sel].sum() / denom) if denom else float("nan"),
+        est_r2_mean=_nanmean(s.est_r2[truth_varies]),
+        emp_r2_mean=_nanmean(emp[truth_varies]),
+    )
+
+
+def bin_metrics(stats: SiteStats, maf: np.ndarray) -> list[BinMetrics]:
+    """One row per MAF bin (all bins, empty ones with NaNs) then an ``"all"`` row over binned sites."""
+    idx = maf_bin_index(maf)
+    if idx.shape != stats.n.shape:
+        raise ValueError(f"maf {idx.shape} does not match {stats.n.shape[0]} sites")
+    rows = [_bin_row(name, stats, idx == i) for i, name in enumerate(MAF_BIN_NAMES)]
+    return rows + [_bin_row(ALL_BIN, stats, idx >= 0)]
+
+
+def dosage_r2(
+    dosage: np.ndarray, truth: np.ndarray, maf: np.ndarray, gp: np.ndarray | None = None
+) -> list[BinMetrics]:
+    """Dosage accuracy by panel-MAF bin: ``dosage [N,M]``, ``truth [N,M]`` (-1 missing), ``maf [M]``."""
+    return bin_metrics(site_stats(dosage, truth, gp), maf)

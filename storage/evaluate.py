@@ -1,0 +1,286 @@
+"""Accuracy of an imputed VCF against a truth VCF, by panel-MAF bin (library part of `embrag evaluate`).
+
+Works for any imputed VCF with a dosage: embrag's, Beagle 5.4 (DS, GP with ``gp=true``, INFO IMP),
+minimac4 (HDS, DS, GP, INFO IMPUTED/TYPED). Per record and sample:
+- dosage: DS, else HDS1 + HDS2, else GP1 + 2 GP2;
+- genotype probabilities: GP, else from HDS (independent haplotypes), else from DS assuming both
+  haplotypes carry ALT with probability DS/2 (``embrag.metrics.gp_from_dosage``).
+Sites are matched by (contig, pos, REF, ALT) with a leading "chr" dropped; only biallelic records
+count. "Imputed" means INFO IMP or IMPUTED when the header declares one, else not TYPED, else all.
+
+Memory: the truth GT of all its sites is held as int8 [sites, samples] (1 byte per call); the
+imputed VCF is streamed in chunks of sites and reduced to per-site statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cyvcf2 import VCF
+
+from embrag.metrics import (
+    BinMetrics,
+    SiteStats,
+    bin_metrics,
+    concat_site_stats,
+    gp_from_dosage,
+    gp_from_hap_dosage,
+    site_stats,
+)
+
+SiteKey = tuple[str, int, str, str]  # (contig without "chr", pos, ref, alt)
+_CHUNK_SITES = 2048
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    truth_vcf: str
+    imputed_vcf: str
+    imputed_only: bool
+    n_samples: int  # samples in both files
+    n_truth_sites: int  # biallelic truth records
+    n_imputed_sites: int  # records in the imputed VCF
+    n_matched: int  # imputed biallelic records whose key is in the truth
+    n_evaluated: int  # matched, imputed (if imputed_only), with a panel AF and a dosage
+    n_no_panel_af: int
+    dosage_sources: dict[str, int]  # how GP was obtained ("GP", "HDS", "DS") -> sites
+    bins: tuple[BinMetrics, ...]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def normalise_contig(contig: str) -> str:
+    return contig[3:] if contig.lower().startswith("chr") else contig
+
+
+def _key(rec) -> SiteKey:
+    return (normalise_contig(rec.CHROM), int(rec.POS), rec.REF, rec.ALT[0])
+
+
+def load_panel_af(panel_vcf: str | Path) -> dict[SiteKey, float]:
+    """ALT frequency over the panel's called haplotypes, per biallelic site (contract: site AF)."""
+    out: dict[SiteKey, float] = {}
+    for rec in VCF(str(panel_vcf)):
+        if len(rec.ALT) != 1:
+            continue
+        alleles = rec.genotype.array()[:, :-1]  # [N, ploidy]; -1 missing, -2 vector end
+        called = np.count_nonzero(alleles >= 0)
+        out[_key(rec)] = float(np.count_nonzero(alleles == 1) / called) if called else math.nan
+    return out
+
+
+def _alt_count(alleles: np.ndarray) -> np.ndarray:
+    """``alleles [N, ploidy]`` (-1 missing, -2 vector end) -> ALT count int8 [N], -1 if any allele missing."""
+    count = np.count_nonzero(alleles == 1, axis=1).astype(np.int8)
+    return np.where((alleles == -1).any(axis=1), np.int8(-1), count)
+
+
+def _read_truth(path: str, idx: np.ndarray) -> tuple[dict[SiteKey, int], np.ndarray, int]:
+    """Truth ALT counts ``int8 [M, len(idx)]`` (-1 missing) and key -> row; multi-allelic skipped."""
+    rows: dict[SiteKey, int] = {}
+    chunks, buf = [], np.empty((_CHUNK_SITES, idx.size), np.int8)
+    n = 0
+    for rec in VCF(path):
+        if len(rec.ALT) != 1 or (key := _key(rec)) in rows:
+            continue
+        if rec.genotype is None:
+            raise ValueError(f"truth VCF {path} has no GT at {rec.CHROM}:{rec.POS}")
+        rows[key] = len(rows)
+        buf[n] = _alt_count(rec.genotype.array()[idx, :-1])
+        n += 1
+        if n == _CHUNK_SITES:
+            chunks.append(buf.copy())
+            n = 0
+    chunks.append(buf[:n].copy())
+    return rows, np.concatenate(chunks), len(rows)
+
+
+def _format_ids(vcf: VCF) -> tuple[str, ...]:
+    """Dosage-like FORMAT fields the header declares (cyvcf2 raises KeyError for undeclared ones)."""
+    declared = {h.info().get("ID") for h in vcf.header_iter() if h.type == "FORMAT"}
+    return tuple(k for k in ("DS", "HDS", "GP") if k in declared)
+
+
+def _dosage_gp(rec, idx: np.ndarray, keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """``dosage [N]``, ``gp [N, 3]`` and which field GP came from; None without any dosage field."""
+    fields = {k: rec.format(k) for k in keys}
+    fields = {k: v[idx].astype(np.float64) for k, v in fields.items() if v is not None}
+    hds = fields.get("HDS")
+    if hds is not None and hds.shape[1] != 2:
+        hds = None  # haploid-only record: no haplotype pair
+    if "GP" in fields and fields["GP"].shape[1] == 3:
+        gp, source = fields["GP"], "GP"
+    elif hds is not None:
+        gp, source = gp_from_hap_dosage(hds), "HDS"
+    elif "DS" in fields:
+        gp, source = gp_from_dosage(fields["DS"][:, 0]), "DS"
+    else:
+        return None
+    if "DS" in fields:
+        dosage = fields["DS"][:, 0]
+    elif hds is not None:
+        dosage = hds.sum(axis=1)
+    else:
+        dosage = gp[:, 1] + 2 * gp[:, 2]
+    return dosage, gp, source
+
+
+def _imputed_flag(vcf: VCF):
+    """Record -> is it an imputed site (see module docstring)."""
+    imp_keys = [k for k in ("IMP", "IMPUTED") if vcf.contains(k)]
+    if imp_keys:
+        return lambda rec: any(rec.INFO.get(k) for k in imp_keys)
+    if vcf.contains("TYPED"):
+        return lambda rec: not rec.INFO.get("TYPED")
+    return lambda rec: True
+
+
+def _maf_lookup(panel_af: Mapping[SiteKey, float] | str | Path) -> dict[SiteKey, float]:
+    af = load_panel_af(panel_af) if isinstance(panel_af, str | Path) else panel_af
+    return {(normalise_contig(c), int(p), r, a): min(v, 1.0 - v) for (c, p, r, a), v in af.items()}
+
+
+def _site_chunks(vcf: VCF, ctx: dict, counts: Counter) -> Iterator[tuple[list[int], list, list, list]]:
+    """Stream matched, selected records in chunks: (truth rows, dosages, gps, mafs)."""
+    is_imputed, keys = _imputed_flag(vcf), _format_ids(vcf)
+    rows, ds, gps, mafs = [], [], [], []
+    for rec in vcf:
+        counts["imputed_sites"] += 1
+        if len(rec.ALT) != 1 or (row := ctx["truth_rows"].get(_key(rec))) is None:
+            continue
+        counts["matched"] += 1
+        if ctx["imputed_only"] and not is_imputed(rec):
+            continue
+        maf = ctx["maf"].get(_key(rec), math.nan)
+        if not math.isfinite(maf):
+            counts["no_panel_af"] += 1
+            continue
+        if (got := _dosage_gp(rec, ctx["imp_idx"], keys)) is None:
+            continue
+        counts[f"source:{got[2]}"] += 1
+        rows.append(row), ds.append(got[0]), gps.append(got[1]), mafs.append(maf)
+        if len(rows) == _CHUNK_SITES:
+            yield rows, ds, gps, mafs
+            rows, ds, gps, mafs = [], [], [], []
+    yield rows, ds, gps, mafs
+
+
+def evaluate_vcfs(
+    truth_vcf: str | Path,
+    imputed_vcf: str | Path,
+    panel_af: Mapping[SiteKey, float] | str | Path,
+    *,
+    imputed_only: bool = True,
+) -> EvaluationReport:
+    """Per-MAF-bin accuracy; ``panel_af`` maps (contig, pos, ref, alt) -> ALT AF, or is a panel VCF."""
+    truth_vcf, imputed_vcf = str(truth_vcf), str(imputed_vcf)
+    truth_samples, imputed = VCF(truth_vcf).samples, VCF(imputed_vcf)
+    imp_pos = {s: i for i, s in enumerate(imputed.samples)}
+    common = [s for s in truth_samples if s in imp_pos]
+    if not common:
+        raise ValueError(f"{truth_vcf} and {imputed_vcf} share no sample")
+    truth_idx = np.array([truth_samples.index(s) for s in common])
+    truth_rows, truth_gt, n_truth = _read_truth(truth_vcf, truth_idx)  # [M_t, N]
+    ctx = dict(truth_rows=truth_rows, imputed_only=imputed_only, maf=_maf_lookup(panel_af),
+               imp_idx=np.array([imp_pos[s] for s in common]))  # fmt: skip
+    counts: Counter = Counter()
+    parts: list[SiteStats] = []
+    mafs: list[float] = []
+    for rows, ds, gps, chunk_maf in _site_chunks(imputed, ctx, counts):
+        if rows:
+            truth = truth_gt[np.array(rows)].T  # [N, m]
+            parts.append(site_stats(np.stack(ds, axis=1), truth, np.stack(gps, axis=1)))  # [N,m], [N,m,3]
+            mafs.extend(chunk_maf)
+    stats = (
+        concat_site_stats(parts)
+        if parts
+        else site_stats(np.zeros((len(common), 0)), np.zeros((len(common), 0)))
+    )
+    return EvaluationReport(
+        truth_vcf=truth_vcf, imputed_vcf=imputed_vcf, imputed_only=imputed_only, n_samples=len(common),
+        n_truth_sites=n_truth, n_imputed_sites=counts["imputed_sites"], n_matched=counts["matched"],
+        n_evaluated=len(mafs), n_no_panel_af=counts["no_panel_af"],
+        dosage_sources={k.split(":")[1]: v for k, v in counts.items() if k.startswith("source:")},
+        bins=tuple(bin_metrics(stats, np.array(mafs, np.float64))),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    tsv: Path
+    png: Path
+    json: Path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _tsv(report: EvaluationReport) -> str:
+    names = [f.name for f in dataclasses.fields(BinMetrics)]
+    lines = ["\t".join(names)]
+    for row in report.bins:
+        lines.append("\t".join(v if isinstance(v, str) else f"{v:.6g}" for v in dataclasses.astuple(row)))
+    return "\n".join(lines) + "\n"
+
+
+def _plot_png(report: EvaluationReport, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, no pyplot global state
+    from matplotlib.figure import Figure
+
+    rows = [r for r in report.bins if r.bin != "all"]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for field, label in (("r2_aggregate", "aggregate r²"), ("r2_mean_site", "mean per-site r²"),
+                         ("est_r2_mean", "estimated r²"), ("iqs_mean", "mean IQS")):  # fmt: skip
+        ax.plot(x, [getattr(r, field) for r in rows], marker="o", label=label)
+    ax.set_xticks(x, [f"{r.bin}\n(n={r.n_sites})" for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("panel MAF bin")
+    ax.set_ylabel("accuracy")
+    ax.set_title(
+        f"{Path(report.imputed_vcf).name}: {report.n_evaluated} sites, {report.n_samples} samples", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def _json_safe(value):
+    """NaN -> null (strict JSON), recursively."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_report(report: EvaluationReport, out_dir: str | Path) -> ReportFiles:
+    """``accuracy_by_maf.tsv`` (one row per bin + "all"), ``r2_by_maf.png``, ``evaluation.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ReportFiles(out / "accuracy_by_maf.tsv", out / "r2_by_maf.png", out / "evaluation.json")
+    _atomic_write(files.tsv, _tsv(report).encode())
+    _plot_png(report, files.png)
+    payload = json.dumps(_json_safe(report.as_dict()), indent=2)
+    _atomic_write(files.json, payload.encode())
+    return files

@@ -1,0 +1,203 @@
+import importlib.util
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from embrag.constants import MAF_BIN_NAMES
+from embrag.metrics import (
+    alt_f1,
+    bin_metrics,
+    concat_site_stats,
+    dosage_r2,
+    estimated_r2,
+    estimated_r2_hap,
+    f1_by_rarity,
+    gp_from_hap_dosage,
+    maf_bin_index,
+    site_stats,
+)
+
+
+def _load_oracles():
+    path = Path(__file__).with_name("metric_oracles.py")
+    spec = importlib.util.spec_from_file_location("metric_oracles", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+oracles = _load_oracles()
+
+
+def assert_rows_equal(rows, expected):
+    assert [r.bin for r in rows] == [e["bin"] for e in expected]
+    for row, exp in zip(rows, expected, strict=True):
+        for key, value in exp.items():
+            got = asdict(row)[key]
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(got), (row.bin, key, got)
+            else:
+                assert got == pytest.approx(value, abs=1e-9), (row.bin, key, got, value)
+
+
+def onehot(truth):
+    return (np.asarray(truth)[..., None] == np.arange(3)).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------ F1
+
+
+def test_alt_f1_by_hand():
+    assert alt_f1(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)) == 0.5  # tp 1, fp 1, fn 1
+    assert alt_f1(np.array([1, 1]), np.array([1, 1])) == 1.0
+    assert math.isnan(alt_f1(np.zeros(3, bool), np.zeros(3, bool)))
+    with pytest.raises(ValueError):
+        alt_f1(np.zeros(3, bool), np.zeros(2, bool))
+
+
+def test_f1_by_rarity_classes_and_empty():
+    pred = np.array([1, 0, 1, 1], bool)
+    true = np.array([1, 1, 1, 0], bool)
+    maf = np.array([0.01, 0.01, 0.2, 0.2])
+    out = f1_by_rarity(pred, true, maf)
+    assert out["rare_f1"] == pytest.approx(oracles.f1_loop(pred[:2], true[:2]))
+    assert out["common_f1"] == pytest.approx(oracles.f1_loop(pred[2:], true[2:]))
+    assert out["f1"] == pytest.approx(oracles.f1_loop(pred, true))
+    only_common = f1_by_rarity(pred, true, np.full(4, 0.3))
+    assert math.isnan(only_common["rare_f1"]) and only_common["common_f1"] == out["f1"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(bool, st.integers(0, 30)), st.data())
+def test_alt_f1_matches_loop(pred, data):
+    true = data.draw(arrays(bool, pred.shape))
+    got, exp = alt_f1(pred, true), oracles.f1_loop(pred, true)
+    assert (math.isnan(got) and math.isnan(exp)) or got == pytest.approx(exp)
+
+
+# ---------------------------------------------------------------------------- hand-worked cases
+
+
+def test_r2_known_exactly():
+    # x = [0,1,2,1], y = [0,2,2,0]: sxy = 2, sxx = 2, syy = 4 -> r^2 = 4 / 8
+    dosage = np.array([[0.0], [1.0], [2.0], [1.0]])
+    truth = np.array([[0], [2], [2], [0]])
+    s = site_stats(dosage, truth)
+    assert s.r2[0] == pytest.approx(0.5)
+    rows = dosage_r2(dosage, truth, np.array([0.3]))
+    assert rows[3].r2_aggregate == pytest.approx(0.5) and rows[3].n_sites == 1
+    assert rows[-1].bin == "all" and rows[-1].r2_mean_site == pytest.approx(0.5)
+
+
+def test_iqs_worked_by_hand():
+    # truth 0,1,1,2; best-guess (hard GP) 0,1,2,2. Table rows=truth: n00=1, n11=1, n12=1, n22=1.
+    # Po = 3/4; row sums 1,2,1, column sums 1,1,2 -> Pc = (1 + 2 + 2)/16 = 5/16;
+    # IQS = (12/16 - 5/16) / (11/16) = 7/11
+    truth = np.array([[0], [1], [1], [2]])
+    gp = onehot(np.array([[0], [1], [2], [2]]))
+    s = site_stats(gp[..., 1] + 2 * gp[..., 2], truth, gp)
+    assert s.iqs[0] == pytest.approx(7 / 11)
+    # NRD: 3 pairs with a non-reference call or truth, 1 discordant
+    assert (s.nrd_disc[0], s.nrd_denom[0]) == (1, 3)
+
+
+def test_zero_variance_sites_excluded_and_counted():
+    truth = np.array([[0, 1, 0], [0, 1, 1], [0, 1, 2]])
+    dosage = np.array([[0.1, 1.0, 0.5], [0.0, 1.0, 0.5], [0.2, 1.0, 0.5]])  # site 0: truth constant
+    rows = dosage_r2(dosage, truth, np.array([0.2, 0.2, 0.2]))
+    row = rows[MAF_BIN_NAMES.index("maf_5-50pct")]
+    assert row.n_sites == 3 and row.n_r2_undefined == 3 and math.isnan(row.r2_mean_site)
+    # only site 2 has a varying truth; its dosage is constant, so empirical r2 counts as 0
+    assert row.emp_r2_mean == 0.0 and row.est_r2_mean == 0.0
+
+
+def test_maf_bins_edges():
+    idx = maf_bin_index(np.array([0.0, 0.004, 0.005, 0.01, 0.049, 0.05, 0.5, np.nan]))
+    assert idx.tolist() == [0, 0, 1, 2, 2, 3, 3, -1]
+    with pytest.raises(ValueError, match="maf"):
+        maf_bin_index(np.array([0.7]))
+
+
+# -------------------------------------------------------------------------- vectorised == loop
+
+
+def random_case(rng, n, m, with_gp, missing=0.1):
+    truth = rng.integers(0, 3, size=(n, m))
+    truth[rng.random((n, m)) < missing] = -1
+    truth[:, 0] = 1  # a zero-variance site
+    hds = np.clip(truth[..., None] / 2 + rng.normal(0, 0.3, (n, m, 2)), 0, 1)
+    dosage = hds.sum(-1)
+    dosage[rng.random((n, m)) < missing] = np.nan
+    gp = gp_from_hap_dosage(hds) if with_gp else None
+    maf = rng.choice([0.001, 0.007, 0.02, 0.3, 0.5], size=m)
+    return dosage, truth, gp, maf
+
+
+@pytest.mark.parametrize("with_gp", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dosage_r2_matches_loop(with_gp, seed):
+    dosage, truth, gp, maf = random_case(np.random.default_rng(seed), 9, 25, with_gp)
+    assert_rows_equal(dosage_r2(dosage, truth, maf, gp), oracles.dosage_r2_loop(dosage, truth, maf, gp))
+
+
+def test_chunked_site_stats_equal_whole():
+    dosage, truth, gp, maf = random_case(np.random.default_rng(5), 12, 40, True)
+    parts = [site_stats(dosage[:, a:b], truth[:, a:b], gp[:, a:b]) for a, b in [(0, 7), (7, 30), (30, 40)]]
+    whole = bin_metrics(site_stats(dosage, truth, gp), maf)
+    chunked = bin_metrics(concat_site_stats(parts), maf)
+    assert_rows_equal(chunked, [asdict(r) for r in whole])
+
+
+def test_aggregate_r2_equals_pooled_corrcoef():
+    dosage, truth, gp, _ = random_case(np.random.default_rng(3), 20, 30, True, missing=0.0)
+    row = dosage_r2(dosage, truth, np.full(30, 0.3), gp)[-1]
+    assert row.r2_aggregate == pytest.approx(np.corrcoef(dosage.ravel(), truth.ravel())[0, 1] ** 2)
+
+
+def test_estimated_r2_matches_loop_and_hard_calls_give_one():
+    rng = np.random.default_rng(4)
+    hds = rng.random((15, 2, 6))
+    assert estimated_r2_hap(hds) == pytest.approx(oracles.est_r2_hap_loop(hds), abs=1e-6)
+    exp = [oracles.est_r2_loop(list(hds.sum(1)[:, m]), 2) for m in range(6)]
+    assert estimated_r2(hds.sum(1)) == pytest.approx(exp, abs=1e-6)
+    hard = (rng.random((30, 2, 4)) < 0.4).astype(float)
+    hard[:, :, 0] = 0.0  # monomorphic -> 0 by convention
+    assert estimated_r2_hap(hard).tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
+    assert estimated_r2_hap(hard).dtype == np.float32
+
+
+# --------------------------------------------------------------------------------- invariants
+
+genotypes = arrays(np.int8, st.tuples(st.integers(2, 12), st.integers(1, 8)), elements=st.integers(-1, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(genotypes, st.data())
+def test_perfect_dosages_are_perfect(truth, data):
+    maf = data.draw(arrays(np.float64, truth.shape[1], elements=st.floats(0, 0.5)))
+    dosage = np.where(truth >= 0, truth, 0).astype(np.float64)
+    s = site_stats(dosage, truth, onehot(truth))
+    assert np.all(s.r2[np.isfinite(s.r2)] == pytest.approx(1.0))
+    assert np.all(s.iqs[np.isfinite(s.iqs)] == pytest.approx(1.0))
+    assert s.nrd_disc.sum() == 0
+    for row in bin_metrics(s, maf):
+        for v in (row.r2_aggregate, row.r2_mean_site, row.iqs_mean, row.emp_r2_mean):
+            assert math.isnan(v) or v == pytest.approx(1.0)
+        assert math.isnan(row.nrd) or row.nrd == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(genotypes, st.data())
+def test_metrics_bounded(truth, data):
+    dosage = data.draw(arrays(np.float64, truth.shape, elements=st.floats(0, 2)))
+    maf = data.draw(arrays(np.float64, truth.shape[1], elements=st.floats(0, 0.5)))
+    for row in dosage_r2(dosage, truth, maf):
+        for v in (row.r2_aggregate, row.r2_mean_site, row.est_r2_mean, row.emp_r2_mean, row.nrd):
+            assert math.isnan(v) or 0.0 <= v <= 1.0
+        assert math.isnan(row.iqs_mean) or -1.0 - 1e-9 <= row.iqs_mean <= 1.0 + 1e-9
