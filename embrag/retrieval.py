@@ -13,6 +13,11 @@ by a per-site lookup ``codebook[j, token at site j]``; FAISS does exact search o
 Columns on which every panel row has the same value cannot change the ranking, so ``compact`` and
 ``token`` drop them from the index and add the query's contribution back as a per-query offset:
 distances stay exact while the index shrinks (monomorphic sites, MISSING-free panels).
+
+``compact`` and ``token`` also store each distinct masked haplotype once: on real panels most
+haplotypes of a window are identical once masked (about 25 distinct among 800 on the default
+simulation), so the index holds the distinct patterns and ``row_pattern [H]`` expands each hit back
+to its panel rows (in row order). Distances and neighbour sets are unchanged (ties aside).
 """
 
 from __future__ import annotations
@@ -124,18 +129,27 @@ class SiteCodec:
 class WindowIndex:
     """A FAISS index over one window's panel under one mask, plus what is needed to encode queries."""
 
-    def __init__(self, kind: str, index, mask: np.ndarray, codec: SiteCodec, *, use_gpu: bool = False) -> None:
+    def __init__(
+        self, kind: str, index, mask: np.ndarray, codec: SiteCodec, *, row_pattern: np.ndarray | None = None,
+        use_gpu: bool = False,
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
         self.kind = kind
         self.index = index  # CPU index: what gets written to disk
         self.mask = _as_mask(mask)
         self.codec = codec
+        self.row_pattern = None if row_pattern is None else np.asarray(row_pattern, np.int64)  # (H,) -> index row
+        if self.row_pattern is not None:
+            order = np.argsort(self.row_pattern, kind="stable")  # panel rows grouped by pattern, row order kept
+            counts = np.bincount(self.row_pattern, minlength=int(index.ntotal))
+            self._members = np.split(order, np.cumsum(counts)[:-1])  # pattern -> its panel rows
         self._searcher = _to_gpu(index) if use_gpu and kind != "token" else index
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Panel rows (haplotypes) indexed; the FAISS index may hold fewer distinct patterns."""
+        return int(self.index.ntotal) if self.row_pattern is None else len(self.row_pattern)
 
     @property
     def dim(self) -> int:
@@ -171,7 +185,7 @@ class WindowIndex:
         fetch = min(k + exclude.shape[1], self.ntotal)  # at most E fetched rows can be excluded
         if n_query == 0 or fetch == 0:
             return _pad(np.zeros((n_query, 0), np.float32), np.zeros((n_query, 0), np.int64), k)
-        dist, rows = self._searcher.search(vectors, fetch)  # (Q, fetch)
+        dist, rows = self._raw_search(vectors, fetch)  # (Q, fetch)
         dist = dist.astype(np.float32) + offset[:, None]
         bad = (rows < 0) | (rows[:, :, None] == exclude[:, None, :]).any(axis=2)  # (Q, fetch)
         order = np.argsort(bad, axis=1, kind="stable")  # valid first, distance order kept
@@ -180,6 +194,23 @@ class WindowIndex:
         bad = np.take_along_axis(bad, order, axis=1)
         rows[bad], dist[bad] = -1, np.inf
         return _pad(dist[:, :k], rows[:, :k], k)
+
+
+    def _raw_search(self, vectors: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``fetch`` nearest panel rows ``(Q, fetch)``, expanding distinct patterns to their rows."""
+        if self.row_pattern is None:
+            return self._searcher.search(vectors, fetch)
+        unique, inverse = np.unique(vectors, axis=0, return_inverse=True)  # queries repeat too
+        n_pat = min(fetch, int(self.index.ntotal))  # each pattern has >= 1 row: enough rows
+        pat_dist, pat = self._searcher.search(unique, n_pat)  # (U, n_pat)
+        dist = np.full((len(unique), fetch), np.inf, np.float32)
+        rows = np.full((len(unique), fetch), -1, np.int64)
+        for u in range(len(unique)):
+            hits = [self._members[p] for p in pat[u] if p >= 0]
+            r = np.concatenate(hits)[:fetch] if hits else np.zeros(0, np.int64)
+            d = np.repeat(pat_dist[u][pat[u] >= 0], [len(h) for h in hits])[:fetch]
+            rows[u, : len(r)], dist[u, : len(d)] = r, d
+        return dist[inverse.ravel()], rows[inverse.ravel()]
 
 
 def build_index(
@@ -205,13 +236,17 @@ def build_index(
     if kind != "flat":
         codec = codec.reduced(keys_full)
     keys, _ = codec.split(keys_full)  # (H, dim); panel offsets are 0 by construction
+    row_pattern = None
+    if kind != "flat":  # flat stays the seed's literal design: one vector per haplotype
+        keys, row_pattern = np.unique(keys, axis=0, return_inverse=True)  # (P, dim), (H,)
+        row_pattern = row_pattern.ravel()
     if kind == "token":
         keys = _pack_bits(keys)
         index = faiss.IndexBinaryFlat(keys.shape[1] * 8)
     else:
         index = faiss.IndexFlatL2(keys.shape[1])
     index.add(np.ascontiguousarray(keys))
-    return WindowIndex(kind, index, mask, codec, use_gpu=use_gpu)
+    return WindowIndex(kind, index, mask, codec, row_pattern=row_pattern, use_gpu=use_gpu)
 
 
 def _codec(kind: str, tokens: np.ndarray, mask: np.ndarray, table: np.ndarray | None) -> SiteCodec:

@@ -111,7 +111,8 @@ def write_index(index: WindowIndex, directory: Path, manifest: IndexManifest) ->
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             faiss_sha256=sha256_file(faiss_tmp),
         )
-        document = {"manifest": manifest.to_dict(), "codec": _codec_to_json(index.codec)}
+        document = {"manifest": manifest.to_dict(), "codec": _codec_to_json(index.codec),
+                    "row_pattern": None if index.row_pattern is None else _array_to_json(index.row_pattern)}
         json_tmp.write_text(json.dumps(document, indent=1))
         _fsync(json_tmp)
         json_path.unlink(missing_ok=True)  # the old manifest must not vouch for the new FAISS file
@@ -148,6 +149,7 @@ def read_index(path: Path, *, use_gpu: bool = False) -> tuple[WindowIndex, Index
     index = WindowIndex(
         manifest.kind, reader(str(faiss_path)), np.array(manifest.mask, dtype=bool),
         _codec_from_json(document["codec"]), use_gpu=use_gpu,
+        row_pattern=None if document.get("row_pattern") is None else _array_from_json(document["row_pattern"]),
     )
     if (index.ntotal, index.dim) != (manifest.ntotal, manifest.dim):
         raise IndexIntegrityError(
@@ -180,24 +182,25 @@ def _write_faiss(index: WindowIndex, path: Path) -> None:
         faiss.write_index(index.index, str(path))
 
 
+def _array_to_json(array: np.ndarray) -> dict[str, Any]:
+    array = np.ascontiguousarray(array)
+    return {
+        "dtype": array.dtype.str, "shape": list(array.shape),
+        "data": base64.b64encode(array.tobytes()).decode("ascii"),  # exact, unlike decimal floats
+    }
+
+
+def _array_from_json(entry: dict[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(entry["data"])
+    return np.frombuffer(raw, dtype=np.dtype(entry["dtype"])).reshape(entry["shape"]).copy()
+
+
 def _codec_to_json(codec: SiteCodec) -> dict[str, Any]:
-    out = {}
-    for name in _CODEC_FIELDS:
-        array = np.ascontiguousarray(getattr(codec, name))
-        out[name] = {
-            "dtype": array.dtype.str, "shape": list(array.shape),
-            "data": base64.b64encode(array.tobytes()).decode("ascii"),  # exact, unlike decimal floats
-        }
-    return out
+    return {name: _array_to_json(getattr(codec, name)) for name in _CODEC_FIELDS}
 
 
 def _codec_from_json(data: dict[str, Any]) -> SiteCodec:
-    arrays = {}
-    for name in _CODEC_FIELDS:
-        entry = data[name]
-        raw = base64.b64decode(entry["data"])
-        arrays[name] = np.frombuffer(raw, dtype=np.dtype(entry["dtype"])).reshape(entry["shape"]).copy()
-    return SiteCodec(**arrays)
+    return SiteCodec(**{name: _array_from_json(data[name]) for name in _CODEC_FIELDS})
 
 
 def _items(manifest: IndexManifest):

@@ -251,3 +251,28 @@ def test_gpu_search_matches_cpu(rng):
         cpu = build_index(kind, panel, mask, table).search(queries, 5)
         gpu = build_index(kind, panel, mask, table, use_gpu=True).search(queries, 5)
         np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["compact", "token"])
+def test_duplicated_panel_rows_are_grouped_and_expanded_exactly(kind, seed):
+    """Real panels repeat masked haplotypes: the index stores each pattern once, search still
+    returns panel rows with the oracle's distances (ties allowed), each row at most once, and
+    exclusion works on rows, not patterns."""
+    rng = np.random.default_rng(100 + seed)
+    table, base, queries, mask = random_window(rng, n_panel=6, n_query=10, p_missing=0.05)
+    panel = base[rng.integers(0, 6, size=60)]  # (60, L): 6 distinct haplotypes, repeated
+    queries[:3] = panel[:3]
+    exclude = np.full((10, 2), -1)
+    exclude[:3, 0] = [0, 1, 2]
+    index = build_index(kind, panel, mask, table)
+    assert index.ntotal == 60 and index.index.ntotal <= 6
+    dist, rows = index.search(queries, 12, exclude_rows=exclude)
+    if kind == "token":
+        true = oracle.token_hamming_distance(queries, panel, mask).astype(np.float64)
+    else:
+        true = oracle.masked_embedding_distance(table, queries, panel, mask)
+    for q in range(10):
+        assert not set(rows[q].tolist()) & set(exclude[q][exclude[q] >= 0].tolist())
+        true[q, exclude[q][exclude[q] >= 0]] = np.inf
+    assert_knn_equivalent(dist, rows, true, 12, 1e-4 * np.nanmax(true[np.isfinite(true)]) + 1e-6)
