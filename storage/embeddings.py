@@ -55,15 +55,32 @@ class EmbeddingStore:
         self.version = int(root.attrs["embedding_version"])
         self.table = root["table"]
         self.complete = root["complete"]
+        self._block = self.complete.chunks[1]
+        self._cache: dict[int, np.ndarray] = {}  # chunks of the current window only
+        self._cache_window = -1
 
     def window_table(self, w: int) -> np.ndarray:
         return self.table[w]  # (L, V, D)
 
     def rows(self, w: int, rows: np.ndarray) -> np.ndarray:
-        """``float16 (len(rows), L, D)`` complete embeddings of panel rows of window ``w``."""
-        unique, inverse = np.unique(rows, return_inverse=True)
-        block = self.complete.get_orthogonal_selection((w, unique))  # (U, L, D): reads only their chunks
-        return block[inverse]
+        """``float16 (len(rows), L, D)`` complete embeddings of panel rows of window ``w``.
+
+        Reads only the haplotype chunks that hold the requested rows, and keeps the chunks of the
+        current window (batches are grouped by window), so memory stays one window at most.
+        """
+        if w != self._cache_window:
+            self._cache, self._cache_window = {}, w
+        rows = np.asarray(rows, np.int64)
+        blocks = rows // self._block
+        for b in np.unique(blocks):
+            if b not in self._cache:
+                lo = int(b) * self._block
+                self._cache[int(b)] = self.complete[w, lo : lo + self._block]  # (block, L, D)
+        out = np.empty((len(rows),) + self.complete.shape[2:], np.float16)  # (N, L, D)
+        for b in np.unique(blocks):
+            sel = blocks == b
+            out[sel] = self._cache[int(b)][rows[sel] - int(b) * self._block]
+        return out
 
 
 def is_complete(path: Path) -> bool:
