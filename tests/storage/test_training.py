@@ -101,3 +101,10 @@ def test_index_and_queries_share_the_mask(tiny_prepared_fixture, tmp_path):
     query[:, masks[3]] = MASK  # differs from its panel row only at masked sites...
     dist, rows = index.search(query, 1)
     assert np.allclose(dist[:, 0], 0.0, atol=1e-4)  # ...so it is found at distance 0
+
+
+def test_live_reference_embeddings_train_through_the_references(tiny_prepared_fixture, tmp_path):
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__reference_embeddings="live", train__epochs=1)
+    (row,) = run_epochs(VariantRun(layout, cfg))
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])

@@ -1,0 +1,40 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from storage.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+
+
+def test_round_trip_restores_rng_streams(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    save_checkpoint(tmp_path / "c.pt", model={"w": torch.ones(2)}, rng=rng_state(), epoch=4)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    bundle = load_checkpoint(tmp_path / "c.pt")
+    restore_rng(bundle["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    assert bundle["epoch"] == 4 and torch.equal(bundle["model"]["w"], torch.ones(2))
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    torch.save({"format_version": 999, "model": {}}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format_version 999 is not supported"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format_version": 1, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
+        load_checkpoint(tmp_path / "evil.pt")
