@@ -8,15 +8,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-augmented genotype imputation (V17 vs V18).")
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Folder holding every artifact of the run.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="RunConfig JSON (see `embrag config`).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set train.epochs=3 (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="RunConfig JSON (see `embrag config`).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=3 (repeatable).")]
 
 
 def _env_defaults() -> None:
@@ -88,9 +88,9 @@ def simulate(run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_
 @app.command()
 def prepare(
     run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
-    panel: Annotated[Optional[Path], typer.Option(help="Reference panel VCF (default: simulate)")] = None,
-    study: Annotated[Optional[Path], typer.Option(help="Study cohort VCF (train/val)")] = None,
-    test: Annotated[Optional[Path], typer.Option(help="Held-out test VCF")] = None,
+    panel: Annotated[Path | None, typer.Option(help="Reference panel VCF (default: simulate)")] = None,
+    study: Annotated[Path | None, typer.Option(help="Study cohort VCF (train/val)")] = None,
+    test: Annotated[Path | None, typer.Option(help="Held-out test VCF")] = None,
 ) -> None:
     """Ingest VCFs into Zarr, harmonise sites and roles, cut windows and tokens."""
     from storage.layout import RunLayout
@@ -151,7 +151,7 @@ def _epoch_line(variant: str, row: dict) -> str:
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to continue")],
     variant: Annotated[str, typer.Option(help="v18 | v17 | none")] = "v18",
-    epochs: Annotated[Optional[int], typer.Option(help="Total epochs (default: the config's)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Total epochs (default: the config's)")] = None,
 ) -> None:
     """Continue a run without a Prefect server: finished stages are found on disk and skipped."""
     cfg = load_config(run_dir, None, None).replace(model__variant=variant)

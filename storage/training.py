@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from embrag.config import RunConfig
-from embrag.epoch import EpochResult, WindowData, evaluate, train_epoch
+from embrag.epoch import WindowData, evaluate, train_epoch
 from embrag.masking import train_masks, validation_masks
 from embrag.model import build_model, resolve_device
 from embrag.optim import build_optimizer, build_scheduler, make_scaler
