@@ -27,7 +27,7 @@ from embrag.masking import train_masks, validation_masks
 from embrag.model import build_model, resolve_device
 from embrag.optim import build_optimizer, build_scheduler, make_scaler
 from embrag.refresh import RefreshState, after_reencode, after_validation, batch_due, bump_mask, epoch_start
-from embrag.retrieval import build_index
+from embrag.retrieval import build_index, single_threaded_search
 from storage.atomic import atomic_path, read_json, write_json
 from storage.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from storage.embeddings import EmbeddingStore, encode_complete_embeddings, is_complete
@@ -48,6 +48,7 @@ class VariantRun:
     prepared: PreparedData = field(init=False)
 
     def __post_init__(self) -> None:
+        single_threaded_search()
         self.prepared = PreparedData(self.layout.prepared)
         if self.cfg.window.size != self.prepared.window_size:
             raise ValueError(
