@@ -1,0 +1,33 @@
+"""Task runner selection: threads by default, Dask when ``EMBRAG_TASK_RUNNER=dask``.
+
+A flow's task runner is fixed when the flow object is made, so it is chosen from the environment
+at import (deployments set it in ``job_variables.env``); in Python, ``flow.with_options(
+task_runner=task_runner("dask"))`` picks one per call. Only the partitioned stages (``partitions
+> 1``) use the runner for parallelism; the per-epoch chain is sequential by nature.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+
+def task_runner(name: str | None = None):
+    """``thread`` (default) or ``dask``: ``EMBRAG_DASK_ADDRESS`` joins a running cluster, otherwise a
+    local one with ``EMBRAG_DASK_WORKERS`` (2) single-threaded workers, as processes when
+    ``EMBRAG_DASK_PROCESSES=1`` (worker processes need a real ``PREFECT_API_URL``: in Prefect's
+    local mode each process would start its own temporary server)."""
+    name = name or os.environ.get("EMBRAG_TASK_RUNNER", "thread")
+    if name == "thread":
+        return ThreadPoolTaskRunner(max_workers=int(os.environ.get("EMBRAG_THREADS", "2")))
+    if name != "dask":
+        raise ValueError(f"EMBRAG_TASK_RUNNER={name!r}: expected 'thread' or 'dask'")
+    from prefect_dask import DaskTaskRunner  # optional dependency: pip install 'embrag[dask]'
+
+    if address := os.environ.get("EMBRAG_DASK_ADDRESS"):
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": int(os.environ.get("EMBRAG_DASK_WORKERS", "2")), "threads_per_worker": 1,
+        "processes": os.environ.get("EMBRAG_DASK_PROCESSES", "0") == "1", "dashboard_address": ":0",
+    })

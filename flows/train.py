@@ -1,0 +1,82 @@
+"""Train flow: per epoch, refresh masks when due -> train -> validate -> re-encode -> log to MLflow.
+
+Every stage is a persisted, input-cached task over idempotent storage functions, so rerunning the
+flow with the same parameters (or ``prefect flow-run retry``) redoes only the failed stage and
+what follows. ``partitions > 1`` splits the per-window stages (embedding encoding, index
+building) into window partitions mapped over the task runner (threads, or Dask with
+``EMBRAG_TASK_RUNNER=dask``); the sequential stages then find their outputs and skip.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.runtime import flow_run
+
+from flows._runner import task_runner
+from tasks._common import bind, epochs_to_run, resolve_config
+from tasks.embed import embed_finish_task, embed_partition_task, embed_plan_task, reencode_task
+from tasks.evaluate import validate_task
+from tasks.index import index_finish_task, index_partition_task, index_plan_task
+from tasks.refresh import plan_epoch_task, refresh_task
+from tasks.track import fail_run_task, finish_run_task, record_epoch_task, start_run_task
+from tasks.train import train_task
+
+
+@flow(name="train", task_runner=task_runner())
+def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = None, epochs: int | None = None,
+               parent_run_id: str | None = None, partitions: int = 1) -> dict:
+    """Train ``variant`` on the prepared data of ``run_dir`` for ``epochs`` (default: the config's).
+
+    Returns the MLflow run id and the per-epoch metrics that were logged.
+    """
+    logger = get_run_logger()
+    config = resolve_config(run_dir, config_path, variant)
+    n_epochs = epochs_to_run(config, epochs)
+    run_id = start_run_task(run_dir, config, parent_run_id, flow_run.id)
+    history: list[dict] = []
+    try:
+        for epoch in range(n_epochs):
+            metrics = _epoch(run_dir, config, run_id, epoch, partitions)
+            history.append(metrics)
+            logger.info("[%s] epoch %d/%d: train loss %.4f  val loss %.4f  val F1 %.4f  rare F1 %.4f  mask v%d  "
+                        "%.1f ms/batch", variant, epoch + 1, n_epochs, metrics.get("train_loss", float("nan")),
+                        metrics.get("val_loss", float("nan")), metrics.get("val_f1", float("nan")),
+                        metrics.get("val_rare_f1", float("nan")), int(metrics.get("mask_version", 0)),
+                        metrics.get("ms_per_batch", float("nan")))
+        info = finish_run_task(run_dir, config, run_id, history)
+    except BaseException:
+        fail_run_task(run_dir, run_id)
+        raise
+    return {"variant": variant, "mlflow_run_id": run_id, "history": history, **info}
+
+
+def _epoch(run_dir: str, config: dict, run_id: str, epoch: int, partitions: int) -> dict:
+    if partitions > 1:  # fill the per-window inputs in parallel; `refresh` then finds them
+        bind(plan_epoch_task, run_dir)(run_dir, config, epoch)
+        _encode(run_dir, config, epoch, "start", partitions)
+        _index(run_dir, config, epoch, partitions)
+    prep = bind(refresh_task, run_dir)(run_dir, config, epoch)
+    bind(train_task, run_dir)(run_dir, config, epoch)
+    metrics = bind(validate_task, run_dir)(run_dir, config, epoch)
+    if partitions > 1:
+        _encode(run_dir, config, epoch, "end", partitions)
+    reencode = bind(reencode_task, run_dir)(run_dir, config, epoch)
+    return record_epoch_task(run_dir, config, run_id, epoch, prep, metrics, reencode)
+
+
+def _encode(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:
+    plan = embed_plan_task(run_dir, config, epoch, when, partitions)
+    if not plan["partitions"]:
+        return
+    starts, stops = zip(*plan["partitions"], strict=True)
+    parts = bind(embed_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
+                                                   list(starts), list(stops))
+    embed_finish_task(run_dir, config, plan, parts.result())
+
+
+def _index(run_dir: str, config: dict, epoch: int, partitions: int) -> None:
+    plan = index_plan_task(run_dir, config, epoch, partitions)
+    if not plan["jobs"]:
+        return
+    parts = bind(index_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), plan["jobs"])
+    index_finish_task(run_dir, config, parts.result())

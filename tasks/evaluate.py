@@ -1,0 +1,15 @@
+"""Validation after an epoch, with the fixed seeded validation masks."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from storage.training import validate_epoch
+from tasks._common import STAGE, fault_point, variant_run
+
+
+@task(name="validate", task_run_name="validate-{epoch}", **STAGE)
+def validate_task(run_dir: str, config: dict, epoch: int) -> dict:
+    """Validation metrics of the model after ``epoch`` (F1, rare F1, r^2 by MAF bin, ...)."""
+    fault_point(run_dir, "validate", epoch)
+    return validate_epoch(variant_run(run_dir, config), epoch)

@@ -1,0 +1,53 @@
+"""MLflow tracking steps. Always run (no cache): MLflow itself knows what is logged already."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from storage import tracking
+from storage.comparison import TABLE_NAME
+from storage.layout import RunLayout
+from tasks._common import LIVE, run_config, variant_run
+
+
+@task(name="track-start", **LIVE)
+def start_run_task(run_dir: str, config: dict, parent_run_id: str | None, flow_run_id: str | None) -> str:
+    """Create or reuse the variant's MLflow run; returns its run id."""
+    return tracking.start_variant_run(variant_run(run_dir, config), parent_run_id=parent_run_id, flow_run_id=flow_run_id)
+
+
+@task(name="track-epoch", task_run_name="track-epoch-{epoch}", **LIVE)
+def record_epoch_task(run_dir: str, config: dict, run_id: str, epoch: int, prep: dict, metrics: dict,
+                      reencode: dict) -> dict:
+    """Persist and log the epoch row (skipped in MLflow when already logged); returns its metrics."""
+    return tracking.record_epoch(variant_run(run_dir, config), run_id, prep, metrics, reencode)
+
+
+@task(name="track-finish", **LIVE)
+def finish_run_task(run_dir: str, config: dict, run_id: str, history: list[dict]) -> dict:
+    """Best checkpoint, last index manifests and learning curves as artifacts; run FINISHED."""
+    return tracking.finish_variant_run(variant_run(run_dir, config), run_id, history)
+
+
+@task(name="track-compare-start", **LIVE)
+def start_parent_task(run_dir: str, config: dict, variants: list[str], flow_run_id: str | None) -> str:
+    return tracking.start_parent_run(RunLayout(Path(run_dir)), run_config(config), variants=variants,
+                                     flow_run_id=flow_run_id)
+
+
+@task(name="track-compare", **LIVE)
+def compare_report_task(run_dir: str, parent_run_id: str, histories: dict[str, list[dict]],
+                        run_ids: dict[str, str]) -> list[dict]:
+    """Comparison table + curves in ``<run_dir>/compare/`` and on the parent run; a Prefect table too."""
+    rows = tracking.log_comparison(RunLayout(Path(run_dir)), parent_run_id, histories, run_ids)
+    create_table_artifact(table=rows, key=TABLE_NAME, description=f"V17 vs V18 in {run_dir}")
+    return rows
+
+
+@task(name="track-failed", **LIVE)
+def fail_run_task(run_dir: str, run_id: str) -> None:
+    """Mark an MLflow run FAILED (the flow reraises; a rerun marks it RUNNING again)."""
+    tracking.fail_run(RunLayout(Path(run_dir)), run_id)

@@ -1,0 +1,197 @@
+"""Flows on a Prefect test server: compare V17/V18, reruns after a failure or a kill, Dask partitions.
+
+A rerun must redo only the failed stage and what follows, and end with exactly the metrics of an
+uninterrupted run; artifacts are never left half-written; MLflow never gets duplicate points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from flows.compare import compare_flow
+from flows.train import train_flow
+from storage.index_files import read_index
+from storage.layout import RunLayout
+from storage.tracking import Tracker
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED_METRICS = {
+    "train_loss", "val_loss", "val_f1", "val_rare_f1", "val_common_f1", "mask_version", "mask_rate", "epoch_seconds",
+    "ms_per_batch", "retrieval_ms_per_batch", "refresh_seconds", "index_build_seconds", "reencode_seconds",
+    "peak_memory_mb", "val_r2_all", "val_r2site_all",
+}
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _copy_run(template: Path, run_dir: Path) -> Path:
+    shutil.copytree(template / "data", run_dir / "data")
+    shutil.copy(template / "config.json", run_dir / "config.json")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api, prepared_template, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """An uninterrupted compare run (V17 and V18, 2 epochs) that the other tests match."""
+    run_dir = _copy_run(prepared_template, tmp_path_factory.mktemp("reference") / "run")
+    return run_dir, compare_flow(run_dir=str(run_dir))
+
+
+def _final_metrics(run_dir: Path, variant: str = "v18", epoch: int = 1) -> dict:
+    """Validation results of an epoch, without timings and memory (which differ between runs)."""
+    metrics = json.loads(RunLayout(run_dir).variant(variant).epoch_metrics(epoch).read_text())
+    return {k: v for k, v in metrics.items() if k.startswith(("val_", "train_"))
+            and not k.endswith(("seconds", "ms_per_batch", "peak_memory_mb"))}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), (k, a[k], b[k])
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def _assert_artifacts_whole(run_dir: Path) -> None:
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+    manifests = sorted(run_dir.rglob("index/*/w*.json"))
+    assert manifests
+    for manifest in manifests:
+        read_index(manifest)  # verifies the FAISS file against the manifest's sha256
+
+
+def _mlflow_run(run_dir: Path, variant: str):
+    tracker = Tracker(RunLayout(run_dir))
+    return tracker.client, tracker.client.get_run(tracker.find_run(variant))
+
+
+def test_compare_flow_tracks_both_variants_under_one_parent(reference, tiny_cfg):
+    run_dir, rows = reference
+    assert [r["variant"] for r in rows] == ["v17", "v18"]
+    compare_dir = run_dir / "compare"
+    assert {p.name for p in compare_dir.iterdir()} == {"v17-vs-v18.tsv", "v17-vs-v18.md", "learning-curves.png"}
+    assert (compare_dir / "v17-vs-v18.tsv").read_text().splitlines()[0].startswith("variant\tepochs\tval_loss")
+
+    client, parent = _mlflow_run(run_dir, "compare")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} == {
+        "compare/v17-vs-v18.tsv", "compare/v17-vs-v18.md", "compare/learning-curves.png"}
+    names = {}
+    for variant in ("v17", "v18"):
+        _, run = _mlflow_run(run_dir, variant)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params == {k: str(v) for k, v in tiny_cfg.replace(model__variant=variant).flat().items()}
+        assert {"embrag.data_sha256", "embrag.version", "prefect.flow_run_id"} <= run.data.tags.keys()
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [0, 1]
+        names[variant] = set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {"checkpoints", "config", "index", "plots"}
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    assert names["v17"] == names["v18"]  # the same charts line up in the MLflow UI
+    assert REQUIRED_METRICS <= names["v18"]
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:
+        tables = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["v17-vs-v18"])))
+    assert tables and tables[0].type == "table"
+    _assert_artifacts_whole(run_dir)
+
+
+def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_dir, monkeypatch):
+    variant_dir = RunLayout(tiny_run_dir).variant("v18")
+    monkeypatch.setenv("EMBRAG_FAIL_STAGE", "train:1")
+    failed = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
+    assert failed.is_failed()
+    assert not variant_dir.checkpoint(1).exists()
+    assert _mlflow_run(tiny_run_dir, "v18")[1].info.status == "FAILED"
+    done_before = {p: p.stat().st_mtime_ns for p in (variant_dir.checkpoint(0), variant_dir.epoch_metrics(0))}
+
+    rerun = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)  # the marker: fails once
+    assert rerun.is_completed()
+    states = _task_states(rerun.state_details.flow_run_id)
+    for name in ("refresh-0", "train-0", "validate-0", "reencode-0", "refresh-1"):
+        assert states[name] == "Cached", (name, states)
+    for name in ("train-1", "validate-1", "reencode-1"):
+        assert states[name] == "Completed", (name, states)
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
+    _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
+
+    again = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
+    assert {s for n, s in _task_states(again.state_details.flow_run_id).items() if not n.startswith("track")} == {"Cached"}
+    client, run = _mlflow_run(tiny_run_dir, "v18")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 1]  # no duplicates
+
+
+def test_rerun_after_a_kill_ends_like_an_uninterrupted_run(reference, tiny_run_dir, prefect_api):
+    marker = tiny_run_dir / ".faults" / "embrag_pause_stage-train-1"
+    code = f"from flows.train import train_flow; train_flow(run_dir={str(tiny_run_dir)!r}, variant='v18')"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "EMBRAG_PAUSE_STAGE": "train:1", "OMP_NUM_THREADS": "1"}  # sleeps in train-1
+    log = tiny_run_dir.parent / "killed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not marker.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the flow never reached epoch 1"
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: nothing of it survives
+            proc.wait()
+    variant_dir = RunLayout(tiny_run_dir).variant("v18")
+    assert variant_dir.checkpoint(0).exists() and not variant_dir.checkpoint(1).exists()
+
+    assert train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True).is_completed()
+    _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
+    _assert_artifacts_whole(tiny_run_dir)
+    client, run = _mlflow_run(tiny_run_dir, "v18")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [0, 1]
+
+
+def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, tiny_run_dir):
+    DaskTaskRunner = pytest.importorskip("prefect_dask").DaskTaskRunner  # the [dask] extra
+
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False,
+                                            "dashboard_address": ":0"})
+    state = train_flow.with_options(task_runner=runner)(run_dir=str(tiny_run_dir), variant="v18", partitions=3,
+                                                        return_state=True)
+    assert state.is_completed()
+    states = _task_states(state.state_details.flow_run_id)
+    assert sum(n.startswith("embed-v") for n in states) == 3 * 3  # e0000 at epoch 0, e0001 and e0002 after each
+    assert sum(n.startswith("index-train") for n in states) == 3 * 2
+
+    ref, got = (RunLayout(d).variant("v18").root for d in (reference[0], tiny_run_dir))
+    hashes = [{str(p.relative_to(root)): json.loads(p.read_text())["manifest"]["faiss_sha256"]
+               for p in sorted(root.rglob("index/*/w*.json"))} for root in (ref, got)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 18 * 4  # train m0, m1 and val e0, e1
+    stores = sorted(p.name for p in (ref / "embeddings").glob("*.zarr"))
+    assert stores == sorted(p.name for p in (got / "embeddings").glob("*.zarr")) == ["e0001.zarr", "e0002.zarr"]
+    for name in stores:
+        a, b = (zarr.open_group(str(root / "embeddings" / name), mode="r") for root in (ref, got))
+        for array in ("table", "complete"):
+            assert np.array_equal(a[array][:], b[array][:]), (name, array)
+    _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
+    _assert_artifacts_whole(tiny_run_dir)
