@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import zarr
 
+from embrag.constants import VOCAB_SIZE
 from embrag.embedding import lookup_table
 from storage.atomic import atomic_path
 from storage.prepared import PreparedData
@@ -21,27 +22,40 @@ from storage.prepared import PreparedData
 HAP_BLOCK = 64  # haplotypes per chunk: a batch of retrieved rows touches few chunks
 
 
+@torch.no_grad()
+def window_embeddings(prepared: PreparedData, embedding: torch.nn.Module, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window ``w``'s table ``(L, V, D)`` and its panel's complete embeddings ``(Hp, L, D)``."""
+    device = next(embedding.parameters()).device
+    af, position, _ = prepared.window_features(w)
+    table = embedding.table(torch.as_tensor(af, device=device), torch.as_tensor(position, device=device))  # (L, V, D)
+    tokens = torch.as_tensor(prepared.tokens("panel", w), dtype=torch.long, device=device)  # (Hp, L), never masked
+    return table, lookup_table(table, tokens)
+
+
+def create_arrays(root: zarr.Group, prepared: PreparedData, dim: int) -> tuple[zarr.Array, zarr.Array]:
+    """The store's two arrays, one window per chunk on axis 0 (partitions of windows own whole chunks)."""
+    n_w, size, n_h = len(prepared.windows), prepared.window_size, prepared.n_haplotypes("panel")
+    tables = root.create_array("table", shape=(n_w, size, VOCAB_SIZE, dim), dtype="float32",
+                               chunks=(1, size, VOCAB_SIZE, dim))
+    complete = root.create_array("complete", shape=(n_w, n_h, size, dim), dtype="float16",
+                                 chunks=(1, min(HAP_BLOCK, n_h), size, dim))
+    return tables, complete
+
+
+def write_window(tables: zarr.Array, complete: zarr.Array, prepared: PreparedData, embedding: torch.nn.Module, w: int) -> None:
+    table, emb = window_embeddings(prepared, embedding, w)
+    tables[w] = table.cpu().numpy()
+    complete[w] = emb.cpu().numpy().astype(np.float16)
+
+
 def encode_complete_embeddings(path: Path, prepared: PreparedData, embedding: torch.nn.Module, *, version: int) -> Path:
     """Encode the panel of every window with ``embedding`` (eval mode, no grad) into ``path``."""
-    n_w, size = len(prepared.windows), prepared.window_size
-    n_h = prepared.n_haplotypes("panel")
-    device = next(embedding.parameters()).device
+    dim = embedding.cfg.dim
     with atomic_path(Path(path)) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
-        tables = complete = None
-        for w in range(n_w):
-            af, position, _ = prepared.window_features(w)
-            table = embedding.table(torch.as_tensor(af, device=device), torch.as_tensor(position, device=device))  # (L, V, D)
-            tokens = torch.as_tensor(prepared.tokens("panel", w), dtype=torch.long, device=device)  # (Hp, L)
-            emb = lookup_table(table, tokens)  # (Hp, L, D)
-            if tables is None:
-                d, v = table.shape[2], table.shape[1]
-                tables = root.create_array("table", shape=(n_w, size, v, d), dtype="float32", chunks=(1, size, v, d))
-                complete = root.create_array(
-                    "complete", shape=(n_w, n_h, size, d), dtype="float16", chunks=(1, min(HAP_BLOCK, n_h), size, d)
-                )
-            tables[w] = table.cpu().numpy()
-            complete[w] = emb.cpu().numpy().astype(np.float16)
+        tables, complete = create_arrays(root, prepared, dim)
+        for w in range(len(prepared.windows)):
+            write_window(tables, complete, prepared, embedding, w)
         root.attrs.update({"embedding_version": version, "complete": True})
     return Path(path)
 

@@ -32,28 +32,25 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 
-from embrag.constants import VOCAB_SIZE
-from embrag.embedding import lookup_table
 from embrag.model import build_model
 from embrag.refresh import RefreshState
-from embrag.retrieval import build_index
 from storage.atomic import read_json, sha256_file, write_json
 from storage.checkpoints import load_checkpoint
-from storage.embeddings import HAP_BLOCK, EmbeddingStore, is_complete
-from storage.index_files import IndexManifest, index_paths, write_index
+from storage.embeddings import EmbeddingStore, create_arrays, is_complete, write_window
+from storage.index_files import index_paths
 from storage.training import (
     VariantRun,
-    _prune_embeddings,
     checkpoint_path,
     ensure_initial,
     index_dir,
+    prune_embeddings,
     read_masks,
     state_before_epoch,
     write_masks,
     write_val_masks,
+    write_window_index,
 )
 
 PARTS_DIR = "_parts"  # inside a staging store: one marker file per finished partition
@@ -120,12 +117,8 @@ def encode_partition(run: VariantRun, plan: dict, start: int, stop: int) -> dict
     ckpt = checkpoint_path(run, plan["checkpoint_epoch"])
     model.load_state_dict(load_checkpoint(ckpt, map_location=run.device)["model"])
     root = zarr.open_group(str(staging), mode="r+")
-    tables, complete = root["table"], root["complete"]
-    for w in range(start, stop):
-        # Same computation as storage.embeddings.encode_complete_embeddings, one window at a time.
-        table, emb = _window_embeddings(run, model.embedding, w)
-        tables[w] = table.cpu().numpy()
-        complete[w] = emb.cpu().numpy().astype(np.float16)
+    for w in range(start, stop):  # the sequential stage's per-window step
+        write_window(root["table"], root["complete"], run.prepared, model.embedding, w)
     summary = {"start": start, "stop": stop, "seconds": time.perf_counter() - t0}
     write_json(marker, summary)
     return summary
@@ -146,7 +139,7 @@ def finish_embeddings(run: VariantRun, plan: dict) -> dict:
     shutil.rmtree(staging / PARTS_DIR)
     (staging / PLAN_FILE).unlink()
     os.replace(staging, path)  # the commit: training only ever opens the final name
-    _prune_embeddings(run, keep=plan["version"])
+    prune_embeddings(run, keep=plan["version"])
     EmbeddingStore(path)  # verifies it opens as complete
     return {"path": str(path), "version": plan["version"], "seconds": sum(d["seconds"] for d in done)}
 
@@ -162,25 +155,11 @@ def _open_staging(run: VariantRun, staging: Path, checkpoint: Path) -> str:
     if plan_file.exists() and read_json(plan_file).get("checkpoint_sha256") == digest:
         return read_json(plan_file)["token"]
     shutil.rmtree(staging, ignore_errors=True)
-    n_w, size, n_h = len(run.prepared.windows), run.prepared.window_size, run.prepared.n_haplotypes("panel")
-    d = run.cfg.model.dim
-    root = zarr.open_group(str(staging), mode="w")
-    # Same arrays, shapes and chunks as encode_complete_embeddings: one window per chunk on axis 0.
-    root.create_array("table", shape=(n_w, size, VOCAB_SIZE, d), dtype="float32", chunks=(1, size, VOCAB_SIZE, d))
-    root.create_array("complete", shape=(n_w, n_h, size, d), dtype="float16", chunks=(1, min(HAP_BLOCK, n_h), size, d))
+    create_arrays(zarr.open_group(str(staging), mode="w"), run.prepared, run.cfg.model.dim)
     token = uuid.uuid4().hex
     (staging / PARTS_DIR).mkdir()
     write_json(plan_file, {"token": token, "checkpoint_sha256": digest})  # written last: the store is usable
     return token
-
-
-@torch.no_grad()
-def _window_embeddings(run: VariantRun, embedding: torch.nn.Module, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    device = run.device
-    af, position, _ = run.prepared.window_features(w)
-    table = embedding.table(torch.as_tensor(af, device=device), torch.as_tensor(position, device=device))  # (L, V, D)
-    tokens = torch.as_tensor(run.prepared.tokens("panel", w), dtype=torch.long, device=device)  # (Hp, L)
-    return table, lookup_table(table, tokens)  # (L, V, D), (Hp, L, D)
 
 
 # -- masked indexes ---------------------------------------------------------------------------------
@@ -215,22 +194,13 @@ def build_index_partition(run: VariantRun, job: dict) -> dict:
     if read_json(out / PLAN_FILE)["token"] != job["token"]:
         raise RuntimeError(f"{out}: index folder was replaced since this plan; plan the stage again")
     masks = read_masks(run.paths.val_masks if split == "val" else run.paths.masks(mask_version))
-    kind = _index_kind(run)
     store = EmbeddingStore(run.paths.embeddings(ev)) if run.uses_embeddings else None
-    samples = run.prepared.sample_ids("panel")
     t0 = time.perf_counter()
     built = 0
     for w in range(job["start"], job["stop"]):
-        if index_paths(out, f"w{w:05d}-{kind}")[1].exists():
+        if index_paths(out, f"w{w:05d}-{run.index_kind}")[1].exists():
             continue  # the manifest is written last: its presence means this window is complete
-        table = store.window_table(w) if store is not None else None
-        index = build_index(kind, run.prepared.tokens("panel", w), masks[w], table)
-        manifest = IndexManifest.for_index(
-            index, window=w, mask_version=mask_version if split == "train" else -1,
-            embedding_version=str(ev) if store is not None else "",
-            sample_ids=np.repeat(samples, 2).tolist(), haplotypes=[0, 1] * len(samples),
-        )
-        write_index(index, out, manifest)
+        write_window_index(run, out, w, masks[w], store, mask_version=mask_version if split == "train" else -1)
         built += 1
     return {**job, "built": built, "seconds": time.perf_counter() - t0}
 
@@ -241,7 +211,7 @@ def finish_indexes(run: VariantRun, results: list[dict]) -> dict:
     for out in sorted({r["dir"] for r in results}):
         mine = [r for r in results if r["dir"] == out]
         _check_cover(Path(out), [(r["start"], r["stop"]) for r in mine], len(run.prepared.windows))
-        kind = _index_kind(run)
+        kind = run.index_kind
         missing = [w for w in range(len(run.prepared.windows)) if not index_paths(Path(out), f"w{w:05d}-{kind}")[1].exists()]
         if missing:
             raise RuntimeError(f"{out}: windows {missing[:10]} have no index manifest; rerun the index stage")
@@ -251,10 +221,6 @@ def finish_indexes(run: VariantRun, results: list[dict]) -> dict:
         write_json(Path(out) / "complete.json", summary)
         summaries[mine[0]["split"]] = summary
     return summaries
-
-
-def _index_kind(run: VariantRun) -> str:
-    return "token" if run.variant == "v17" else run.cfg.index.kind
 
 
 def _index_token(out: Path) -> str:

@@ -69,6 +69,10 @@ class VariantRun:
         return self.variant == "v18"
 
     @property
+    def index_kind(self) -> str:
+        return "token" if self.variant == "v17" else self.cfg.index.kind
+
+    @property
     def device(self) -> torch.device:
         return resolve_device(self.cfg.train.device)
 
@@ -190,11 +194,11 @@ def encode_embeddings(run: VariantRun, checkpoint: Path, version: int) -> Path |
         model = build_model(run.cfg.model).to(run.device)
         model.load_state_dict(load_checkpoint(checkpoint, map_location=run.device)["model"])
         encode_complete_embeddings(path, run.prepared, model.embedding, version=version)
-        _prune_embeddings(run, keep=version)
+        prune_embeddings(run, keep=version)
     return path
 
 
-def _prune_embeddings(run: VariantRun, keep: int) -> None:
+def prune_embeddings(run: VariantRun, keep: int) -> None:
     """Keep the two newest embedding versions: a rerun of the previous epoch still finds its inputs."""
     import shutil
 
@@ -216,22 +220,27 @@ def build_indexes(run: VariantRun, split: str, mask_version: int, embedding_vers
     if done.exists():
         return read_json(done)
     masks = read_masks(run.paths.val_masks if split == "val" else run.paths.masks(mask_version))
-    kind = "token" if run.variant == "v17" else run.cfg.index.kind
     store = EmbeddingStore(run.paths.embeddings(embedding_version)) if run.uses_embeddings else None
-    samples = run.prepared.sample_ids("panel")
     t0 = time.perf_counter()
     for w in range(len(run.prepared.windows)):
-        table = store.window_table(w) if store is not None else None
-        index = build_index(kind, run.prepared.tokens("panel", w), masks[w], table)
-        manifest = IndexManifest.for_index(
-            index, window=w, mask_version=mask_version if split == "train" else -1,
-            embedding_version=str(embedding_version) if store is not None else "",
-            sample_ids=np.repeat(samples, 2).tolist(), haplotypes=[0, 1] * len(samples),
-        )
-        write_index(index, out, manifest)
-    summary = {"dir": str(out), "windows": len(masks), "kind": kind, "seconds": time.perf_counter() - t0}
+        write_window_index(run, out, w, masks[w], store, mask_version=mask_version if split == "train" else -1)
+    summary = {"dir": str(out), "windows": len(masks), "kind": run.index_kind, "seconds": time.perf_counter() - t0}
     write_json(done, summary)
     return summary
+
+
+def write_window_index(
+    run: VariantRun, out: Path, w: int, mask: np.ndarray, store: EmbeddingStore | None, *, mask_version: int,
+) -> Path:
+    """Build window ``w``'s masked index (keys encoded with ``store``'s table) and write it with its manifest."""
+    table = store.window_table(w) if store is not None else None
+    index = build_index(run.index_kind, run.prepared.tokens("panel", w), mask, table)
+    samples = run.prepared.sample_ids("panel")
+    manifest = IndexManifest.for_index(
+        index, window=w, mask_version=mask_version, embedding_version=str(store.version) if store is not None else "",
+        sample_ids=np.repeat(samples, 2).tolist(), haplotypes=[0, 1] * len(samples),
+    )
+    return write_index(index, out, manifest)
 
 
 class StoreSource:
@@ -247,8 +256,7 @@ class StoreSource:
         af, position, real = p.window_features(w)
         index = None
         if self.index_path is not None:
-            kind = "token" if self.run.variant == "v17" else self.run.cfg.index.kind
-            index, manifest = read_index(self.index_path / f"w{w:05d}-{kind}.json")
+            index, manifest = read_index(self.index_path / f"w{w:05d}-{self.run.index_kind}.json")
             if not np.array_equal(np.asarray(manifest.mask), self.masks[w]):
                 raise ValueError(f"{self.index_path}: window {w} index mask differs from the query mask; rebuild the index")
         rows = (lambda r, w=w: self.store.rows(w, r)) if self.store is not None else None
