@@ -146,12 +146,29 @@ class _Counts:
         return self._f1(*total), self._f1(*self.c[1]), self._f1(*self.c[0])
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+class PeakMemory:
+    """Peak memory of one epoch: CUDA's allocator peak, or on CPU the largest resident set seen
+    right after a forward pass (when activations are alive). Per epoch, so two variants trained in
+    one process compare fairly (the process-lifetime ``ru_maxrss`` would not)."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            import psutil
+
+            self._process = psutil.Process()
+            self.sample()
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self.peak / 2**20
 
 
 def _iterate(source: WindowSource, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[WindowData, np.ndarray, int]]:
@@ -187,6 +204,7 @@ def train_epoch(
     counts, losses, refreshes = _Counts(), [], []
     retrieval_ms, n_masked = 0.0, 0
     t_start = time.perf_counter()
+    memory = PeakMemory(device)
     optimizer.zero_grad(set_to_none=True)
     stale = False
     current, data = -1, None
@@ -197,6 +215,7 @@ def train_epoch(
         with autocast(device):
             logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live", device=device)
             loss = masked_loss(logits.float(), batch["labels"], batch["target"], cfg.focal_gamma)
+        memory.sample()  # activations are alive until backward
         scaler.scale(loss / cfg.grad_accum).backward()
         if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plan):
             scaler.unscale_(optimizer)
@@ -215,10 +234,10 @@ def train_epoch(
         if after_batch is not None and (report := after_batch(i + 1)) is not None:
             refreshes.append(report)
             stale = True
-    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, device, refreshes)
+    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, memory, refreshes)
 
 
-def _result(losses, counts, n_batches, n_masked, t_start, retrieval_ms, device, refreshes, predictions=None) -> EpochResult:
+def _result(losses, counts, n_batches, n_masked, t_start, retrieval_ms, memory, refreshes, predictions=None) -> EpochResult:
     seconds = time.perf_counter() - t_start
     total = sum(n for _, n in losses)
     loss = sum(v * n for v, n in losses) / total if total else float("nan")  # mean per masked site
@@ -227,7 +246,7 @@ def _result(losses, counts, n_batches, n_masked, t_start, retrieval_ms, device, 
     return EpochResult(
         loss=loss, f1=f1, rare_f1=rare_f1, common_f1=common_f1, n_batches=n_batches, n_masked_sites=n_masked,
         seconds=seconds, ms_per_batch=seconds * 1e3 / nb, retrieval_ms_per_batch=retrieval_ms / nb,
-        peak_memory_mb=_peak_memory_mb(device), refreshes=refreshes, predictions=predictions,
+        peak_memory_mb=memory.mb(), refreshes=refreshes, predictions=predictions,
     )
 
 
@@ -248,11 +267,13 @@ def evaluate(
     counts, losses, predictions = _Counts(), [], {}
     retrieval_ms, n_masked = 0.0, 0
     t_start = time.perf_counter()
+    memory = PeakMemory(device)
     for data, rows, _ in _iterate(source, plan):
         batch = _batch_tensors(data, rows, device)
         with autocast(device):
             logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=False, device=device)
         logits = logits.float()
+        memory.sample()
         loss = masked_loss(logits, batch["labels"], batch["target"], cfg.focal_gamma)
         retrieval_ms += ms
         target = batch["target"].cpu().numpy()
@@ -263,4 +284,4 @@ def evaluate(
         counts.add(probs[target], batch["labels"].cpu().numpy()[target], rare[target])
         store = predictions.setdefault(data.window, np.full(data.query_tokens.shape, np.nan, np.float32))
         store[rows] = np.where(target, probs, np.nan)  # scatter back by haplotype row
-    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, device, [], predictions)
+    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, memory, [], predictions)

@@ -38,7 +38,7 @@ from storage import comparison
 from storage.atomic import atomic_path, write_json
 from storage.layout import RunLayout
 from storage.prepared import PreparedData
-from storage.training import VariantRun, checkpoint_path, index_dir
+from storage.training import VariantRun, checkpoint_path, epoch_row, index_dir
 
 EXPERIMENT = "embrag"
 RUN_KEY = "embrag.run_key"
@@ -246,9 +246,7 @@ def record_epoch(run: VariantRun, run_id: str, prep: dict, metrics: dict, reenco
     time) and the re-encode time. Returns the logged ``name -> float`` metrics.
     """
     epoch = int(metrics["epoch"])
-    row = {**{k: v for k, v in prep.items() if k != "epoch"}, **metrics, "reencode_seconds": reencode.get("reencode_seconds", 0.0)}
-    # Same name for every variant (V17 never re-encodes: the version stays).
-    row["next_embedding_version"] = reencode.get("embedding_version", metrics.get("embedding_version", 0))
+    row = epoch_row(prep, metrics, reencode)
     write_json(run.paths.epoch_metrics(epoch).with_suffix(".summary.json"), row)  # what run_epochs writes
     Tracker(run.layout).log_epoch(run_id, row)
     return epoch_metrics(row)

@@ -347,12 +347,26 @@ def validate_epoch(run: VariantRun, epoch: int) -> dict:
 
 def reencode_after_epoch(run: VariantRun, epoch: int) -> dict:
     """End of epoch: complete embeddings of the next version from the trained embedding layer (V18)."""
-    if not (run.uses_embeddings and run.cfg.refresh.reencode_every_epoch):
-        return {"epoch": epoch, "reencode_seconds": 0.0}
     state = RefreshState.from_dict(load_checkpoint(checkpoint_path(run, epoch))["refresh"])
+    if not (run.uses_embeddings and run.cfg.refresh.reencode_every_epoch):
+        return {"epoch": epoch, "next_embedding_version": state.embedding_version, "reencode_seconds": 0.0}
     t0 = time.perf_counter()
     encode_embeddings(run, checkpoint_path(run, epoch), state.embedding_version + 1)
-    return {"epoch": epoch, "embedding_version": state.embedding_version + 1, "reencode_seconds": time.perf_counter() - t0}
+    return {"epoch": epoch, "next_embedding_version": state.embedding_version + 1,
+            "reencode_seconds": time.perf_counter() - t0}
+
+
+def epoch_row(prep: dict, metrics: dict, reencode: dict) -> dict:
+    """One epoch's summary: epoch-start plan, train + validation metrics, re-encode.
+
+    Train-stage values win over the plan's: option-B refreshes move the mask version on inside the
+    epoch. ``embedding_version`` is the one used during the epoch; ``next_embedding_version`` the
+    one re-encoded after it (the same for variants that never re-encode).
+    """
+    row = {**{k: v for k, v in prep.items() if k not in metrics}, **metrics}
+    row["reencode_seconds"] = reencode.get("reencode_seconds", 0.0)
+    row["next_embedding_version"] = reencode.get("next_embedding_version", metrics.get("embedding_version", 0))
+    return row
 
 
 def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch=None) -> list[dict]:
@@ -362,9 +376,7 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch=None) -> lis
         prep = prepare_epoch_inputs(run, epoch)
         train_one_epoch(run, epoch)
         metrics = validate_epoch(run, epoch)
-        reenc = reencode_after_epoch(run, epoch)
-        # Train-stage values win: option-B refreshes move the mask version on inside the epoch.
-        row = {**{k: v for k, v in prep.items() if k not in metrics}, **metrics, **reenc}
+        row = epoch_row(prep, metrics, reencode_after_epoch(run, epoch))
         write_json(run.paths.epoch_metrics(epoch).with_suffix(".summary.json"), row)
         history.append(row)
         if on_epoch is not None:

@@ -86,7 +86,8 @@ def test_option_a_refresh_bumps_mask_and_embedding_versions(tiny_prepared_fixtur
     history = run_epochs(VariantRun(layout, cfg))
     assert [r["mask_version"] for r in history] == [0, 1, 2]
     assert [r["refresh_reason"] for r in history] == [None, "every 1 epoch(s)", "every 1 epoch(s)"]
-    assert [r["embedding_version"] for r in history] == [1, 2, 3]  # re-encoded after every epoch
+    assert [r["embedding_version"] for r in history] == [0, 1, 2]  # in use during the epoch
+    assert [r["next_embedding_version"] for r in history] == [1, 2, 3]  # re-encoded after every epoch
 
 
 def test_index_and_queries_share_the_mask(tiny_prepared_fixture, tmp_path):
