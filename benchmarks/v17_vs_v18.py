@@ -109,6 +109,31 @@ def index_benchmark(run_dir: Path, dims: list[int], k: int = 4, windows: int = 2
     return rows
 
 
+def activation_mb(variant: str, k: int, batch: int = 32, length: int = 64) -> float:
+    """Bytes autograd keeps for backward in one training forward (what dominates GPU memory)."""
+    import torch
+
+    from embrag.config import ModelConfig
+    from embrag.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, k=k, max_len=length)
+    model = build_model(cfg).train()
+    tokens = torch.randint(4, 7, (batch, length))
+    af, pos, pad = torch.rand(batch, length), torch.rand(batch, length), torch.ones(batch, length, dtype=torch.bool)
+    valid = torch.ones(batch, k, dtype=torch.bool)
+    refs = torch.randn(batch, k, length, cfg.dim) if variant == "v18" else torch.randint(5, 7, (batch, k, length))
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # count each storage once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, af, pos, pad, refs, valid).sum()
+    return sum(seen.values()) / 2**20
+
+
 def _same_neighbours(a, b) -> bool:
     """Identical neighbours, ties allowed: equal distance profiles, each hit within the k-th distance.
 
@@ -156,6 +181,10 @@ def report(results: list[dict], index_rows: list[dict]) -> None:
         print(f"  k={k}: time per batch {a['ms_per_batch'] / b['ms_per_batch']:.2f}x   "
               f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x   training memory growth {mem_a:.0f} vs {mem_b:.0f} MB")
     v18 = by[("v18", 4)]
+    print("\nActivation memory kept for backward, one batch (B=32, L=64, default model size)")
+    for k in (1, 4):
+        a, b = activation_mb("v17", k), activation_mb("v18", k)
+        print(f"  k={k}: V17 {a:.1f} MB  V18 {b:.1f} MB  ratio V18/V17 {b / a:.2f}")
     print(f"\nRefresh (new masks + all indexes rebuilt, V18 compact): {v18['refresh_s']:.2f} s = "
           f"{100 * v18['refresh_s'] / v18['epoch_s_est']:.2f}% of an epoch ({v18['full_epoch_batches']} batches, est.)")
     print("\nIndex flat vs compact (real panel windows and masks, k=4, train queries)")
