@@ -8,6 +8,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
+# Idle OpenMP workers sleep instead of spinning (see embrag_cli/main.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-slow bench lint clean
 

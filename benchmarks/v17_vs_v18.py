@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load (see embrag_cli/main.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embrag.config import RunConfig  # noqa: E402

@@ -10,7 +10,11 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import typer
+# Before torch/faiss load OpenMP: idle OpenMP workers must sleep, not spin. With spinning workers
+# (the default) small torch ops ran ~100x slower here whenever another process shared the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-augmented genotype imputation (V17 vs V18).")
 

@@ -8,6 +8,9 @@ import tempfile
 import pytest
 
 # Set before prefect/mlflow are imported by any test module: state never lands in ~/.prefect or ./mlflow.db.
+# Idle OpenMP workers sleep instead of spinning (set before torch/faiss load): spinning workers
+# made small torch ops ~100x slower whenever another process (a Prefect server) shared the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _STATE = tempfile.mkdtemp(prefix="embrag-tests-")
 os.environ.setdefault("PREFECT_HOME", os.path.join(_STATE, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
