@@ -52,7 +52,7 @@ def test_epoch_stage_tasks_are_idempotent(tiny_run_dir, tiny_cfg, monkeypatch):
         validate_task.fn(run_dir, config, 0)
     metrics = validate_task.fn(run_dir, config, 0)  # fires once per run directory
     reencode = reencode_task.fn(run_dir, config, 0)
-    assert prep["mask_version"] == 0 and train["step"] == 3 and reencode["embedding_version"] == 1
+    assert prep["mask_version"] == 0 and train["step"] == 3 and reencode["next_embedding_version"] == 1
     assert json.dumps(metrics)  # small and JSON-able: what Prefect persists
     before = _stamps(tiny_run_dir)
     assert _same(train_task.fn(run_dir, config, 0), train)
