@@ -196,7 +196,7 @@ DEMO_OVERRIDES = ["train.epochs=3", "train.max_train_batches=150", "train.max_va
 
 @app.command()
 def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
-    """Simulate -> prepare -> compare V17 and V18 for a few CPU epochs -> print the comparison."""
+    """Simulate -> prepare -> compare V17 and V18 for a few CPU epochs -> impute the array samples -> print."""
     t0 = time.perf_counter()
     cfg = load_config(run_dir, None, DEMO_OVERRIDES + list(set_ or []))
     path = _save_config(run_dir, cfg)
@@ -207,10 +207,55 @@ def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
     prepare_flow(run_dir=str(run_dir), config_path=str(path))
     rows = compare_flow(run_dir=str(run_dir), config_path=str(path))
     _print_table(rows)
+    from flows.impute import impute_flow
+
+    for variant in ("v17", "v18"):  # the held-out array samples, imputed and scored against their truth
+        s = impute_flow(run_dir=str(run_dir), variant=variant)
+        typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
+                   f"{s['evaluation']['table']}")
     db = (run_dir / "mlflow.db").resolve()
     typer.echo(f"\ndone in {time.perf_counter() - t0:.0f} s. Compare the runs in the MLflow UI:\n"
                f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"
                f"  then open http://127.0.0.1:5000 , experiment 'embrag', tick the v17 and v18 runs, Compare.")
+
+
+@app.command()
+def impute(
+    target: Annotated[Path | None, typer.Option(help="Phased target VCF/BCF (default: the simulated array samples)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Imputed VCF to write, .vcf.gz + .tbi (default: <run-dir>/imputed/)")] = None,
+    run_dir: Annotated[Path, typer.Option("--run-dir", "--panel", help="Prepared run: the panel and sites the model was trained on")] = Path("runs/demo"),
+    model: Annotated[Path | None, typer.Option("--model", "--checkpoint", help="Checkpoint (default: last epoch of --variant)")] = None,
+    variant: Annotated[str, typer.Option(help="v18 | v17 | none: whose last checkpoint, when --model is not given")] = "v18",
+    truth: Annotated[Path | None, typer.Option(help="Truth VCF: score the output by MAF bin")] = None,
+    allow_panel_overlap: Annotated[bool, typer.Option(
+        help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
+    sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
+    prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow")] = False,
+) -> None:
+    """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
+    if prefect:
+        from flows.impute import impute_flow
+
+        s = impute_flow(run_dir=str(run_dir), variant=variant, checkpoint=model and str(model),
+                        target_vcf=target and str(target), out_vcf=out and str(out), truth_vcf=truth and str(truth),
+                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
+        table = s.get("evaluation", {}).get("table")
+    else:
+        import dataclasses
+
+        from storage.impute import default_paths, evaluate_imputed, impute_vcf
+
+        model, target, out, truth = default_paths(run_dir, variant, model, target, out, truth)
+        s = dataclasses.asdict(impute_vcf(model, run_dir, target, out, sample_chunk=sample_chunk,
+                                          allow_panel_overlap=allow_panel_overlap))
+        table = evaluate_imputed(run_dir, truth, out)[0].table() if truth else None
+    typer.echo(f"imputed {s['n_samples']} samples ({s['variant']}): {s['n_typed_sites']} typed + "
+               f"{s['n_imputed_sites']} imputed sites -> {s['out_vcf']} ({s['seconds']:.1f} s)")
+    typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
+               f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
+               f"missing calls {s['n_missing_calls']}")
+    if table:
+        typer.echo(table)
 
 
 @app.command()
@@ -225,7 +270,7 @@ def evaluate(
 
     report = evaluate_vcfs(truth, imputed, panel)
     paths = write_report(report, out)
-    typer.echo(report.table() if hasattr(report, "table") else str(report))
+    typer.echo(report.table())
     typer.echo(f"written: {paths}")
 
 

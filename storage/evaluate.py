@@ -6,7 +6,9 @@ minimac4 (HDS, DS, GP, INFO IMPUTED/TYPED). Per record and sample:
 - genotype probabilities: GP, else from HDS (independent haplotypes), else from DS assuming both
   haplotypes carry ALT with probability DS/2 (``embrag.metrics.gp_from_dosage``).
 Sites are matched by (contig, pos, REF, ALT) with a leading "chr" dropped; only biallelic records
-count. "Imputed" means INFO IMP or IMPUTED when the header declares one, else not TYPED, else all.
+count. "Imputed" means: not flagged TYPED (minimac4 writes IMPUTED;TYPED on typed panel sites, and
+those are the array's genotypes, not imputations), and flagged IMP or IMPUTED when the header declares
+one of them; with neither flag declared, every record counts.
 
 Memory: the truth GT of all its sites is held as int8 [sites, samples] (1 byte per call); the
 imputed VCF is streamed in chunks of sites and reduced to per-site statistics.
@@ -56,6 +58,14 @@ class EvaluationReport:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """The per-bin rows as aligned text, with a one-line header of what was scored."""
+        head = (f"{Path(self.imputed_vcf).name} vs {Path(self.truth_vcf).name}: {self.n_evaluated} "
+                f"{'imputed ' if self.imputed_only else ''}sites x {self.n_samples} samples")
+        rows = _rows(self)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join([head, *("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows)])
 
 
 def normalise_contig(contig: str) -> str:
@@ -135,13 +145,16 @@ def _dosage_gp(rec, idx: np.ndarray, keys: tuple[str, ...]) -> tuple[np.ndarray,
 
 
 def _imputed_flag(vcf: VCF):
-    """Record -> is it an imputed site (see module docstring)."""
+    """Record -> is it an imputed site (see module docstring). TYPED wins over IMP/IMPUTED."""
     imp_keys = [k for k in ("IMP", "IMPUTED") if vcf.contains(k)]
-    if imp_keys:
-        return lambda rec: any(rec.INFO.get(k) for k in imp_keys)
-    if vcf.contains("TYPED"):
-        return lambda rec: not rec.INFO.get("TYPED")
-    return lambda rec: True
+    typed = vcf.contains("TYPED")
+
+    def is_imputed(rec) -> bool:
+        if typed and rec.INFO.get("TYPED"):
+            return False
+        return any(rec.INFO.get(k) for k in imp_keys) if imp_keys else True
+
+    return is_imputed
 
 
 def _maf_lookup(panel_af: Mapping[SiteKey, float] | str | Path) -> dict[SiteKey, float]:
@@ -230,12 +243,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _tsv(report: EvaluationReport) -> str:
+def _rows(report: EvaluationReport) -> list[list[str]]:
+    """Header + one formatted row per bin."""
     names = [f.name for f in dataclasses.fields(BinMetrics)]
-    lines = ["\t".join(names)]
-    for row in report.bins:
-        lines.append("\t".join(v if isinstance(v, str) else f"{v:.6g}" for v in dataclasses.astuple(row)))
-    return "\n".join(lines) + "\n"
+    body = [[v if isinstance(v, str) else f"{v:.6g}" for v in dataclasses.astuple(row)] for row in report.bins]
+    return [names, *body]
+
+
+def _tsv(report: EvaluationReport) -> str:
+    return "".join("\t".join(r) + "\n" for r in _rows(report))
 
 
 def _plot_png(report: EvaluationReport, path: Path) -> None:

@@ -11,6 +11,7 @@
   <variant>/index/m0003-e0002/     FAISS files + manifests per window for (mask, embedding) version
   <variant>/checkpoints/           epoch-003.pt, best.pt
   <variant>/metrics/epoch-003.json per-epoch results
+  imputed/<target>.<variant>.vcf.gz imputed target VCFs (+ .tbi) of `embrag impute`
 ```
 """
 
@@ -47,6 +48,11 @@ class RunLayout:
     def variant(self, variant: str) -> VariantLayout:
         return VariantLayout(self.root / variant)
 
+    def imputed(self, target_vcf: Path, variant: str) -> Path:
+        """Default output of imputing ``target_vcf`` with ``variant``: imputed/<stem>.<variant>.vcf.gz."""
+        stem = Path(target_vcf).name.removesuffix(".gz").removesuffix(".bgz").removesuffix(".vcf").removesuffix(".bcf")
+        return self.root / "imputed" / f"{stem}.{variant}.vcf.gz"
+
     @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
@@ -75,6 +81,14 @@ class VariantLayout:
 
     def checkpoint(self, epoch: int) -> Path:
         return self.root / "checkpoints" / f"epoch-{epoch:03d}.pt"
+
+    def latest_checkpoint(self) -> Path:
+        """The checkpoint of the last finished epoch; FileNotFoundError when none was written."""
+        found = sorted((self.root / "checkpoints").glob("epoch-*.pt"))
+        if not found:
+            raise FileNotFoundError(f"{self.root}: no checkpoint (checkpoints/epoch-*.pt); train this variant first "
+                                    "(`embrag train` or `embrag demo`) or pass --model CKPT")
+        return found[-1]
 
     @property
     def best_checkpoint(self) -> Path:

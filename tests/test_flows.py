@@ -195,3 +195,36 @@ def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, t
             assert np.array_equal(a[array][:], b[array][:]), (name, array)
     _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
     _assert_artifacts_whole(tiny_run_dir)
+
+
+def test_impute_flow_defaults_impute_and_score_the_array_samples(reference):
+    from flows.impute import impute_flow
+    from storage.evaluate import evaluate_vcfs
+
+    run_dir = reference[0]
+    layout = RunLayout(run_dir)
+    summary = impute_flow(run_dir=str(run_dir))  # the last V18 checkpoint, the simulated array samples
+    out = layout.imputed(layout.vcf_dir / "test_array.vcf.gz", "v18")
+    assert summary["out_vcf"] == str(out) and out.exists() and Path(f"{out}.tbi").exists()
+    assert summary["variant"] == "v18" and summary["n_typed_sites"] > 0 and summary["n_imputed_sites"] > 0
+    tsv = Path(summary["evaluation"]["tsv"]).read_text().splitlines()
+    assert [line.split("\t")[0] for line in tsv] == ["bin", "maf_0-0.5pct", "maf_0.5-1pct", "maf_1-5pct", "maf_5-50pct", "all"]
+    # MAF bins from the prepared panel = MAF bins from the panel VCF it was prepared from
+    again = evaluate_vcfs(layout.vcf_dir / "test.vcf.gz", out, layout.vcf_dir / "panel.vcf.gz")
+    assert json.loads(Path(summary["evaluation"]["json"]).read_text())["n_evaluated"] == again.n_evaluated > 0
+
+
+def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from embrag_cli.main import app
+
+    run_dir = reference[0]
+    vcf = RunLayout(run_dir).vcf_dir
+    out = tmp_path / "imputed.vcf.gz"
+    result = CliRunner().invoke(app, [
+        "impute", "--panel", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
+        "--target", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth", str(vcf / "test.vcf.gz")])
+    assert result.exit_code == 0, result.output
+    assert "samples (v17)" in result.output and "r2_mean_site" in result.output and out.exists()
+    assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()

@@ -1,0 +1,152 @@
+"""Imputation of target haplotypes with a trained model: mask = untyped sites -> retrieve -> model.
+
+For one window, the mask is the set of real panel sites the target does not type. It is the same
+for every target haplotype, so one masked index per window serves the whole target (query and
+index share the mask, DESIGN.md §4). Then, per batch of target haplotypes: search top-k panel
+rows, hand the model their COMPLETE tokens (V17) or complete embeddings (V18), and read the ALT
+probability at every site.
+
+V18 needs no embedding store here: the embedding layer is position-wise, so the complete
+embedding of a retrieved row is ``table[site, token]`` with ``table = model.embedding.table(af,
+position)`` of the checkpoint's own weights (exactly what training stored, in float32).
+
+A typed site with a missing call is predicted too: the search sees it as MISSING (data: "the
+call is unknown", allowed at unmasked sites), while the model sees MASK there, the token it was
+trained to fill in.
+
+numpy / torch / faiss only: no files. ``storage.impute`` does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embrag.constants import MASK, MISSING
+from embrag.epoch import WindowData, forward_batch
+from embrag.retrieval import build_index
+from embrag.windows import Windows, site_owner
+
+
+@dataclass(frozen=True)
+class WindowInputs:
+    """Everything one window contributes to imputation."""
+
+    panel_tokens: np.ndarray  # (Hp, L) uint8, complete, PAD-padded
+    target_tokens: np.ndarray  # (Ht, L) uint8: REF/ALT/MISSING at typed sites (untyped: anything)
+    af: np.ndarray  # (L,) float32 panel ALT frequency, 0 on padding
+    position: np.ndarray  # (L,) float32 in [0, 1]
+    real: np.ndarray  # (L,) bool, False on padding
+    mask: np.ndarray  # (L,) bool, True = untyped real site (to impute)
+    exclude_rows: np.ndarray | None = None  # (Ht, E) panel rows a target haplotype must never retrieve, -1 pad
+
+
+def index_kind(variant: str, configured: str) -> str | None:
+    """The index a variant searches: token space for V17, the configured embedding index for V18."""
+    return {"v17": "token", "v18": configured}.get(variant)
+
+
+def _model_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(Ht, L)`` model input: MASK at untyped sites AND at missing calls (the sites to fill in)."""
+    return np.where(mask[None, :] | (tokens == MISSING), np.uint8(MASK), tokens)
+
+
+def _search_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(Ht, L)`` query for the index: MASK at untyped sites; typed sites keep REF/ALT/MISSING."""
+    return np.where(mask[None, :], np.uint8(MASK), tokens)
+
+
+def _reference_rows(table: np.ndarray, panel_tokens: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """rows ``(N,)`` -> complete embeddings ``(N, L, D)``: ``table[site, token]`` (position-wise layer)."""
+    sites = np.arange(table.shape[0])[None, :]  # (1, L)
+    return lambda rows: table[sites, panel_tokens[rows]]  # (N, L, D)
+
+
+def _window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> WindowData:
+    """Index + reference lookup of one window. No index when nothing in the window is typed:
+    every panel row would tie at distance 0 and the "neighbours" would be arbitrary rows."""
+    table_np, index = None, None
+    observed = inp.real & ~inp.mask
+    if kind is not None and observed.any():
+        if kind != "token":
+            table = model.embedding.table(torch.as_tensor(inp.af, device=device),
+                                          torch.as_tensor(inp.position, device=device))  # (L, V, D)
+            table_np = table.float().cpu().numpy()
+        index = build_index(kind, inp.panel_tokens, inp.mask, table_np)
+    refs = _reference_rows(table_np, inp.panel_tokens) if table_np is not None else None
+    return WindowData(
+        window=-1, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af, position=inp.position,
+        real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens, reference_rows=refs,
+        exclude_rows=inp.exclude_rows,
+    )
+
+
+@torch.no_grad()
+def impute_window(
+    model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
+
+    ``index_kind``: "token" (V17), "flat"/"compact" (V18, built from the model's embedding
+    table), None (no retrieval). The model's ``cfg.k`` neighbours are searched per haplotype,
+    never among ``inp.exclude_rows``.
+    """
+    device = torch.device(device)
+    model.eval()
+    length = inp.mask.shape[0]
+    if inp.target_tokens.ndim != 2 or inp.target_tokens.shape[1] != length or inp.panel_tokens.shape[1] != length:
+        raise ValueError(f"target {inp.target_tokens.shape} / panel {inp.panel_tokens.shape} must be [H, {length}]")
+    data = _window_data(model, index_kind, inp, device)
+    model_tokens = _model_tokens(inp.target_tokens, inp.mask)  # (Ht, L)
+    out = np.empty(model_tokens.shape, np.float32)
+    for lo in range(0, len(model_tokens), batch_size):
+        rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
+        batch = _batch(model_tokens[rows], inp, device)
+        logits, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=device)  # (B, L)
+        out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
+    return out
+
+
+def _batch(tokens: np.ndarray, inp: WindowInputs, device: torch.device) -> dict[str, torch.Tensor]:
+    b, length = tokens.shape
+
+    def rows(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.broadcast_to(x, (b, length)).copy(), device=device)  # (B, L)
+
+    return {"tokens": torch.as_tensor(tokens, dtype=torch.long, device=device), "af": rows(inp.af),
+            "position": rows(inp.position), "pad": rows(inp.real)}
+
+
+def iter_owned(
+    model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
+    index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu",
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS.
+
+    Overlapping windows are merged by ``site_owner``: each site's probability comes from the one
+    window where it lies farthest from an edge, so every site is yielded exactly once.
+    """
+    owner, slot = site_owner(windows, n_sites)  # (S,), (S,)
+    for w in range(len(windows)):
+        sites = np.flatnonzero(owner == w)  # (m,)
+        if len(sites) == 0:
+            continue
+        probs = impute_window(model, window_inputs(w), index_kind=index_kind, batch_size=batch_size, device=device)
+        yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)
+
+
+def impute_sites(
+    model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
+    n_haplotypes: int, index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """ALT probabilities ``float32 (Ht, S)`` over all sites, windows merged by ownership."""
+    out = np.full((n_haplotypes, n_sites), np.nan, np.float32)
+    for sites, probs in iter_owned(model, windows, n_sites, window_inputs, index_kind=index_kind,
+                                   batch_size=batch_size, device=device):
+        out[:, sites] = probs
+    return out
+

@@ -1,0 +1,325 @@
+"""Impute a phased target VCF with a trained checkpoint: harmonise -> window-major model -> imputed VCF.
+
+Harmonisation (target vs the model's panel sites, keyed by (contig, pos, REF, ALT), "chr20" == "20"):
+- exact match: typed site; a REF/ALT swap (target REF/ALT = panel ALT/REF): alleles flipped, counted;
+- strand-ambiguous SNPs (A/T, C/G) are kept only on an exact match and never flipped: a swapped
+  A/T could as well be the other strand, so those are dropped and counted;
+- target records absent from the panel are dropped and counted; multi-allelic / symbolic skipped.
+Errors (``VcfInputError``, naming file, record and fix): duplicate sites, unphased or non-diploid
+calls, no samples / GT, target samples that are panel samples (leakage) unless
+``allow_panel_overlap`` (their own panel rows are then excluded from retrieval).
+
+Memory is bounded whatever the number of target samples N: harmonised target genotypes go to an
+on-disk sparse array ``int8 [S, N, 2]`` (only typed rows are ever written); samples are imputed
+``sample_chunk`` at a time, window by window, into an on-disk ``uint16 [S, N, 2]`` of quantised
+probabilities; the VCF is then written site-major from it, a bounded slab of sites at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embrag.config import RunConfig
+from embrag.constants import PAD
+from embrag.impute import WindowInputs, index_kind, iter_owned
+from embrag.model import build_model, resolve_device
+from embrag.retrieval import single_threaded_search
+from embrag.tokens import haplotype_tokens, window_slice
+from storage.checkpoints import load_checkpoint
+from storage.errors import VcfInputError
+from storage.evaluate import normalise_contig
+from storage.ingest import _open, _records, skip_reason
+from storage.prepared import PreparedData
+from storage.vcf_out import ImputedVcfWriter
+
+log = logging.getLogger(__name__)
+
+_AMBIGUOUS = ({"A", "T"}, {"C", "G"})
+_Q = 65535  # probabilities stored as uint16 p * 65535: 1.5e-5 resolution everywhere (float16 is 5e-4 near 1)
+_SLAB_VALUES = 1 << 21  # sites x samples per write slab (~16 MB as float32 haplotype pairs)
+
+
+def _fix_phase(path: Path) -> str:
+    return (f"pre-phase the target first, e.g. `beagle gt={path} out=phased impute=false` (or SHAPEIT5), "
+            "then impute phased.vcf.gz")
+
+
+_FIX_DEDUP = ("keep one record per site, e.g. `bcftools norm -d exact -Oz -o dedup.vcf.gz target.vcf.gz`; a record "
+              "and its REF/ALT-swapped twin must be resolved by hand")
+
+
+@dataclass(frozen=True)
+class ImputeSummary:
+    out_vcf: str
+    variant: str
+    n_samples: int
+    n_panel_sites: int  # records written: every panel site
+    n_target_records: int
+    n_typed_sites: int  # panel sites the target types (after harmonisation)
+    n_imputed_sites: int
+    n_swapped: int  # REF/ALT swapped records, flipped
+    n_ambiguous: int  # strand-ambiguous records kept (exact allele match)
+    n_ambiguous_dropped: int  # strand-ambiguous records matching the panel only REF/ALT-swapped
+    n_absent: int  # target records whose site is not in the panel (dropped)
+    n_skipped: int  # multi-allelic / symbolic / no-ALT records
+    n_missing_calls: int  # typed calls with a missing allele (imputed like untyped sites)
+    n_panel_overlap: int  # target samples that are panel samples (allow_panel_overlap)
+    n_windows: int
+    seconds: float
+
+
+@dataclass
+class _Target:
+    """Harmonised target: sample ids, typed panel rows, counts; genotypes live in an on-disk array."""
+
+    samples: list[str]
+    typed: np.ndarray  # bool [S]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _panel_lookup(prepared: PreparedData) -> dict[tuple[str, int, str, str], int]:
+    s = prepared.sites
+    keys = zip(s.contig.tolist(), s.position.tolist(), s.ref.tolist(), s.alt.tolist(), strict=True)
+    return {(normalise_contig(c), int(p), r, a): i for i, (c, p, r, a) in enumerate(keys)}
+
+
+def _alleles(rec, where: str, path: Path) -> np.ndarray:
+    """Phased diploid alleles ``int8 [N, 2]`` (-1 missing); VcfInputError otherwise."""
+    if rec.genotype is None or "GT" not in rec.FORMAT:
+        raise VcfInputError(f"{where}: the record has no GT field; provide phased genotypes (GT) for every record")
+    gt = rec.genotype.array()  # int16 [N, ploidy + 1], last column = phased flag
+    alleles, phased = gt[:, :-1], gt[:, -1].astype(bool)
+    if alleles.shape[1] != 2 or (alleles == -2).any():
+        raise VcfInputError(f"{where}: non-diploid call; embrag needs diploid phased calls (missing as '.|.')")
+    unphased = ~phased & ~(alleles < 0).all(axis=1)  # an all-missing './.' carries no phase
+    if unphased.any():
+        i = int(np.flatnonzero(unphased)[0])
+        raise VcfInputError(f"{where}: sample #{i + 1} has an unphased genotype ('/'); {_fix_phase(path)}")
+    return np.where(alleles < 0, -1, alleles).astype(np.int8)
+
+
+def _match(key, lookup: dict) -> tuple[int | None, bool, str]:
+    """(panel row or None, flip alleles, outcome) for one biallelic target key."""
+    if (row := lookup.get(key)) is not None:
+        return row, False, "ambiguous" if {key[2], key[3]} in _AMBIGUOUS else "exact"
+    if (row := lookup.get((key[0], key[1], key[3], key[2]))) is not None:
+        if {key[2], key[3]} in _AMBIGUOUS:
+            return None, False, "ambiguous_dropped"  # swap or strand flip? undecidable: never flip
+        return row, True, "swapped"
+    return None, False, "absent"
+
+
+def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[_Target, np.memmap]:
+    """Validate and harmonise ``path`` (records in any order); genotypes -> ``work/target_gt.npy``
+    ``int8 [S, N, 2]`` at panel rows, in panel orientation (swapped records flipped)."""
+    vcf = _open(path)
+    try:
+        samples = list(vcf.samples)
+        if not samples or len(set(samples)) != len(samples):
+            raise VcfInputError(f"{path}: the file has no samples or repeats a sample id; give unique sample columns")
+        n_sites, lookup = len(prepared.sites), _panel_lookup(prepared)
+        gt = np.lib.format.open_memmap(work / "target_gt.npy", "w+", np.int8, (n_sites, len(samples), 2))
+        target = _Target(samples, np.zeros(n_sites, bool), dict.fromkeys(
+            ("records", "exact", "swapped", "ambiguous", "ambiguous_dropped", "absent", "skipped", "missing_calls"), 0))
+        seen: dict[tuple, int] = {}  # panel row (or absent key) -> record number: duplicates
+        c = target.counts
+        for n, rec in _records(vcf, path):
+            c["records"] += 1
+            where = f"{path}: record {n} ({rec.CHROM}:{rec.POS})"
+            if skip_reason(rec.ALT) is not None:
+                c["skipped"] += 1
+                continue
+            alleles = _alleles(rec, where, path)
+            key = (normalise_contig(rec.CHROM), int(rec.POS), rec.REF, rec.ALT[0])
+            row, flip, outcome = _match(key, lookup)
+            ident = row if row is not None else key
+            if ident in seen:
+                raise VcfInputError(f"{where}: duplicate site {rec.CHROM}:{rec.POS} {rec.REF}>{rec.ALT[0]} (same "
+                                    f"panel site as record {seen[ident]}); {_FIX_DEDUP}")
+            seen[ident] = n
+            c[outcome] += 1
+            if row is None:
+                continue
+            gt[row] = np.where(alleles >= 0, 1 - alleles, alleles) if flip else alleles
+            target.typed[row] = True
+            c["missing_calls"] += int((alleles < 0).any(axis=1).sum())
+        return target, gt
+    finally:
+        vcf.close()
+
+
+def _exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: Path) -> np.ndarray | None:
+    """``int64 [2N, 2]`` panel rows of each target haplotype's own sample (-1 where none), or None."""
+    panel = {s: j for j, s in enumerate(prepared.sample_ids("panel").tolist())}
+    overlap = [i for i, s in enumerate(samples) if s in panel]
+    if not overlap:
+        return None
+    if not allow:
+        names = [samples[i] for i in overlap]
+        raise VcfInputError(
+            f"{path}: {len(names)} target sample(s) are reference-panel samples ({', '.join(names[:5])}); retrieval "
+            f"would find their own haplotypes (leakage). Remove them (`bcftools view -s ^{','.join(names[:3])} ...`) "
+            "or pass allow_panel_overlap=True (then their own panel rows are excluded from retrieval)")
+    exclude = np.full((2 * len(samples), 2), -1, np.int64)
+    for i in overlap:
+        j = panel[samples[i]]
+        exclude[2 * i : 2 * i + 2] = [2 * j, 2 * j + 1]  # both haplotypes of the sample, for both queries
+    return exclude
+
+
+def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig]:
+    bundle = load_checkpoint(checkpoint, map_location=device)
+    cfg = RunConfig.from_dict(bundle["config"])
+    model = build_model(cfg.model).to(device)
+    model.load_state_dict(bundle["model"])
+    return model.eval(), cfg
+
+
+def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int,
+                   exclude: np.ndarray | None):
+    size = prepared.window_size
+
+    def inputs(w: int) -> WindowInputs:
+        lo, hi = prepared.window_sites(w)
+        tokens = haplotype_tokens(np.asarray(gt[lo:hi, a:b]))  # (2c, m); untyped rows are masked below
+        af, position, real = prepared.window_features(w)
+        typed_w = window_slice(typed, lo, hi, size, fill=False)  # (L,)
+        return WindowInputs(
+            panel_tokens=prepared.tokens("panel", w), target_tokens=window_slice(tokens, 0, hi - lo, size, fill=PAD),
+            af=af, position=position, real=real, mask=real & ~typed_w,
+            exclude_rows=None if exclude is None else exclude[2 * a : 2 * b],
+        )
+
+    return inputs
+
+
+def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: _Target,
+                   exclude: np.ndarray | None, probs: np.memmap, *, batch_size: int, sample_chunk: int,
+                   device: torch.device) -> None:
+    """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window."""
+    n = len(target.samples)
+    kind = index_kind(cfg.model.variant, cfg.index.kind)
+    for a in range(0, n, sample_chunk):
+        b = min(n, a + sample_chunk)
+        inputs = _window_inputs(prepared, gt, target.typed, a, b, exclude)
+        for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind,
+                                   batch_size=batch_size, device=device):  # p: (2c, m)
+            q = np.rint(np.clip(p, 0.0, 1.0) * _Q).astype(np.uint16)  # (2c, m)
+            probs[sites, a:b, :] = q.reshape(b - a, 2, -1).transpose(2, 0, 1)  # (m, c, 2)
+        log.info("imputed samples %d-%d of %d", a, b, n)
+
+
+def _write_vcf(out_vcf: Path, prepared: PreparedData, target: _Target, gt: np.memmap, probs: np.memmap,
+               source: str) -> int:
+    """Site-major VCF of every panel site, a slab of sites at a time."""
+    s = prepared.sites
+    contig, ref, alt = s.contig.tolist(), s.ref.tolist(), s.alt.tolist()
+    step = max(1, _SLAB_VALUES // len(target.samples))
+    bounds = np.flatnonzero(np.r_[True, s.contig[1:] != s.contig[:-1], True])  # contig blocks
+    with ImputedVcfWriter(out_vcf, target.samples, list(dict.fromkeys(contig)), source) as writer:
+        for clo, chi in zip(bounds[:-1], bounds[1:], strict=True):
+            for lo in range(int(clo), int(chi), step):
+                hi = min(int(chi), lo + step)
+                hap = probs[lo:hi].astype(np.float32).transpose(1, 2, 0) / _Q  # (N, 2, m)
+                writer.write_sites(contig[lo], s.position[lo:hi], ref[lo:hi], alt[lo:hi], hap, target.typed[lo:hi],
+                                   np.asarray(gt[lo:hi]).transpose(1, 2, 0))  # typed GT (N, 2, m)
+        return writer.records_written
+
+
+def impute_vcf(
+    checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
+    batch_size: int = 256, sample_chunk: int = 500, device: str = "auto",
+) -> ImputeSummary:
+    """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
+
+    ``out_vcf`` (.vcf.gz + .tbi) is written atomically; typed sites keep their GT (flag TYPED),
+    the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2.
+    """
+    from storage.layout import RunLayout
+
+    t0 = time.perf_counter()
+    checkpoint, target_vcf, out_vcf = Path(checkpoint), Path(target_vcf), Path(out_vcf)
+    if not target_vcf.is_file():
+        raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    if sample_chunk < 1 or batch_size < 1:
+        raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
+    prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
+    single_threaded_search()  # FAISS's OpenMP pool next to torch's made each search ~6x slower here
+    dev = resolve_device(device)
+    model, cfg = load_model(checkpoint, dev)
+    if cfg.window.size != prepared.window_size:
+        raise ValueError(f"{checkpoint} was trained on windows of {cfg.window.size} sites, {run_dir} has "
+                         f"{prepared.window_size}; use the run directory the model was trained on")
+    out_vcf.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_vcf.parent, prefix=".impute-"))
+    try:
+        target, gt = read_target(target_vcf, prepared, work)
+        if not target.typed.any():
+            raise VcfInputError(f"{target_vcf}: no record matches a panel site (counts {target.counts}); check contig "
+                                "names, the genome build and REF/ALT against the panel")
+        exclude = _exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
+        shape = (len(prepared.sites), len(target.samples), 2)
+        probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
+        _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
+                       sample_chunk=sample_chunk, device=dev)
+        written = _write_vcf(out_vcf, prepared, target, gt, probs, f"embrag {cfg.model.variant} {checkpoint.name}")
+        del gt, probs  # release the memmaps before their files go
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    c = target.counts
+    n_typed = int(target.typed.sum())
+    return ImputeSummary(
+        out_vcf=str(out_vcf), variant=cfg.model.variant, n_samples=len(target.samples), n_panel_sites=written,
+        n_target_records=c["records"], n_typed_sites=n_typed, n_imputed_sites=written - n_typed,
+        n_swapped=c["swapped"], n_ambiguous=c["ambiguous"], n_ambiguous_dropped=c["ambiguous_dropped"],
+        n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
+        n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
+        n_windows=len(prepared.windows), seconds=time.perf_counter() - t0,
+    )
+
+
+def panel_af(run_dir: Path) -> dict[tuple[str, int, str, str], float]:
+    """(contig, pos, REF, ALT) -> ALT frequency in the prepared panel: the MAF bins of `evaluate`."""
+    from storage.layout import RunLayout
+
+    prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
+    af = prepared.sites.af
+    return {key: float(af[i]) for key, i in _panel_lookup(prepared).items()}
+
+
+def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_vcf: Path | None,
+                  out_vcf: Path | None, truth_vcf: Path | None) -> tuple[Path, Path, Path, Path | None]:
+    """Fill what was not given: the last checkpoint of ``variant``; the simulated array target and its
+    truth (the simulated test VCF) when no target is given; ``imputed/<target>.<variant>.vcf.gz``."""
+    from storage.layout import RunLayout
+    from storage.simulate import ARRAY_FILE, ROLE_FILES
+
+    layout = RunLayout(Path(run_dir))
+    if target_vcf is None:
+        target_vcf = layout.vcf_dir / ARRAY_FILE
+        truth_vcf = truth_vcf or layout.vcf_dir / ROLE_FILES["test"]
+    checkpoint = Path(checkpoint) if checkpoint else layout.variant(variant).latest_checkpoint()
+    out_vcf = Path(out_vcf) if out_vcf else layout.imputed(Path(target_vcf), variant)
+    return checkpoint, Path(target_vcf), out_vcf, Path(truth_vcf) if truth_vcf else None
+
+
+def evaluation_dir(out_vcf: Path) -> Path:
+    """Where the accuracy report of ``out_vcf`` goes: next to it, ``<name>.evaluation/``."""
+    return out_vcf.with_name(out_vcf.name.removesuffix(".gz").removesuffix(".vcf") + ".evaluation")
+
+
+def evaluate_imputed(run_dir: Path, truth_vcf: Path, imputed_vcf: Path):
+    """Score ``imputed_vcf`` against ``truth_vcf`` by prepared-panel MAF bin; report files in
+    ``evaluation_dir(imputed_vcf)``. Returns (EvaluationReport, ReportFiles)."""
+    from storage.evaluate import evaluate_vcfs, write_report
+
+    report = evaluate_vcfs(truth_vcf, imputed_vcf, panel_af(run_dir))
+    return report, write_report(report, evaluation_dir(Path(imputed_vcf)))

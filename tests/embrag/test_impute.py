@@ -1,0 +1,156 @@
+"""Imputation of one window and of overlapping windows (embrag.impute), on synthetic tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embrag import retrieval
+from embrag.config import ModelConfig, WindowConfig
+from embrag.constants import ALT, MASK, MISSING, PAD, REF
+from embrag.impute import (
+    WindowInputs,
+    _model_tokens,
+    _search_tokens,
+    impute_sites,
+    impute_window,
+    index_kind,
+    iter_owned,
+)
+from embrag.model import build_model
+from embrag.retrieval import build_index
+from embrag.windows import make_windows, site_owner
+
+L, K = 12, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and does not fight other processes
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(variant: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(variant=variant, dim=16, layers=1, heads=2, ff_mult=2, dropout=0.1, max_len=L, af_features=4, k=K)
+    return build_model(cfg)
+
+
+def _inputs(rng, *, n_panel=20, n_target=6, n_pad=2, typed_every=3, exclude=None) -> WindowInputs:
+    panel = rng.choice(np.array([REF, ALT], np.uint8), size=(n_panel, L), p=[0.6, 0.4])
+    panel[:, L - n_pad :] = PAD
+    target = panel[rng.integers(0, n_panel, n_target)].copy()  # target haplotypes copy panel rows
+    real = np.arange(L) < L - n_pad
+    mask = real & (np.arange(L) % typed_every != 0)  # typed: every typed_every-th real site
+    target[:, mask] = MASK
+    af = np.where(real, (panel == ALT).mean(0), 0).astype(np.float32)
+    position = np.where(real, np.linspace(0, 1, L), 0).astype(np.float32)
+    return WindowInputs(panel, target, af, position, real, mask, exclude)
+
+
+@pytest.mark.parametrize("variant", ["v18", "v17", "none"])
+def test_window_probabilities_are_deterministic_probabilities(variant, rng):
+    model = _model(variant).train()  # impute_window must switch to eval mode (dropout off)
+    inp = _inputs(rng)
+    kind = index_kind(variant, "compact")
+    a = impute_window(model, inp, index_kind=kind, batch_size=4)
+    b = impute_window(model, inp, index_kind=kind, batch_size=64)  # batching does not change results
+    assert a.shape == (6, L) and a.dtype == np.float32
+    assert np.all((a >= 0) & (a <= 1))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not model.training
+
+
+def test_index_kind_per_variant():
+    assert index_kind("v17", "compact") == "token"
+    assert index_kind("v18", "flat") == "flat"
+    assert index_kind("v18", "compact") == "compact"
+    assert index_kind("none", "compact") is None
+
+
+def test_missing_calls_are_masked_for_the_model_and_missing_for_the_search():
+    tokens = np.array([[REF, MISSING, ALT, REF]], np.uint8)
+    mask = np.array([False, False, False, True])
+    assert _model_tokens(tokens, mask).tolist() == [[REF, MASK, ALT, MASK]]
+    assert _search_tokens(tokens, mask).tolist() == [[REF, MISSING, ALT, MASK]]
+
+
+def test_v18_reference_embeddings_come_from_the_table(rng):
+    """Table lookup of retrieved rows == the embedding layer run on their complete tokens (eval mode)."""
+    model = _model("v18").eval()
+    inp = _inputs(rng)
+    got = impute_window(model, inp, index_kind="flat")
+    af, pos = torch.as_tensor(inp.af), torch.as_tensor(inp.position)
+    table = model.embedding.table(af, pos).numpy()
+    _, hits = build_index("flat", inp.panel_tokens, inp.mask, table).search(_search_tokens(inp.target_tokens, inp.mask), K)
+    assert (hits >= 0).all()
+    b = len(hits)
+    with torch.no_grad():
+        ref = model.embed_references(torch.as_tensor(inp.panel_tokens[hits], dtype=torch.long),
+                                     af.expand(b, L), pos.expand(b, L))  # (B, K, L, D)
+        logits = model(torch.as_tensor(_model_tokens(inp.target_tokens, inp.mask), dtype=torch.long),
+                       af.expand(b, L), pos.expand(b, L), torch.as_tensor(inp.real).expand(b, L), ref,
+                       torch.ones(b, K, dtype=torch.bool))
+    np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), atol=1e-5)
+
+
+def test_excluded_rows_are_never_retrieved(rng, monkeypatch):
+    inp = _inputs(rng, n_target=2)
+    own = 7  # both target haplotypes are copies of panel row 7 and exclude it (their "own" sample)
+    target = np.where(inp.mask, MASK, inp.panel_tokens[own]).astype(np.uint8)[None].repeat(2, 0)
+    seen = []
+    original = retrieval.WindowIndex.search
+
+    def spy(self, query, k, exclude_rows=None):
+        seen.append((original(self, query, k)[1], original(self, query, k, exclude_rows)[1]))
+        return original(self, query, k, exclude_rows)
+
+    monkeypatch.setattr(retrieval.WindowIndex, "search", spy)
+    exclude = np.array([[own, -1], [own, -1]])
+    impute_window(_model("v17"), WindowInputs(inp.panel_tokens, target, inp.af, inp.position, inp.real, inp.mask,
+                                              exclude), index_kind="token")
+    (free, excluded), = seen
+    assert (free == own).any(axis=1).all()  # without exclusion the copy is found (distance 0) ...
+    assert not (excluded == own).any()  # ... with it, never
+
+
+def test_window_without_typed_sites_uses_no_retrieval(rng):
+    model = _model("v18").eval()
+    inp = _inputs(rng)
+    untyped = WindowInputs(inp.panel_tokens, inp.target_tokens, inp.af, inp.position, inp.real, inp.real.copy())
+    with_index = impute_window(model, untyped, index_kind="compact")
+    no_index = impute_window(model, untyped, index_kind=None)
+    np.testing.assert_allclose(with_index, no_index)  # arbitrary tied "neighbours" would be worse than none
+
+
+def test_overlapping_windows_are_merged_by_owner(rng):
+    n_sites = 40
+    windows = make_windows(np.array(["1"] * n_sites), WindowConfig(size=L, overlap=4))
+    tokens = rng.choice(np.array([REF, ALT], np.uint8), size=(10, n_sites))
+    typed = np.arange(n_sites) % 3 == 0
+    target = np.where(typed, tokens[:4], MASK).astype(np.uint8)
+    af = (tokens == ALT).mean(0).astype(np.float32)
+
+    def window_inputs(w: int) -> WindowInputs:
+        lo, hi = int(windows.start[w]), int(windows.stop[w])
+
+        def pad(x, fill):
+            out = np.full(x.shape[:-1] + (L,), fill, x.dtype)
+            out[..., : hi - lo] = x[..., lo:hi]
+            return out
+
+        real = np.arange(L) < hi - lo
+        position = np.where(real, np.linspace(0, 1, L), 0).astype(np.float32)
+        return WindowInputs(pad(tokens, PAD), pad(target, PAD), pad(af, 0), position, real, real & ~pad(typed, False))
+
+    model = _model("v18").eval()
+    merged = impute_sites(model, windows, n_sites, window_inputs, n_haplotypes=4, index_kind="compact")
+    owner, slot = site_owner(windows, n_sites)
+    for s in range(n_sites):
+        expect = impute_window(model, window_inputs(owner[s]), index_kind="compact")[:, slot[s]]
+        np.testing.assert_allclose(merged[:, s], expect, atol=1e-6)
+    yielded = np.concatenate([s for s, _ in iter_owned(model, windows, n_sites, window_inputs, index_kind=None)])
+    assert sorted(yielded.tolist()) == list(range(n_sites))  # every site exactly once

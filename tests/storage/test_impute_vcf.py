@@ -1,0 +1,221 @@
+"""impute_vcf on a tiny simulated run: round trip, harmonisation, leakage, bounded memory, evaluation."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cyvcf2 import VCF
+
+from embrag import retrieval
+from embrag.config import RunConfig
+from storage.errors import VcfInputError
+from storage.evaluate import evaluate_vcfs
+from storage.impute import impute_vcf
+from storage.layout import RunLayout
+from storage.prepare import prepare
+from storage.prepared import PreparedData
+from storage.simulate import simulate
+from storage.training import VariantRun, run_epochs
+
+CFG = RunConfig().replace(
+    simulate__n_panel=30, simulate__n_study=16, simulate__n_test=6, simulate__length=100_000, simulate__array_every=3,
+    window__size=16, window__overlap=4, model__dim=16, model__heads=2, model__layers=1, train__epochs=1,
+    train__batch_size=16, train__max_train_batches=5, train__max_val_batches=2, train__device="cpu",
+)
+AMBIGUOUS = ({"A", "T"}, {"C", "G"})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    torch.set_num_threads(1)  # tiny model, 2 shared cores
+    root = tmp_path_factory.mktemp("impute-run")
+    layout = RunLayout(root)
+    sim = simulate(CFG.simulate, layout.vcf_dir)
+    prepare(layout, CFG, panel_vcf=sim.panel_vcf, study_vcf=sim.study_vcf, test_vcf=sim.test_vcf)
+    vrun = VariantRun(layout, CFG)
+    run_epochs(vrun)
+    out = root / "out.vcf.gz"
+    summary = impute_vcf(vrun.paths.checkpoint(0), root, sim.test_array_vcf, out)
+    return {"root": root, "sim": sim, "ckpt": vrun.paths.checkpoint(0), "out": out, "summary": summary,
+            "prepared": PreparedData(layout.prepared)}
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _lines(path: Path) -> list[str]:
+    with gzip.open(path, "rt") as f:
+        return f.read().splitlines()
+
+
+def _body(path: Path) -> list[str]:
+    return [line for line in _lines(path) if not line.startswith("#")]
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _target(run: dict) -> tuple[list[str], list[list[str]]]:
+    """Header lines and records (split on tabs) of the array target."""
+    lines = _lines(run["sim"].test_array_vcf)
+    return [x for x in lines if x.startswith("#")], [x.split("\t") for x in lines if not x.startswith("#")]
+
+
+def _join(header: list[str], records: list[list[str]]) -> list[str]:
+    return header + ["\t".join(r) for r in records]
+
+
+def _impute(run: dict, target: Path, name: str, **kw):
+    out = run["root"] / f"{name}.vcf.gz"
+    return impute_vcf(run["ckpt"], run["root"], target, out, **kw), out
+
+
+def _flip(gt: str) -> str:
+    return "|".join({"0": "1", "1": "0"}.get(a, a) for a in gt.split("|"))
+
+
+# --------------------------------------------------------------------------------------- tests
+
+
+def test_round_trip(run):
+    out, s, sites = run["out"], run["summary"], run["prepared"].sites
+    assert Path(str(out) + ".tbi").exists()
+    vcf = VCF(str(out))
+    for kind, ids in (("INFO", {"AF", "R2", "IMP", "TYPED"}), ("FORMAT", {"GT", "DS", "GP", "HDS"})):
+        assert ids <= {h.info().get("ID") for h in vcf.header_iter() if h.type == kind}
+    records = list(vcf)
+    keys = [(r.CHROM, r.POS, r.REF, r.ALT[0]) for r in records]
+    assert keys == list(zip(sites.contig.tolist(), sites.position.tolist(), sites.ref.tolist(), sites.alt.tolist(),
+                            strict=True))  # every panel site, panel (sorted) order
+    assert [p for _, p, _, _ in keys] == sorted(p for _, p, _, _ in keys)
+    truth = {(r.POS, r.REF, r.ALT[0]): r.genotype.array()[:, :2] for r in VCF(str(run["sim"].test_array_vcf))}
+    for r in records:
+        typed = (r.POS, r.REF, r.ALT[0]) in truth
+        assert bool(r.INFO.get("TYPED")) == typed and bool(r.INFO.get("IMP")) == (not typed)
+        if typed:
+            np.testing.assert_array_equal(r.genotype.array()[:, :2], truth[(r.POS, r.REF, r.ALT[0])])
+        hds = r.format("HDS")
+        assert np.all((hds >= 0) & (hds <= 1))
+        np.testing.assert_allclose(r.format("DS")[:, 0], hds.sum(1), atol=2e-3)
+    assert s.n_typed_sites == len(truth) and s.n_imputed_sites == len(sites) - len(truth)
+    assert s.n_samples == 6 and s.n_panel_sites == len(sites) and s.n_absent == s.n_swapped == 0
+    assert s.n_ambiguous == sum({k[1], k[2]} in AMBIGUOUS for k in truth)  # kept: exact match
+
+
+@pytest.mark.skipif(shutil.which("bcftools") is None, reason="bcftools not installed")
+def test_bcftools_accepts_output(run):
+    import subprocess
+
+    done = subprocess.run(["bcftools", "view", "-H", str(run["out"]), "20:1-20000000"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == run["summary"].n_panel_sites
+
+
+def test_chr_prefixed_target_gives_identical_output(run, tmp_path):
+    header, records = _target(run)
+    header = [h.replace("##contig=<ID=20", "##contig=<ID=chr20") for h in header]
+    target = _write(tmp_path / "chr.vcf", _join(header, [["chr" + r[0], *r[1:]] for r in records]))
+    s, out = _impute(run, target, "chr")
+    assert s.n_typed_sites == run["summary"].n_typed_sites
+    assert _body(out) == _body(run["out"])
+
+
+def test_swapped_absent_and_ambiguous_records(run, tmp_path):
+    header, records = _target(run)
+    plain = next(i for i, r in enumerate(records) if {r[3], r[4]} not in AMBIGUOUS)
+    amb = next(i for i, r in enumerate(records) if {r[3], r[4]} in AMBIGUOUS)
+    edited = [list(r) for r in records]
+    for i in (plain, amb):  # REF/ALT exchanged, alleles flipped: the same genotypes, other orientation
+        r = edited[i]
+        r[3], r[4] = r[4], r[3]
+        r[9:] = [_flip(g) for g in r[9:]]
+    absent = [records[0][0], "1", ".", "A", "C", *records[0][5:]]  # position 1: not a panel site
+    s, out = _impute(run, _write(tmp_path / "t.vcf", _join(header, [absent, *edited])), "edited")
+    assert (s.n_swapped, s.n_absent, s.n_ambiguous_dropped) == (1, 1, 1)
+    assert s.n_ambiguous == run["summary"].n_ambiguous - 1
+    assert s.n_typed_sites == run["summary"].n_typed_sites - 1  # the swapped A/T (or C/G) is never flipped
+    base = {tuple(x.split("\t")[1:5]): x for x in _body(run["out"])}
+    got = {tuple(x.split("\t")[1:5]): x for x in _body(out)}
+    assert got[tuple(records[plain][1:5])] == base[tuple(records[plain][1:5])]  # flipped back: same record
+    assert "IMP" in got[tuple(records[amb][1:5])].split("\t")[7]  # dropped: imputed instead
+
+
+def test_missing_call_is_imputed(run, tmp_path):
+    header, records = _target(run)
+    edited = [list(r) for r in records]
+    edited[3][9] = ".|."
+    s, out = _impute(run, _write(tmp_path / "m.vcf", _join(header, edited)), "missing")
+    assert s.n_missing_calls == 1
+    rec = next(r for r in VCF(str(out)) if r.POS == int(records[3][1]))
+    assert rec.genotype.array()[0, :2].tolist() == [-1, -1]
+    assert 0 <= rec.format("HDS")[0].min() and rec.format("HDS")[0].max() <= 1
+
+
+def test_duplicate_record_is_refused(run, tmp_path):
+    header, records = _target(run)
+    target = _write(tmp_path / "dup.vcf", _join(header, [records[0], *records]))
+    with pytest.raises(VcfInputError, match=r"dup\.vcf: record 2 .*duplicate site.*record 1.*bcftools norm"):
+        _impute(run, target, "dup")
+
+
+def test_unphased_target_is_refused_with_a_phasing_hint(run, tmp_path):
+    header, records = _target(run)
+    edited = [list(r) for r in records]
+    edited[5][10] = edited[5][10].replace("|", "/")
+    with pytest.raises(VcfInputError, match=r"record 6 .*unphased.*beagle gt=.*unphased\.vcf out=phased impute=false"):
+        _impute(run, _write(tmp_path / "unphased.vcf", _join(header, edited)), "unphased")
+
+
+def _with_panel_sample(run: dict, tmp_path: Path, sample: str) -> Path:
+    header, records = _target(run)
+    panel = VCF(str(run["sim"].panel_vcf))
+    col = panel.samples.index(sample)
+    gts = {str(r.POS): "|".join(map(str, r.genotype.array()[col, :2])) for r in panel}
+    header[-1] += f"\t{sample}"
+    return _write(tmp_path / "overlap.vcf", _join(header, [[*r, gts[r[1]]] for r in records]))
+
+
+def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_path, monkeypatch):
+    sample = "PANEL_0003"
+    target = _with_panel_sample(run, tmp_path, sample)
+    with pytest.raises(VcfInputError, match=r"reference-panel samples \(PANEL_0003\).*leakage.*allow_panel_overlap"):
+        _impute(run, target, "overlap")
+    own = 2 * run["prepared"].sample_ids("panel").tolist().index(sample) + np.array([0, 1])
+    calls = []
+    original = retrieval.WindowIndex.search
+
+    def spy(self, query, k, exclude_rows=None):
+        calls.append((original(self, query, k)[1], exclude_rows, original(self, query, k, exclude_rows)[1]))
+        return original(self, query, k, exclude_rows)
+
+    monkeypatch.setattr(retrieval.WindowIndex, "search", spy)
+    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True)
+    assert s.n_panel_overlap == 1 and s.n_samples == 7
+    assert calls
+    q = 2 * 6 + np.array([0, 1])  # the panel sample is the 7th target sample
+    for _free, exclude, got in calls:
+        assert set(exclude[q].ravel().tolist()) == set(own.tolist())
+        assert (exclude[: 2 * 6] == -1).all()
+        assert not np.isin(got[q], own).any()
+    assert any(np.isin(free[q], own).any() for free, _, _ in calls)  # without exclusion: found its own rows
+
+
+def test_sample_chunks_do_not_change_output(run):
+    _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
+    _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)
+    assert _body(small) == _body(large) == _body(run["out"])
+
+
+def test_evaluate_runs_on_imputed_output(run):
+    sim = run["sim"]
+    report = evaluate_vcfs(sim.test_vcf, run["out"], sim.panel_vcf)
+    assert report.n_samples == 6
+    assert report.n_evaluated == run["summary"].n_imputed_sites
+    assert report.dosage_sources == {"GP": report.n_evaluated}
