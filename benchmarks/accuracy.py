@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cyvcf2 import VCF
+
 from embrag.config import RunConfig
 from storage.atomic import read_json, write_json
 from storage.evaluate import EvaluationReport, evaluate_vcfs
@@ -48,7 +50,8 @@ _MEASURE = (
 )
 _EMBRAG_IMPUTE = (
     "import sys; from pathlib import Path; from storage.impute import impute_vcf\n"
-    "impute_vcf(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))\n"
+    "k = int(sys.argv[6]) if sys.argv[6] != 'default' else None\n"
+    "impute_vcf(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), retrieval=sys.argv[5], k=k)\n"
 )
 
 
@@ -129,23 +132,66 @@ def train_in_budget(layout: RunLayout, cfg: RunConfig, minutes: float, threads: 
     saved = run.paths.root / "config.json"
     if saved.exists() and _training_part(read_json(saved)) != _training_part(run_cfg.to_dict()):
         shutil.rmtree(run.paths.root)  # another budget or model: train again from scratch
+    noted = run.paths.root / "benchmark-training.json"  # the cost of the training that made the checkpoint
+    if noted.exists() and run.paths.checkpoint(epochs - 1).exists():
+        return run.paths.checkpoint(epochs - 1), read_json(noted)["note"]
     t0, c0 = time.perf_counter(), time.process_time()
     history = run_epochs(run)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     last = history[-1]
     note = (f"train {seconds:.0f} s wall / {cpu:.0f} s CPU ({epochs} ep x {batches} batches, val F1 "
             f"{last['val_f1']:.3f}, val r2 {last.get('val_r2_all', math.nan):.3f})")
+    write_json(noted, {"note": note})
     return run.paths.checkpoint(epochs - 1), note
 
 
-def run_embrag(layout: RunLayout, cfg: RunConfig, sim: dict, minutes: float, threads: int) -> ToolResult:
+def run_embrag(layout: RunLayout, cfg: RunConfig, sim: dict, minutes: float, threads: int,
+               retrievals: list[str]) -> list[ToolResult]:
+    """Train ``cfg.model.variant`` once, impute with each retrieval ("match", "index", "match:4" = k 4)."""
     variant = cfg.model.variant
     ckpt, note = train_in_budget(layout, cfg, minutes, threads)
-    out = layout.root / "imputed" / f"embrag-{variant}.vcf.gz"
+    results = []
+    for spec in retrievals:
+        retrieval, _, k = spec.partition(":")
+        tool = f"embrag-{variant}-{retrieval}{k}"
+        results.append(ToolResult(tool, *impute_embrag(layout, ckpt, sim["test_array_vcf"], tool, retrieval,
+                                                       threads, k or "default"), note))
+    return results
+
+
+def impute_embrag(layout: RunLayout, ckpt: Path, target: Path, name: str, retrieval: str,
+                  threads: int, k: str = "default") -> tuple[Path, Cost]:
+    out = layout.root / "imputed" / f"{name}.vcf.gz"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cost = measure([sys.executable, "-c", _EMBRAG_IMPUTE, str(ckpt), str(layout.root), str(sim["test_array_vcf"]),
-                    str(out)], out.with_suffix(".log"), env)
-    return ToolResult(f"embrag-{variant}", out, cost, note)
+    cost = measure([sys.executable, "-c", _EMBRAG_IMPUTE, str(ckpt), str(layout.root), str(target), str(out),
+                    retrieval, k], out.with_suffix(".log"), env)
+    return out, cost
+
+
+def scaled_target(layout: RunLayout, target: Path, copies: int) -> Path:
+    """The target's samples repeated ``copies`` times under new names (bcftools merge --force-samples)."""
+    out = layout.root / "imputed" / f"target-x{copies}.vcf.gz"
+    if not out.exists():
+        subprocess.run(["bcftools", "merge", "--force-samples", "-Oz", "-o", str(out), *[str(target)] * copies],
+                       check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(["tabix", "-f", "-p", "vcf", str(out)], check=True)
+    return out
+
+
+def scaling(layout: RunLayout, sim: dict, ckpt: Path, copies: int, threads: int) -> str:
+    """Wall time and peak memory of embrag (V18, match) and Beagle for 1x and ``copies``x the target samples."""
+    big = scaled_target(layout, sim["test_array_vcf"], copies)
+    lines = ["tool        samples  wall_s  cpu_s  peak_MB"]
+    n = len(VCF(str(sim["test_array_vcf"])).samples)
+    for label, target in ((n, sim["test_array_vcf"]), (n * copies, big)):
+        _, cost = impute_embrag(layout, ckpt, target, f"scale-{label}", "match", threads)
+        lines.append(f"embrag-v18  {label:7d}  {cost.wall_s:6.1f}  {cost.cpu_s:5.1f}  {cost.peak_mb:7.0f}")
+        if shutil.which("beagle"):
+            prefix = layout.root / "imputed" / f"beagle-scale-{label}"
+            cost = measure(["beagle", f"ref={sim['panel_vcf']}", f"gt={target}", f"out={prefix}",
+                            f"nthreads={threads}", "gp=true"], prefix.with_suffix(".run.log"))
+            lines.append(f"beagle-5.4  {label:7d}  {cost.wall_s:6.1f}  {cost.cpu_s:5.1f}  {cost.peak_mb:7.0f}")
+    return "\n".join(lines)
 
 
 def run_beagle(layout: RunLayout, sim: dict, threads: int) -> ToolResult:
@@ -238,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
                         "default: MaskConfig's curriculum (30-70 %% masked)")
     p.add_argument("--window-size", type=int, default=None, help="sites per window (default: WindowConfig's 64)")
     p.add_argument("--window-overlap", type=int, default=None)
+    p.add_argument("--retrievals", default="match,match:4,index",
+                   help="embrag neighbours: match (longest match over the contig, k=1), match:K (K of them), "
+                        "index (the window index, the model's k)")
+    p.add_argument("--scale", type=int, default=8, help="also impute the target samples repeated this many times "
+                   "(bcftools merge) to show time and memory against the number of samples; 1: skip")
     p.add_argument("--skip-baselines", action="store_true")
     args = p.parse_args(argv)
 
@@ -255,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     results = []
     for variant in args.variants.split(","):
-        results.append(run_embrag(layout, cfg.replace(model__variant=variant), sim, args.train_minutes, args.threads))
-        print(f"{results[-1].tool}: {results[-1].setup}; impute {results[-1].cost}", flush=True)
+        for r in run_embrag(layout, cfg.replace(model__variant=variant), sim, args.train_minutes, args.threads,
+                            args.retrievals.split(",")):
+            results.append(r)
+            print(f"{r.tool}: {r.setup}; impute {r.cost}", flush=True)
     if not args.skip_baselines:
         for name, fn in (("beagle", run_beagle), ("minimac4", run_minimac4)):
             if shutil.which(name) is None:
@@ -270,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads} threads each; windows of {cfg.window.size} sites, --mask {args.mask}); "
           "d_* = this tool - Beagle\n")
     print(table(results))
+    if args.scale > 1:
+        ckpt = VariantRun(layout, cfg.replace(model__variant="v18")).paths.latest_checkpoint()
+        print(f"\nimputation cost against the number of target samples (training excluded):\n"
+              f"{scaling(layout, sim, ckpt, args.scale, args.threads)}")
 
 
 if __name__ == "__main__":

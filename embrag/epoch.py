@@ -37,6 +37,7 @@ class WindowData:
     # rows (N,) -> (N, L, D) float16 complete reference embeddings ("store" mode)
     reference_rows: Callable[[np.ndarray], np.ndarray] | None = None
     exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve
+    neighbours: np.ndarray | None = None  # (Hq, K) panel rows found beforehand (longest match); replaces index
 
 
 class WindowSource(Protocol):
@@ -93,6 +94,8 @@ def _batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> 
 
 def retrieve(data: WindowData, rows: np.ndarray, k: int) -> np.ndarray:
     """Top-k panel rows ``(B, k)`` for query rows (masked inside the index), -1 where none."""
+    if data.neighbours is not None:
+        return data.neighbours[rows, :k]
     exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
     _, hits = data.index.search(data.query_tokens[rows], k, exclude_rows=exclude)
     return hits
@@ -103,7 +106,7 @@ def forward_batch(
     live: bool, device: torch.device,
 ) -> tuple[torch.Tensor, float]:
     """Logits ``(B, L)`` and the retrieval milliseconds spent for this batch."""
-    if cfg.variant == "none" or data.index is None:
+    if cfg.variant == "none" or (data.index is None and data.neighbours is None):
         return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], None, None), 0.0
     t0 = time.perf_counter()
     hits = retrieve(data, rows, cfg.k)  # (B, K)

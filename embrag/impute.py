@@ -6,6 +6,10 @@ index share the mask, DESIGN.md §4). Then, per batch of target haplotypes: sear
 rows, hand the model their COMPLETE tokens (V17) or complete embeddings (V18), and read the ALT
 probability at every site.
 
+Retrieval "match" (the default of ``storage.impute``) finds the neighbours beforehand instead, by
+longest match over the typed sites of the whole contig (``embrag.matching``): a far stronger
+criterion than a window's few typed sites, and the same trained model uses them as they are.
+
 V18 needs no embedding store here: the embedding layer is position-wise, so the complete
 embedding of a retrieved row is ``table[site, token]`` with ``table = model.embedding.table(af,
 position)`` of the checkpoint's own weights (exactly what training stored, in float32).
@@ -19,6 +23,7 @@ numpy / torch / faiss only: no files. ``storage.impute`` does the I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -42,6 +47,7 @@ class WindowInputs:
     real: np.ndarray  # (L,) bool, False on padding
     mask: np.ndarray  # (L,) bool, True = untyped real site (to impute)
     exclude_rows: np.ndarray | None = None  # (Ht, E) panel rows a target haplotype must never retrieve, -1 pad
+    neighbours: np.ndarray | None = None  # (Ht, K) longest-match panel rows (embrag.matching); no index then
 
 
 def index_kind(variant: str, configured: str) -> str | None:
@@ -66,36 +72,38 @@ def _reference_rows(table: np.ndarray, panel_tokens: np.ndarray) -> Callable[[np
 
 
 def _window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> WindowData:
-    """Index + reference lookup of one window. No index when nothing in the window is typed:
-    every panel row would tie at distance 0 and the "neighbours" would be arbitrary rows."""
+    """Neighbours (given, or an index over the window) + reference lookup of one window. No index
+    when nothing in the window is typed: every panel row would tie at distance 0."""
+    retrieves = kind is not None and (inp.neighbours is not None or (inp.real & ~inp.mask).any())
     table_np, index = None, None
-    observed = inp.real & ~inp.mask
-    if kind is not None and observed.any():
-        if kind != "token":
-            table = model.embedding.table(torch.as_tensor(inp.af, device=device),
-                                          torch.as_tensor(inp.position, device=device))  # (L, V, D)
-            table_np = table.float().cpu().numpy()
+    if retrieves and kind != "token":
+        table = model.embedding.table(torch.as_tensor(inp.af, device=device),
+                                      torch.as_tensor(inp.position, device=device))  # (L, V, D)
+        table_np = table.float().cpu().numpy()
+    if retrieves and inp.neighbours is None:
         index = build_index(kind, inp.panel_tokens, inp.mask, table_np)
     refs = _reference_rows(table_np, inp.panel_tokens) if table_np is not None else None
     return WindowData(
         window=-1, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af, position=inp.position,
         real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens, reference_rows=refs,
-        exclude_rows=inp.exclude_rows,
+        exclude_rows=inp.exclude_rows, neighbours=inp.neighbours if retrieves else None,
     )
 
 
 @torch.no_grad()
 def impute_window(
-    model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
-    device: torch.device | str = "cpu",
+    model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, k: int | None = None,
+    batch_size: int = 256, device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
     ``index_kind``: "token" (V17), "flat"/"compact" (V18, built from the model's embedding
-    table), None (no retrieval). The model's ``cfg.k`` neighbours are searched per haplotype,
-    never among ``inp.exclude_rows``.
+    table), None (no retrieval). ``k`` neighbours (default: the model's ``cfg.k``; the fusion
+    attends over any number) are ``inp.neighbours`` when given (longest match), else searched in
+    that index; never among ``inp.exclude_rows``.
     """
     device = torch.device(device)
+    cfg = model.cfg if k is None else dataclasses.replace(model.cfg, k=k)
     model.eval()
     length = inp.mask.shape[0]
     if inp.target_tokens.ndim != 2 or inp.target_tokens.shape[1] != length or inp.panel_tokens.shape[1] != length:
@@ -106,7 +114,7 @@ def impute_window(
     for lo in range(0, len(model_tokens), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
         batch = _batch(model_tokens[rows], inp, device)
-        logits, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=device)  # (B, L)
+        logits, _ = forward_batch(model, cfg, data, rows, batch, live=False, device=device)  # (B, L)
         out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
     return out
 
@@ -123,7 +131,7 @@ def _batch(tokens: np.ndarray, inp: WindowInputs, device: torch.device) -> dict[
 
 def iter_owned(
     model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
-    index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu",
+    index_kind: str | None, k: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS.
 
@@ -135,7 +143,8 @@ def iter_owned(
         sites = np.flatnonzero(owner == w)  # (m,)
         if len(sites) == 0:
             continue
-        probs = impute_window(model, window_inputs(w), index_kind=index_kind, batch_size=batch_size, device=device)
+        probs = impute_window(model, window_inputs(w), index_kind=index_kind, k=k, batch_size=batch_size,
+                              device=device)
         yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)
 
 

@@ -30,9 +30,10 @@ import torch
 from embrag.config import RunConfig
 from embrag.constants import PAD
 from embrag.impute import WindowInputs, index_kind, iter_owned
+from embrag.matching import window_neighbours
 from embrag.model import build_model, resolve_device
-from embrag.retrieval import single_threaded_search
 from embrag.tokens import haplotype_tokens, window_slice
+from embrag.windows import site_owner
 from storage.checkpoints import load_checkpoint
 from storage.errors import VcfInputError
 from storage.evaluate import normalise_contig
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 _AMBIGUOUS = ({"A", "T"}, {"C", "G"})
 _Q = 65535  # probabilities stored as uint16 p * 65535: 1.5e-5 resolution everywhere (float16 is 5e-4 near 1)
 _SLAB_VALUES = 1 << 21  # sites x samples per write slab (~16 MB as float32 haplotype pairs)
+RETRIEVALS = ("match", "index")  # longest match over the contig (embrag.matching) | the model's window index
+# One longest-match neighbour: the haplotype sharing the longest segment. Measured on the simulated
+# array target (benchmarks/accuracy.py --array-every 3): V18 mean per-site r2 0.922 with k=1, 0.917
+# with 2, 0.898 with 4 (the model was trained on 4 window neighbours, all about equally close, and
+# averages the longest-match ones, diluting the best; rare alleles suffer most: 0.935 vs 0.842).
+MATCH_K = 1
 
 
 def _fix_phase(path: Path) -> str:
@@ -60,6 +67,8 @@ _FIX_DEDUP = ("keep one record per site, e.g. `bcftools norm -d exact -Oz -o ded
 class ImputeSummary:
     out_vcf: str
     variant: str
+    retrieval: str  # "match" | "index"
+    k: int  # neighbours per target haplotype
     n_samples: int
     n_panel_sites: int  # records written: every panel site
     n_target_records: int
@@ -183,8 +192,37 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
     return model.eval(), cfg
 
 
+def panel_typed_tokens(prepared: PreparedData, sites: np.ndarray) -> np.ndarray:
+    """Panel tokens ``uint8 (Hp, len(sites))`` at the given site indices, read window by window."""
+    owner, slot = site_owner(prepared.windows, len(prepared.sites))  # (S,), (S,)
+    out = np.empty((2 * len(prepared.sample_ids("panel")), len(sites)), np.uint8)
+    for w in np.unique(owner[sites]):
+        cols = np.flatnonzero(owner[sites] == w)
+        out[:, cols] = prepared.tokens("panel", int(w))[:, slot[sites[cols]]]
+    return out
+
+
+def _match_neighbours(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int, k: int,
+                      exclude: np.ndarray | None, panel_typed: np.ndarray) -> np.ndarray | None:
+    """Longest-match neighbours ``(W, 2(b-a), k)`` of samples ``a:b``, contig by contig; None if nothing typed."""
+    typed_sites = np.flatnonzero(typed)  # (St,)
+    if len(typed_sites) == 0:
+        return None
+    target = haplotype_tokens(np.asarray(gt[typed_sites, a:b]))  # (2c, St)
+    bounds = [prepared.window_sites(w) for w in range(len(prepared.windows))]
+    contig = prepared.sites.contig
+    out = np.full((len(bounds), 2 * (b - a), k), -1, np.int64)
+    for name in dict.fromkeys(contig[typed_sites].tolist()):  # contigs with typed sites, in order
+        cols = np.flatnonzero(contig[typed_sites] == name)
+        wins = np.array([w for w, (lo, _) in enumerate(bounds) if contig[lo] == name])
+        centres = np.array([(bounds[w][0] + bounds[w][1]) // 2 for w in wins])
+        out[wins] = window_neighbours(target[:, cols], panel_typed[:, cols], typed_sites[cols], centres, k,
+                                      exclude_rows=None if exclude is None else exclude[2 * a : 2 * b])
+    return out
+
+
 def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int,
-                   exclude: np.ndarray | None):
+                   exclude: np.ndarray | None, neighbours: np.ndarray | None):
     size = prepared.window_size
 
     def inputs(w: int) -> WindowInputs:
@@ -196,21 +234,26 @@ def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: 
             panel_tokens=prepared.tokens("panel", w), target_tokens=window_slice(tokens, 0, hi - lo, size, fill=PAD),
             af=af, position=position, real=real, mask=real & ~typed_w,
             exclude_rows=None if exclude is None else exclude[2 * a : 2 * b],
+            neighbours=None if neighbours is None else neighbours[w],
         )
 
     return inputs
 
 
 def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: _Target,
-                   exclude: np.ndarray | None, probs: np.memmap, *, batch_size: int, sample_chunk: int,
-                   device: torch.device) -> None:
+                   exclude: np.ndarray | None, probs: np.memmap, *, retrieval: str, k: int, batch_size: int,
+                   sample_chunk: int, device: torch.device) -> None:
     """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window."""
     n = len(target.samples)
     kind = index_kind(cfg.model.variant, cfg.index.kind)
+    match = retrieval == "match" and kind is not None
+    panel_typed = panel_typed_tokens(prepared, np.flatnonzero(target.typed)) if match else None  # (Hp, St)
     for a in range(0, n, sample_chunk):
         b = min(n, a + sample_chunk)
-        inputs = _window_inputs(prepared, gt, target.typed, a, b, exclude)
-        for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind,
+        neighbours = (_match_neighbours(prepared, gt, target.typed, a, b, k, exclude, panel_typed)
+                      if match else None)  # (W, 2c, k)
+        inputs = _window_inputs(prepared, gt, target.typed, a, b, exclude, neighbours)
+        for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind, k=k,
                                    batch_size=batch_size, device=device):  # p: (2c, m)
             q = np.rint(np.clip(p, 0.0, 1.0) * _Q).astype(np.uint16)  # (2c, m)
             probs[sites, a:b, :] = q.reshape(b - a, 2, -1).transpose(2, 0, 1)  # (m, c, 2)
@@ -236,12 +279,16 @@ def _write_vcf(out_vcf: Path, prepared: PreparedData, target: _Target, gt: np.me
 
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
-    batch_size: int = 256, sample_chunk: int = 500, device: str = "auto",
+    retrieval: str = "match", k: int | None = None, batch_size: int = 256, sample_chunk: int = 500,
+    device: str = "auto",
 ) -> ImputeSummary:
     """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
 
     ``out_vcf`` (.vcf.gz + .tbi) is written atomically; typed sites keep their GT (flag TYPED),
-    the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2.
+    the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. ``retrieval``: "match" (longest
+    match over the contig's typed sites, embrag.matching) or "index" (the variant's window index, as
+    in training). ``k`` neighbours per haplotype: default ``MATCH_K`` for "match", the model's k for
+    "index".
     """
     from storage.layout import RunLayout
 
@@ -249,12 +296,16 @@ def impute_vcf(
     checkpoint, target_vcf, out_vcf = Path(checkpoint), Path(target_vcf), Path(out_vcf)
     if not target_vcf.is_file():
         raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
     if sample_chunk < 1 or batch_size < 1:
         raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
     prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
-    single_threaded_search()  # FAISS's OpenMP pool next to torch's made each search ~6x slower here
     dev = resolve_device(device)
     model, cfg = load_model(checkpoint, dev)
+    k = k if k is not None else MATCH_K if retrieval == "match" else cfg.model.k
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     if cfg.window.size != prepared.window_size:
         raise ValueError(f"{checkpoint} was trained on windows of {cfg.window.size} sites, {run_dir} has "
                          f"{prepared.window_size}; use the run directory the model was trained on")
@@ -268,7 +319,7 @@ def impute_vcf(
         exclude = _exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
         shape = (len(prepared.sites), len(target.samples), 2)
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
-        _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
+        _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, retrieval=retrieval, k=k, batch_size=batch_size,
                        sample_chunk=sample_chunk, device=dev)
         written = _write_vcf(out_vcf, prepared, target, gt, probs, f"embrag {cfg.model.variant} {checkpoint.name}")
         del gt, probs  # release the memmaps before their files go
@@ -277,7 +328,7 @@ def impute_vcf(
     c = target.counts
     n_typed = int(target.typed.sum())
     return ImputeSummary(
-        out_vcf=str(out_vcf), variant=cfg.model.variant, n_samples=len(target.samples), n_panel_sites=written,
+        out_vcf=str(out_vcf), variant=cfg.model.variant, retrieval=retrieval, k=k, n_samples=len(target.samples), n_panel_sites=written,
         n_target_records=c["records"], n_typed_sites=n_typed, n_imputed_sites=written - n_typed,
         n_swapped=c["swapped"], n_ambiguous=c["ambiguous"], n_ambiguous_dropped=c["ambiguous_dropped"],
         n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],

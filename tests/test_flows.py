@@ -226,5 +226,5 @@ def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
         "impute", "--panel", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
         "--target", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth", str(vcf / "test.vcf.gz")])
     assert result.exit_code == 0, result.output
-    assert "samples (v17)" in result.output and "r2_mean_site" in result.output and out.exists()
+    assert "samples (v17, match retrieval, k=1)" in result.output and "r2_mean_site" in result.output and out.exists()
     assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()

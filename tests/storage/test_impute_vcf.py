@@ -11,7 +11,7 @@ import pytest
 import torch
 from cyvcf2 import VCF
 
-from embrag import retrieval
+from embrag import matching, retrieval
 from embrag.config import RunConfig
 from storage.errors import VcfInputError
 from storage.evaluate import evaluate_vcfs
@@ -182,22 +182,32 @@ def _with_panel_sample(run: dict, tmp_path: Path, sample: str) -> Path:
     return _write(tmp_path / "overlap.vcf", _join(header, [[*r, gts[r[1]]] for r in records]))
 
 
-def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["index", "match"])
+def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_path, monkeypatch, mode):
     sample = "PANEL_0003"
     target = _with_panel_sample(run, tmp_path, sample)
     with pytest.raises(VcfInputError, match=r"reference-panel samples \(PANEL_0003\).*leakage.*allow_panel_overlap"):
-        _impute(run, target, "overlap")
+        _impute(run, target, "overlap", retrieval=mode)
     own = 2 * run["prepared"].sample_ids("panel").tolist().index(sample) + np.array([0, 1])
-    calls = []
-    original = retrieval.WindowIndex.search
+    calls = []  # (hits without exclusion, exclusion, hits) per search
+    if mode == "index":
+        original = retrieval.WindowIndex.search
 
-    def spy(self, query, k, exclude_rows=None):
-        calls.append((original(self, query, k)[1], exclude_rows, original(self, query, k, exclude_rows)[1]))
-        return original(self, query, k, exclude_rows)
+        def spy(self, query, k, exclude_rows=None):
+            calls.append((original(self, query, k)[1], exclude_rows, original(self, query, k, exclude_rows)[1]))
+            return original(self, query, k, exclude_rows)
 
-    monkeypatch.setattr(retrieval.WindowIndex, "search", spy)
-    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True)
-    assert s.n_panel_overlap == 1 and s.n_samples == 7
+        monkeypatch.setattr(retrieval.WindowIndex, "search", spy)
+    else:
+        top = matching.top_matches
+
+        def spy(scores, k, *, seed=0, exclude_rows=None):
+            calls.append((top(scores, k, seed=seed), exclude_rows, top(scores, k, seed=seed, exclude_rows=exclude_rows)))
+            return calls[-1][2]
+
+        monkeypatch.setattr(matching, "top_matches", spy)
+    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True, retrieval=mode)
+    assert s.n_panel_overlap == 1 and s.n_samples == 7 and s.retrieval == mode
     assert calls
     q = 2 * 6 + np.array([0, 1])  # the panel sample is the 7th target sample
     for _free, exclude, got in calls:
@@ -211,6 +221,14 @@ def test_sample_chunks_do_not_change_output(run):
     _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
     _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)
     assert _body(small) == _body(large) == _body(run["out"])
+    _, index2 = _impute(run, run["sim"].test_array_vcf, "index2", sample_chunk=2, batch_size=3, retrieval="index")
+    _, index100 = _impute(run, run["sim"].test_array_vcf, "index100", sample_chunk=100, retrieval="index")
+    assert _body(index2) == _body(index100) != _body(run["out"])  # another retrieval, other neighbours
+
+
+def test_unknown_retrieval_is_refused(run):
+    with pytest.raises(ValueError, match="retrieval must be one of"):
+        _impute(run, run["sim"].test_array_vcf, "bad", retrieval="nearest")
 
 
 def test_evaluate_runs_on_imputed_output(run):
