@@ -139,10 +139,11 @@ def activation_mb(variant: str, k: int, batch: int = 32, length: int = 64) -> fl
 def _same_neighbours(a, b) -> bool:
     """Identical neighbours, ties allowed: equal distance profiles, each hit within the k-th distance.
 
-    Tolerance: flat sums L*D float32 terms (|x|^2 + |y|^2 - 2xy), so its error scales with the norms.
+    Tolerance: flat sums L*D float32 terms (|x|^2 + |y|^2 - 2xy), so its error scales with the norms:
+    measured here, a true distance 0 came out as 1.5e-3 next to distances of 123 (1.2e-5 relative).
     """
     (da, ra), (db, rb) = a, b
-    atol = 1e-5 * float(np.abs(da).max()) + 1e-6
+    atol = 1e-4 * float(np.abs(da).max()) + 1e-6
     if not np.allclose(da, db, rtol=0, atol=atol):
         return False
     return bool(((db <= da[:, -1:] + atol) | (ra == rb)).all())
