@@ -258,6 +258,8 @@ def impute(
     typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
+    if s.get("warning"):
+        typer.echo(f"  warning: {s['warning']}", err=True)
     if table:
         typer.echo(table)
 

@@ -83,6 +83,8 @@ class ImputeSummary:
     n_panel_overlap: int  # target samples that are panel samples (allow_panel_overlap)
     n_windows: int
     seconds: float
+    untyped_fraction: float  # panel sites the target does not type
+    warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
 @dataclass
@@ -277,6 +279,21 @@ def _write_vcf(out_vcf: Path, prepared: PreparedData, target: _Target, gt: np.me
         return writer.records_written
 
 
+def mask_mismatch(cfg: RunConfig, untyped: float) -> str | None:
+    """A warning when the target leaves far more sites untyped than the model's training masks hid.
+
+    Measured in `embrag demo`: V18 trained on 30-70 % masks imputed the array target (98 % of the
+    sites untyped) with aggregate r2 0.65 and non-reference discordance 0.29 at 5-50 % MAF.
+    """
+    trained = max([*cfg.mask.curriculum, cfg.mask.rare_rate or 0.0])
+    if untyped <= trained + 0.15:
+        return None
+    rate = round(min(0.95, untyped), 2)
+    return (f"the target leaves {untyped:.0%} of the panel sites untyped but the model was trained with masks of at "
+            f"most {trained:.0%}; expect poorly calibrated dosages. Train at the target's rate, e.g. --set "
+            f"mask.curriculum=[{max(0.5, rate - 0.1):.2f},{rate:.2f}] --set mask.rare_rate=0.99 --set mask.val_rate={rate:.2f}")
+
+
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
     retrieval: str = "match", k: int | None = None, batch_size: int = 256, sample_chunk: int = 500,
@@ -317,6 +334,10 @@ def impute_vcf(
             raise VcfInputError(f"{target_vcf}: no record matches a panel site (counts {target.counts}); check contig "
                                 "names, the genome build and REF/ALT against the panel")
         exclude = _exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
+        untyped = 1.0 - float(target.typed.mean())
+        warning = mask_mismatch(cfg, untyped)
+        if warning:
+            log.warning("%s: %s", checkpoint, warning)
         shape = (len(prepared.sites), len(target.samples), 2)
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
         _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, retrieval=retrieval, k=k, batch_size=batch_size,
@@ -333,7 +354,7 @@ def impute_vcf(
         n_swapped=c["swapped"], n_ambiguous=c["ambiguous"], n_ambiguous_dropped=c["ambiguous_dropped"],
         n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
         n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
-        n_windows=len(prepared.windows), seconds=time.perf_counter() - t0,
+        n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped, warning=warning,
     )
 
 

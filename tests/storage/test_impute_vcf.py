@@ -15,7 +15,7 @@ from embrag import matching, retrieval
 from embrag.config import RunConfig
 from storage.errors import VcfInputError
 from storage.evaluate import evaluate_vcfs
-from storage.impute import impute_vcf
+from storage.impute import impute_vcf, mask_mismatch
 from storage.layout import RunLayout
 from storage.prepare import prepare
 from storage.prepared import PreparedData
@@ -237,3 +237,11 @@ def test_evaluate_runs_on_imputed_output(run):
     assert report.n_samples == 6
     assert report.n_evaluated == run["summary"].n_imputed_sites
     assert report.dosage_sources == {"GP": report.n_evaluated}
+
+
+def test_a_target_masked_beyond_the_training_masks_gets_a_warning_with_the_fix(run):
+    assert mask_mismatch(CFG, 0.5) is None  # inside the default 30-70 % curriculum
+    warning = mask_mismatch(CFG, 0.98)
+    assert "98%" in warning and "70%" in warning and "--set mask.curriculum=[0.85,0.95]" in warning
+    assert run["summary"].untyped_fraction == pytest.approx(1 - run["summary"].n_typed_sites / run["summary"].n_panel_sites)
+    assert (run["summary"].warning is None) == (mask_mismatch(CFG, run["summary"].untyped_fraction) is None)
