@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def child(run_dir: Path, variant: str, k: int, batches: int) -> dict:
         layout.prepared.parent.mkdir(parents=True, exist_ok=True)
         layout.prepared.symlink_to(RunLayout(run_dir).prepared)
     run = VariantRun(layout, cfg)
+    shutil.rmtree(run.paths.root, ignore_errors=True)  # measure, never reuse an earlier run's finished stages
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     prep = prepare_epoch_inputs(run, 0)
     train = train_one_epoch(run, 0)
