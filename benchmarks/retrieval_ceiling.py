@@ -25,7 +25,7 @@ from embrag.metrics import bin_metrics, site_stats
 from embrag.retrieval import build_index
 from embrag.tokens import haplotype_tokens
 from embrag.windows import site_owner
-from storage.impute import _match_neighbours, panel_typed_tokens, read_target
+from storage.impute import match_neighbours, panel_typed_tokens, read_target
 from storage.layout import RunLayout
 from storage.prepared import PreparedData
 from storage.simulate import ARRAY_FILE, ROLE_FILES
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("index", "match"):
                 t0 = time.perf_counter()
                 nb = (index_neighbours(prepared, gt, target.typed, k) if name == "index" else
-                      _match_neighbours(prepared, gt, target.typed, 0, len(target.samples), k, None, panel_typed))
+                      match_neighbours(prepared, gt, target.typed, 0, len(target.samples), k, None, panel_typed))
                 seconds = time.perf_counter() - t0
                 dosage = copy_dosage(prepared, nb)[:, untyped]  # (N, m)
                 rows = bin_metrics(site_stats(dosage, truth[:, untyped]), maf)

@@ -204,7 +204,7 @@ def panel_typed_tokens(prepared: PreparedData, sites: np.ndarray) -> np.ndarray:
     return out
 
 
-def _match_neighbours(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int, k: int,
+def match_neighbours(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int, k: int,
                       exclude: np.ndarray | None, panel_typed: np.ndarray) -> np.ndarray | None:
     """Longest-match neighbours ``(W, 2(b-a), k)`` of samples ``a:b``, contig by contig; None if nothing typed."""
     typed_sites = np.flatnonzero(typed)  # (St,)
@@ -252,7 +252,7 @@ def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap,
     panel_typed = panel_typed_tokens(prepared, np.flatnonzero(target.typed)) if match else None  # (Hp, St)
     for a in range(0, n, sample_chunk):
         b = min(n, a + sample_chunk)
-        neighbours = (_match_neighbours(prepared, gt, target.typed, a, b, k, exclude, panel_typed)
+        neighbours = (match_neighbours(prepared, gt, target.typed, a, b, k, exclude, panel_typed)
                       if match else None)  # (W, 2c, k)
         inputs = _window_inputs(prepared, gt, target.typed, a, b, exclude, neighbours)
         for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind, k=k,
