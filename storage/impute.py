@@ -236,7 +236,7 @@ def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: 
             panel_tokens=prepared.tokens("panel", w), target_tokens=window_slice(tokens, 0, hi - lo, size, fill=PAD),
             af=af, position=position, real=real, mask=real & ~typed_w,
             exclude_rows=None if exclude is None else exclude[2 * a : 2 * b],
-            neighbours=None if neighbours is None else neighbours[w],
+            neighbours=None if neighbours is None or (neighbours[w] < 0).all() else neighbours[w],  # none: no typed site on the contig
         )
 
     return inputs
