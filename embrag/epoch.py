@@ -19,6 +19,7 @@ import torch
 from embrag.config import ModelConfig, TrainConfig
 from embrag.constants import ALT, REF
 from embrag.loss import masked_loss
+from embrag.progress import progress
 from embrag.retrieval import WindowIndex, apply_mask
 
 
@@ -211,7 +212,7 @@ def train_epoch(
     optimizer.zero_grad(set_to_none=True)
     stale = False
     current, data = -1, None
-    for i, (w, rows) in enumerate(plan):
+    for i, (w, rows) in enumerate(progress(plan, f"epoch {epoch} train", unit="batch")):
         if w != current or stale:
             current, data, stale = w, source.window(w), False
         batch = _batch_tensors(data, rows, device)
@@ -271,7 +272,7 @@ def evaluate(
     retrieval_ms, n_masked = 0.0, 0
     t_start = time.perf_counter()
     memory = PeakMemory(device)
-    for data, rows, _ in _iterate(source, plan):
+    for data, rows, _ in progress(_iterate(source, plan), "validate", total=len(plan), unit="batch"):
         batch = _batch_tensors(data, rows, device)
         with autocast(device):
             logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=False, device=device)

@@ -32,6 +32,7 @@ import torch
 
 from embrag.constants import MASK, MISSING
 from embrag.epoch import WindowData, forward_batch
+from embrag.progress import progress
 from embrag.retrieval import build_index
 from embrag.windows import Windows, site_owner
 
@@ -139,7 +140,7 @@ def iter_owned(
     window where it lies farthest from an edge, so every site is yielded exactly once.
     """
     owner, slot = site_owner(windows, n_sites)  # (S,), (S,)
-    for w in range(len(windows)):
+    for w in progress(range(len(windows)), "impute", unit="window"):
         sites = np.flatnonzero(owner == w)  # (m,)
         if len(sites) == 0:
             continue

@@ -192,8 +192,12 @@ class BinMetrics:
 
 
 def maf_bin_index(maf: np.ndarray) -> np.ndarray:
-    """Bin of each MAF in MAF_BINS (lower bound inclusive, upper exclusive except the last); -1 if none."""
-    maf = np.asarray(maf, np.float64)
+    """Bin of each MAF in MAF_BINS (lower bound inclusive, upper exclusive except the last); -1 if none.
+
+    MAFs are rounded to 7 decimals first: the prepared store keeps AF as float32, where 4/800 reads
+    0.0049999999, and a site exactly on a bound must land in the same bin as from the VCF's counts.
+    """
+    maf = np.round(np.asarray(maf, np.float64), 7)
     if np.any(maf > 0.5 + 1e-9):
         raise ValueError("maf must be <= 0.5 (pass min(AF, 1 - AF), not AF)")
     out = np.full(maf.shape, -1, np.int64)

@@ -16,6 +16,7 @@ import zarr
 
 from embrag.constants import VOCAB_SIZE
 from embrag.embedding import lookup_table
+from embrag.progress import progress
 from storage.atomic import atomic_path
 from storage.prepared import PreparedData
 
@@ -54,7 +55,7 @@ def encode_complete_embeddings(path: Path, prepared: PreparedData, embedding: to
     with atomic_path(Path(path)) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         tables, complete = create_arrays(root, prepared, dim)
-        for w in range(len(prepared.windows)):
+        for w in progress(range(len(prepared.windows)), f"encode e{version:04d}", unit="window"):
             write_window(tables, complete, prepared, embedding, w)
         root.attrs.update({"embedding_version": version, "complete": True})
     return Path(path)

@@ -31,6 +31,7 @@ import numpy as np
 import pysam
 import zarr
 
+from embrag.progress import progress_shown
 from storage.atomic import atomic_path
 from storage.errors import VcfInputError
 
@@ -151,6 +152,7 @@ def ingest_vcf(
                 worker_processes=worker_processes,
                 icf_path=work / "icf",
                 zarr_format=3,
+                show_progress=progress_shown(),
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -26,6 +26,7 @@ from embrag.epoch import WindowData, evaluate, train_epoch
 from embrag.masking import train_masks, validation_masks
 from embrag.model import build_model, resolve_device
 from embrag.optim import build_optimizer, build_scheduler, make_scaler
+from embrag.progress import progress
 from embrag.refresh import RefreshState, after_reencode, after_validation, batch_due, bump_mask, epoch_start
 from embrag.retrieval import build_index, single_threaded_search
 from storage.atomic import atomic_path, read_json, write_json
@@ -222,7 +223,7 @@ def build_indexes(run: VariantRun, split: str, mask_version: int, embedding_vers
     masks = read_masks(run.paths.val_masks if split == "val" else run.paths.masks(mask_version))
     store = EmbeddingStore(run.paths.embeddings(embedding_version)) if run.uses_embeddings else None
     t0 = time.perf_counter()
-    for w in range(len(run.prepared.windows)):
+    for w in progress(range(len(run.prepared.windows)), f"index {out.name}", unit="window"):
         write_window_index(run, out, w, masks[w], store, mask_version=mask_version if split == "train" else -1)
     summary = {"dir": str(out), "windows": len(masks), "kind": run.index_kind, "seconds": time.perf_counter() - t0}
     write_json(done, summary)

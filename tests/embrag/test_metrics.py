@@ -120,6 +120,8 @@ def test_zero_variance_sites_excluded_and_counted():
 def test_maf_bins_edges():
     idx = maf_bin_index(np.array([0.0, 0.004, 0.005, 0.01, 0.049, 0.05, 0.5, np.nan]))
     assert idx.tolist() == [0, 0, 1, 2, 2, 3, 3, -1]
+    on_bounds = np.array([4, 8, 40], np.float32) / np.float32(800)  # float32 AFs of the prepared store
+    assert maf_bin_index(on_bounds).tolist() == maf_bin_index(np.array([4, 8, 40]) / 800).tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="maf"):
         maf_bin_index(np.array([0.7]))
 
