@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -309,3 +310,27 @@ def _copy_atomic(src: Path, dst: Path) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return dst
+
+
+def log_imputation(layout: RunLayout, variant: str, target: str, evaluation: dict, files: dict[str, str],
+                   seconds: float) -> str | None:
+    """Accuracy of an imputed target on the variant's MLflow run, so V17 and V18 line up in the compare view.
+
+    Metrics ``impute_<target>_<r2|r2site|iqs|nrd>_<bin>`` and ``impute_<target>_seconds`` (step 0, replaced
+    on a rerun); the report files under ``imputation/<target>/``. None when the variant has no run.
+    """
+    tracker = Tracker(layout)
+    run_id = tracker.find_run(variant)
+    if run_id is None:
+        return None
+    target = re.sub(r"[^\w.\-]", "_", target)  # MLflow metric names: letters, digits, _ - . / and space
+    names = {"r2_aggregate": "r2", "r2_mean_site": "r2site", "iqs_mean": "iqs", "nrd": "nrd"}
+    values = {f"impute_{target}_{short}_{row['bin']}": row[field] for row in evaluation["bins"]
+              for field, short in names.items()}
+    values[f"impute_{target}_seconds"] = seconds
+    ts = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), ts, 0) for k, v in values.items() if _number(v)]
+    tracker.client.log_batch(run_id, metrics=metrics)
+    for path in files.values():
+        tracker.client.log_artifact(run_id, path, f"imputation/{target}")
+    return run_id

@@ -51,3 +51,13 @@ def compare_report_task(run_dir: str, parent_run_id: str, histories: dict[str, l
 def fail_run_task(run_dir: str, run_id: str) -> None:
     """Mark an MLflow run FAILED (the flow reraises; a rerun marks it RUNNING again)."""
     tracking.fail_run(RunLayout(Path(run_dir)), run_id)
+
+
+@task(name="track-imputation", **LIVE)
+def track_imputation_task(run_dir: str, variant: str, target: str, evaluation: dict, seconds: float) -> str | None:
+    """Imputation accuracy and report files on the variant's MLflow run (None if it has none)."""
+    import json
+
+    files = {k: evaluation[k] for k in ("tsv", "png", "json")}
+    report = json.loads(Path(evaluation["json"]).read_text())
+    return tracking.log_imputation(RunLayout(Path(run_dir)), variant, target, report, files, seconds)

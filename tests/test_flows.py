@@ -214,6 +214,13 @@ def test_impute_flow_defaults_impute_and_score_the_array_samples(reference):
     report = json.loads(Path(summary["evaluation"]["json"]).read_text())
     assert report["n_evaluated"] == again.n_evaluated > 0
     assert [b["n_sites"] for b in report["bins"]] == [b.n_sites for b in again.bins]  # float32 AFs bin alike
+    client, run = _mlflow_run(run_dir, "v18")  # the accuracy lands on the variant's run, for the compare view
+    assert summary["mlflow_run_id"] == run.info.run_id
+    assert run.data.metrics["impute_test_array_seconds"] == pytest.approx(summary["seconds"])
+    assert "impute_test_array_nrd_all" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "imputation/test_array")} == {
+        "imputation/test_array/accuracy_by_maf.tsv", "imputation/test_array/r2_by_maf.png",
+        "imputation/test_array/evaluation.json"}
 
 
 def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
