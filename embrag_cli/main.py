@@ -212,7 +212,7 @@ def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
     for variant in ("v17", "v18"):  # the held-out array samples, imputed and scored against their truth
         s = impute_flow(run_dir=str(run_dir), variant=variant)
         typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
-                   f"{s['evaluation']['table']}")
+                   f"{s['evaluation']['table']}" + (f"\n  note: {s['warning']}" if s["warning"] else ""))
     db = (run_dir / "mlflow.db").resolve()
     typer.echo(f"\ndone in {time.perf_counter() - t0:.0f} s. Compare the runs in the MLflow UI:\n"
                f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"

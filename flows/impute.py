@@ -33,6 +33,8 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
                 summary["n_typed_sites"], summary["n_imputed_sites"], summary["out_vcf"], summary["n_swapped"],
                 summary["n_ambiguous"], summary["n_ambiguous_dropped"], summary["n_absent"],
                 summary["n_panel_overlap"], summary["seconds"])
+    if summary["warning"]:
+        logger.warning("%s", summary["warning"])
     if truth is not None:
         summary["evaluation"] = evaluate_task(run_dir, str(truth), str(out))
         logger.info("accuracy against %s:\n%s", truth, summary["evaluation"]["table"])
