@@ -25,10 +25,11 @@ from embrag.metrics import bin_metrics, site_stats
 from embrag.retrieval import build_index
 from embrag.tokens import haplotype_tokens
 from embrag.windows import site_owner
-from storage.impute import match_neighbours, panel_typed_tokens, read_target
+from storage.impute import match_neighbours, panel_typed_tokens
 from storage.layout import RunLayout
 from storage.prepared import PreparedData
 from storage.simulate import ARRAY_FILE, ROLE_FILES
+from storage.target import read_target
 
 
 def index_neighbours(prepared: PreparedData, gt: np.ndarray, typed: np.ndarray, k: int) -> np.ndarray:

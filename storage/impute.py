@@ -1,13 +1,5 @@
-"""Impute a phased target VCF with a trained checkpoint: harmonise -> window-major model -> imputed VCF.
-
-Harmonisation (target vs the model's panel sites, keyed by (contig, pos, REF, ALT), "chr20" == "20"):
-- exact match: typed site; a REF/ALT swap (target REF/ALT = panel ALT/REF): alleles flipped, counted;
-- strand-ambiguous SNPs (A/T, C/G) are kept only on an exact match and never flipped: a swapped
-  A/T could as well be the other strand, so those are dropped and counted;
-- target records absent from the panel are dropped and counted; multi-allelic / symbolic skipped.
-Errors (``VcfInputError``, naming file, record and fix): duplicate sites, unphased or non-diploid
-calls, no samples / GT, target samples that are panel samples (leakage) unless
-``allow_panel_overlap`` (their own panel rows are then excluded from retrieval).
+"""Impute a phased target VCF with a trained checkpoint: harmonise (storage.target) -> window-major
+model -> imputed VCF.
 
 Memory is bounded whatever the number of target samples N: harmonised target genotypes go to an
 on-disk sparse array ``int8 [S, N, 2]`` (only typed rows are ever written); samples are imputed
@@ -21,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +28,12 @@ from embrag.tokens import haplotype_tokens, window_slice
 from embrag.windows import site_owner
 from storage.checkpoints import load_checkpoint
 from storage.errors import VcfInputError
-from storage.evaluate import normalise_contig
-from storage.ingest import _open, _records, skip_reason
 from storage.prepared import PreparedData
+from storage.target import Target, exclude_rows, panel_af, read_target
 from storage.vcf_out import ImputedVcfWriter
 
 log = logging.getLogger(__name__)
 
-_AMBIGUOUS = ({"A", "T"}, {"C", "G"})
 _Q = 65535  # probabilities stored as uint16 p * 65535: 1.5e-5 resolution everywhere (float16 is 5e-4 near 1)
 _SLAB_VALUES = 1 << 21  # sites x samples per write slab (~16 MB as float32 haplotype pairs)
 RETRIEVALS = ("match", "index")  # longest match over the contig (embrag.matching) | the model's window index
@@ -52,15 +42,6 @@ RETRIEVALS = ("match", "index")  # longest match over the contig (embrag.matchin
 # with 2, 0.898 with 4 (the model was trained on 4 window neighbours, all about equally close, and
 # averages the longest-match ones, diluting the best; rare alleles suffer most: 0.935 vs 0.842).
 MATCH_K = 1
-
-
-def _fix_phase(path: Path) -> str:
-    return (f"pre-phase the target first, e.g. `beagle gt={path} out=phased impute=false` (or SHAPEIT5), "
-            "then impute phased.vcf.gz")
-
-
-_FIX_DEDUP = ("keep one record per site, e.g. `bcftools norm -d exact -Oz -o dedup.vcf.gz target.vcf.gz`; a record "
-              "and its REF/ALT-swapped twin must be resolved by hand")
 
 
 @dataclass(frozen=True)
@@ -85,105 +66,6 @@ class ImputeSummary:
     seconds: float
     untyped_fraction: float  # panel sites the target does not type
     warning: str | None = None  # the target is masked far beyond what the model was trained on
-
-
-@dataclass
-class _Target:
-    """Harmonised target: sample ids, typed panel rows, counts; genotypes live in an on-disk array."""
-
-    samples: list[str]
-    typed: np.ndarray  # bool [S]
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-def _panel_lookup(prepared: PreparedData) -> dict[tuple[str, int, str, str], int]:
-    s = prepared.sites
-    keys = zip(s.contig.tolist(), s.position.tolist(), s.ref.tolist(), s.alt.tolist(), strict=True)
-    return {(normalise_contig(c), int(p), r, a): i for i, (c, p, r, a) in enumerate(keys)}
-
-
-def _alleles(rec, where: str, path: Path) -> np.ndarray:
-    """Phased diploid alleles ``int8 [N, 2]`` (-1 missing); VcfInputError otherwise."""
-    if rec.genotype is None or "GT" not in rec.FORMAT:
-        raise VcfInputError(f"{where}: the record has no GT field; provide phased genotypes (GT) for every record")
-    gt = rec.genotype.array()  # int16 [N, ploidy + 1], last column = phased flag
-    alleles, phased = gt[:, :-1], gt[:, -1].astype(bool)
-    if alleles.shape[1] != 2 or (alleles == -2).any():
-        raise VcfInputError(f"{where}: non-diploid call; embrag needs diploid phased calls (missing as '.|.')")
-    unphased = ~phased & ~(alleles < 0).all(axis=1)  # an all-missing './.' carries no phase
-    if unphased.any():
-        i = int(np.flatnonzero(unphased)[0])
-        raise VcfInputError(f"{where}: sample #{i + 1} has an unphased genotype ('/'); {_fix_phase(path)}")
-    return np.where(alleles < 0, -1, alleles).astype(np.int8)
-
-
-def _match(key, lookup: dict) -> tuple[int | None, bool, str]:
-    """(panel row or None, flip alleles, outcome) for one biallelic target key."""
-    if (row := lookup.get(key)) is not None:
-        return row, False, "ambiguous" if {key[2], key[3]} in _AMBIGUOUS else "exact"
-    if (row := lookup.get((key[0], key[1], key[3], key[2]))) is not None:
-        if {key[2], key[3]} in _AMBIGUOUS:
-            return None, False, "ambiguous_dropped"  # swap or strand flip? undecidable: never flip
-        return row, True, "swapped"
-    return None, False, "absent"
-
-
-def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[_Target, np.memmap]:
-    """Validate and harmonise ``path`` (records in any order); genotypes -> ``work/target_gt.npy``
-    ``int8 [S, N, 2]`` at panel rows, in panel orientation (swapped records flipped)."""
-    vcf = _open(path)
-    try:
-        samples = list(vcf.samples)
-        if not samples or len(set(samples)) != len(samples):
-            raise VcfInputError(f"{path}: the file has no samples or repeats a sample id; give unique sample columns")
-        n_sites, lookup = len(prepared.sites), _panel_lookup(prepared)
-        gt = np.lib.format.open_memmap(work / "target_gt.npy", "w+", np.int8, (n_sites, len(samples), 2))
-        target = _Target(samples, np.zeros(n_sites, bool), dict.fromkeys(
-            ("records", "exact", "swapped", "ambiguous", "ambiguous_dropped", "absent", "skipped", "missing_calls"), 0))
-        seen: dict[tuple, int] = {}  # panel row (or absent key) -> record number: duplicates
-        c = target.counts
-        for n, rec in _records(vcf, path):
-            c["records"] += 1
-            where = f"{path}: record {n} ({rec.CHROM}:{rec.POS})"
-            if skip_reason(rec.ALT) is not None:
-                c["skipped"] += 1
-                continue
-            alleles = _alleles(rec, where, path)
-            key = (normalise_contig(rec.CHROM), int(rec.POS), rec.REF, rec.ALT[0])
-            row, flip, outcome = _match(key, lookup)
-            ident = row if row is not None else key
-            if ident in seen:
-                raise VcfInputError(f"{where}: duplicate site {rec.CHROM}:{rec.POS} {rec.REF}>{rec.ALT[0]} (same "
-                                    f"panel site as record {seen[ident]}); {_FIX_DEDUP}")
-            seen[ident] = n
-            c[outcome] += 1
-            if row is None:
-                continue
-            gt[row] = np.where(alleles >= 0, 1 - alleles, alleles) if flip else alleles
-            target.typed[row] = True
-            c["missing_calls"] += int((alleles < 0).any(axis=1).sum())
-        return target, gt
-    finally:
-        vcf.close()
-
-
-def _exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: Path) -> np.ndarray | None:
-    """``int64 [2N, 2]`` panel rows of each target haplotype's own sample (-1 where none), or None."""
-    panel = {s: j for j, s in enumerate(prepared.sample_ids("panel").tolist())}
-    overlap = [i for i, s in enumerate(samples) if s in panel]
-    if not overlap:
-        return None
-    if not allow:
-        names = [samples[i] for i in overlap]
-        raise VcfInputError(
-            f"{path}: {len(names)} target sample(s) are reference-panel samples ({', '.join(names[:5])}); retrieval "
-            f"would find their own haplotypes (leakage). Remove them (`bcftools view -s ^{','.join(names[:3])} ...`) "
-            "or pass allow_panel_overlap=True (then their own panel rows are excluded from retrieval)")
-    exclude = np.full((2 * len(samples), 2), -1, np.int64)
-    for i in overlap:
-        j = panel[samples[i]]
-        exclude[2 * i : 2 * i + 2] = [2 * j, 2 * j + 1]  # both haplotypes of the sample, for both queries
-    return exclude
 
 
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig]:
@@ -242,7 +124,7 @@ def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: 
     return inputs
 
 
-def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: _Target,
+def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: Target,
                    exclude: np.ndarray | None, probs: np.memmap, *, retrieval: str, k: int, batch_size: int,
                    sample_chunk: int, device: torch.device) -> None:
     """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window."""
@@ -262,7 +144,7 @@ def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap,
         log.info("imputed samples %d-%d of %d", a, b, n)
 
 
-def _write_vcf(out_vcf: Path, prepared: PreparedData, target: _Target, gt: np.memmap, probs: np.memmap,
+def _write_vcf(out_vcf: Path, prepared: PreparedData, target: Target, gt: np.memmap, probs: np.memmap,
                source: str) -> int:
     """Site-major VCF of every panel site, a slab of sites at a time."""
     s = prepared.sites
@@ -333,7 +215,7 @@ def impute_vcf(
         if not target.typed.any():
             raise VcfInputError(f"{target_vcf}: no record matches a panel site (counts {target.counts}); check contig "
                                 "names, the genome build and REF/ALT against the panel")
-        exclude = _exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
+        exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
         untyped = 1.0 - float(target.typed.mean())
         warning = mask_mismatch(cfg, untyped)
         if warning:
@@ -356,15 +238,6 @@ def impute_vcf(
         n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
         n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped, warning=warning,
     )
-
-
-def panel_af(run_dir: Path) -> dict[tuple[str, int, str, str], float]:
-    """(contig, pos, REF, ALT) -> ALT frequency in the prepared panel: the MAF bins of `evaluate`."""
-    from storage.layout import RunLayout
-
-    prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
-    af = prepared.sites.af
-    return {key: float(af[i]) for key, i in _panel_lookup(prepared).items()}
 
 
 def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_vcf: Path | None,
@@ -392,6 +265,7 @@ def evaluate_imputed(run_dir: Path, truth_vcf: Path, imputed_vcf: Path):
     """Score ``imputed_vcf`` against ``truth_vcf`` by prepared-panel MAF bin; report files in
     ``evaluation_dir(imputed_vcf)``. Returns (EvaluationReport, ReportFiles)."""
     from storage.evaluate import evaluate_vcfs, write_report
+    from storage.layout import RunLayout
 
-    report = evaluate_vcfs(truth_vcf, imputed_vcf, panel_af(run_dir))
+    report = evaluate_vcfs(truth_vcf, imputed_vcf, panel_af(PreparedData(RunLayout(Path(run_dir)).prepared)))
     return report, write_report(report, evaluation_dir(Path(imputed_vcf)))
