@@ -11,7 +11,7 @@ export DO_NOT_TRACK ?= true
 # Idle OpenMP workers sleep instead of spinning (see embrag_cli/main.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench bench-accuracy lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/v17_vs_v18.py
+
+# Against Beagle 5.4 and minimac4 (apt-get install beagle minimac4 bcftools tabix); ~20 min here.
+bench-accuracy: $(STAMP)
+	$(BIN)/python benchmarks/accuracy.py --array-every 3 --mask array
 
 lint: $(STAMP)
 	$(BIN)/ruff check embrag storage tasks flows embrag_cli tests benchmarks
