@@ -51,11 +51,6 @@ class WindowInputs:
     neighbours: np.ndarray | None = None  # (Ht, K) longest-match panel rows (embrag.matching); no index then
 
 
-def index_kind(variant: str, configured: str) -> str | None:
-    """The index a variant searches: token space for V17, the configured embedding index for V18."""
-    return {"v17": "token", "v18": configured}.get(variant)
-
-
 def _model_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``(Ht, L)`` model input: MASK at untyped sites AND at missing calls (the sites to fill in)."""
     return np.where(mask[None, :] | (tokens == MISSING), np.uint8(MASK), tokens)
@@ -147,16 +142,3 @@ def iter_owned(
         probs = impute_window(model, window_inputs(w), index_kind=index_kind, k=k, batch_size=batch_size,
                               device=device)
         yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)
-
-
-def impute_sites(
-    model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
-    n_haplotypes: int, index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """ALT probabilities ``float32 (Ht, S)`` over all sites, windows merged by ownership."""
-    out = np.full((n_haplotypes, n_sites), np.nan, np.float32)
-    for sites, probs in iter_owned(model, windows, n_sites, window_inputs, index_kind=index_kind,
-                                   batch_size=batch_size, device=device):
-        out[:, sites] = probs
-    return out
-

@@ -49,6 +49,12 @@ def single_threaded_search() -> None:
     faiss.omp_set_num_threads(1)
 
 
+def index_kind(variant: str, configured: str) -> str | None:
+    """The index a variant searches: token space for V17, the configured embedding index for V18,
+    none for the no-retrieval model."""
+    return {"v17": "token", "v18": configured}.get(variant)
+
+
 def apply_mask(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Return ``uint8 [N, L]`` with masked sites (``mask`` True) set to MASK."""
     mask = _as_mask(mask)

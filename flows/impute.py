@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from storage.impute import default_paths
+from storage.layout import vcf_stem
 from tasks.impute import evaluate_task, impute_task
 from tasks.track import track_imputation_task
 
@@ -38,7 +39,6 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
     if truth is not None:
         summary["evaluation"] = evaluate_task(run_dir, str(truth), str(out))
         logger.info("accuracy against %s:\n%s", truth, summary["evaluation"]["table"])
-        target_name = out.name.removesuffix(".vcf.gz").removesuffix(f".{summary['variant']}")
-        summary["mlflow_run_id"] = track_imputation_task(run_dir, summary["variant"], target_name,
+        summary["mlflow_run_id"] = track_imputation_task(run_dir, summary["variant"], vcf_stem(target),
                                                          summary["evaluation"], summary["seconds"])
     return summary

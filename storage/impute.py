@@ -21,13 +21,16 @@ import torch
 
 from embrag.config import RunConfig
 from embrag.constants import PAD
-from embrag.impute import WindowInputs, index_kind, iter_owned
+from embrag.impute import WindowInputs, iter_owned
 from embrag.matching import window_neighbours
 from embrag.model import build_model, resolve_device
+from embrag.retrieval import index_kind
 from embrag.tokens import haplotype_tokens, window_slice
 from embrag.windows import site_owner
 from storage.checkpoints import load_checkpoint
 from storage.errors import VcfInputError
+from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write_report
+from storage.layout import RunLayout, vcf_stem
 from storage.prepared import PreparedData
 from storage.target import Target, exclude_rows, panel_af, read_target
 from storage.vcf_out import ImputedVcfWriter
@@ -189,8 +192,6 @@ def impute_vcf(
     in training). ``k`` neighbours per haplotype: default ``MATCH_K`` for "match", the model's k for
     "index".
     """
-    from storage.layout import RunLayout
-
     t0 = time.perf_counter()
     checkpoint, target_vcf, out_vcf = Path(checkpoint), Path(target_vcf), Path(out_vcf)
     if not target_vcf.is_file():
@@ -244,8 +245,7 @@ def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_v
                   out_vcf: Path | None, truth_vcf: Path | None) -> tuple[Path, Path, Path, Path | None]:
     """Fill what was not given: the last checkpoint of ``variant``; the simulated array target and its
     truth (the simulated test VCF) when no target is given; ``imputed/<target>.<variant>.vcf.gz``."""
-    from storage.layout import RunLayout
-    from storage.simulate import ARRAY_FILE, ROLE_FILES
+    from storage.simulate import ARRAY_FILE, ROLE_FILES  # loads msprime/stdpopsim: only for these defaults
 
     layout = RunLayout(Path(run_dir))
     if target_vcf is None:
@@ -258,14 +258,11 @@ def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_v
 
 def evaluation_dir(out_vcf: Path) -> Path:
     """Where the accuracy report of ``out_vcf`` goes: next to it, ``<name>.evaluation/``."""
-    return out_vcf.with_name(out_vcf.name.removesuffix(".gz").removesuffix(".vcf") + ".evaluation")
+    return out_vcf.with_name(vcf_stem(out_vcf) + ".evaluation")
 
 
-def evaluate_imputed(run_dir: Path, truth_vcf: Path, imputed_vcf: Path):
+def evaluate_imputed(run_dir: Path, truth_vcf: Path, imputed_vcf: Path) -> tuple[EvaluationReport, ReportFiles]:
     """Score ``imputed_vcf`` against ``truth_vcf`` by prepared-panel MAF bin; report files in
-    ``evaluation_dir(imputed_vcf)``. Returns (EvaluationReport, ReportFiles)."""
-    from storage.evaluate import evaluate_vcfs, write_report
-    from storage.layout import RunLayout
-
+    ``evaluation_dir(imputed_vcf)``."""
     report = evaluate_vcfs(truth_vcf, imputed_vcf, panel_af(PreparedData(RunLayout(Path(run_dir)).prepared)))
     return report, write_report(report, evaluation_dir(Path(imputed_vcf)))

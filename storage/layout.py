@@ -21,6 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def vcf_stem(path: Path | str) -> str:
+    """``x.vcf.gz`` / ``x.vcf.bgz`` / ``x.vcf`` / ``x.bcf`` -> ``x``."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".bgz").removesuffix(".vcf").removesuffix(".bcf")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
@@ -50,8 +55,7 @@ class RunLayout:
 
     def imputed(self, target_vcf: Path, variant: str) -> Path:
         """Default output of imputing ``target_vcf`` with ``variant``: imputed/<stem>.<variant>.vcf.gz."""
-        stem = Path(target_vcf).name.removesuffix(".gz").removesuffix(".bgz").removesuffix(".vcf").removesuffix(".bcf")
-        return self.root / "imputed" / f"{stem}.{variant}.vcf.gz"
+        return self.root / "imputed" / f"{vcf_stem(target_vcf)}.{variant}.vcf.gz"
 
     @property
     def mlflow_db(self) -> Path:

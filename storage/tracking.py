@@ -312,7 +312,7 @@ def _copy_atomic(src: Path, dst: Path) -> Path:
     return dst
 
 
-def log_imputation(layout: RunLayout, variant: str, target: str, evaluation: dict, files: dict[str, str],
+def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict], files: dict[str, str],
                    seconds: float) -> str | None:
     """Accuracy of an imputed target on the variant's MLflow run, so V17 and V18 line up in the compare view.
 
@@ -325,7 +325,7 @@ def log_imputation(layout: RunLayout, variant: str, target: str, evaluation: dic
         return None
     target = re.sub(r"[^\w.\-]", "_", target)  # MLflow metric names: letters, digits, _ - . / and space
     names = {"r2_aggregate": "r2", "r2_mean_site": "r2site", "iqs_mean": "iqs", "nrd": "nrd"}
-    values = {f"impute_{target}_{short}_{row['bin']}": row[field] for row in evaluation["bins"]
+    values = {f"impute_{target}_{short}_{row['bin']}": row[field] for row in bins
               for field, short in names.items()}
     values[f"impute_{target}_seconds"] = seconds
     ts = int(time.time() * 1000)

@@ -28,7 +28,7 @@ from embrag.model import build_model, resolve_device
 from embrag.optim import build_optimizer, build_scheduler, make_scaler
 from embrag.progress import progress
 from embrag.refresh import RefreshState, after_reencode, after_validation, batch_due, bump_mask, epoch_start
-from embrag.retrieval import build_index, single_threaded_search
+from embrag.retrieval import build_index, index_kind, single_threaded_search
 from storage.atomic import atomic_path, read_json, write_json
 from storage.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from storage.embeddings import EmbeddingStore, encode_complete_embeddings, is_complete
@@ -70,8 +70,8 @@ class VariantRun:
         return self.variant == "v18"
 
     @property
-    def index_kind(self) -> str:
-        return "token" if self.variant == "v17" else self.cfg.index.kind
+    def index_kind(self) -> str | None:
+        return index_kind(self.variant, self.cfg.index.kind)
 
     @property
     def device(self) -> torch.device:

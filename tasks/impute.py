@@ -25,6 +25,7 @@ def impute_task(run_dir: str, checkpoint: str, target_vcf: str, out_vcf: str, al
 
 @task(name="evaluate-imputed", **LIVE)
 def evaluate_task(run_dir: str, truth_vcf: str, imputed_vcf: str) -> dict:
-    """Accuracy of ``imputed_vcf`` against ``truth_vcf`` by panel-MAF bin: table + paths of the report files."""
+    """Accuracy of ``imputed_vcf`` against ``truth_vcf`` by panel-MAF bin: table, rows, paths of the report files."""
     report, files = evaluate_imputed(Path(run_dir), Path(truth_vcf), Path(imputed_vcf))
-    return {"table": report.table(), **{k: str(v) for k, v in dataclasses.asdict(files).items()}}
+    return {"table": report.table(), "bins": [dataclasses.asdict(b) for b in report.bins],
+            **{k: str(v) for k, v in dataclasses.asdict(files).items()}}

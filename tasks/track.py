@@ -55,9 +55,7 @@ def fail_run_task(run_dir: str, run_id: str) -> None:
 
 @task(name="track-imputation", **LIVE)
 def track_imputation_task(run_dir: str, variant: str, target: str, evaluation: dict, seconds: float) -> str | None:
-    """Imputation accuracy and report files on the variant's MLflow run (None if it has none)."""
-    import json
-
+    """Imputation accuracy (``evaluate_task``'s result) and its report files on the variant's MLflow run
+    (None if it has none)."""
     files = {k: evaluation[k] for k in ("tsv", "png", "json")}
-    report = json.loads(Path(evaluation["json"]).read_text())
-    return tracking.log_imputation(RunLayout(Path(run_dir)), variant, target, report, files, seconds)
+    return tracking.log_imputation(RunLayout(Path(run_dir)), variant, target, evaluation["bins"], files, seconds)

@@ -13,13 +13,11 @@ from embrag.impute import (
     WindowInputs,
     _model_tokens,
     _search_tokens,
-    impute_sites,
     impute_window,
-    index_kind,
     iter_owned,
 )
 from embrag.model import build_model
-from embrag.retrieval import build_index
+from embrag.retrieval import build_index, index_kind
 from embrag.windows import make_windows, site_owner
 
 L, K = 12, 3
@@ -147,7 +145,9 @@ def test_overlapping_windows_are_merged_by_owner(rng):
         return WindowInputs(pad(tokens, PAD), pad(target, PAD), pad(af, 0), position, real, real & ~pad(typed, False))
 
     model = _model("v18").eval()
-    merged = impute_sites(model, windows, n_sites, window_inputs, n_haplotypes=4, index_kind="compact")
+    merged = np.full((4, n_sites), np.nan, np.float32)
+    for sites, probs in iter_owned(model, windows, n_sites, window_inputs, index_kind="compact"):
+        merged[:, sites] = probs
     owner, slot = site_owner(windows, n_sites)
     for s in range(n_sites):
         expect = impute_window(model, window_inputs(owner[s]), index_kind="compact")[:, slot[s]]
