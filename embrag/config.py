@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CONFIG_FORMAT_VERSION = 1
+CONFIG_FORMAT_VERSION = 2  # 2: mask.design, retrieval section, match-evidence model
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,21 @@ class SimulateConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How study samples are split into train / val (test comes from its own VCF)."""
+    """Who the training and validation queries are (test comes from its own VCF).
+
+    ``panel_queries``: panel samples are queries too, ``val_fraction`` of them for validation; a
+    query never retrieves its own sample, and every panel haplotype stays a reference for the
+    others (leave-one-sample-out), so a panel alone is enough to train. A study VCF, when given,
+    adds its samples as extra queries, split the same way.
+    """
 
     val_fraction: float = 0.2
     seed: int = 7
+    panel_queries: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"split.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -65,12 +76,18 @@ class WindowConfig:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Mask plan: training curriculum, AF-guided rare-site rate, fixed validation mask.
+    """Mask plan (``embrag.masking``): which sites training hides, per mask version, and validation's.
 
-    A mask depends only on (seed, mask version, window) and site properties (panel MAF), never on
-    a sample's genotypes.
+    ``design="random"``: a training curriculum of hidden rates (rare sites at ``rare_rate``);
+    ``design="array"``: everything hidden but an array-like subset of ``array_per_mb`` common sites
+    (panel MAF >= ``array_min_maf``) per Mb, a new draw per mask version — train for the array you
+    will impute. A mask depends only on (seed, mask version) and site properties (contig, position,
+    panel MAF), never on a sample's genotypes.
     """
 
+    design: Literal["random", "array"] = "random"
+    array_per_mb: float = 200.0  # design "array": typed sites per Mb
+    array_min_maf: float = 0.05  # design "array": only sites at least this common are typed
     seed: int = 1234
     curriculum: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # training rate per curriculum level
     epochs_per_level: int = 2  # curriculum advances every n epochs (0 = never)
@@ -84,6 +101,11 @@ class MaskConfig:
         rates = list(self.curriculum) + [self.val_rate] + ([self.rare_rate] if self.rare_rate is not None else [])
         if not self.curriculum or any(not 0.0 < r < 1.0 for r in rates):
             raise ValueError(f"mask rates must be in (0, 1): curriculum={self.curriculum}, val={self.val_rate}")
+        if self.design not in ("random", "array"):
+            raise ValueError(f"mask.design must be 'random' or 'array', got {self.design!r}")
+        if self.array_per_mb <= 0 or not 0.0 <= self.array_min_maf < 0.5:
+            raise ValueError(f"mask.array_per_mb must be > 0 and array_min_maf in [0, 0.5), got "
+                             f"{self.array_per_mb}, {self.array_min_maf}")
 
 
 @dataclass(frozen=True)
@@ -96,14 +118,18 @@ class ModelConfig:
     heads: int = 4
     ff_mult: int = 4
     dropout: float = 0.1
-    k: int = 4  # retrieved haplotypes per query haplotype
+    k: int = 16  # retrieved haplotypes per query haplotype (embrag.neighbours)
     max_len: int = 64  # window length in sites (== WindowConfig.size)
     af_features: int = 16  # Fourier frequencies of the allele-frequency encoding
     position_norm: bool = True  # per-position LayerNorm in the embedding layer
+    match_features: bool = True  # per neighbour and site, match lengths around the site enter the fusion
+    copy_head: bool = True  # output = logit of the match-weighted copy of the neighbours + a learned correction
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.k < 1:
+            raise ValueError(f"ModelConfig.k must be >= 1, got {self.k}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +137,33 @@ class IndexConfig:
     """Masked retrieval index per window. ``compact`` is exact and ~L-dimensional (DESIGN.md §5)."""
 
     kind: Literal["flat", "compact"] = "compact"
-    overfetch: int = 8  # extra neighbours fetched so self-matches can be dropped
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How neighbours are chosen (``embrag.neighbours``), the same for training, validation and imputation.
+
+    Candidates: the window's masked index (``candidates`` nearest, exact ties in a seeded random
+    order) plus the ``pbwt_radius`` sequences on each side of the query in the positional-BWT order
+    at the window's two edges (the longest matches into and out of the window). ``rank="match"``
+    keeps the ``model.k`` candidates with the longest run of matching typed sites through the
+    window centre, across window edges (in typed sites or bp, ``run_unit``); ``rank="index"`` keeps
+    the index's first ``k`` (the seed's design, ties broken at random).
+    """
+
+    candidates: int = 64
+    pbwt_radius: int = 16
+    rank: Literal["match", "index"] = "match"
+    run_unit: Literal["sites", "bp"] = "sites"
+    seed: int = 99
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1 or self.pbwt_radius < 0:
+            raise ValueError(f"retrieval.candidates must be >= 1 and pbwt_radius >= 0, got "
+                             f"{self.candidates}, {self.pbwt_radius}")
+        if self.rank not in ("match", "index") or self.run_unit not in ("sites", "bp"):
+            raise ValueError(f"retrieval.rank must be 'match' or 'index' and run_unit 'sites' or 'bp', got "
+                             f"{self.rank!r}, {self.run_unit!r}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +212,7 @@ class RunConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
@@ -223,6 +276,7 @@ _SECTION_TYPES: dict[str, type] = {
     "mask": MaskConfig,
     "model": ModelConfig,
     "index": IndexConfig,
+    "retrieval": RetrievalConfig,
     "train": TrainConfig,
     "refresh": RefreshConfig,
 }

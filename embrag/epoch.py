@@ -1,44 +1,50 @@
-"""One training epoch and one validation pass, as plain functions over a window source.
+"""One training epoch over a window source, and the forward pass every path shares.
 
 Batches are grouped by window (one index and one block of reference embeddings per group, never
-one per item), retrieval runs in this process, keys were encoded in eval mode without grad, and
-results are scattered back by haplotype row. File access lives behind :class:`WindowSource`
-(implemented in ``storage``), so this module never touches paths.
+one per item), retrieval runs in this process (``retrieve``: the same neighbour selection as
+validation and imputation), keys were encoded in eval mode without grad. File access lives behind
+:class:`WindowSource` (implemented in ``storage``), so this module never touches paths.
+Validation runs the imputation path (``embrag.validate``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from embrag.config import ModelConfig, TrainConfig
+from embrag.config import ModelConfig, RetrievalConfig, TrainConfig
 from embrag.constants import ALT, REF
 from embrag.loss import masked_loss
+from embrag.model import reference_alleles
+from embrag.neighbours import MatchContext, Neighbours, select_neighbours
 from embrag.progress import progress
 from embrag.retrieval import WindowIndex, apply_mask
 
 
 @dataclass
 class WindowData:
-    """Everything one window contributes to a batch group."""
+    """Everything one window contributes to a batch group (training, validation and imputation alike)."""
 
     window: int
-    query_tokens: np.ndarray  # (Hq, L) uint8, complete (labels come from here)
+    query_tokens: np.ndarray  # (Hq, L) uint8: complete (training: labels come from here) or typed-only (target)
     af: np.ndarray  # (L,) float32
     position: np.ndarray  # (L,) float32 in [0, 1]
     real: np.ndarray  # (L,) bool, False on padding
-    mask: np.ndarray  # (L,) bool, True = hidden (same mask as the index)
+    mask: np.ndarray  # (L,) bool, True = hidden (the same mask as the index)
     index: WindowIndex | None  # None for the no-retrieval model
     panel_tokens: np.ndarray  # (Hp, L) uint8, complete
-    # rows (N,) -> (N, L, D) float16 complete reference embeddings ("store" mode)
+    # rows (N,) -> (N, L, D) complete reference embeddings (V18 "store" mode, or the table lookup)
     reference_rows: Callable[[np.ndarray], np.ndarray] | None = None
-    exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve
-    neighbours: np.ndarray | None = None  # (Hq, K) panel rows found beforehand (longest match); replaces index
+    exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve (its own sample)
+    match: MatchContext | None = None  # PBWT evidence over this mask's typed sites (None: index order only)
+    query_ids: np.ndarray | None = None  # (Hq,) sequence ids of the query rows in ``match``
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    seed: int = 0  # order among equal neighbours (training: per epoch and window)
 
 
 class WindowSource(Protocol):
@@ -78,11 +84,34 @@ def batch_plan(n_windows: int, n_haps: int, batch_size: int, *, seed: int, epoch
     return plan
 
 
-def _batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+def has_donor(query: np.ndarray, panel: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """``bool (B, L)``: the query's allele is carried by a panel haplotype it may retrieve.
+
+    A panel query never retrieves its own sample, so where its sample holds every panel copy of its
+    allele (a panel singleton it carries) no reference can show it: a leave-one-out artefact that a
+    target does not have (its private alleles are not panel sites at all). Training and validation
+    leave those pairs out of the loss and the scores.
+    """
+    alt, ref = (panel == ALT).sum(0), (panel == REF).sum(0)  # (L,)
+    own_alt = own_ref = 0
+    if exclude is not None:
+        ok = exclude >= 0  # (B, E)
+        own = panel[np.where(ok, exclude, 0)]  # (B, E, L)
+        own_alt = ((own == ALT) & ok[..., None]).sum(1)  # (B, L)
+        own_ref = ((own == REF) & ok[..., None]).sum(1)
+    donors = np.where(query == ALT, alt - own_alt, np.where(query == REF, ref - own_ref, 1))  # (B, L)
+    return donors > 0
+
+
+def batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs of query ``rows``: masked tokens, labels and loss targets at hidden REF/ALT sites
+    whose allele some allowed reference carries (``has_donor``)."""
     complete = data.query_tokens[rows]  # (B, L)
     masked = apply_mask(complete, data.mask)
     b = len(rows)
-    target = data.mask[None, :] & data.real[None, :] & ((complete == REF) | (complete == ALT))  # (B, L)
+    exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
+    target = (data.mask[None, :] & data.real[None, :] & ((complete == REF) | (complete == ALT))
+              & has_donor(complete, data.panel_tokens, exclude))  # (B, L)
     return {
         "tokens": torch.as_tensor(masked, dtype=torch.long, device=device),
         "labels": torch.as_tensor(complete == ALT, dtype=torch.float32, device=device),
@@ -93,39 +122,57 @@ def _batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> 
     }
 
 
-def retrieve(data: WindowData, rows: np.ndarray, k: int) -> np.ndarray:
-    """Top-k panel rows ``(B, k)`` for query rows (masked inside the index), -1 where none."""
-    if data.neighbours is not None:
-        return data.neighbours[rows, :k]
+def retrieve(data: WindowData, rows: np.ndarray, k: int) -> Neighbours:
+    """The K neighbours of query ``rows`` and their match evidence (``embrag.neighbours``).
+
+    The index (query and panel masked alike) proposes ``retrieval.candidates`` rows, ties in the
+    window's seeded order; ``select_neighbours`` adds the PBWT's longest matches at the window edges
+    and ranks all of them by the run through the window centre. Without a match context (no
+    typed-site evidence) the index order stands and there is no evidence.
+    """
     exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
-    _, hits = data.index.search(data.query_tokens[rows], k, exclude_rows=exclude)
-    return hits
+    fetch = max(data.retrieval.candidates, k)
+    if data.index is not None:
+        _, cands = data.index.search(data.query_tokens[rows], fetch, exclude_rows=exclude, tie_seed=data.seed)
+    else:
+        cands = np.full((len(rows), 1), -1, np.int64)
+    if data.match is None:
+        return Neighbours(cands[:, :k], None)
+    r = data.retrieval
+    return select_neighbours(data.match, data.window, data.query_ids[rows], cands, k, radius=r.pbwt_radius,
+                             seed=data.seed, exclude_rows=exclude, rank=r.rank, run_unit=r.run_unit)
 
 
 def forward_batch(
     model: torch.nn.Module, cfg: ModelConfig, data: WindowData, rows: np.ndarray, batch: dict, *,
-    live: bool, device: torch.device,
+    live: bool, device: torch.device, neighbours: Neighbours | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Logits ``(B, L)`` and the retrieval milliseconds spent for this batch."""
-    if cfg.variant == "none" or (data.index is None and data.neighbours is None):
+    """Logits ``(B, L)`` and the retrieval milliseconds spent for this batch (``neighbours``: already
+    retrieved for these rows by ``retrieve``)."""
+    if cfg.variant == "none" or (data.index is None and data.match is None):
         return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], None, None), 0.0
+    # The index was searched with its own mask: the model must hide exactly those sites.
+    assert data.index is None or np.array_equal(data.index.mask, data.mask), (
+        f"window {data.window}: the index mask differs from the model-input mask")
     t0 = time.perf_counter()
-    hits = retrieve(data, rows, cfg.k)  # (B, K)
+    nb = retrieve(data, rows, cfg.k) if neighbours is None else neighbours
+    hits = nb.rows  # (B, K)
     valid = torch.as_tensor(hits >= 0, device=device)
     safe = np.where(hits >= 0, hits, 0)
+    evidence = None if nb.runs is None else torch.as_tensor(nb.runs.features(), device=device)  # (B, K, L, 5)
+    ref_tokens = torch.as_tensor(data.panel_tokens[safe], dtype=torch.long, device=device)  # (B, K, L) complete
     retrieval_ms = (time.perf_counter() - t0) * 1e3
+    args = (batch["tokens"], batch["af"], batch["position"], batch["pad"])
     if cfg.variant == "v17":
-        ref_tokens = torch.as_tensor(data.panel_tokens[safe], dtype=torch.long, device=device)  # (B, K, L)
-        return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], ref_tokens, valid), retrieval_ms
+        return model(*args, ref_tokens, valid, evidence), retrieval_ms
     if live:  # re-embed the retrieved complete tokens with the current layer, with grad
-        ref_tokens = torch.as_tensor(data.panel_tokens[safe], dtype=torch.long, device=device)  # (B, K, L)
         ref = model.embed_references(ref_tokens, batch["af"], batch["position"])  # (B, K, L, D)
     else:
         t1 = time.perf_counter()
         block = data.reference_rows(safe.ravel())  # (B*K, L, D)
         ref = torch.as_tensor(block, device=device).float().view(*safe.shape, *block.shape[1:])  # (B, K, L, D)
         retrieval_ms += (time.perf_counter() - t1) * 1e3
-    return model(batch["tokens"], batch["af"], batch["position"], batch["pad"], ref, valid), retrieval_ms
+    return model(*args, ref, valid, reference_alleles(ref_tokens), evidence), retrieval_ms
 
 
 class _Counts:
@@ -175,14 +222,6 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def _iterate(source: WindowSource, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[WindowData, np.ndarray, int]]:
-    current, data = -1, None
-    for i, (w, rows) in enumerate(plan):
-        if w != current:
-            current, data = w, source.window(w)
-        yield data, rows, i
-
-
 def train_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -215,7 +254,7 @@ def train_epoch(
     for i, (w, rows) in enumerate(progress(plan, f"epoch {epoch} train", unit="batch")):
         if w != current or stale:
             current, data, stale = w, source.window(w), False
-        batch = _batch_tensors(data, rows, device)
+        batch = batch_tensors(data, rows, device)
         with autocast(device):
             logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live", device=device)
             loss = masked_loss(logits.float(), batch["labels"], batch["target"], cfg.focal_gamma)
@@ -252,40 +291,3 @@ def _result(losses, counts, n_batches, n_masked, t_start, retrieval_ms, memory, 
         seconds=seconds, ms_per_batch=seconds * 1e3 / nb, retrieval_ms_per_batch=retrieval_ms / nb,
         peak_memory_mb=memory.mb(), refreshes=refreshes, predictions=predictions,
     )
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, source: WindowSource, *, model_cfg: ModelConfig, cfg: TrainConfig, rare_maf: float,
-    device: torch.device,
-) -> EpochResult:
-    """Validation pass with the source's fixed masks, no grad; keeps per-window ALT probabilities
-    ``{window: (Hq, L) float32}`` (NaN where not scored) for dosage r^2."""
-    from embrag.optim import autocast
-
-    model.eval()
-    plan = batch_plan(source.n_windows, source.n_query_haplotypes, cfg.batch_size * 2, seed=0, epoch=0)
-    plan.sort(key=lambda item: item[0])
-    if cfg.max_val_batches is not None:
-        plan = plan[: cfg.max_val_batches]
-    counts, losses, predictions = _Counts(), [], {}
-    retrieval_ms, n_masked = 0.0, 0
-    t_start = time.perf_counter()
-    memory = PeakMemory(device)
-    for data, rows, _ in progress(_iterate(source, plan), "validate", total=len(plan), unit="batch"):
-        batch = _batch_tensors(data, rows, device)
-        with autocast(device):
-            logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=False, device=device)
-        logits = logits.float()
-        memory.sample()
-        loss = masked_loss(logits, batch["labels"], batch["target"], cfg.focal_gamma)
-        retrieval_ms += ms
-        target = batch["target"].cpu().numpy()
-        n_masked += int(target.sum())
-        losses.append((float(loss), int(target.sum())))
-        probs = torch.sigmoid(logits).cpu().numpy()
-        rare = np.broadcast_to(np.minimum(data.af, 1 - data.af) < rare_maf, target.shape)
-        counts.add(probs[target], batch["labels"].cpu().numpy()[target], rare[target])
-        store = predictions.setdefault(data.window, np.full(data.query_tokens.shape, np.nan, np.float32))
-        store[rows] = np.where(target, probs, np.nan)  # scatter back by haplotype row
-    return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, memory, [], predictions)

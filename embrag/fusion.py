@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embrag.config import ModelConfig
+from embrag.copying import N_EVIDENCE, evidence_features
 from embrag.embedding import AF_SCALAR_FEATURES, af_scalar_features
 
 # Half-width (sites) of the local reference-match window. Not in ModelConfig yet.
@@ -29,9 +30,11 @@ FUSION_MATCH_RADIUS = 8
 class RetrievalFusion(nn.Module):
     """``q + g * fused`` with per-site multi-head attention over K references.
 
-    ``forward(q [B,L,D], refs [B,K,L,D] | None, valid [B,K] bool | None, af [B,L], observed [B,L] bool)``.
-    ``observed`` marks query sites with a known allele (real, not MASK / MISSING); only those enter
-    the match scores. With no references (None, K = 0, or all invalid) the output is exactly ``q``.
+    ``forward(q [B,L,D], refs [B,K,L,D] | None, valid [B,K] bool | None, af [B,L], observed [B,L] bool,
+    evidence [B,K,L,5] | None)``. ``observed`` marks query sites with a known allele (real, not MASK /
+    MISSING); only those enter the match scores. ``evidence``: raw match runs per neighbour and site
+    (``embrag.neighbours.MatchRuns.features``). With no references (None, K = 0, or all invalid) the
+    output is exactly ``q``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -48,6 +51,9 @@ class RetrievalFusion(nn.Module):
         # the shared AF / position part does not).
         self.match_proj = nn.Linear(d, d, bias=False)
         self.match_weight = nn.Parameter(torch.ones(2, h))  # (local, global) bias weight per head
+        # Match evidence beyond the window (runs of matching typed sites left/right of each site, in
+        # sites and bp, embrag.neighbours): a per-head attention bias, so long matches weigh more.
+        self.evidence_bias = nn.Linear(N_EVIDENCE, h) if cfg.match_features else None
         # Gate sees the query, the fused value and the site's frequency: a rare site should trust the
         # references more than the population prior (the prototype's MAF weighting, learned here).
         self.gate = nn.Linear(2 * d + AF_SCALAR_FEATURES, d)
@@ -80,6 +86,7 @@ class RetrievalFusion(nn.Module):
         valid: torch.Tensor | None,
         af: torch.Tensor,
         observed: torch.Tensor,
+        evidence: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if refs is None or refs.shape[1] == 0:
             return q
@@ -102,6 +109,10 @@ class RetrievalFusion(nn.Module):
             "bklc,ch->bhlk", self.match_bias(q, refs, observed), self.match_weight
         )  # (B, H, L, K)
         scores = scores + bias
+        if self.evidence_bias is not None and evidence is not None:
+            assert evidence.shape[:3] == (b, k, length), f"evidence {tuple(evidence.shape)} != {(b, k, length)}"
+            ev = self.evidence_bias(evidence_features(evidence).to(q.dtype))  # (B, K, L, H)
+            scores = scores + ev.permute(0, 3, 2, 1)  # (B, H, L, K)
         # Invalid neighbours: a finite minimum (not -inf) so an all-invalid row stays NaN-free; its
         # uniform weights are then zeroed by the validity product below.
         invalid = ~valid[:, None, None, :]  # (B, 1, 1, K)

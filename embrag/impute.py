@@ -2,17 +2,15 @@
 
 For one window, the mask is the set of real panel sites the target does not type. It is the same
 for every target haplotype, so one masked index per window serves the whole target (query and
-index share the mask, DESIGN.md §4). Then, per batch of target haplotypes: search top-k panel
-rows, hand the model their COMPLETE tokens (V17) or complete embeddings (V18), and read the ALT
-probability at every site.
-
-Retrieval "match" (the default of ``storage.impute``) finds the neighbours beforehand instead, by
-longest match over the typed sites of the whole contig (``embrag.matching``): a far stronger
-criterion than a window's few typed sites, and the same trained model uses them as they are.
+index share the mask, DESIGN.md §4). Then, per batch of target haplotypes, the neighbours come
+from ``embrag.epoch.retrieve`` — the index's candidates ranked by the run of matching typed
+sites through the window, across window edges (``embrag.neighbours``), exactly as in training —
+and the model gets their COMPLETE tokens (V17) or complete embeddings (V18) with the match evidence.
 
 V18 needs no embedding store here: the embedding layer is position-wise, so the complete
 embedding of a retrieved row is ``table[site, token]`` with ``table = model.embedding.table(af,
-position)`` of the checkpoint's own weights (exactly what training stored, in float32).
+position)`` of the checkpoint's own weights, in float32. Validation runs this same path
+(``embrag.validate``), so what is validated is what is deployed.
 
 A typed site with a missing call is predicted too: the search sees it as MISSING (data: "the
 call is unknown", allowed at unmasked sites), while the model sees MASK there, the token it was
@@ -23,15 +21,16 @@ numpy / torch / faiss only: no files. ``storage.impute`` does the I/O.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from embrag.config import RetrievalConfig
 from embrag.constants import MASK, MISSING
-from embrag.epoch import WindowData, forward_batch
+from embrag.epoch import WindowData, forward_batch, retrieve
+from embrag.neighbours import MatchContext, copy_top1, copy_vote
 from embrag.progress import progress
 from embrag.retrieval import build_index
 from embrag.windows import Windows, site_owner
@@ -39,8 +38,9 @@ from embrag.windows import Windows, site_owner
 
 @dataclass(frozen=True)
 class WindowInputs:
-    """Everything one window contributes to imputation."""
+    """Everything one window contributes to imputation (or to validation, which is imputation)."""
 
+    window: int
     panel_tokens: np.ndarray  # (Hp, L) uint8, complete, PAD-padded
     target_tokens: np.ndarray  # (Ht, L) uint8: REF/ALT/MISSING at typed sites (untyped: anything)
     af: np.ndarray  # (L,) float32 panel ALT frequency, 0 on padding
@@ -48,7 +48,10 @@ class WindowInputs:
     real: np.ndarray  # (L,) bool, False on padding
     mask: np.ndarray  # (L,) bool, True = untyped real site (to impute)
     exclude_rows: np.ndarray | None = None  # (Ht, E) panel rows a target haplotype must never retrieve, -1 pad
-    neighbours: np.ndarray | None = None  # (Ht, K) longest-match panel rows (embrag.matching); no index then
+    match: MatchContext | None = None  # PBWT over the target's typed sites (panel rows + the target haplotypes)
+    query_ids: np.ndarray | None = None  # (Ht,) sequence ids of the target haplotypes in ``match``
+    retrieval: RetrievalConfig = RetrievalConfig()
+    seed: int = 0
 
 
 def _model_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -67,51 +70,58 @@ def _reference_rows(table: np.ndarray, panel_tokens: np.ndarray) -> Callable[[np
     return lambda rows: table[sites, panel_tokens[rows]]  # (N, L, D)
 
 
-def _window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> WindowData:
-    """Neighbours (given, or an index over the window) + reference lookup of one window. No index
-    when nothing in the window is typed: every panel row would tie at distance 0."""
-    retrieves = kind is not None and (inp.neighbours is not None or (inp.real & ~inp.mask).any())
+def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> WindowData:
+    """Index + reference lookup of one window from the model's own weights (fp32 table, eval mode)."""
     table_np, index = None, None
-    if retrieves and kind != "token":
+    if kind is not None and kind != "token":
         table = model.embedding.table(torch.as_tensor(inp.af, device=device),
                                       torch.as_tensor(inp.position, device=device))  # (L, V, D)
         table_np = table.float().cpu().numpy()
-    if retrieves and inp.neighbours is None:
+    if kind is not None:
         index = build_index(kind, inp.panel_tokens, inp.mask, table_np)
     refs = _reference_rows(table_np, inp.panel_tokens) if table_np is not None else None
     return WindowData(
-        window=-1, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af, position=inp.position,
-        real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens, reference_rows=refs,
-        exclude_rows=inp.exclude_rows, neighbours=inp.neighbours if retrieves else None,
+        window=inp.window, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af,
+        position=inp.position, real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens,
+        reference_rows=refs, exclude_rows=inp.exclude_rows, match=inp.match if kind is not None else None,
+        query_ids=inp.query_ids, retrieval=inp.retrieval, seed=inp.seed,
     )
 
 
 @torch.no_grad()
 def impute_window(
-    model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, k: int | None = None,
-    batch_size: int = 256, device: torch.device | str = "cpu",
+    model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
+    device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
     ``index_kind``: "token" (V17), "flat"/"compact" (V18, built from the model's embedding
-    table), None (no retrieval). ``k`` neighbours (default: the model's ``cfg.k``; the fusion
-    attends over any number) are ``inp.neighbours`` when given (longest match), else searched in
-    that index; never among ``inp.exclude_rows``.
+    table), None (no retrieval). Neighbours: ``embrag.epoch.retrieve`` with the model's k, as in
+    training. ``temperature`` divides the logits (calibration fitted on validation). ``baselines``:
+    when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
+    (``embrag.neighbours.copy_top1`` / ``copy_vote``), ``(Ht, L)`` each.
     """
     device = torch.device(device)
-    cfg = model.cfg if k is None else dataclasses.replace(model.cfg, k=k)
     model.eval()
     length = inp.mask.shape[0]
     if inp.target_tokens.ndim != 2 or inp.target_tokens.shape[1] != length or inp.panel_tokens.shape[1] != length:
         raise ValueError(f"target {inp.target_tokens.shape} / panel {inp.panel_tokens.shape} must be [H, {length}]")
-    data = _window_data(model, index_kind, inp, device)
+    data = window_data(model, index_kind, inp, device)
     model_tokens = _model_tokens(inp.target_tokens, inp.mask)  # (Ht, L)
     out = np.empty(model_tokens.shape, np.float32)
+    if baselines is not None:
+        baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32))
     for lo in range(0, len(model_tokens), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
         batch = _batch(model_tokens[rows], inp, device)
-        logits, _ = forward_batch(model, cfg, data, rows, batch, live=False, device=device)  # (B, L)
-        out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
+        nb = retrieve(data, rows, model.cfg.k) if data.index is not None or data.match is not None else None
+        logits, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=device,
+                                  neighbours=nb)  # (B, L)
+        out[rows] = torch.sigmoid(logits.float() / temperature).cpu().numpy()
+        if baselines is not None and nb is not None and nb.runs is not None:
+            refs, valid = inp.panel_tokens[np.maximum(nb.rows, 0)], nb.rows >= 0  # (B, K, L), (B, K)
+            baselines["top1"][rows] = copy_top1(refs, valid, nb.runs, inp.af)
+            baselines["vote"][rows] = copy_vote(refs, valid, nb.runs, inp.af)
     return out
 
 
@@ -127,7 +137,7 @@ def _batch(tokens: np.ndarray, inp: WindowInputs, device: torch.device) -> dict[
 
 def iter_owned(
     model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
-    index_kind: str | None, k: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
+    index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu", temperature: float = 1.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS.
 
@@ -139,6 +149,6 @@ def iter_owned(
         sites = np.flatnonzero(owner == w)  # (m,)
         if len(sites) == 0:
             continue
-        probs = impute_window(model, window_inputs(w), index_kind=index_kind, k=k, batch_size=batch_size,
-                              device=device)
+        probs = impute_window(model, window_inputs(w), index_kind=index_kind, batch_size=batch_size,
+                              device=device, temperature=temperature)
         yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from embrag.config import ModelConfig
-from embrag.constants import MASK, MISSING, PAD
+from embrag.constants import ALT, MASK, MISSING, PAD, REF
+from embrag.copying import CopyHead
 from embrag.embedding import AF_SCALAR_FEATURES, SiteEmbedding, af_scalar_features
 from embrag.fusion import RetrievalFusion
+from embrag.neighbours import N_FEATURES as N_RUNS  # raw evidence per neighbour and site
 
 # ---------------------------------------------------------------------------------------------
 # Encoder
@@ -95,15 +97,18 @@ class Encoder(nn.Module):
 
 
 class AlleleHead(nn.Module):
-    """ALT logit per site from the hidden state and the site's allele frequency (a prior it can use)."""
+    """ALT logit per site from the hidden state and the site's allele frequency (a prior it can use),
+    plus ``alpha *`` the copy head's logit when there is one (``embrag.copying``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.proj = nn.Linear(cfg.dim + AF_SCALAR_FEATURES, 1)
+        self.alpha = nn.Parameter(torch.tensor(1.0))
 
-    def forward(self, h: torch.Tensor, af: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, af: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         x = torch.cat([h, af_scalar_features(af).to(h.dtype)], dim=-1)  # (B, L, D+3)
-        return self.proj(x).squeeze(-1)  # (B, L)
+        out = self.proj(x).squeeze(-1)  # (B, L)
+        return out if prior is None else out + self.alpha * prior.to(out.dtype)
 
 
 def _init_weights(model: nn.Module, layers: int) -> None:
@@ -124,6 +129,16 @@ def _init_weights(model: nn.Module, layers: int) -> None:
                     m.weight[m.padding_idx].zero_()
 
 
+def reference_alleles(ref_tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, K, L]`` float: 1 ALT, 0 REF, NaN otherwise (MISSING / PAD: the copy head uses the AF there)."""
+    return torch.where(ref_tokens == ALT, 1.0, torch.where(ref_tokens == REF, 0.0, float("nan")))
+
+
+def prior_features(prior: torch.Tensor) -> torch.Tensor:
+    """Copy logit ``[B, L]`` -> ``[B, L, 2]`` (scaled logit, probability) for the encoder's input."""
+    return torch.stack([prior / 8.0, torch.sigmoid(prior)], dim=-1)
+
+
 def observed_sites(tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` bool: real sites whose allele is known (not PAD / MASK / MISSING) — used for matching."""
     return pad.bool() & (tokens != MASK) & (tokens != MISSING) & (tokens != PAD)
@@ -142,7 +157,28 @@ class _ImputationModel(nn.Module):
         self.fusion = RetrievalFusion(cfg) if retrieval else None
         self.encoder = Encoder(cfg)
         self.head = AlleleHead(cfg)
+        self.copy = CopyHead() if retrieval and cfg.copy_head else None
+        # The copy logit enters the residual stream (V18: before the encoder; V17: after it).
+        self.prior_in = nn.Linear(2, cfg.dim) if self.copy is not None else None
         _init_weights(self, cfg.layers)
+        if self.copy is not None:
+            # The output starts as the copy head's vote; the transformer learns a correction from 0.
+            nn.init.zeros_(self.head.proj.weight)
+            nn.init.zeros_(self.copy.reweight[2].weight)  # _init_weights redrew it
+
+    def _prior(self, ref_alt: torch.Tensor | None, valid: torch.Tensor | None, evidence: torch.Tensor | None,
+               af: torch.Tensor) -> torch.Tensor | None:
+        """Copy logit ``[B, L]`` (None without a copy head). Without any valid neighbour the copy is the
+        panel AF; without match evidence every valid neighbour weighs the same (runs of 0)."""
+        if self.copy is None:
+            return None
+        if ref_alt is None:
+            ref_alt = af.new_zeros(af.shape[0], 0, af.shape[1])  # (B, 0, L): no neighbour
+        if valid is None:
+            valid = torch.ones(ref_alt.shape[:2], dtype=torch.bool, device=ref_alt.device)
+        if evidence is None:
+            evidence = ref_alt.new_zeros(*ref_alt.shape, N_RUNS)
+        return self.copy(ref_alt, valid, evidence, af)
 
     def _check_inputs(
         self, tokens: torch.Tensor, af: torch.Tensor, position: torch.Tensor, pad: torch.Tensor
@@ -185,16 +221,24 @@ class V18Model(_ImputationModel):
         pad: torch.Tensor,
         ref_embeddings: torch.Tensor | None = None,
         ref_valid: torch.Tensor | None = None,
+        ref_alt: torch.Tensor | None = None,
+        evidence: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """-> ALT logits ``[B, L]``. ``ref_embeddings [B, K, L, D]`` float, ``ref_valid [B, K]`` bool."""
+        """-> ALT logits ``[B, L]``. ``ref_embeddings [B, K, L, D]`` float, ``ref_valid [B, K]`` bool,
+        ``ref_alt [B, K, L]`` (``reference_alleles``), ``evidence [B, K, L, 5]`` match runs."""
         self._check_inputs(tokens, af, position, pad)
         x = self.embedding(tokens, af, position)  # (B, L, D)
+        assert self.copy is None or ref_embeddings is None or ref_alt is not None, (
+            "the copy head needs the neighbours' alleles: pass ref_alt (reference_alleles of their tokens)")
+        prior = self._prior(ref_alt if ref_embeddings is not None else None, ref_valid, evidence, af)  # (B, L)
         if self.fusion is not None and ref_embeddings is not None:
             x = self.fusion(
-                x, ref_embeddings.to(x.dtype), ref_valid, af, observed_sites(tokens, pad)
+                x, ref_embeddings.to(x.dtype), ref_valid, af, observed_sites(tokens, pad), evidence
             )  # (B, L, D)
+        if prior is not None:
+            x = x + self.prior_in(prior_features(prior).to(x.dtype))  # early fusion of the copy too
         h = self.encoder(x, pad)  # (B, L, D)
-        return self.head(h, af)  # (B, L)
+        return self.head(h, af, prior)  # (B, L)
 
 
 class V17Model(_ImputationModel):
@@ -208,11 +252,16 @@ class V17Model(_ImputationModel):
         pad: torch.Tensor,
         ref_tokens: torch.Tensor | None = None,
         ref_valid: torch.Tensor | None = None,
+        evidence: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """-> ALT logits ``[B, L]``. ``ref_tokens [B, K, L]`` long, ``ref_valid [B, K]`` bool."""
+        """-> ALT logits ``[B, L]``. ``ref_tokens [B, K, L]`` long, ``ref_valid [B, K]`` bool,
+        ``evidence [B, K, L, 5]`` match runs."""
         self._check_inputs(tokens, af, position, pad)
         b, length = tokens.shape
+        prior = self._prior(None if ref_tokens is None else reference_alleles(ref_tokens), ref_valid, evidence, af)
         h = self.encoder(self.embedding(tokens, af, position), pad)  # (B, L, D)
+        if prior is not None:
+            h = h + self.prior_in(prior_features(prior).to(h.dtype))  # late fusion of the copy
         if self.fusion is not None and ref_tokens is not None and ref_tokens.shape[1] > 0:
             k = ref_tokens.shape[1]
             assert ref_tokens.shape == (b, k, length), (
@@ -232,8 +281,8 @@ class V17Model(_ImputationModel):
                     self.embedding(ref_tokens[bi, ki], af[bi], position[bi]), pad[bi]
                 )  # (M, L, D)
                 refs = refs.index_put((bi, ki), r)  # (B, K, L, D)
-            h = self.fusion(h, refs, valid, af, observed_sites(tokens, pad))  # (B, L, D)
-        return self.head(h, af)  # (B, L)
+            h = self.fusion(h, refs, valid, af, observed_sites(tokens, pad), evidence)  # (B, L, D)
+        return self.head(h, af, prior)  # (B, L)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

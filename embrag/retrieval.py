@@ -17,7 +17,8 @@ distances stay exact while the index shrinks (monomorphic sites, MISSING-free pa
 ``compact`` and ``token`` also store each distinct masked haplotype once: on real panels most
 haplotypes of a window are identical once masked (about 25 distinct among 800 on the default
 simulation), so the index holds the distinct patterns and ``row_pattern [H]`` expands each hit back
-to its panel rows (in row order). Distances and neighbour sets are unchanged (ties aside).
+to its panel rows. Distances are unchanged; rows at equal distance come back in a seeded random
+order (``search(tie_seed=...)``), never in row order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from embrag.constants import ALT, MASK, MISSING, PAD, REF, VOCAB_SIZE
 KINDS: tuple[str, ...] = ("flat", "compact", "token")
 _OBSERVED = np.array([REF, ALT, MISSING])
 _GPU_RESOURCES: list = []  # one StandardGpuResources per process, created on first GPU use
+FULL_PATTERN_SEARCH = 16_384  # compact/token: distance to every distinct pattern up to this many
+TIE_STREAM = 0x71E  # rng stream of the tie order, apart from mask and batch streams
 
 
 def gpu_available() -> bool:
@@ -156,10 +159,6 @@ class WindowIndex:
         self.mask = _as_mask(mask)
         self.codec = codec
         self.row_pattern = None if row_pattern is None else np.asarray(row_pattern, np.int64)  # (H,) -> index row
-        if self.row_pattern is not None:
-            order = np.argsort(self.row_pattern, kind="stable")  # panel rows grouped by pattern, row order kept
-            counts = np.bincount(self.row_pattern, minlength=int(index.ntotal))
-            self._members = np.split(order, np.cumsum(counts)[:-1])  # pattern -> its panel rows
         self._searcher = _to_gpu(index) if use_gpu and kind != "token" else index
 
     @property
@@ -186,47 +185,57 @@ class WindowIndex:
         return (_pack_bits(vectors) if self.kind == "token" else vectors), offset
 
     def search(
-        self, query_tokens: np.ndarray, k: int, exclude_rows: np.ndarray | None = None
+        self, query_tokens: np.ndarray, k: int, exclude_rows: np.ndarray | None = None, *, tie_seed: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest panel rows per query: ``(dist float32 [Q, k], rows int64 [Q, k])``.
+        """k nearest panel rows per query: ``(dist float32 [Q, k], rows int64 [Q, k])``, nearest first.
 
-        ``exclude_rows [Q, E]`` (-1 padded) are never returned (a query's own haplotypes). Slots
-        beyond the available neighbours hold row -1 and distance +inf.
+        Rows at the same distance come in a random order drawn from ``tie_seed`` (never row order:
+        with aligned masks most of a window's panel ties at the best distance, and row order would
+        hand every query the panel's first samples). ``exclude_rows [Q, E]`` (-1 padded) are never
+        returned (a query's own haplotypes). Slots beyond the available rows hold -1 and +inf.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         vectors, offset = self.encode_queries(query_tokens)
         n_query = len(vectors)
         exclude = _as_exclude(exclude_rows, n_query)
-        fetch = min(k + exclude.shape[1], self.ntotal)  # at most E fetched rows can be excluded
-        if n_query == 0 or fetch == 0:
+        if n_query == 0 or self.ntotal == 0:
             return _pad(np.zeros((n_query, 0), np.float32), np.zeros((n_query, 0), np.int64), k)
-        dist, rows = self._raw_search(vectors, fetch)  # (Q, fetch)
+        dist, rows = self._candidates(vectors, k + exclude.shape[1])  # (Q, C), every tie of the k-th kept
         dist = dist.astype(np.float32) + offset[:, None]
-        bad = (rows < 0) | (rows[:, :, None] == exclude[:, None, :]).any(axis=2)  # (Q, fetch)
-        order = np.argsort(bad, axis=1, kind="stable")  # valid first, distance order kept
+        bad = (rows < 0) | (rows[:, :, None] == exclude[:, None, :]).any(axis=2)  # (Q, C)
+        tie = np.random.default_rng([TIE_STREAM, tie_seed]).permutation(self.ntotal)[np.maximum(rows, 0)]  # (Q, C)
+        # Float32 distances of equal patterns can differ in the last bits (flat index): ties are
+        # equal after rounding to 1e-3.
+        key = np.where(bad, np.inf, np.round(dist.astype(np.float64), 3))
+        order = np.lexsort((tie, key), axis=1)[:, :k]  # (Q, k): distance, then the seeded tie order
         rows = np.take_along_axis(rows, order, axis=1).astype(np.int64)
         dist = np.take_along_axis(dist, order, axis=1)
         bad = np.take_along_axis(bad, order, axis=1)
         rows[bad], dist[bad] = -1, np.inf
-        return _pad(dist[:, :k], rows[:, :k], k)
+        return _pad(dist, rows, k)
 
+    def _candidates(self, vectors: np.ndarray, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """Panel rows ``(Q, C)`` with distances that include every row tied with the ``need``-th nearest.
 
-    def _raw_search(self, vectors: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """``fetch`` nearest panel rows ``(Q, fetch)``, expanding distinct patterns to their rows."""
+        Compact/token indexes hold distinct patterns: search all of them (cheap, there are few) and
+        expand each to its rows, so whole tie groups come back. A flat index returns rows; fetch a
+        margin beyond ``need`` so ties at the boundary can be reordered (exact only up to it).
+        """
         if self.row_pattern is None:
+            fetch = min(self.ntotal, max(4 * need, need + 64))
             return self._searcher.search(vectors, fetch)
         unique, inverse = np.unique(vectors, axis=0, return_inverse=True)  # queries repeat too
-        n_pat = min(fetch, int(self.index.ntotal))  # each pattern has >= 1 row: enough rows
-        pat_dist, pat = self._searcher.search(unique, n_pat)  # (U, n_pat)
-        dist = np.full((len(unique), fetch), np.inf, np.float32)
-        rows = np.full((len(unique), fetch), -1, np.int64)
-        for u in range(len(unique)):
-            hits = [self._members[p] for p in pat[u] if p >= 0]
-            r = np.concatenate(hits)[:fetch] if hits else np.zeros(0, np.int64)
-            d = np.repeat(pat_dist[u][pat[u] >= 0], [len(h) for h in hits])[:fetch]
-            rows[u, : len(r)], dist[u, : len(d)] = r, d
-        return dist[inverse.ravel()], rows[inverse.ravel()]
+        n_pat = int(self.index.ntotal)
+        n_pat_search = n_pat if n_pat <= FULL_PATTERN_SEARCH else min(n_pat, need)
+        pat_dist, pat = self._searcher.search(unique, n_pat_search)  # (U, P')
+        full = np.full((len(unique), n_pat), np.inf, np.float32)  # (U, P): distance to every pattern
+        u = np.repeat(np.arange(len(unique)), pat.shape[1])
+        ok = pat.ravel() >= 0
+        full[u[ok], pat.ravel()[ok]] = pat_dist.ravel()[ok]
+        row_dist = full[:, self.row_pattern][inverse.ravel()]  # (Q, H)
+        rows = np.broadcast_to(np.arange(self.ntotal, dtype=np.int64), row_dist.shape)
+        return row_dist, np.where(np.isfinite(row_dist), rows, -1)
 
 
 def build_index(

@@ -93,7 +93,7 @@ def simulate(run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_
 def prepare(
     run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
     panel: Annotated[Path | None, typer.Option(help="Reference panel VCF (default: simulate)")] = None,
-    study: Annotated[Path | None, typer.Option(help="Study cohort VCF (train/val)")] = None,
+    study: Annotated[Path | None, typer.Option(help="Optional study cohort VCF: extra train/val queries")] = None,
     test: Annotated[Path | None, typer.Option(help="Held-out test VCF")] = None,
 ) -> None:
     """Ingest VCFs into Zarr, harmonise sites and roles, cut windows and tokens."""
@@ -107,8 +107,6 @@ def prepare(
     if panel is None:
         sim = run_simulation(cfg.simulate, layout.vcf_dir)
         panel, study, test = sim.panel_vcf, sim.study_vcf, sim.test_vcf
-    elif study is None:
-        raise typer.BadParameter("--study is required with --panel")
     summary = run_prepare(layout, cfg, panel_vcf=panel, study_vcf=study, test_vcf=test)
     _print_prepare(summary)
 
@@ -230,10 +228,6 @@ def impute(
     allow_panel_overlap: Annotated[bool, typer.Option(
         help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
     sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
-    retrieval: Annotated[str, typer.Option(
-        help="match: panel haplotypes with the longest match over the typed sites around each window; "
-             "index: the window's nearest neighbours, as in training")] = "match",
-    k: Annotated[int | None, typer.Option("--k", help="Neighbours per haplotype (default: 1 for match, the model's k for index)")] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
@@ -242,7 +236,7 @@ def impute(
 
         s = impute_flow(run_dir=str(run_dir), variant=variant, checkpoint=model and str(model),
                         target_vcf=target and str(target), out_vcf=out and str(out), truth_vcf=truth and str(truth),
-                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, retrieval=retrieval, k=k)
+                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
         table = s.get("evaluation", {}).get("table")
     else:
         import dataclasses
@@ -251,9 +245,10 @@ def impute(
 
         model, target, out, truth = default_paths(run_dir, variant, model, target, out, truth)
         s = dataclasses.asdict(impute_vcf(model, run_dir, target, out, sample_chunk=sample_chunk,
-                                          allow_panel_overlap=allow_panel_overlap, retrieval=retrieval, k=k))
+                                          allow_panel_overlap=allow_panel_overlap))
         table = evaluate_imputed(run_dir, truth, out)[0].table() if truth else None
-    typer.echo(f"imputed {s['n_samples']} samples ({s['variant']}, {s['retrieval']} retrieval, k={s['k']}): {s['n_typed_sites']} typed + "
+    typer.echo(f"imputed {s['n_samples']} samples ({s['variant']}, k={s['k']} neighbours, temperature "
+               f"{s['temperature']:.2f}): {s['n_typed_sites']} typed + "
                f"{s['n_imputed_sites']} imputed sites -> {s['out_vcf']} ({s['seconds']:.1f} s)")
     typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "

@@ -70,3 +70,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if np_state is not None:  # numpy's key array travels as a tensor (weights_only-safe)
         np_state[1] = np_state[1].numpy().astype(np.uint32)
     return bundle
+
+
+def calibration_path(checkpoint: Path) -> Path:
+    """Where validation writes the calibration of ``checkpoint`` (read by imputation): beside it."""
+    return Path(checkpoint).with_suffix(".calibration.json")

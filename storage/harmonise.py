@@ -1,7 +1,9 @@
 """Match sites across the panel / study / test genotype stores and assign sample roles.
 
-Two layouts:
+Three layouts:
 
+- panel only (no study store, no lists): the panel (and optionally a test store); training and
+  validation queries are then panel haplotypes, chosen in ``storage.queries``.
 - separate stores: panel, study (split into train/val by ``SplitConfig`` or explicit lists) and
   optionally test. Sites are the intersection of all stores, matched by (contig, position, REF,
   ALT). A ``"test"`` list with no test store takes the test samples from the study store.
@@ -89,7 +91,12 @@ def harmonise(
         raise ValueError(f"unknown roles {sorted(unknown)} in sample_lists; roles are {ROLES}")
     panel = open_genotypes(panel_zarr)
     single = study_zarr is None or Path(study_zarr).resolve() == Path(panel_zarr).resolve()
-    if single:
+    if study_zarr is None and not lists and role_fractions is None:
+        # Panel only: training and validation queries are panel haplotypes (storage.queries).
+        test = open_genotypes(Path(test_zarr)) if test_zarr is not None else None
+        sources = {"panel": panel} | ({"test": test} if test is not None else {})
+        ids = {"panel": panel.sample_ids} | ({"test": test.sample_ids} if test is not None else {})
+    elif single:
         if test_zarr is not None and Path(test_zarr).resolve() != Path(panel_zarr).resolve():
             raise ValueError(
                 "with one genotype store for all roles, pass test_zarr=None (test samples come from it)"
@@ -182,7 +189,7 @@ def _separate_store_roles(
 
 def _match(sources: dict[str, GenotypeStore]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Variant rows per role at the sites common to every store (panel genomic order)."""
-    panel, study = sources["panel"], sources["train"]
+    panel, study = sources["panel"], sources.get("train", sources["panel"])
     test = sources.get("test")
     panel_keys = SiteKeys(*panel.site_keys())
     if study is panel:
@@ -203,7 +210,7 @@ def _match(sources: dict[str, GenotypeStore]) -> tuple[dict[str, np.ndarray], di
             + f" (panel contigs {sorted(set(panel_keys.contig.tolist()))[:5]}); check that contig names "
             "('chr20' vs '20') and REF/ALT orientation agree"
         )
-    by_store = {id(panel): rows_p, id(study): rows_s}
+    by_store = {id(study): rows_s, id(panel): rows_p}
     if rows_t is not None:
         by_store[id(test)] = rows_t
     return {role: by_store[id(store)] for role, store in sources.items()}, counts

@@ -22,16 +22,17 @@ import torch
 from embrag.config import RunConfig
 from embrag.constants import PAD
 from embrag.impute import WindowInputs, iter_owned
-from embrag.matching import window_neighbours
 from embrag.model import build_model, resolve_device
+from embrag.neighbours import MatchContext, tie_seed, token_alleles
 from embrag.retrieval import index_kind
 from embrag.tokens import haplotype_tokens, window_slice
-from embrag.windows import site_owner
-from storage.checkpoints import load_checkpoint
+from storage.atomic import read_json
+from storage.checkpoints import calibration_path, load_checkpoint
 from storage.errors import VcfInputError
 from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write_report
 from storage.layout import RunLayout, vcf_stem
 from storage.prepared import PreparedData
+from storage.queries import match_context
 from storage.target import Target, exclude_rows, panel_af, read_target
 from storage.vcf_out import ImputedVcfWriter
 
@@ -39,20 +40,15 @@ log = logging.getLogger(__name__)
 
 _Q = 65535  # probabilities stored as uint16 p * 65535: 1.5e-5 resolution everywhere (float16 is 5e-4 near 1)
 _SLAB_VALUES = 1 << 21  # sites x samples per write slab (~16 MB as float32 haplotype pairs)
-RETRIEVALS = ("match", "index")  # longest match over the contig (embrag.matching) | the model's window index
-# One longest-match neighbour: the haplotype sharing the longest segment. Measured on the simulated
-# array target (benchmarks/accuracy.py --array-every 3): V18 mean per-site r2 0.922 with k=1, 0.917
-# with 2, 0.898 with 4 (the model was trained on 4 window neighbours, all about equally close, and
-# averages the longest-match ones, diluting the best; rare alleles suffer most: 0.935 vs 0.842).
-MATCH_K = 1
 
 
 @dataclass(frozen=True)
 class ImputeSummary:
     out_vcf: str
     variant: str
-    retrieval: str  # "match" | "index"
-    k: int  # neighbours per target haplotype
+    retrieval: str  # the model's retrieval rank ("match" | "index"), as in training
+    k: int  # neighbours per target haplotype (the model's k)
+    temperature: float  # calibration fitted on validation (1.0: none found)
     n_samples: int
     n_panel_sites: int  # records written: every panel site
     n_target_records: int
@@ -79,38 +75,10 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
     return model.eval(), cfg
 
 
-def panel_typed_tokens(prepared: PreparedData, sites: np.ndarray) -> np.ndarray:
-    """Panel tokens ``uint8 (Hp, len(sites))`` at the given site indices, read window by window."""
-    owner, slot = site_owner(prepared.windows, len(prepared.sites))  # (S,), (S,)
-    out = np.empty((2 * len(prepared.sample_ids("panel")), len(sites)), np.uint8)
-    for w in np.unique(owner[sites]):
-        cols = np.flatnonzero(owner[sites] == w)
-        out[:, cols] = prepared.tokens("panel", int(w))[:, slot[sites[cols]]]
-    return out
-
-
-def match_neighbours(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int, k: int,
-                      exclude: np.ndarray | None, panel_typed: np.ndarray) -> np.ndarray | None:
-    """Longest-match neighbours ``(W, 2(b-a), k)`` of samples ``a:b``, contig by contig; None if nothing typed."""
-    typed_sites = np.flatnonzero(typed)  # (St,)
-    if len(typed_sites) == 0:
-        return None
-    target = haplotype_tokens(np.asarray(gt[typed_sites, a:b]))  # (2c, St)
-    bounds = [prepared.window_sites(w) for w in range(len(prepared.windows))]
-    contig = prepared.sites.contig
-    out = np.full((len(bounds), 2 * (b - a), k), -1, np.int64)
-    for name in dict.fromkeys(contig[typed_sites].tolist()):  # contigs with typed sites, in order
-        cols = np.flatnonzero(contig[typed_sites] == name)
-        wins = np.array([w for w, (lo, _) in enumerate(bounds) if contig[lo] == name])
-        centres = np.array([(bounds[w][0] + bounds[w][1]) // 2 for w in wins])
-        out[wins] = window_neighbours(target[:, cols], panel_typed[:, cols], typed_sites[cols], centres, k,
-                                      exclude_rows=None if exclude is None else exclude[2 * a : 2 * b])
-    return out
-
-
-def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int,
-                   exclude: np.ndarray | None, neighbours: np.ndarray | None):
+def _window_inputs(prepared: PreparedData, cfg: RunConfig, gt: np.memmap, typed: np.ndarray, a: int, b: int,
+                   exclude: np.ndarray | None, match: MatchContext | None):
     size = prepared.window_size
+    ids = len(prepared.sample_ids("panel")) * 2 + np.arange(2 * (b - a))  # target rows follow the panel rows
 
     def inputs(w: int) -> WindowInputs:
         lo, hi = prepared.window_sites(w)
@@ -118,30 +86,33 @@ def _window_inputs(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: 
         af, position, real = prepared.window_features(w)
         typed_w = window_slice(typed, lo, hi, size, fill=False)  # (L,)
         return WindowInputs(
-            panel_tokens=prepared.tokens("panel", w), target_tokens=window_slice(tokens, 0, hi - lo, size, fill=PAD),
-            af=af, position=position, real=real, mask=real & ~typed_w,
-            exclude_rows=None if exclude is None else exclude[2 * a : 2 * b],
-            neighbours=None if neighbours is None or (neighbours[w] < 0).all() else neighbours[w],  # none: no typed site on the contig
+            window=w, panel_tokens=prepared.tokens("panel", w),
+            target_tokens=window_slice(tokens, 0, hi - lo, size, fill=PAD), af=af, position=position, real=real,
+            mask=real & ~typed_w, exclude_rows=None if exclude is None else exclude[2 * a : 2 * b], match=match,
+            query_ids=ids, retrieval=cfg.retrieval, seed=tie_seed(cfg.retrieval.seed, -1, w),
         )
 
     return inputs
 
 
+def target_context(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int) -> MatchContext:
+    """PBWT context over the target's typed sites: panel rows, then the haplotypes of samples ``a:b``."""
+    target = token_alleles(haplotype_tokens(np.asarray(gt[np.flatnonzero(typed), a:b])))  # (2c, St)
+    return match_context(prepared, typed, target)
+
+
 def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: Target,
-                   exclude: np.ndarray | None, probs: np.memmap, *, retrieval: str, k: int, batch_size: int,
-                   sample_chunk: int, device: torch.device) -> None:
+                   exclude: np.ndarray | None, probs: np.memmap, *, batch_size: int, sample_chunk: int,
+                   device: torch.device, temperature: float) -> None:
     """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window."""
     n = len(target.samples)
     kind = index_kind(cfg.model.variant, cfg.index.kind)
-    match = retrieval == "match" and kind is not None
-    panel_typed = panel_typed_tokens(prepared, np.flatnonzero(target.typed)) if match else None  # (Hp, St)
     for a in range(0, n, sample_chunk):
         b = min(n, a + sample_chunk)
-        neighbours = (match_neighbours(prepared, gt, target.typed, a, b, k, exclude, panel_typed)
-                      if match else None)  # (W, 2c, k)
-        inputs = _window_inputs(prepared, gt, target.typed, a, b, exclude, neighbours)
-        for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind, k=k,
-                                   batch_size=batch_size, device=device):  # p: (2c, m)
+        match = target_context(prepared, gt, target.typed, a, b) if kind is not None else None
+        inputs = _window_inputs(prepared, cfg, gt, target.typed, a, b, exclude, match)
+        for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind,
+                                   batch_size=batch_size, device=device, temperature=temperature):  # p: (2c, m)
             q = np.rint(np.clip(p, 0.0, 1.0) * _Q).astype(np.uint16)  # (2c, m)
             probs[sites, a:b, :] = q.reshape(b - a, 2, -1).transpose(2, 0, 1)  # (m, c, 2)
         log.info("imputed samples %d-%d of %d", a, b, n)
@@ -164,48 +135,63 @@ def _write_vcf(out_vcf: Path, prepared: PreparedData, target: Target, gt: np.mem
         return writer.records_written
 
 
-def mask_mismatch(cfg: RunConfig, untyped: float) -> str | None:
-    """A warning when the target leaves far more sites untyped than the model's training masks hid.
+def design_mismatch(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray) -> str | None:
+    """A warning when the target's typed sites look nothing like what the model was trained to see.
 
-    Measured in `embrag demo`: V18 trained on 30-70 % masks imputed the array target (98 % of the
-    sites untyped) with aggregate r2 0.65 and non-reference discordance 0.29 at 5-50 % MAF.
+    The model was trained under ``cfg.mask``: an array-like design at ``array_per_mb`` typed sites
+    per Mb, or random masks hiding the curriculum's rates. A target much sparser or denser than
+    that gives poorly calibrated dosages: train for the array you impute.
     """
+    s = prepared.sites
+    span_mb = sum((s.position[s.contig == c].max() - s.position[s.contig == c].min() + 1) / 1e6
+                  for c in np.unique(s.contig[typed])) if typed.any() else 0.0
+    density = typed.sum() / max(span_mb, 1e-9)
+    recipe = (f"train for it: --set mask.design=array --set mask.array_per_mb={density:.0f} "
+              f"--set mask.array_min_maf={min(0.05, float(s.maf[typed].min())) if typed.any() else 0.05:.3f}")
+    if cfg.mask.design == "array":
+        ratio = density / cfg.mask.array_per_mb
+        if 0.5 <= ratio <= 2.0:
+            return None
+        return (f"the target types {density:.0f} sites per Mb but the model was trained on array-like masks of "
+                f"{cfg.mask.array_per_mb:.0f} per Mb; expect poorly calibrated dosages; {recipe}")
+    untyped = 1.0 - float(typed.mean())
     trained = max([*cfg.mask.curriculum, cfg.mask.rare_rate or 0.0])
     if untyped <= trained + 0.15:
         return None
-    rate = round(min(0.95, untyped), 2)
-    return (f"the target leaves {untyped:.0%} of the panel sites untyped but the model was trained with masks of at "
-            f"most {trained:.0%}; expect poorly calibrated dosages. Train at the target's rate, e.g. --set "
-            f"mask.curriculum=[{max(0.5, rate - 0.1):.2f},{rate:.2f}] --set mask.rare_rate=0.99 --set mask.val_rate={rate:.2f}")
+    return (f"the target leaves {untyped:.0%} of the panel sites untyped but the model was trained with random masks "
+            f"hiding at most {trained:.0%}; expect poorly calibrated dosages; {recipe}")
+
+
+def read_temperature(checkpoint: Path) -> float:
+    """Calibration of ``checkpoint`` fitted on validation (``storage.training.validate_epoch``); 1.0 if none."""
+    path = calibration_path(checkpoint)
+    if not path.exists():
+        log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
+        return 1.0
+    return float(read_json(path)["temperature"])
 
 
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
-    retrieval: str = "match", k: int | None = None, batch_size: int = 256, sample_chunk: int = 500,
-    device: str = "auto",
+    batch_size: int = 256, sample_chunk: int = 500, device: str = "auto",
 ) -> ImputeSummary:
     """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
 
     ``out_vcf`` (.vcf.gz + .tbi) is written atomically; typed sites keep their GT (flag TYPED),
-    the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. ``retrieval``: "match" (longest
-    match over the contig's typed sites, embrag.matching) or "index" (the variant's window index, as
-    in training). ``k`` neighbours per haplotype: default ``MATCH_K`` for "match", the model's k for
-    "index".
+    the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. Neighbours are chosen as in
+    training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
+    with the temperature validation fitted for this checkpoint.
     """
     t0 = time.perf_counter()
     checkpoint, target_vcf, out_vcf = Path(checkpoint), Path(target_vcf), Path(out_vcf)
     if not target_vcf.is_file():
         raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
-    if retrieval not in RETRIEVALS:
-        raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
     if sample_chunk < 1 or batch_size < 1:
         raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
     prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
     dev = resolve_device(device)
     model, cfg = load_model(checkpoint, dev)
-    k = k if k is not None else MATCH_K if retrieval == "match" else cfg.model.k
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    temperature = read_temperature(checkpoint)
     if cfg.window.size != prepared.window_size:
         raise ValueError(f"{checkpoint} was trained on windows of {cfg.window.size} sites, {run_dir} has "
                          f"{prepared.window_size}; use the run directory the model was trained on")
@@ -218,13 +204,13 @@ def impute_vcf(
                                 "names, the genome build and REF/ALT against the panel")
         exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
         untyped = 1.0 - float(target.typed.mean())
-        warning = mask_mismatch(cfg, untyped)
+        warning = design_mismatch(cfg, prepared, target.typed)
         if warning:
             log.warning("%s: %s", checkpoint, warning)
         shape = (len(prepared.sites), len(target.samples), 2)
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
-        _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, retrieval=retrieval, k=k, batch_size=batch_size,
-                       sample_chunk=sample_chunk, device=dev)
+        _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
+                       sample_chunk=sample_chunk, device=dev, temperature=temperature)
         written = _write_vcf(out_vcf, prepared, target, gt, probs, f"embrag {cfg.model.variant} {checkpoint.name}")
         del gt, probs  # release the memmaps before their files go
     finally:
@@ -232,7 +218,8 @@ def impute_vcf(
     c = target.counts
     n_typed = int(target.typed.sum())
     return ImputeSummary(
-        out_vcf=str(out_vcf), variant=cfg.model.variant, retrieval=retrieval, k=k, n_samples=len(target.samples), n_panel_sites=written,
+        out_vcf=str(out_vcf), variant=cfg.model.variant, retrieval=cfg.retrieval.rank, k=cfg.model.k,
+        temperature=temperature, n_samples=len(target.samples), n_panel_sites=written,
         n_target_records=c["records"], n_typed_sites=n_typed, n_imputed_sites=written - n_typed,
         n_swapped=c["swapped"], n_ambiguous=c["ambiguous"], n_ambiguous_dropped=c["ambiguous_dropped"],
         n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],

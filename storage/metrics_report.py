@@ -6,24 +6,27 @@ Overlapping windows predict some sites twice; each site is scored once, in the w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from embrag.metrics import dosage_r2
 from embrag.tokens import alleles_from_tokens
-from embrag.windows import site_owner
 from storage.prepared import PreparedData
 
 
-def collect_sites(prepared: PreparedData, predictions: dict[int, np.ndarray], masks: np.ndarray, role: str = "val"):
-    """``(dosage [N, M], truth [N, M], maf [M], site [M])`` over masked sites owned by their window."""
-    owner, _ = site_owner(prepared.windows, len(prepared.sites))
+def collect_sites(prepared: PreparedData, predictions: dict[int, np.ndarray], masks: np.ndarray,
+                  truth: Callable[[int], np.ndarray]):
+    """``(dosage [N, M], truth [N, M], maf [M], site [M])`` over masked sites owned by their window;
+    ``truth(w)`` gives the queries' complete tokens ``(H, L)`` of window ``w``."""
+    owner, _ = prepared.site_owner
     dos, tru, sites = [], [], []
     for w, probs in sorted(predictions.items()):  # probs: (H, L) ALT probability, NaN where not scored
         lo, hi = prepared.window_sites(w)
         slots = np.flatnonzero(masks[w][: hi - lo] & (owner[lo:hi] == w))
         if not len(slots):
             continue
-        alleles = alleles_from_tokens(prepared.tokens(role, w)[:, slots]).astype(np.int64)  # (H, m)
+        alleles = alleles_from_tokens(truth(w)[:, slots]).astype(np.int64)  # (H, m)
         p = probs[:, slots]  # (H, m)
         n = p.shape[0] // 2
         dos.append(p.reshape(n, 2, -1).sum(1))  # (N, m): DS = p1 + p2
@@ -36,19 +39,21 @@ def collect_sites(prepared: PreparedData, predictions: dict[int, np.ndarray], ma
     return np.concatenate(dos, 1), np.concatenate(tru, 1), prepared.sites.maf[site], site
 
 
-def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray], masks: np.ndarray) -> dict[str, float]:
+def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray], masks: np.ndarray, *,
+                      truth: Callable[[int], np.ndarray], prefix: str = "val") -> dict[str, float]:
     """Flat ``val_*`` metrics: r^2 (aggregate and mean per site), IQS and NRD per MAF bin, plus the
     same aggregate r^2 for the panel-AF baseline (dosage = 2 * panel AF) on the same sites."""
-    dosage, truth, maf, site = collect_sites(prepared, predictions, masks)
+    dosage, truth, maf, site = collect_sites(prepared, predictions, masks, truth)
     if dosage.size == 0:
         return {}
     out: dict[str, float] = {}
     for row in dosage_r2(dosage, truth, maf):
-        out[f"val_r2_{row.bin}"] = row.r2_aggregate
-        out[f"val_r2site_{row.bin}"] = row.r2_mean_site
-        out[f"val_iqs_{row.bin}"] = row.iqs_mean
-        out[f"val_nrd_{row.bin}"] = row.nrd
-        out[f"val_nsites_{row.bin}"] = float(row.n_sites)
-    baseline = np.broadcast_to(2 * prepared.sites.af[site], dosage.shape)
-    out["val_r2_all_panel_af_baseline"] = dosage_r2(baseline, truth, maf)[-1].r2_aggregate
+        out[f"{prefix}_r2_{row.bin}"] = row.r2_aggregate
+        out[f"{prefix}_r2site_{row.bin}"] = row.r2_mean_site
+        out[f"{prefix}_iqs_{row.bin}"] = row.iqs_mean
+        out[f"{prefix}_nrd_{row.bin}"] = row.nrd
+        out[f"{prefix}_nsites_{row.bin}"] = float(row.n_sites)
+    if prefix == "val":
+        baseline = np.broadcast_to(2 * prepared.sites.af[site], dosage.shape)
+        out["val_r2_all_panel_af_baseline"] = dosage_r2(baseline, truth, maf)[-1].r2_aggregate
     return out

@@ -166,14 +166,15 @@ def _open_staging(run: VariantRun, staging: Path, checkpoint: Path) -> str:
 
 
 def index_plan(run: VariantRun, epoch: int, parts: int) -> dict:
-    """Index jobs (train split for the epoch's mask version, fixed val split) still to build.
+    """Index jobs (the epoch's training mask version) still to build. Validation builds its indexes
+    on the fly from the checkpoint under test, as imputation does.
 
     Needs the epoch's masks (:func:`plan_epoch`) and embeddings (:func:`finish_embeddings`).
     """
     state, _ = state_before_epoch(run, epoch)
     jobs = []
     if run.variant != "none":
-        for split, mask_version in (("train", state.mask_version), ("val", 0)):
+        for split, mask_version in (("train", state.mask_version),):
             out = index_dir(run, split, mask_version, state.embedding_version)
             if (out / "complete.json").exists():
                 continue
@@ -189,18 +190,18 @@ def build_index_partition(run: VariantRun, job: dict) -> dict:
 
     The loop body is :func:`storage.training.build_indexes`' for one window.
     """
-    split, mask_version, ev = job["split"], job["mask_version"], job["embedding_version"]
+    mask_version, ev = job["mask_version"], job["embedding_version"]
     out = Path(job["dir"])
     if read_json(out / PLAN_FILE)["token"] != job["token"]:
         raise RuntimeError(f"{out}: index folder was replaced since this plan; plan the stage again")
-    masks = read_masks(run.paths.val_masks if split == "val" else run.paths.masks(mask_version))
+    masks = read_masks(run.paths.masks(mask_version))
     store = EmbeddingStore(run.paths.embeddings(ev)) if run.uses_embeddings else None
     t0 = time.perf_counter()
     built = 0
     for w in range(job["start"], job["stop"]):
         if index_paths(out, f"w{w:05d}-{run.index_kind}")[1].exists():
             continue  # the manifest is written last: its presence means this window is complete
-        write_window_index(run, out, w, masks[w], store, mask_version=mask_version if split == "train" else -1)
+        write_window_index(run, out, w, masks[w], store, mask_version=mask_version)
         built += 1
     return {**job, "built": built, "seconds": time.perf_counter() - t0}
 

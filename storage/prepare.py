@@ -16,13 +16,14 @@ import numpy as np
 
 from embrag import __version__
 from embrag.config import RunConfig
+from embrag.sites import split_samples
 from embrag.tokens import haplotype_tokens
 from embrag.windows import make_windows
 from storage.atomic import read_json, sha256_file, write_json
 from storage.harmonise import harmonise
 from storage.ingest import ingest_vcf
 from storage.layout import RunLayout
-from storage.prepared import PreparedData, SiteTable, write_prepared
+from storage.prepared import PREPARED_FORMAT_VERSION, PreparedData, SiteTable, write_prepared
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ def ingest_cached(vcf: Path, out: Path) -> dict:
 
 
 def prepare(
-    layout: RunLayout, cfg: RunConfig, *, panel_vcf: Path, study_vcf: Path, test_vcf: Path | None = None,
+    layout: RunLayout, cfg: RunConfig, *, panel_vcf: Path, study_vcf: Path | None = None, test_vcf: Path | None = None,
 ) -> PrepareSummary:
+    """Prepare a run from a reference panel alone (queries are panel samples, leave-own-sample-out)
+    or with a study VCF whose samples add training / validation queries."""
     t0 = time.perf_counter()
-    inputs = {"panel": Path(panel_vcf), "study": Path(study_vcf)} | ({"test": Path(test_vcf)} if test_vcf else {})
+    inputs = ({"panel": Path(panel_vcf)} | ({"study": Path(study_vcf)} if study_vcf else {})
+              | ({"test": Path(test_vcf)} if test_vcf else {}))
     ingested = {name: ingest_cached(vcf, layout.genotypes(name)) for name, vcf in inputs.items()}
     provenance = {
         "embrag_version": __version__, "python": platform.python_version(), "numpy": np.__version__,
@@ -69,8 +73,9 @@ def prepare(
         cached = read_json(summary_path)
         if cached.get("provenance_key") == _key(provenance):
             return PrepareSummary(**cached["summary"])
-    h = harmonise(layout.genotypes("panel"), layout.genotypes("study"),
+    h = harmonise(layout.genotypes("panel"), layout.genotypes("study") if study_vcf else None,
                   layout.genotypes("test") if test_vcf else None, cfg.split)
+    panel_queries = _panel_queries(h.sample_ids["panel"], cfg)
     sites = SiteTable(contig=h.sites.contig, position=h.sites.position, ref=h.sites.ref, alt=h.sites.alt, af=h.panel_af)
     windows = make_windows(sites.contig, cfg.window)
     tokens = {role: haplotype_tokens(g) for role, g in h.genotypes.items()}
@@ -81,9 +86,20 @@ def prepare(
         seconds=time.perf_counter() - t0,
     )
     write_prepared(layout.prepared, sites=sites, windows=windows, window_size=cfg.window.size, tokens=tokens,
-                   sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary)})
+                   sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary)},
+                   panel_queries=panel_queries)
     write_json(summary_path, {"provenance_key": _key(provenance), "summary": asdict(summary)})
     return summary
+
+
+def _panel_queries(panel_ids: list[str], cfg: RunConfig) -> dict[str, np.ndarray]:
+    """Panel sample indices that are training / validation queries (none if ``split.panel_queries`` is off)."""
+    if not cfg.split.panel_queries:
+        return {}
+    train, val = split_samples(panel_ids, cfg.split.val_fraction, cfg.split.seed)
+    index = {s: i for i, s in enumerate(panel_ids)}
+    return {"train": np.array(sorted(index[s] for s in train), np.int64),
+            "val": np.array(sorted(index[s] for s in val), np.int64)}
 
 
 def _key(provenance: dict) -> str:
@@ -91,7 +107,8 @@ def _key(provenance: dict) -> str:
     import json
 
     relevant = {"inputs": provenance["inputs"], "split": provenance["config"]["split"],
-                "window": provenance["config"]["window"], "version": provenance["embrag_version"]}
+                "window": provenance["config"]["window"], "version": provenance["embrag_version"],
+                "format": PREPARED_FORMAT_VERSION}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

@@ -7,6 +7,7 @@ parallel writers can write, whole chunks without touching each other's bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,10 @@ import zarr
 
 from embrag.constants import ROLES
 from embrag.tokens import window_tokens
-from embrag.windows import Windows
+from embrag.windows import Windows, site_owner
 from storage.atomic import atomic_path
 
-PREPARED_FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 2  # 2: panel query samples (query/<split>_panel)
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ def write_prepared(
     tokens: dict[str, np.ndarray],
     sample_ids: dict[str, list[str]],
     attrs: dict[str, Any],
+    panel_queries: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write the prepared group atomically. ``tokens[role]`` is ``uint8 (H_role, S)``."""
+    """Write the prepared group atomically. ``tokens[role]`` is ``uint8 (H_role, S)``;
+    ``panel_queries[split]`` the panel sample indices that are ``split`` ("train"/"val") queries."""
     unknown = set(tokens) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown sample roles {sorted(unknown)}; expected a subset of {ROLES}")
@@ -68,6 +71,8 @@ def write_prepared(
             wt = window_tokens(t, windows, window_size)  # (W, H, L)
             root.create_array(f"tokens/{role}", data=wt, chunks=(1, wt.shape[1], window_size))
             _array(root, f"sample_id/{role}", np.asarray(sample_ids[role], dtype=str))
+        for split, idx in (panel_queries or {}).items():
+            root.create_array(f"query/{split}_panel", data=np.asarray(idx, np.int64), chunks=(max(1, len(idx)),))
         root.attrs.update({"format_version": PREPARED_FORMAT_VERSION, "window_size": window_size, **attrs})
     return Path(path)
 
@@ -107,7 +112,27 @@ class PreparedData:
         return self.root[f"sample_id/{role}"][:]
 
     def n_haplotypes(self, role: str) -> int:
-        return int(self.root[f"tokens/{role}"].shape[1])
+        return int(self.root[f"tokens/{role}"].shape[1]) if f"tokens/{role}" in self.root else 0
+
+    @cached_property
+    def site_owner(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(window, slot)`` of each site where overlapping windows meet (``embrag.windows.site_owner``)."""
+        return site_owner(self.windows, len(self.sites))
+
+    def panel_query_samples(self, split: str) -> np.ndarray:
+        """int64 indices of the panel samples that are ``split`` queries (empty if none)."""
+        key = f"query/{split}_panel"
+        return self.root[key][:] if key in self.root else np.zeros(0, np.int64)
+
+    def tokens_at(self, role: str, sites: np.ndarray) -> np.ndarray:
+        """``uint8 (H_role, len(sites))`` tokens at site indices ``sites``, read window by window."""
+        sites = np.asarray(sites, np.int64)
+        owner, slot = self.site_owner  # (S,), (S,)
+        out = np.empty((self.n_haplotypes(role), len(sites)), np.uint8)
+        for w in np.unique(owner[sites]):
+            cols = np.flatnonzero(owner[sites] == w)
+            out[:, cols] = self.tokens(role, int(w))[:, slot[sites[cols]]]
+        return out
 
     def tokens(self, role: str, window: int) -> np.ndarray:
         """``uint8 (H_role, L)`` tokens of one window (PAD-padded)."""

@@ -22,20 +22,24 @@ import numpy as np
 import torch
 
 from embrag.config import RunConfig
-from embrag.epoch import WindowData, evaluate, train_epoch
-from embrag.masking import train_masks, validation_masks
+from embrag.epoch import WindowData, train_epoch
+from embrag.impute import WindowInputs
+from embrag.masking import SiteProperties, train_rate, train_site_mask, validation_site_mask, window_masks
 from embrag.model import build_model, resolve_device
+from embrag.neighbours import tie_seed
 from embrag.optim import build_optimizer, build_scheduler, make_scaler
 from embrag.progress import progress
 from embrag.refresh import RefreshState, after_reencode, after_validation, batch_due, bump_mask, epoch_start
 from embrag.retrieval import build_index, index_kind, single_threaded_search
+from embrag.validate import fit_temperature, validate, validation_windows
 from storage.atomic import atomic_path, read_json, write_json
-from storage.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from storage.checkpoints import calibration_path, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from storage.embeddings import EmbeddingStore, encode_complete_embeddings, is_complete
 from storage.index_files import IndexManifest, read_index, write_index
 from storage.layout import RunLayout, VariantLayout
 from storage.metrics_report import validation_report
 from storage.prepared import PreparedData
+from storage.queries import QuerySet, query_context, query_set
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +81,14 @@ class VariantRun:
     def device(self) -> torch.device:
         return resolve_device(self.cfg.train.device)
 
+    @property
+    def site_properties(self) -> SiteProperties:
+        s = self.prepared.sites
+        return SiteProperties(s.contig, s.position, s.maf)
+
     def total_steps(self) -> int:
         t = self.cfg.train
-        per_window = -(-self.prepared.n_haplotypes("train") // t.batch_size)
+        per_window = -(-len(query_set(self.prepared, "train")) // t.batch_size)
         batches = per_window * len(self.prepared.windows)
         if t.max_train_batches is not None:
             batches = min(batches, t.max_train_batches)
@@ -161,29 +170,40 @@ def state_before_epoch(run: VariantRun, epoch: int) -> tuple[RefreshState, str |
 # -- masks, embeddings, indexes --------------------------------------------------------------------
 
 
+def _save_masks(path: Path, site: np.ndarray, windows: np.ndarray, **extra) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, sites=site, masks=windows, **extra)
+
+
 def write_masks(run: VariantRun, mask_version: int, level: int) -> Path:
+    """Training mask of ``mask_version``: the site mask ``(S,)`` and its window slices ``(W, L)``."""
     path = run.paths.masks(mask_version)
     if not path.exists():
-        masks = train_masks(run.cfg.mask, version=mask_version, level=level, windows=run.prepared.windows,
-                            site_maf=run.prepared.sites.maf, size=run.prepared.window_size)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, masks=masks, version=mask_version, level=level)
+        p = run.prepared
+        site = train_site_mask(run.cfg.mask, run.site_properties, p.windows, version=mask_version, level=level)
+        _save_masks(path, site, window_masks(site, p.windows, p.window_size), version=mask_version, level=level)
     return path
 
 
 def write_val_masks(run: VariantRun) -> Path:
     path = run.paths.val_masks
     if not path.exists():
-        masks = validation_masks(run.cfg.mask, windows=run.prepared.windows, site_maf=run.prepared.sites.maf,
-                                 size=run.prepared.window_size)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, masks=masks)
+        p = run.prepared
+        site = validation_site_mask(run.cfg.mask, run.site_properties, p.windows)
+        _save_masks(path, site, window_masks(site, p.windows, p.window_size))
     return path
 
 
 def read_masks(path: Path) -> np.ndarray:
+    """Window masks ``bool (W, L)``."""
     with np.load(path) as data:
         return data["masks"]
+
+
+def read_site_mask(path: Path) -> np.ndarray:
+    """Site mask ``bool (S,)``: True = hidden; the typed sites of this mask are the others."""
+    with np.load(path) as data:
+        return data["sites"]
 
 
 def encode_embeddings(run: VariantRun, checkpoint: Path, version: int) -> Path | None:
@@ -220,11 +240,11 @@ def build_indexes(run: VariantRun, split: str, mask_version: int, embedding_vers
     done = out / "complete.json"
     if done.exists():
         return read_json(done)
-    masks = read_masks(run.paths.val_masks if split == "val" else run.paths.masks(mask_version))
+    masks = read_masks(run.paths.masks(mask_version))
     store = EmbeddingStore(run.paths.embeddings(embedding_version)) if run.uses_embeddings else None
     t0 = time.perf_counter()
     for w in progress(range(len(run.prepared.windows)), f"index {out.name}", unit="window"):
-        write_window_index(run, out, w, masks[w], store, mask_version=mask_version if split == "train" else -1)
+        write_window_index(run, out, w, masks[w], store, mask_version=mask_version)
     summary = {"dir": str(out), "windows": len(masks), "kind": run.index_kind, "seconds": time.perf_counter() - t0}
     write_json(done, summary)
     return summary
@@ -247,10 +267,19 @@ def write_window_index(
 class StoreSource:
     """``WindowSource`` over the run's files: one window's tokens, mask, index and embeddings at a time."""
 
-    def __init__(self, run: VariantRun, role: str, masks: np.ndarray, index_path: Path | None, store: EmbeddingStore | None):
-        self.run, self.role, self.masks, self.index_path, self.store = run, role, masks, index_path, store
+    def __init__(self, run: VariantRun, split: str, index_path: Path | None, store: EmbeddingStore | None, *,
+                 mask_path: Path, epoch: int):
+        self.run, self.index_path, self.store, self.epoch = run, index_path, store, epoch
+        self.queries = query_set(run.prepared, split)
         self.n_windows = len(run.prepared.windows)
-        self.n_query_haplotypes = run.prepared.n_haplotypes(role)
+        self.n_query_haplotypes = len(self.queries)
+        self.set_masks(mask_path, index_path)
+
+    def set_masks(self, mask_path: Path, index_path: Path | None) -> None:
+        """Switch to another mask version (option-B refresh): masks, index folder and match context."""
+        self.masks, self.index_path = read_masks(mask_path), index_path
+        typed = ~read_site_mask(mask_path)
+        self.match = query_context(self.run.prepared, self.queries, typed) if self.run.variant != "none" else None
 
     def window(self, w: int) -> WindowData:
         p = self.run.prepared
@@ -262,16 +291,19 @@ class StoreSource:
                 raise ValueError(f"{self.index_path}: window {w} index mask differs from the query mask; rebuild the index")
         rows = (lambda r, w=w: self.store.rows(w, r)) if self.store is not None else None
         return WindowData(
-            window=w, query_tokens=p.tokens(self.role, w), af=af, position=position, real=real, mask=self.masks[w],
-            index=index, panel_tokens=p.tokens("panel", w), reference_rows=rows,
+            window=w, query_tokens=self.queries.tokens(p, w), af=af, position=position, real=real,
+            mask=self.masks[w], index=index, panel_tokens=p.tokens("panel", w), reference_rows=rows,
+            exclude_rows=self.queries.exclude_rows, match=self.match, query_ids=self.queries.ids,
+            retrieval=self.run.cfg.retrieval, seed=tie_seed(self.run.cfg.retrieval.seed, self.epoch, w),
         )
 
 
-def _source(run: VariantRun, role: str, masks: np.ndarray, split: str, mask_version: int, ev: int) -> StoreSource:
+def _source(run: VariantRun, epoch: int, mask_version: int, ev: int) -> StoreSource:
+    mask_path = run.paths.masks(mask_version)
     if run.variant == "none":
-        return StoreSource(run, role, masks, None, None)
+        return StoreSource(run, "train", None, None, mask_path=mask_path, epoch=epoch)
     store = EmbeddingStore(run.paths.embeddings(ev)) if run.uses_embeddings else None
-    return StoreSource(run, role, masks, index_dir(run, split, mask_version, ev), store)
+    return StoreSource(run, "train", index_dir(run, "train", mask_version, ev), store, mask_path=mask_path, epoch=epoch)
 
 
 def prepare_epoch_inputs(run: VariantRun, epoch: int) -> dict:
@@ -286,7 +318,6 @@ def prepare_epoch_inputs(run: VariantRun, epoch: int) -> dict:
                "level": state.level, "refresh_reason": reason}
     if run.variant != "none":
         summary["index_build_seconds"] = build_indexes(run, "train", state.mask_version, state.embedding_version)["seconds"]
-        build_indexes(run, "val", 0, state.embedding_version)
     summary["prepare_seconds"] = time.perf_counter() - t0
     return summary
 
@@ -299,8 +330,7 @@ def train_one_epoch(run: VariantRun, epoch: int) -> dict:
         return read_json(summary_path)
     t = load_trainable(run, checkpoint_path(run, epoch - 1))
     t.state, _ = state_before_epoch(run, epoch)
-    masks = read_masks(run.paths.masks(t.state.mask_version))
-    source = _source(run, "train", masks, "train", t.state.mask_version, t.state.embedding_version)
+    source = _source(run, epoch, t.state.mask_version, t.state.embedding_version)
 
     def after_batch(batches_done: int) -> dict | None:  # option B: new masks + indexes inside the epoch
         if not batch_due(run.cfg.refresh, batches_done):
@@ -309,8 +339,8 @@ def train_one_epoch(run: VariantRun, epoch: int) -> dict:
         t.state = bump_mask(t.state)
         write_masks(run, t.state.mask_version, t.state.level)
         built = build_indexes(run, "train", t.state.mask_version, t.state.embedding_version)
-        source.masks = read_masks(run.paths.masks(t.state.mask_version))
-        source.index_path = index_dir(run, "train", t.state.mask_version, t.state.embedding_version)
+        source.set_masks(run.paths.masks(t.state.mask_version),
+                         index_dir(run, "train", t.state.mask_version, t.state.embedding_version))
         return {"step": t.step + batches_done, "mask_version": t.state.mask_version,
                 "index_build_seconds": built["seconds"], "seconds": time.perf_counter() - t0}
 
@@ -321,27 +351,54 @@ def train_one_epoch(run: VariantRun, epoch: int) -> dict:
     t.epoch, t.step = epoch, t.step + result.n_batches
     save_trainable(run, t, out)
     summary = {**result.metrics("train"), "epoch": epoch, "step": t.step, "mask_version": t.state.mask_version,
-               "level": t.state.level, "mask_rate": run.cfg.mask.curriculum[t.state.level],
+               "level": t.state.level, "mask_rate": train_rate(run.cfg.mask, t.state.level),
                "embedding_version": t.state.embedding_version, "refreshes": result.refreshes}
     write_json(summary_path, summary)
     return summary
 
 
+def validation_inputs(run: VariantRun, queries: QuerySet, site_mask: np.ndarray):
+    """``w -> WindowInputs`` of the validation queries under ``site_mask``: an imputation target."""
+    p = run.prepared
+    match = query_context(p, queries, ~site_mask) if run.variant != "none" else None
+    masks = window_masks(site_mask, p.windows, p.window_size)
+
+    def inputs(w: int) -> WindowInputs:
+        af, position, real = p.window_features(w)
+        return WindowInputs(
+            window=w, panel_tokens=p.tokens("panel", w), target_tokens=queries.tokens(p, w), af=af,
+            position=position, real=real, mask=masks[w] & real, exclude_rows=queries.exclude_rows, match=match,
+            query_ids=queries.ids, retrieval=run.cfg.retrieval, seed=tie_seed(run.cfg.retrieval.seed, -1, w),
+        )
+
+    return inputs, masks
+
+
 def validate_epoch(run: VariantRun, epoch: int) -> dict:
-    """Validation of the model after ``epoch`` with the fixed validation masks; writes epoch metrics."""
+    """Validation = deployment: the model after ``epoch`` imputes the validation queries under the
+    fixed validation mask with its own fp32 tables and the imputation path; writes epoch metrics and
+    the checkpoint's calibration (a temperature fitted on these predictions)."""
     path = run.paths.epoch_metrics(epoch)
     if path.exists():
         return read_json(path)
     bundle = load_checkpoint(checkpoint_path(run, epoch), map_location=run.device)
     model = build_model(run.cfg.model).to(run.device)
     model.load_state_dict(bundle["model"])
-    state = RefreshState.from_dict(bundle["refresh"])
-    masks = read_masks(run.paths.val_masks)
-    source = _source(run, "val", masks, "val", 0, state.embedding_version)
-    result = evaluate(model, source, model_cfg=run.cfg.model, cfg=run.cfg.train, rare_maf=run.cfg.mask.rare_maf,
-                      device=run.device)
-    metrics = {**read_json(run.paths.root / "metrics" / f"train-{epoch:03d}.json"), **result.metrics("val")}
-    metrics.update(validation_report(run.prepared, result.predictions, masks))
+    queries = query_set(run.prepared, "val")
+    inputs, masks = validation_inputs(run, queries, read_site_mask(run.paths.val_masks))
+    t = run.cfg.train
+    windows = validation_windows(len(run.prepared.windows), len(queries), 2 * t.batch_size, t.max_val_batches)
+    v = validate(model, windows, inputs, lambda w: queries.tokens(run.prepared, w), index_kind=run.index_kind,
+                 rare_maf=run.cfg.mask.rare_maf, batch_size=2 * t.batch_size, device=run.device)
+    temperature = fit_temperature(v.logits, v.labels)
+    write_json(calibration_path(checkpoint_path(run, epoch)), {"temperature": temperature, "epoch": epoch,
+                                                               "n_sites": int(len(v.labels))})
+    metrics = {**read_json(run.paths.root / "metrics" / f"train-{epoch:03d}.json"), **v.result.metrics("val"),
+               "val_temperature": temperature}
+    truth = lambda w: queries.tokens(run.prepared, w)  # noqa: E731
+    metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
+    for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
+        metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))
     write_json(path, metrics)
     return metrics
 

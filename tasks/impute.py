@@ -15,11 +15,11 @@ from tasks._common import LIVE, fault_point
 # deleted or after the checkpoint changed; imputation is a leaf stage that runs when asked.
 @task(name="impute", **LIVE)
 def impute_task(run_dir: str, checkpoint: str, target_vcf: str, out_vcf: str, allow_panel_overlap: bool = False,
-                sample_chunk: int = 500, retrieval: str = "match", k: int | None = None) -> dict:
+                sample_chunk: int = 500) -> dict:
     """Impute every panel site of ``run_dir`` for the samples of ``target_vcf``; returns the summary."""
     fault_point(run_dir, "impute")
     summary = impute_vcf(Path(checkpoint), Path(run_dir), Path(target_vcf), Path(out_vcf),
-                         allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, retrieval=retrieval, k=k)
+                         allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
     return dataclasses.asdict(summary)
 
 

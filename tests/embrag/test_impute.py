@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from embrag import retrieval
+from embrag import epoch, retrieval
 from embrag.config import ModelConfig, WindowConfig
 from embrag.constants import ALT, MASK, MISSING, PAD, REF
 from embrag.impute import (
@@ -16,7 +16,8 @@ from embrag.impute import (
     impute_window,
     iter_owned,
 )
-from embrag.model import build_model
+from embrag.model import build_model, reference_alleles
+from embrag.neighbours import build_context, token_alleles
 from embrag.retrieval import build_index, index_kind
 from embrag.windows import make_windows, site_owner
 
@@ -46,13 +47,26 @@ def _inputs(rng, *, n_panel=20, n_target=6, n_pad=2, typed_every=3, exclude=None
     target[:, mask] = MASK
     af = np.where(real, (panel == ALT).mean(0), 0).astype(np.float32)
     position = np.where(real, np.linspace(0, 1, L), 0).astype(np.float32)
-    return WindowInputs(panel, target, af, position, real, mask, exclude)
+    return WindowInputs(0, panel, target, af, position, real, mask, exclude)
+
+
+def _with_context(inp: WindowInputs) -> WindowInputs:
+    """``inp`` with the PBWT match context of its typed sites (one window, one contig)."""
+    import dataclasses
+
+    typed = np.flatnonzero(inp.real & ~inp.mask)
+    alleles = token_alleles(np.vstack([inp.panel_tokens, inp.target_tokens])[:, typed])
+    windows = make_windows(np.array(["1"] * int(inp.real.sum())), WindowConfig(size=L, overlap=0))
+    ctx = build_context(alleles, len(inp.panel_tokens), typed, np.array(["1"] * L), np.arange(1, L + 1) * 100,
+                        windows, L)
+    ids = len(inp.panel_tokens) + np.arange(len(inp.target_tokens))
+    return dataclasses.replace(inp, match=ctx, query_ids=ids)
 
 
 @pytest.mark.parametrize("variant", ["v18", "v17", "none"])
 def test_window_probabilities_are_deterministic_probabilities(variant, rng):
     model = _model(variant).train()  # impute_window must switch to eval mode (dropout off)
-    inp = _inputs(rng)
+    inp = _with_context(_inputs(rng))
     kind = index_kind(variant, "compact")
     a = impute_window(model, inp, index_kind=kind, batch_size=4)
     b = impute_window(model, inp, index_kind=kind, batch_size=64)  # batching does not change results
@@ -83,15 +97,18 @@ def test_v18_reference_embeddings_come_from_the_table(rng):
     got = impute_window(model, inp, index_kind="flat")
     af, pos = torch.as_tensor(inp.af), torch.as_tensor(inp.position)
     table = model.embedding.table(af, pos).numpy()
-    _, hits = build_index("flat", inp.panel_tokens, inp.mask, table).search(_search_tokens(inp.target_tokens, inp.mask), K)
+    index = build_index("flat", inp.panel_tokens, inp.mask, table)
+    _, hits = index.search(_search_tokens(inp.target_tokens, inp.mask), max(inp.retrieval.candidates, K),
+                           tie_seed=inp.seed)
+    hits = hits[:, :K]  # no match context: the index order (ties in the seeded order)
     assert (hits >= 0).all()
     b = len(hits)
     with torch.no_grad():
-        ref = model.embed_references(torch.as_tensor(inp.panel_tokens[hits], dtype=torch.long),
-                                     af.expand(b, L), pos.expand(b, L))  # (B, K, L, D)
+        ref_tokens = torch.as_tensor(inp.panel_tokens[hits], dtype=torch.long)
+        ref = model.embed_references(ref_tokens, af.expand(b, L), pos.expand(b, L))  # (B, K, L, D)
         logits = model(torch.as_tensor(_model_tokens(inp.target_tokens, inp.mask), dtype=torch.long),
                        af.expand(b, L), pos.expand(b, L), torch.as_tensor(inp.real).expand(b, L), ref,
-                       torch.ones(b, K, dtype=torch.bool))
+                       torch.ones(b, K, dtype=torch.bool), reference_alleles(ref_tokens))
     np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), atol=1e-5)
 
 
@@ -99,29 +116,59 @@ def test_excluded_rows_are_never_retrieved(rng, monkeypatch):
     inp = _inputs(rng, n_target=2)
     own = 7  # both target haplotypes are copies of panel row 7 and exclude it (their "own" sample)
     target = np.where(inp.mask, MASK, inp.panel_tokens[own]).astype(np.uint8)[None].repeat(2, 0)
-    seen = []
-    original = retrieval.WindowIndex.search
+    seen, picked = [], []
+    original, original_select = retrieval.WindowIndex.search, epoch.select_neighbours
 
-    def spy(self, query, k, exclude_rows=None):
-        seen.append((original(self, query, k)[1], original(self, query, k, exclude_rows)[1]))
-        return original(self, query, k, exclude_rows)
+    def spy(self, query, k, exclude_rows=None, **kw):
+        seen.append((original(self, query, k, **kw)[1], original(self, query, k, exclude_rows, **kw)[1]))
+        return original(self, query, k, exclude_rows, **kw)
+
+    def select(*args, **kw):
+        got = original_select(*args, **kw)
+        picked.append(got.rows)
+        return got
 
     monkeypatch.setattr(retrieval.WindowIndex, "search", spy)
+    monkeypatch.setattr(epoch, "select_neighbours", select)
     exclude = np.array([[own, -1], [own, -1]])
-    impute_window(_model("v17"), WindowInputs(inp.panel_tokens, target, inp.af, inp.position, inp.real, inp.mask,
-                                              exclude), index_kind="token")
+    base = WindowInputs(0, inp.panel_tokens, target, inp.af, inp.position, inp.real, inp.mask, exclude)
+    impute_window(_model("v17"), _with_context(base), index_kind="token")
     (free, excluded), = seen
     assert (free == own).any(axis=1).all()  # without exclusion the copy is found (distance 0) ...
     assert not (excluded == own).any()  # ... with it, never
+    assert picked and not (picked[0] == own).any()  # nor among the PBWT's candidates
 
 
-def test_window_without_typed_sites_uses_no_retrieval(rng):
-    model = _model("v18").eval()
-    inp = _inputs(rng)
-    untyped = WindowInputs(inp.panel_tokens, inp.target_tokens, inp.af, inp.position, inp.real, inp.real.copy())
-    with_index = impute_window(model, untyped, index_kind="compact")
-    no_index = impute_window(model, untyped, index_kind=None)
-    np.testing.assert_allclose(with_index, no_index)  # arbitrary tied "neighbours" would be worse than none
+def test_window_without_typed_sites_still_gets_the_neighbours_matching_around_it(rng):
+    """No typed site inside: every index row ties, and the neighbours are the haplotypes whose runs
+    of matching typed sites cross the window (here: exact copies of the target elsewhere)."""
+    inp = _inputs(rng, n_panel=20, n_target=2, typed_every=3)
+    sites = 3 * L  # three windows' worth of sites; the middle window has no typed site
+    panel = rng.choice(np.array([REF, ALT], np.uint8), size=(20, sites))
+    target = panel[[4, 9]].copy()
+    typed = np.zeros(sites, bool)
+    typed[: L : 2] = typed[2 * L :: 2] = True
+    windows = make_windows(np.array(["1"] * sites), WindowConfig(size=L, overlap=0))
+    alleles = token_alleles(np.vstack([panel, target])[:, np.flatnonzero(typed)])
+    ctx = build_context(alleles, 20, np.flatnonzero(typed), np.array(["1"] * sites), np.arange(1, sites + 1) * 10,
+                        windows, L)
+    mid = slice(L, 2 * L)
+    af = (panel[:, mid] == ALT).mean(0).astype(np.float32)
+    middle = WindowInputs(1, panel[:, mid], target[:, mid], af, inp.position, np.ones(L, bool), np.ones(L, bool),
+                          match=ctx, query_ids=np.array([20, 21]))
+    seen = []
+    original_select = epoch.select_neighbours
+
+    def select(*args, **kw):
+        seen.append(original_select(*args, **kw))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(epoch, "select_neighbours", select)
+        impute_window(_model("v18").eval(), middle, index_kind="compact")
+    (nb,) = seen
+    assert nb.rows[0, 0] == 4 and nb.rows[1, 0] == 9  # the copies: the longest runs across the window
+    assert (nb.runs.left_sites[:, 0] > 0).all()
 
 
 def test_overlapping_windows_are_merged_by_owner(rng):
@@ -142,7 +189,7 @@ def test_overlapping_windows_are_merged_by_owner(rng):
 
         real = np.arange(L) < hi - lo
         position = np.where(real, np.linspace(0, 1, L), 0).astype(np.float32)
-        return WindowInputs(pad(tokens, PAD), pad(target, PAD), pad(af, 0), position, real, real & ~pad(typed, False))
+        return WindowInputs(w, pad(tokens, PAD), pad(target, PAD), pad(af, 0), position, real, real & ~pad(typed, False))
 
     model = _model("v18").eval()
     merged = np.full((4, n_sites), np.nan, np.float32)

@@ -174,8 +174,9 @@ def test_single_store_with_lists_or_fractions(stores):
         "val": 1,
         "test": 1,
     }
-    with pytest.raises(ValueError, match="only genotype store"):
-        harmonise(paths["panel"], None, None, SplitConfig())
+    panel_only = harmonise(paths["panel"], None, None, SplitConfig())  # queries come from the panel itself
+    assert panel_only.sample_ids == {"panel": ids["panel"]} and panel_only.n_matched == 6
+    np.testing.assert_array_equal(panel_only.genotypes["panel"], gts["panel"])
     with pytest.raises(ValueError, match=r"'P1' is in roles panel, val"):
         harmonise(paths["panel"], None, None, SplitConfig(), sample_lists={**lists, "val": ["P1"]})
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from cyvcf2 import VCF
 
-from embrag import matching, retrieval
+from embrag import epoch, retrieval
 from embrag.config import RunConfig
 from storage.errors import VcfInputError
 from storage.evaluate import evaluate_vcfs
-from storage.impute import impute_vcf, mask_mismatch
+from storage.impute import design_mismatch, impute_vcf
 from storage.layout import RunLayout
 from storage.prepare import prepare
 from storage.prepared import PreparedData
@@ -184,53 +184,43 @@ def _with_panel_sample(run: dict, tmp_path: Path, sample: str) -> Path:
     return _write(tmp_path / "overlap.vcf", _join(header, [[*r, gts[r[1]]] for r in records]))
 
 
-@pytest.mark.parametrize("mode", ["index", "match"])
-def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_path, monkeypatch, mode):
+def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_path, monkeypatch):
     sample = "PANEL_0003"
     target = _with_panel_sample(run, tmp_path, sample)
     with pytest.raises(VcfInputError, match=r"reference-panel samples \(PANEL_0003\).*leakage.*allow_panel_overlap"):
-        _impute(run, target, "overlap", retrieval=mode)
+        _impute(run, target, "overlap")
     own = 2 * run["prepared"].sample_ids("panel").tolist().index(sample) + np.array([0, 1])
-    calls = []  # (hits without exclusion, exclusion, hits) per search
-    if mode == "index":
-        original = retrieval.WindowIndex.search
+    searches, picks = [], []  # index candidates without / with the exclusion; the neighbours handed over
+    original_search, original_select = retrieval.WindowIndex.search, epoch.select_neighbours
 
-        def spy(self, query, k, exclude_rows=None):
-            calls.append((original(self, query, k)[1], exclude_rows, original(self, query, k, exclude_rows)[1]))
-            return original(self, query, k, exclude_rows)
+    def search(self, query, k, exclude_rows=None, **kw):
+        searches.append((original_search(self, query, k, **kw)[1], exclude_rows))
+        return original_search(self, query, k, exclude_rows, **kw)
 
-        monkeypatch.setattr(retrieval.WindowIndex, "search", spy)
-    else:
-        top = matching.top_matches
+    def select(*args, **kw):
+        got = original_select(*args, **kw)
+        picks.append((args[2], got.rows))
+        return got
 
-        def spy(scores, k, *, seed=0, exclude_rows=None):
-            calls.append((top(scores, k, seed=seed), exclude_rows, top(scores, k, seed=seed, exclude_rows=exclude_rows)))
-            return calls[-1][2]
-
-        monkeypatch.setattr(matching, "top_matches", spy)
-    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True, retrieval=mode)
-    assert s.n_panel_overlap == 1 and s.n_samples == 7 and s.retrieval == mode
-    assert calls
+    monkeypatch.setattr(retrieval.WindowIndex, "search", search)
+    monkeypatch.setattr(epoch, "select_neighbours", select)
+    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True)
+    assert s.n_panel_overlap == 1 and s.n_samples == 7
+    assert searches and picks
     q = 2 * 6 + np.array([0, 1])  # the panel sample is the 7th target sample
-    for _free, exclude, got in calls:
-        assert set(exclude[q].ravel().tolist()) == set(own.tolist())
-        assert (exclude[: 2 * 6] == -1).all()
-        assert not np.isin(got[q], own).any()
-    assert any(np.isin(free[q], own).any() for free, _, _ in calls)  # without exclusion: found its own rows
+    n_panel = 2 * len(run["prepared"].sample_ids("panel"))
+    for _free, exclude in searches:
+        assert set(exclude[q].ravel().tolist()) == set(own.tolist()) and (exclude[: 2 * 6] == -1).all()
+    for queries, rows in picks:
+        mine = np.isin(queries, n_panel + q)
+        assert mine.any() and not np.isin(rows[mine], own).any()  # never its own haplotypes
+    assert any(np.isin(free[q], own).any() for free, _ in searches)  # without exclusion: found its own rows
 
 
 def test_sample_chunks_do_not_change_output(run):
     _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
     _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)
     assert _body(small) == _body(large) == _body(run["out"])
-    _, index2 = _impute(run, run["sim"].test_array_vcf, "index2", sample_chunk=2, batch_size=3, retrieval="index")
-    _, index100 = _impute(run, run["sim"].test_array_vcf, "index100", sample_chunk=100, retrieval="index")
-    assert _body(index2) == _body(index100) != _body(run["out"])  # another retrieval, other neighbours
-
-
-def test_unknown_retrieval_is_refused(run):
-    with pytest.raises(ValueError, match="retrieval must be one of"):
-        _impute(run, run["sim"].test_array_vcf, "bad", retrieval="nearest")
 
 
 def test_evaluate_runs_on_imputed_output(run):
@@ -241,9 +231,26 @@ def test_evaluate_runs_on_imputed_output(run):
     assert report.dosage_sources == {"GP": report.n_evaluated}
 
 
-def test_a_target_masked_beyond_the_training_masks_gets_a_warning_with_the_fix(run):
-    assert mask_mismatch(CFG, 0.5) is None  # inside the default 30-70 % curriculum
-    warning = mask_mismatch(CFG, 0.98)
-    assert "98%" in warning and "70%" in warning and "--set mask.curriculum=[0.85,0.95]" in warning
-    assert run["summary"].untyped_fraction == pytest.approx(1 - run["summary"].n_typed_sites / run["summary"].n_panel_sites)
-    assert (run["summary"].warning is None) == (mask_mismatch(CFG, run["summary"].untyped_fraction) is None)
+def test_a_target_unlike_the_training_design_gets_a_warning_with_the_fix(run):
+    prepared = run["prepared"]
+    typed = np.zeros(len(prepared.sites), bool)
+    typed[::2] = True
+    assert design_mismatch(CFG, prepared, typed) is None  # half untyped: inside the default 30-70 % masks
+    sparse = np.zeros(len(prepared.sites), bool)
+    sparse[::50] = True
+    warning = design_mismatch(CFG, prepared, sparse)
+    assert "98%" in warning and "70%" in warning and "--set mask.design=array --set mask.array_per_mb=" in warning
+    array = CFG.replace(mask__design="array", mask__array_per_mb=200.0)
+    span_mb = (prepared.sites.position.max() - prepared.sites.position.min() + 1) / 1e6
+    every = max(1, int(round(len(prepared.sites) / (200 * span_mb))))
+    near = np.zeros(len(prepared.sites), bool)
+    near[::every] = True  # about 200 typed sites per Mb
+    assert design_mismatch(array, prepared, near) is None
+    assert "types" in design_mismatch(array, prepared, np.arange(len(sparse)) == 0)  # one typed site: far too sparse
+    assert (run["summary"].warning is None) == (design_mismatch(CFG, prepared, _typed(run)) is None)
+
+
+def _typed(run: dict) -> np.ndarray:
+    keys = {(r.POS, r.REF, r.ALT[0]) for r in VCF(str(run["sim"].test_array_vcf))}
+    s = run["prepared"].sites
+    return np.array([(int(p), r, a) in keys for p, r, a in zip(s.position, s.ref, s.alt, strict=True)])
