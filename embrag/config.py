@@ -124,6 +124,7 @@ class ModelConfig:
     position_norm: bool = True  # per-position LayerNorm in the embedding layer
     match_features: bool = True  # per neighbour and site, match lengths around the site enter the fusion
     copy_head: bool = True  # output = logit of the match-weighted copy of the neighbours + a learned correction
+    copy_power: float = 8.0  # the copy head starts as the (1 + run)^power vote (learned from there)
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:

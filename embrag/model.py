@@ -157,7 +157,7 @@ class _ImputationModel(nn.Module):
         self.fusion = RetrievalFusion(cfg) if retrieval else None
         self.encoder = Encoder(cfg)
         self.head = AlleleHead(cfg)
-        self.copy = CopyHead() if retrieval and cfg.copy_head else None
+        self.copy = CopyHead(cfg.copy_power) if retrieval and cfg.copy_head else None
         # The copy logit enters the residual stream (V18: before the encoder; V17: after it).
         self.prior_in = nn.Linear(2, cfg.dim) if self.copy is not None else None
         _init_weights(self, cfg.layers)

@@ -276,3 +276,25 @@ def test_duplicated_panel_rows_are_grouped_and_expanded_exactly(kind, seed):
         assert not set(rows[q].tolist()) & set(exclude[q][exclude[q] >= 0].tolist())
         true[q, exclude[q][exclude[q] >= 0]] = np.inf
     assert_knn_equivalent(dist, rows, true, 12, 1e-4 * np.nanmax(true[np.isfinite(true)]) + 1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ties_beyond_k_are_broken_by_the_seed_not_by_row_order(kind):
+    """With aligned masks most of a window's panel ties at the best distance; the k returned rows
+    must not be the lowest ids (the panel's first samples for every query), and change with the seed."""
+    rng = np.random.default_rng(5)
+    length, n = 12, 60
+    panel = np.where(rng.random((n, length)) < 0.4, ALT, REF).astype(np.uint8)
+    mask = np.ones(length, bool)
+    mask[:3] = False  # three observed sites: 8 patterns, large tie groups
+    panel[:, :3] = REF
+    panel[::3, 2] = ALT  # a third of the panel differs at one observed site
+    query = panel[1:2].copy()  # REF REF REF: ties with the 40 rows that are REF at site 2
+    table = rng.normal(size=(length, VOCAB_SIZE, 8)).astype(np.float32)
+    index = build_index(kind, panel, mask, table)
+    tied = {r for r in range(n) if r % 3}
+    picks = [tuple(index.search(query, 5, tie_seed=s)[1][0]) for s in range(8)]
+    assert all(set(p) <= tied for p in picks)  # still the nearest rows
+    assert len(set(picks)) > 1  # the seed changes the pick ...
+    assert sum(set(p) == set(sorted(tied)[:5]) for p in picks) <= 1  # ... and it is not the lowest ids
+    assert picks[0] == tuple(index.search(query, 5, tie_seed=0)[1][0])  # deterministic per seed

@@ -1,0 +1,109 @@
+"""The forward path every stage shares (embrag.epoch): masks, complete references, F1 counters, donors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embrag.config import ModelConfig
+from embrag.constants import ALT, MASK, REF, VOCAB_SIZE
+from embrag.epoch import WindowData, _Counts, batch_tensors, forward_batch, has_donor
+from embrag.impute import _reference_rows
+from embrag.metrics import alt_f1
+from embrag.model import build_model
+from embrag.retrieval import build_index
+
+L = 10
+
+
+def _cfg(variant: str, copy_head: bool) -> ModelConfig:
+    return ModelConfig(variant=variant, dim=16, layers=1, heads=2, ff_mult=2, dropout=0.0, max_len=L, af_features=4,
+                       k=1, copy_head=copy_head)
+
+
+def _window(variant: str, panel: np.ndarray, mask: np.ndarray, model) -> WindowData:
+    af = np.full(L, 0.3, np.float32)
+    position = np.linspace(0, 1, L).astype(np.float32)
+    kind = "token" if variant == "v17" else "compact"
+    table = model.embedding.table(torch.as_tensor(af), torch.as_tensor(position)).numpy()
+    index = build_index(kind, panel, mask, None if kind == "token" else table)
+    return WindowData(window=0, query_tokens=panel[:1].copy(), af=af, position=position, real=np.ones(L, bool),
+                      mask=mask, index=index, panel_tokens=panel, reference_rows=_reference_rows(table, panel))
+
+
+@pytest.mark.parametrize("copy_head", [False, True])
+@pytest.mark.parametrize("variant,live", [("v17", False), ("v18", False), ("v18", True)])
+def test_the_model_sees_the_complete_reference_at_masked_sites(variant, live, copy_head):
+    """A one-row panel that differs between two runs only at masked sites: the neighbour is the same
+    (the index sees only observed sites), so the output changes only if the model gets the COMPLETE
+    reference. Kills: V17 / V18-live / V18-store handed masked reference tokens."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(variant, copy_head)).eval()
+    mask = np.zeros(L, bool)
+    mask[4:] = True
+    panel_a = np.full((1, L), REF, np.uint8)
+    panel_b = panel_a.copy()
+    panel_b[0, 4:] = ALT  # only masked sites differ
+    outs = []
+    for panel in (panel_a, panel_b):
+        data = _window(variant, panel, mask, model)
+        batch = batch_tensors(data, np.array([0]), torch.device("cpu"))
+        with torch.no_grad():
+            logits, _ = forward_batch(model, model.cfg, data, np.array([0]), batch, live=live, device=torch.device("cpu"))
+        outs.append(logits)
+    assert not torch.equal(outs[0][0, 4:], outs[1][0, 4:])  # masked references would give identical inputs
+
+
+def test_an_index_built_with_another_mask_is_refused():
+    """Kills: the model-input mask of window w taken from another window while the index keeps its own."""
+    model = build_model(_cfg("v18", True)).eval()
+    mask = np.zeros(L, bool)
+    mask[4:] = True
+    panel = np.full((3, L), REF, np.uint8)
+    data = _window("v18", panel, mask, model)
+    other = mask.copy()
+    other[0] = True
+    data.mask = other
+    batch = batch_tensors(data, np.array([0]), torch.device("cpu"))
+    with pytest.raises(AssertionError, match="index mask differs"):
+        forward_batch(model, model.cfg, data, np.array([0]), batch, live=False, device=torch.device("cpu"))
+
+
+def test_f1_counters_score_the_alt_class():
+    """Kills: training/validation F1 with REF as the positive class."""
+    rng = np.random.default_rng(0)
+    prob = rng.random(500)
+    label = (rng.random(500) < 0.2).astype(float)
+    rare = rng.random(500) < 0.5
+    counts = _Counts()
+    counts.add(prob, label, rare)
+    f1, rare_f1, common_f1 = counts.f1s()
+    assert f1 == pytest.approx(alt_f1(prob > 0.5, label > 0.5))
+    assert rare_f1 == pytest.approx(alt_f1(prob[rare] > 0.5, label[rare] > 0.5))
+    assert common_f1 == pytest.approx(alt_f1(prob[~rare] > 0.5, label[~rare] > 0.5))
+
+
+def test_a_query_s_allele_needs_a_donor_outside_its_own_sample():
+    panel = np.array([[REF, ALT, ALT], [REF, REF, ALT], [ALT, REF, REF], [REF, REF, REF]], np.uint8)
+    query = panel[[0, 2]]  # panel rows 0 (sample 0) and 2 (sample 1)
+    exclude = np.array([[0, 1], [2, 3]])
+    got = has_donor(query, panel, exclude)
+    # row 0: REF has donors (rows 2, 3); its ALT at site 1 and 2 are only in its own sample -> none
+    # row 2: ALT at site 0 only in itself -> none; REF at site 1 carried by row 1 -> donor; REF at
+    # site 2 only in its own sample (row 3) -> none
+    assert got.tolist() == [[True, False, False], [False, True, False]]
+    assert has_donor(query, panel, None).all()  # a target outside the panel: every panel copy counts
+
+
+def test_batch_targets_leave_out_alleles_without_donor():
+    panel = np.full((4, L), REF, np.uint8)
+    panel[0, 3] = ALT  # a singleton of sample 0
+    mask = np.ones(L, bool)
+    data = WindowData(window=0, query_tokens=panel[:2], af=np.zeros(L, np.float32), position=np.zeros(L, np.float32),
+                      real=np.ones(L, bool), mask=mask, index=None, panel_tokens=panel,
+                      exclude_rows=np.array([[0, 1], [0, 1]]))
+    target = batch_tensors(data, np.array([0, 1]), torch.device("cpu"))["target"].numpy()
+    assert not target[0, 3] and target[1, 3] and target[0, [0, 1, 2, 4]].all()
+    assert (batch_tensors(data, np.array([0]), torch.device("cpu"))["tokens"].numpy() == MASK).all()
+    assert VOCAB_SIZE > ALT

@@ -1,0 +1,162 @@
+"""One retrieval everywhere: training, validation and imputation pick the same neighbours (real
+windows of a tiny simulated run), panel queries never see their own sample, validation scores what
+it should, and re-encoded embeddings come from the current weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import embrag.validate
+from embrag.constants import ALT
+from embrag.epoch import retrieve
+from embrag.impute import window_data
+from embrag.model import build_model
+from storage.checkpoints import load_checkpoint
+from storage.embeddings import EmbeddingStore
+from storage.impute import _window_inputs, target_context
+from storage.layout import RunLayout
+from storage.queries import query_set
+from storage.target import exclude_rows, read_target
+from storage.training import (
+    VariantRun,
+    _source,
+    checkpoint_path,
+    prepare_epoch_inputs,
+    read_site_mask,
+    run_epochs,
+    validate_epoch,
+    validation_inputs,
+)
+
+
+@pytest.fixture
+def run_dir(tiny_prepared_fixture, tmp_path):
+    layout, cfg = tiny_prepared_fixture
+    shutil.copytree(layout.root / "data", tmp_path / "run" / "data")
+    return RunLayout(tmp_path / "run"), cfg
+
+
+def _init_model(run: VariantRun) -> torch.nn.Module:
+    model = build_model(run.cfg.model)
+    model.load_state_dict(load_checkpoint(checkpoint_path(run, -1))["model"])
+    return model.eval()
+
+
+def test_panel_queries_never_retrieve_their_own_sample(run_dir):
+    layout, cfg = run_dir
+    run = VariantRun(layout, cfg)
+    prepare_epoch_inputs(run, 0)
+    source = _source(run, 0, 0, 0)
+    queries = source.queries
+    assert len(queries.panel_rows) > 0 and queries.n_study > 0  # both kinds of query
+    own_sample = queries.exclude_rows
+    for w in range(source.n_windows):
+        data = source.window(w)
+        rows = np.arange(len(queries))
+        nb = retrieve(data, rows, cfg.model.k)
+        assert (nb.rows < 2 * len(run.prepared.sample_ids("panel"))).all()
+        assert not (nb.rows[:, :, None] == own_sample[:, None, :]).any()
+        assert (nb.rows >= 0).all()  # enough references for everyone
+
+
+def _target_vcf(run: VariantRun, sample: str, typed: np.ndarray, path):
+    """The panel VCF reduced to ``sample`` at the ``typed`` sites: a panel sample as an array target."""
+    s = run.prepared.sites
+    keep = {(int(p), r, a) for p, r, a in zip(s.position[typed], s.ref[typed], s.alt[typed], strict=True)}
+    lines = gzip.open(run.layout.vcf_dir / "panel.vcf.gz", "rt").read().splitlines()
+    header = [x for x in lines if x.startswith("##")]
+    cols = next(x for x in lines if x.startswith("#CHROM")).split("\t")
+    j = cols.index(sample)
+    out = header + ["\t".join(cols[:9] + [sample])]
+    for x in lines:
+        if x.startswith("#"):
+            continue
+        f = x.split("\t")
+        if (int(f[1]), f[3], f[4]) in keep:
+            out.append("\t".join(f[:9] + [f[j]]))
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_training_validation_and_imputation_pick_the_same_neighbours(run_dir, tmp_path, variant):
+    layout, cfg = run_dir
+    run = VariantRun(layout, cfg.replace(model__variant=variant))
+    prepare_epoch_inputs(run, 0)
+    model = _init_model(run)  # the weights the epoch-0 index and embeddings were encoded with
+    source = _source(run, 0, 0, 0)
+    queries = source.queries
+    site_mask = read_site_mask(run.paths.masks(0))
+    val_inputs, _ = validation_inputs(run, queries, site_mask)  # the validation path over the same queries
+    sample_index = int(queries.panel_rows[0] // 2)
+    sample = run.prepared.sample_ids("panel")[sample_index]
+    target = _target_vcf(run, sample, ~site_mask, tmp_path / "target.vcf")
+    work = tmp_path / "work"
+    work.mkdir()
+    tgt, gt = read_target(target, run.prepared, work)
+    assert (tgt.typed == ~site_mask).all()
+    exclude = exclude_rows(tgt.samples, run.prepared, True, target)
+    match = target_context(run.prepared, gt, tgt.typed, 0, 1)
+    imp_inputs = _window_inputs(run.prepared, run.cfg, gt, tgt.typed, 0, 1, exclude, match)
+    rows = np.flatnonzero(queries.panel_rows // 2 == sample_index)  # the sample's two query rows
+    device = torch.device("cpu")
+    for w in range(source.n_windows):
+        data_t = source.window(w)
+        seed = data_t.seed  # the same tie order (training draws one per epoch; the others are fixed)
+        data_v = window_data(model, run.index_kind, dataclasses.replace(val_inputs(w), seed=seed), device)
+        data_i = window_data(model, run.index_kind, dataclasses.replace(imp_inputs(w), seed=seed), device)
+        a, b = retrieve(data_t, rows, cfg.model.k), retrieve(data_v, rows, cfg.model.k)
+        c = retrieve(data_i, np.array([0, 1]), cfg.model.k)
+        np.testing.assert_array_equal(a.rows, b.rows, err_msg=f"training vs validation, window {w}")
+        np.testing.assert_array_equal(a.rows, c.rows, err_msg=f"training vs imputation, window {w}")
+        np.testing.assert_array_equal(a.runs.features(), c.runs.features())
+
+
+def test_reencoded_embeddings_come_from_the_current_weights(run_dir):
+    """Kills: the end-of-epoch re-encode using the initial weights while versions still bump."""
+    layout, cfg = run_dir
+    run = VariantRun(layout, cfg.replace(train__epochs=1))
+    run_epochs(run)
+    after = build_model(run.cfg.model)
+    after.load_state_dict(load_checkpoint(checkpoint_path(run, 0))["model"])
+    af, position, _ = run.prepared.window_features(0)
+    want = after.embedding.table(torch.as_tensor(af), torch.as_tensor(position)).numpy()
+    got = EmbeddingStore(run.paths.embeddings(1)).window_table(0)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(EmbeddingStore(run.paths.embeddings(0)).window_table(0), want, atol=1e-6)
+
+
+def test_validation_of_a_truth_model_scores_one_everywhere_and_each_site_once(run_dir, monkeypatch):
+    """A "model" that returns the truth: r^2 1 and IQS 1 in every bin, each masked site counted once.
+    Kills: predictions on other rows, overlap sites scored twice (owner filter), truth misread."""
+    layout, cfg = run_dir
+    run = VariantRun(layout, cfg.replace(train__epochs=1, train__max_val_batches=None))
+    prepare_epoch_inputs(run, 0)
+    run_epochs(run)  # a real checkpoint to load; its predictions are replaced below
+    (run.paths.epoch_metrics(0)).unlink()
+
+    def truth_model(model, inp, **kw):
+        return (inp.target_tokens == ALT).astype(np.float32)  # (Hq, L): the queries' own complete alleles
+
+    monkeypatch.setattr(embrag.validate, "impute_window", truth_model)
+    metrics = validate_epoch(run, 0)
+    site_mask = read_site_mask(run.paths.val_masks)
+    for key, value in metrics.items():
+        if key.startswith(("val_r2_", "val_r2emp_", "val_iqs_")) and not key.endswith("baseline") and np.isfinite(value):
+            assert value == pytest.approx(1.0), key
+    assert metrics["val_f1"] == pytest.approx(1.0)
+    assert metrics["val_nsites_all"] == site_mask.sum()  # every hidden site once, whatever the overlaps
+
+
+def test_queries_are_split_between_training_and_validation(run_dir):
+    layout, _ = run_dir
+    prepared = VariantRun(layout, run_dir[1]).prepared
+    train, val = query_set(prepared, "train"), query_set(prepared, "val")
+    assert not set(train.panel_rows // 2) & set(val.panel_rows // 2)
+    assert len(train.panel_rows) + len(val.panel_rows) == 2 * len(prepared.sample_ids("panel"))
