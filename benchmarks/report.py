@@ -238,8 +238,11 @@ def plot(all_cells: list[Cell], path: Path) -> None:
             cs = [next(c for c in mine if c.tool == t and c.bin == b) for b in bins]
             x = np.arange(len(bins)) + (j - (len(tools) - 1) / 2) * 0.1
             y = np.array([c.r2_site for c in cs])
-            err = np.abs(np.array([c.r2_site_ci for c in cs]).T - y)
-            ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=3, label=t, linestyle="-")
+            err = np.nan_to_num(np.abs(np.array([c.r2_site_ci for c in cs]).T - y))
+            line = ax.errorbar(x[:-1], y[:-1], yerr=err[:, :-1], marker="o", capsize=3, label=t, linestyle="-")
+            # panel-monomorphic sites are not a MAF bin: a point of their own, not joined to the curve
+            ax.errorbar(x[-1:], y[-1:], yerr=err[:, -1:], marker="o", capsize=3, linestyle="none",
+                        color=line.lines[0].get_color())
         ax.set_xticks(np.arange(len(bins)), [LABELS[b] for b in bins], fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("panel MAF bin")
