@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def score_vcfs(truth_vcf: str | Path, sites: SiteSet, vcfs: dict[str, Path]) -> 
     out = {}
     for tool, vcf in vcfs.items():
         d = dosages_on_sites(vcf, sites.keys, samples)
+        if not d.found.all():  # visible in the log, not only as constant sites in the table
+            print(f"{tool}: {int((~d.found).sum())} of {len(sites.keys)} scored sites absent from {vcf}; "
+                  "they count as constant dosages (r2 0)", file=sys.stderr)
         out[tool] = dataclasses.replace(site_stats(d.dosage, truth, d.gp), est_r2=d.est_r2)
     return out
 
