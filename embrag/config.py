@@ -31,7 +31,11 @@ class SimulateConfig:
     n_panel: int = 400  # diploid samples
     n_study: int = 200  # split into train / val by SplitConfig
     n_test: int = 50
-    array_every: int = 10  # "array" target keeps every n-th common site (MAF >= array_min_maf)
+    # The "array" target types common sites (panel MAF >= array_min_maf) like a commercial array:
+    # about array_per_mb per Mb, evenly spread with jitter (embrag.arrays.array_sites). array_every
+    # (every n-th common site, denser and more regular than a real array) wins when set.
+    array_per_mb: float = 200.0
+    array_every: int | None = None
     array_min_maf: float = 0.05
 
 

@@ -8,6 +8,12 @@ Conventions (numpy only, vectorised; slow loop oracles live in ``tests/embrag/me
 - MAF bins are :data:`embrag.constants.MAF_BINS`, binned by the *panel* MAF (never the truth's).
 
 A (sample, site) pair counts only where the truth is called and dosage and GP are finite.
+
+Per-site r2, one definition for every report (``embrag evaluate``, training validation, MLflow,
+the benchmark): squared Pearson of dosage and truth where both vary; **0** where the truth varies
+but the dosage is constant (a model that outputs the allele frequency for everyone explains
+nothing, and dropping such sites would reward it); undefined (NaN, excluded, counted) where the
+truth itself does not vary. Mean IQS and estimated r2 are averaged over the same sites.
 """
 
 from __future__ import annotations
@@ -114,11 +120,21 @@ class SiteStats:
     cxx: np.ndarray  # centred sums of squares / products (pooled later for aggregate r2)
     cyy: np.ndarray
     cxy: np.ndarray
-    r2: np.ndarray  # squared Pearson; NaN where truth or dosage has no variance
+    r2: np.ndarray  # squared Pearson; 0 where only the dosage is constant; NaN where the truth is constant
     iqs: np.ndarray  # Lin et al. 2010; NaN where chance agreement is 1
     nrd_disc: np.ndarray  # best guess != truth among pairs where either is non-reference
     nrd_denom: np.ndarray  # pairs where truth or best guess is non-reference
-    est_r2: np.ndarray  # truth-free estimate from the dosages (estimated_r2)
+    est_r2: np.ndarray  # truth-free estimate: from the dosages (estimated_r2), or the tool's INFO R2/DR2
+
+    @property
+    def truth_varies(self) -> np.ndarray:
+        """``bool [M]``: sites where per-site r2 is defined."""
+        return self.cyy > ZERO_VAR * self.n
+
+    @property
+    def dosage_constant(self) -> np.ndarray:
+        """``bool [M]``: sites whose dosage does not vary (r2 0 where the truth varies)."""
+        return self.cxx <= ZERO_VAR * self.n
 
 
 def concat_site_stats(parts: list[SiteStats]) -> SiteStats:
@@ -160,8 +176,8 @@ def site_stats(dosage: np.ndarray, truth: np.ndarray, gp: np.ndarray | None = No
         mx, my = x.sum(axis=0) / n, y.sum(axis=0) / n
         dx, dy = w * (x - mx), w * (y - my)  # [N, M], 0 off the valid pairs
         cxx, cyy, cxy = (dx * dx).sum(0), (dy * dy).sum(0), (dx * dy).sum(0)
-        has_var = (cxx > ZERO_VAR * n) & (cyy > ZERO_VAR * n)
-        r2 = np.where(has_var, np.clip(cxy**2 / (cxx * cyy), 0.0, 1.0), np.nan)
+        r2 = np.where(cxx > ZERO_VAR * n, np.clip(cxy**2 / (cxx * cyy), 0.0, 1.0), 0.0)
+        r2 = np.where(cyy > ZERO_VAR * n, r2, np.nan)  # truth constant: r2 undefined
     guess = np.argmax(gp, axis=-1)  # [N, M]; ties -> fewer ALT alleles
     nonref = valid & ((truth > 0) | (guess > 0))
     return SiteStats(
@@ -183,12 +199,13 @@ class BinMetrics:
     bin: str
     n_sites: int
     r2_aggregate: float  # squared Pearson over all (sample, site) pairs of the bin pooled
-    r2_mean_site: float  # mean per-site r2 over sites where truth and dosage both vary
-    n_r2_undefined: int  # sites left out of r2_mean_site (no variance in truth or dosage)
-    iqs_mean: float
+    r2_mean_site: float  # mean per-site r2 over sites where the truth varies (constant dosage: 0)
+    n_constant: int  # of those, sites whose dosage is constant (each counted as r2 0)
+    n_r2_undefined: int  # sites left out: the truth does not vary
+    iqs_mean: float  # over the same sites as r2_mean_site
     nrd: float  # pooled non-reference discordance of best-guess (argmax GP) genotypes
-    est_r2_mean: float  # estimated r2, over sites where the truth varies ...
-    emp_r2_mean: float  # ... and empirical r2 on the same sites (0 where the dosage is constant)
+    est_r2_mean: float  # estimated r2 over the same sites
+    est_emp_pearson: float  # Pearson of estimated and empirical per-site r2 over those sites (calibration)
 
 
 def maf_bin_index(maf: np.ndarray) -> np.ndarray:
@@ -228,20 +245,33 @@ def _pooled_r2(s: SiteStats, sel: np.ndarray) -> float:
     return float(min(1.0, cxy**2 / (cxx * cyy)))
 
 
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two ``[M]`` vectors over entries finite in both; NaN if either is constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return float("nan")
+    dx, dy = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
+    sxx, syy = float((dx * dx).sum()), float((dy * dy).sum())
+    if sxx <= ZERO_VAR * ok.sum() or syy <= ZERO_VAR * ok.sum():
+        return float("nan")
+    return float((dx * dy).sum() / np.sqrt(sxx * syy))
+
+
 def _bin_row(name: str, s: SiteStats, sel: np.ndarray) -> BinMetrics:
-    truth_varies = sel & (s.cyy > ZERO_VAR * s.n)
-    emp = np.where(np.isfinite(s.r2), s.r2, 0.0)  # truth varies, dosage constant: explains nothing
+    scored = sel & s.truth_varies  # one site set for r2, IQS and the estimate
     denom = int(s.nrd_denom[sel].sum())
     return BinMetrics(
         bin=name,
         n_sites=int(sel.sum()),
         r2_aggregate=_pooled_r2(s, sel),
-        r2_mean_site=_nanmean(s.r2[sel]),
-        n_r2_undefined=int((sel & ~np.isfinite(s.r2)).sum()),
-        iqs_mean=_nanmean(s.iqs[sel]),
+        r2_mean_site=_nanmean(s.r2[scored]),
+        n_constant=int((scored & s.dosage_constant).sum()),
+        n_r2_undefined=int((sel & ~s.truth_varies).sum()),
+        iqs_mean=_nanmean(s.iqs[scored]),
         nrd=float(s.nrd_disc[sel].sum() / denom) if denom else float("nan"),
-        est_r2_mean=_nanmean(s.est_r2[truth_varies]),
-        emp_r2_mean=_nanmean(emp[truth_varies]),
+        est_r2_mean=_nanmean(s.est_r2[scored]),
+        est_emp_pearson=pearson(s.est_r2[scored], s.r2[scored]),
     )
 
 

@@ -5,6 +5,9 @@ minimac4 (HDS, DS, GP, INFO IMPUTED/TYPED). Per record and sample:
 - dosage: DS, else HDS1 + HDS2, else GP1 + 2 GP2;
 - genotype probabilities: GP, else from HDS (independent haplotypes), else from DS assuming both
   haplotypes carry ALT with probability DS/2 (``embrag.metrics.gp_from_dosage``).
+- estimated r2: the tool's own INFO ``DR2`` (Beagle) or ``R2`` (minimac4, embrag) when the header
+  declares one, else computed from the dosages (``embrag.metrics.estimated_r2``).
+Per-site r2 follows ``embrag.metrics``: a constant dosage where the truth varies scores 0.
 Sites are matched by (contig, pos, REF, ALT) with a leading "chr" dropped; only biallelic records
 count. "Imputed" means: not flagged TYPED (minimac4 writes IMPUTED;TYPED on typed panel sites, and
 those are the array's genotypes, not imputations), and flagged IMP or IMPUTED when the header declares
@@ -33,6 +36,7 @@ from embrag.metrics import (
     SiteStats,
     bin_metrics,
     concat_site_stats,
+    estimated_r2,
     gp_from_dosage,
     gp_from_hap_dosage,
     site_stats,
@@ -54,6 +58,7 @@ class EvaluationReport:
     n_evaluated: int  # matched, imputed (if imputed_only), with a panel AF and a dosage
     n_no_panel_af: int
     dosage_sources: dict[str, int]  # how GP was obtained ("GP", "HDS", "DS") -> sites
+    estimate_source: str  # where estimated r2 came from: "DR2" | "R2" (INFO) | "dosage"
     bins: tuple[BinMetrics, ...]
 
     def as_dict(self) -> dict:
@@ -144,6 +149,18 @@ def _dosage_gp(rec, idx: np.ndarray, keys: tuple[str, ...]) -> tuple[np.ndarray,
     return dosage, gp, source
 
 
+def info_r2_key(vcf: VCF) -> str | None:
+    """The INFO field holding the tool's estimated r2: Beagle's DR2, minimac4's / embrag's R2; None if neither."""
+    return next((k for k in ("DR2", "R2") if vcf.contains(k)), None)
+
+
+def _info_float(rec, key: str | None) -> float:
+    value = rec.INFO.get(key) if key else None
+    if isinstance(value, tuple):  # Number=A fields come back as tuples
+        value = value[0] if value else None
+    return math.nan if value is None else float(value)
+
+
 def _imputed_flag(vcf: VCF):
     """Record -> is it an imputed site (see module docstring). TYPED wins over IMP/IMPUTED."""
     imp_keys = [k for k in ("IMP", "IMPUTED") if vcf.contains(k)]
@@ -162,10 +179,10 @@ def _maf_lookup(panel_af: Mapping[SiteKey, float] | str | Path) -> dict[SiteKey,
     return {(normalise_contig(c), int(p), r, a): min(v, 1.0 - v) for (c, p, r, a), v in af.items()}
 
 
-def _site_chunks(vcf: VCF, ctx: dict, counts: Counter) -> Iterator[tuple[list[int], list, list, list]]:
-    """Stream matched, selected records in chunks: (truth rows, dosages, gps, mafs)."""
-    is_imputed, keys = _imputed_flag(vcf), _format_ids(vcf)
-    rows, ds, gps, mafs = [], [], [], []
+def _site_chunks(vcf: VCF, ctx: dict, counts: Counter) -> Iterator[tuple[list[int], list, list, list, list]]:
+    """Stream matched, selected records in chunks: (truth rows, dosages, gps, mafs, INFO r2 estimates)."""
+    is_imputed, keys, r2_key = _imputed_flag(vcf), _format_ids(vcf), info_r2_key(vcf)
+    rows, ds, gps, mafs, est = [], [], [], [], []
     for rec in vcf:
         counts["imputed_sites"] += 1
         if len(rec.ALT) != 1 or (row := ctx["truth_rows"].get(_key(rec))) is None:
@@ -180,11 +197,11 @@ def _site_chunks(vcf: VCF, ctx: dict, counts: Counter) -> Iterator[tuple[list[in
         if (got := _dosage_gp(rec, ctx["imp_idx"], keys)) is None:
             continue
         counts[f"source:{got[2]}"] += 1
-        rows.append(row), ds.append(got[0]), gps.append(got[1]), mafs.append(maf)
+        rows.append(row), ds.append(got[0]), gps.append(got[1]), mafs.append(maf), est.append(_info_float(rec, r2_key))
         if len(rows) == _CHUNK_SITES:
-            yield rows, ds, gps, mafs
-            rows, ds, gps, mafs = [], [], [], []
-    yield rows, ds, gps, mafs
+            yield rows, ds, gps, mafs, est
+            rows, ds, gps, mafs, est = [], [], [], [], []
+    yield rows, ds, gps, mafs, est
 
 
 def evaluate_vcfs(
@@ -208,10 +225,12 @@ def evaluate_vcfs(
     counts: Counter = Counter()
     parts: list[SiteStats] = []
     mafs: list[float] = []
-    for rows, ds, gps, chunk_maf in _site_chunks(imputed, ctx, counts):
+    r2_key = info_r2_key(imputed)
+    for rows, ds, gps, chunk_maf, est in _site_chunks(imputed, ctx, counts):
         if rows:
             truth = truth_gt[np.array(rows)].T  # [N, m]
-            parts.append(site_stats(np.stack(ds, axis=1), truth, np.stack(gps, axis=1)))  # [N,m], [N,m,3]
+            part = site_stats(np.stack(ds, axis=1), truth, np.stack(gps, axis=1))  # [N,m], [N,m,3]
+            parts.append(dataclasses.replace(part, est_r2=np.array(est)) if r2_key else part)
             mafs.extend(chunk_maf)
     stats = (
         concat_site_stats(parts)
@@ -223,8 +242,64 @@ def evaluate_vcfs(
         n_truth_sites=n_truth, n_imputed_sites=counts["imputed_sites"], n_matched=counts["matched"],
         n_evaluated=len(mafs), n_no_panel_af=counts["no_panel_af"],
         dosage_sources={k.split(":")[1]: v for k, v in counts.items() if k.startswith("source:")},
-        bins=tuple(bin_metrics(stats, np.array(mafs, np.float64))),
+        estimate_source=r2_key or "dosage", bins=tuple(bin_metrics(stats, np.array(mafs, np.float64))),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------- a fixed site set
+
+
+def truth_on_sites(truth_vcf: str | Path, keys: list[SiteKey], samples: list[str]) -> np.ndarray:
+    """Truth ALT counts ``int8 [N, M]`` of ``samples`` at ``keys`` (in that order); -1 missing or absent."""
+    names = VCF(str(truth_vcf)).samples
+    missing = [s for s in samples if s not in names]
+    if missing:
+        raise ValueError(f"{truth_vcf}: samples {missing[:3]} are not in the truth; score the same samples")
+    rows, gt, _ = _read_truth(str(truth_vcf), np.array([names.index(s) for s in samples]))
+    out = np.full((len(samples), len(keys)), -1, np.int8)
+    for j, key in enumerate(keys):
+        if (row := rows.get(key)) is not None:
+            out[:, j] = gt[row]
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class SiteSetDosages:
+    """One imputed VCF read at a fixed, ordered site set (the benchmark scores every tool on one)."""
+
+    dosage: np.ndarray  # float [N, M]; a site the file lacks gets dosage 0 for everyone (constant)
+    gp: np.ndarray  # float [N, M, 3]
+    est_r2: np.ndarray  # float [M]: INFO DR2/R2, else from the dosages; 0 where the file lacks the site
+    found: np.ndarray  # bool [M]
+
+
+def dosages_on_sites(imputed_vcf: str | Path, keys: list[SiteKey], samples: list[str]) -> SiteSetDosages:
+    """Dosage, GP and estimated r2 of ``samples`` at exactly ``keys``, in order.
+
+    A site the file lacks (or has without a dosage) keeps a constant dosage, so it scores r2 0
+    wherever the truth varies, like any other site the tool did not impute.
+    """
+    vcf = VCF(str(imputed_vcf))
+    pos = {s: i for i, s in enumerate(vcf.samples)}
+    missing = [s for s in samples if s not in pos]
+    if missing:
+        raise ValueError(f"{imputed_vcf}: samples {missing[:3]} are not in the imputed VCF; impute the target's samples")
+    idx, where = np.array([pos[s] for s in samples]), {k: j for j, k in enumerate(keys)}
+    n, m = len(samples), len(keys)
+    dosage, gp = np.zeros((n, m)), np.zeros((n, m, 3))
+    gp[..., 0] = 1.0
+    est, found = np.zeros(m), np.zeros(m, bool)
+    fields, r2_key = _format_ids(vcf), info_r2_key(vcf)
+    for rec in vcf:
+        if len(rec.ALT) != 1 or (j := where.get(_key(rec))) is None or found[j]:
+            continue
+        if (got := _dosage_gp(rec, idx, fields)) is None:
+            continue
+        dosage[:, j], gp[:, j], found[j] = got[0], got[1], True
+        est[j] = _info_float(rec, r2_key)
+    if r2_key is None:
+        est = np.where(found, estimated_r2(dosage), 0.0)
+    return SiteSetDosages(dosage, gp, np.nan_to_num(est, nan=0.0), found)
 
 
 # ------------------------------------------------------------------------------------- report

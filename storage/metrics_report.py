@@ -1,65 +1,105 @@
 """Validation dosage metrics from per-window haplotype predictions.
 
 Overlapping windows predict some sites twice; each site is scored once, in the window that owns it
-(``embrag.windows.site_owner``: the window where it lies farthest from an edge).
+(``embrag.windows.site_owner``: the window where it lies farthest from an edge). Per-site r2 is
+``embrag.metrics``'s: a site whose dosage is constant while the truth varies scores 0 and is counted
+in ``val_nconst_<bin>``, so a model that collapses to the panel frequency shows it here, epoch by
+epoch, and not only after imputation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from embrag.metrics import dosage_r2, gp_from_hap_dosage
+from embrag.constants import RARE_MAF
+from embrag.metrics import alt_f1, bin_metrics, dosage_r2, gp_from_hap_dosage, site_stats
 from embrag.tokens import alleles_from_tokens
 from storage.prepared import PreparedData
 
+ALT_THRESHOLD = 0.5  # a haplotype is called ALT where its predicted ALT probability exceeds this
+
+
+@dataclass(frozen=True, eq=False)
+class ValidationSites:
+    """The masked sites of the validation haplotypes, each owned site once."""
+
+    prob: np.ndarray  # float [H, M] predicted ALT probability per haplotype (NaN: not predicted)
+    allele: np.ndarray  # int [H, M] true allele (0/1), -1 missing
+    site: np.ndarray  # int [M] site index in the prepared site table
+
+    @property
+    def dosage(self) -> np.ndarray:
+        """``[N, M]`` = p1 + p2 of each sample's two haplotypes."""
+        return self.prob.reshape(-1, 2, self.prob.shape[1]).sum(1)
+
+    @property
+    def truth(self) -> np.ndarray:
+        """``[N, M]`` ALT count, -1 where either haplotype is missing."""
+        a = self.allele.reshape(-1, 2, self.allele.shape[1])
+        return np.where((a < 0).any(1), -1, a.clip(0).sum(1))
+
+    @property
+    def hap_prob(self) -> np.ndarray:
+        """``[N, M, 2]`` for GP (independent haplotypes, as the imputed VCF's GP)."""
+        return self.prob.reshape(-1, 2, self.prob.shape[1]).transpose(0, 2, 1)
+
 
 def collect_sites(prepared: PreparedData, predictions: dict[int, np.ndarray], masks: np.ndarray,
-                  truth: Callable[[int], np.ndarray]):
-    """``(dosage [N, M], truth [N, M], maf [M], site [M], gp [N, M, 3])`` over masked sites owned by
-    their window; ``truth(w)`` gives the queries' complete tokens ``(H, L)`` of window ``w``. GP comes
-    from the two haplotype probabilities (independent haplotypes), not from the dosage alone."""
+                  truth: Callable[[int], np.ndarray]) -> ValidationSites:
+    """Masked sites owned by their window, over every window with predictions; ``truth(w)`` gives the
+    queries' complete tokens ``(H, L)`` of window ``w``."""
     owner, _ = prepared.site_owner
-    dos, tru, sites, gps = [], [], [], []
-    for w, probs in sorted(predictions.items()):  # probs: (H, L) ALT probability, NaN where not scored
+    probs, alleles, sites = [], [], []
+    for w, p in sorted(predictions.items()):  # p: (H, L) ALT probability, NaN where not scored
         lo, hi = prepared.window_sites(w)
         slots = np.flatnonzero(masks[w][: hi - lo] & (owner[lo:hi] == w))
         if not len(slots):
             continue
-        alleles = alleles_from_tokens(truth(w)[:, slots]).astype(np.int64)  # (H, m)
-        p = probs[:, slots]  # (H, m)
-        n = p.shape[0] // 2
-        pairs = p.reshape(n, 2, -1)  # (N, 2, m)
-        dos.append(pairs.sum(1))  # (N, m): DS = p1 + p2
-        gps.append(gp_from_hap_dosage(pairs.transpose(0, 2, 1)))  # (N, m, 3)
-        hap_missing = (alleles < 0).reshape(n, 2, -1).any(1)
-        tru.append(np.where(hap_missing, -1, alleles.clip(0).reshape(n, 2, -1).sum(1)))
+        alleles.append(alleles_from_tokens(truth(w)[:, slots]).astype(np.int64))  # (H, m)
+        probs.append(np.asarray(p, np.float64)[:, slots])  # (H, m)
         sites.append(lo + slots)
     if not sites:
-        return (np.zeros((0, 0)), np.zeros((0, 0), np.int64), np.zeros(0), np.zeros(0, np.int64),
-                np.zeros((0, 0, 3)))
-    site = np.concatenate(sites)
-    return (np.concatenate(dos, 1), np.concatenate(tru, 1), prepared.sites.maf[site], site,
-            np.concatenate(gps, 1))
+        return ValidationSites(np.zeros((0, 0)), np.zeros((0, 0), np.int64), np.zeros(0, np.int64))
+    return ValidationSites(np.concatenate(probs, 1), np.concatenate(alleles, 1), np.concatenate(sites))
+
+
+def alt_f1_at(v: ValidationSites, sel: np.ndarray) -> float:
+    """ALT-class F1 over the haplotype calls (prob > ALT_THRESHOLD) at the selected sites ``bool [M]``."""
+    prob, allele = v.prob[:, sel], v.allele[:, sel]
+    ok = np.isfinite(prob) & (allele >= 0)
+    return alt_f1(prob[ok] > ALT_THRESHOLD, allele[ok] == 1) if ok.any() else float("nan")
 
 
 def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray], masks: np.ndarray, *,
-                      truth: Callable[[int], np.ndarray], prefix: str = "val") -> dict[str, float]:
-    """Flat ``val_*`` metrics: r^2 (aggregate and mean per site), IQS and NRD per MAF bin, plus the
-    same aggregate r^2 for the panel-AF baseline (dosage = 2 * panel AF) on the same sites."""
-    dosage, truth, maf, site, gp = collect_sites(prepared, predictions, masks, truth)
-    if dosage.size == 0:
+                      truth: Callable[[int], np.ndarray], rare_maf: float = RARE_MAF, prefix: str = "val",
+                      ) -> dict[str, float]:
+    """Flat ``val_*`` metrics of the masked, owned validation sites.
+
+    Per panel-MAF bin (and ``all``): ``val_r2`` (aggregate), ``val_r2site`` (mean per-site r2, a
+    constant dosage = 0), ``val_nconst`` (such sites), ``val_iqs``, ``val_nrd``, ``val_nsites``.
+    ``val_rare_alt_f1``: ALT-class F1 of the haplotype calls at sites whose panel ALT frequency is
+    below ``rare_maf``. Not "MAF below": where ALT is the common allele (AF > 0.95) calling ALT for
+    everyone scores near 1, and those sites' many ALT calls would hide a collapse at the others.
+    ``val_r2_all_panel_af_baseline``: aggregate r2 of dosage = 2 * panel AF on the same sites.
+    ``prefix`` names another predictor's metrics (``val_top1``, ``val_vote``: the copy baselines).
+    """
+    v = collect_sites(prepared, predictions, masks, truth)
+    if v.site.size == 0:
         return {}
+    maf = prepared.sites.maf[v.site]
     out: dict[str, float] = {}
-    for row in dosage_r2(dosage, truth, maf, gp):
+    for row in bin_metrics(site_stats(v.dosage, v.truth, gp_from_hap_dosage(v.hap_prob)), maf):
         out[f"{prefix}_r2_{row.bin}"] = row.r2_aggregate
         out[f"{prefix}_r2site_{row.bin}"] = row.r2_mean_site
-        out[f"{prefix}_r2emp_{row.bin}"] = row.emp_r2_mean  # constant dosage counted as 0
+        out[f"{prefix}_nconst_{row.bin}"] = float(row.n_constant)
         out[f"{prefix}_iqs_{row.bin}"] = row.iqs_mean
         out[f"{prefix}_nrd_{row.bin}"] = row.nrd
         out[f"{prefix}_nsites_{row.bin}"] = float(row.n_sites)
+    out[f"{prefix}_rare_alt_f1"] = alt_f1_at(v, prepared.sites.af[v.site] < rare_maf)
     if prefix == "val":
-        baseline = np.broadcast_to(2 * prepared.sites.af[site], dosage.shape)
-        out["val_r2_all_panel_af_baseline"] = dosage_r2(baseline, truth, maf)[-1].r2_aggregate
+        baseline = np.broadcast_to(2 * prepared.sites.af[v.site], v.dosage.shape)
+        out["val_r2_all_panel_af_baseline"] = dosage_r2(baseline, v.truth, maf)[-1].r2_aggregate
     return out

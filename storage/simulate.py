@@ -7,8 +7,15 @@ restricted to ``[left, left + length)`` with the contig's own mutation and recom
 and ALT (derived), unique integer position. VCF ``POS`` is the tskit coordinate + 1 (1-based).
 
 Files in ``out_dir``: ``panel.vcf.gz``, ``study.vcf.gz``, ``test.vcf.gz``, ``test_array.vcf.gz``
-(bgzipped, tabix-indexed, phased ``GT`` only) and ``simulation.json`` written last (its presence
-means the set is complete). Same config -> byte-identical genotypes.
+(bgzipped, tabix-indexed, phased ``GT`` only); ``test_array_unphased.vcf.gz``, the same calls as a
+user receives them from an array (``/`` separators, heterozygote allele order drawn at random, so
+the true phase cannot leak through it); ``genetic_map.map``, a PLINK map (chrom, id, cM, bp) of
+every site at the contig's recombination rate, for Beagle's ``map=`` and minimac4's ``--map``; and
+``simulation.json`` written last (its presence means the set is complete). Same config ->
+byte-identical files.
+
+The array types common panel sites (MAF >= ``array_min_maf``): ``array_per_mb`` per Mb spread
+like a commercial array (``embrag.arrays.array_sites``), or every ``array_every``-th one when set.
 """
 
 from __future__ import annotations
@@ -28,14 +35,19 @@ import pysam
 import stdpopsim
 import tskit
 
+from embrag.arrays import array_sites
 from embrag.config import SimulateConfig
-from storage.atomic import write_json
+from storage.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 ROLE_FILES = {"panel": "panel.vcf.gz", "study": "study.vcf.gz", "test": "test.vcf.gz"}
 ARRAY_FILE = "test_array.vcf.gz"
+UNPHASED_ARRAY_FILE = "test_array_unphased.vcf.gz"
+MAP_FILE = "genetic_map.map"
 MANIFEST = "simulation.json"
+# Independent random streams drawn from the simulation seed (msprime uses the seed itself).
+_ARRAY_STREAM, _UNPHASE_STREAM = 1, 2
 _NUCLEOTIDES = ("A", "C", "G", "T")
 _BLOCK = 2048  # sites per genotype block: bounds memory for large simulations
 
@@ -46,6 +58,9 @@ class SimulationResult:
     study_vcf: Path
     test_vcf: Path
     test_array_vcf: Path
+    test_array_unphased_vcf: Path  # the array calls unphased, as a user receives them
+    genetic_map: Path  # PLINK map (chrom, id, cM, bp) at the simulated recombination rate
+    recombination_rate: float  # mean over the simulated interval, per bp per generation
     contig_id: str
     n_sites: int  # sites in panel/study/test VCFs (the same site list in each)
     n_array_sites: int
@@ -66,10 +81,19 @@ class SimulatedSites:
     n_dropped: int
 
 
+def _contig(cfg: SimulateConfig):
+    return stdpopsim.get_species(cfg.species).get_contig(cfg.contig, left=cfg.left, right=cfg.left + cfg.length)
+
+
+def recombination_map(cfg: SimulateConfig) -> msprime.RateMap:
+    """The contig's recombination rate map as stdpopsim simulates it (NaN outside the interval)."""
+    return _contig(cfg).recombination_map
+
+
 def simulate_tree_sequence(cfg: SimulateConfig) -> tskit.TreeSequence:
     """The simulated ancestry + mutations (deterministic in ``cfg.seed``)."""
     species = stdpopsim.get_species(cfg.species)
-    contig = species.get_contig(cfg.contig, left=cfg.left, right=cfg.left + cfg.length)
+    contig = _contig(cfg)
     model = species.get_demographic_model(cfg.demographic_model)
     n = cfg.n_panel + cfg.n_study + cfg.n_test
     with warnings.catch_warnings():
@@ -160,18 +184,38 @@ def true_genotypes(
     }
 
 
-def array_site_mask(panel_alt_count: np.ndarray, n_panel_haps: int, cfg: SimulateConfig) -> np.ndarray:
-    """Every ``array_every``-th site (starting with the first) among panel-common sites."""
+def array_site_mask(
+    panel_alt_count: np.ndarray, n_panel_haps: int, position: np.ndarray, cfg: SimulateConfig
+) -> np.ndarray:
+    """The typed sites of the array target among panel-common sites, ``bool (S,)``: every
+    ``array_every``-th one (from the first) when set, else an array-like draw of ``array_per_mb``."""
     af = panel_alt_count / max(n_panel_haps, 1)
-    common = np.flatnonzero(np.minimum(af, 1.0 - af) >= cfg.array_min_maf)
+    maf = np.minimum(af, 1.0 - af)
+    if cfg.array_every is None:
+        rng = np.random.default_rng([cfg.seed, _ARRAY_STREAM])
+        return array_sites(np.zeros(len(position), np.int64), position, maf, per_mb=cfg.array_per_mb,
+                           min_maf=cfg.array_min_maf, rng=rng)
+    common = np.flatnonzero(maf >= cfg.array_min_maf)
     mask = np.zeros(len(panel_alt_count), dtype=bool)
     mask[common[:: cfg.array_every]] = True
     return mask
 
 
+def write_genetic_map(path: Path, contig_id: str, position: np.ndarray, rate_map: msprime.RateMap) -> None:
+    """PLINK map, one line per site: ``chrom id cM bp`` (cM = 100 x the Morgans from the interval start).
+
+    Beagle's ``map=`` and minimac4's ``--map`` both read this format (minimac4 takes a headerless
+    4-column file as PLINK; its 3-column format needs a '#' header line).
+    """
+    cm = 100.0 * rate_map.get_cumulative_mass(np.asarray(position, np.float64) - 1)  # POS is tskit coordinate + 1
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{contig_id}\t.\t{c:.8f}\t{p}\n" for c, p in zip(cm, position, strict=True)))
+
+
 def simulate(cfg: SimulateConfig, out_dir: Path) -> SimulationResult:
-    """Simulate and write the four VCFs + ``simulation.json`` into ``out_dir`` (atomically per file)."""
-    if cfg.array_every < 1 or min(cfg.n_panel, cfg.n_study, cfg.n_test) < 1 or cfg.length <= 0:
+    """Simulate and write the VCFs, the map + ``simulation.json`` into ``out_dir`` (atomically per file)."""
+    bad_array = (cfg.array_every is not None and cfg.array_every < 1) or not cfg.array_per_mb > 0
+    if bad_array or min(cfg.n_panel, cfg.n_study, cfg.n_test) < 1 or cfg.length <= 0:
         raise ValueError(f"invalid SimulateConfig: {cfg}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,21 +232,28 @@ def simulate(cfg: SimulateConfig, out_dir: Path) -> SimulationResult:
         alt_counts = _write_vcf(
             work / ROLE_FILES["panel"], header, ids["panel"], cfg.contig_id, sites, ts, nodes["panel"]
         )
-        array = array_site_mask(alt_counts, len(nodes["panel"]), cfg)
+        array = array_site_mask(alt_counts, len(nodes["panel"]), sites.position, cfg)
         for role in ("study", "test"):
             _write_vcf(work / ROLE_FILES[role], header, ids[role], cfg.contig_id, sites, ts, nodes[role])
-        array_sites = _subset(sites, array)
-        _write_vcf(work / ARRAY_FILE, header, ids["test"], cfg.contig_id, array_sites, ts, nodes["test"])
-        for name in (*ROLE_FILES.values(), ARRAY_FILE):
+        typed = _subset(sites, array)
+        _write_vcf(work / ARRAY_FILE, header, ids["test"], cfg.contig_id, typed, ts, nodes["test"])
+        _write_vcf(work / UNPHASED_ARRAY_FILE, _header(cfg, ts, phased=False), ids["test"], cfg.contig_id, typed,
+                   ts, nodes["test"], unphase=np.random.default_rng([cfg.seed, _UNPHASE_STREAM]))
+        for name in (*ROLE_FILES.values(), ARRAY_FILE, UNPHASED_ARRAY_FILE):
             os.replace(work / name, out_dir / name)
             os.replace(work / f"{name}.tbi", out_dir / f"{name}.tbi")  # index after data: never older
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    rates = recombination_map(cfg)
+    write_genetic_map(out_dir / MAP_FILE, cfg.contig_id, sites.position, rates)
     result = SimulationResult(
         panel_vcf=out_dir / ROLE_FILES["panel"],
         study_vcf=out_dir / ROLE_FILES["study"],
         test_vcf=out_dir / ROLE_FILES["test"],
         test_array_vcf=out_dir / ARRAY_FILE,
+        test_array_unphased_vcf=out_dir / UNPHASED_ARRAY_FILE,
+        genetic_map=out_dir / MAP_FILE,
+        recombination_rate=float(rates.mean_rate),
         contig_id=cfg.contig_id,
         n_sites=len(sites.position),
         n_array_sites=int(array.sum()),
@@ -225,7 +276,8 @@ def _concat(blocks: Iterator[np.ndarray], n_samples: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, n_samples, 2), dtype=np.int8)
 
 
-def _header(cfg: SimulateConfig, ts: tskit.TreeSequence) -> str:
+def _header(cfg: SimulateConfig, ts: tskit.TreeSequence, phased: bool = True) -> str:
+    gt = "Phased genotype" if phased else "Unphased genotype (allele order of heterozygotes is random)"
     return (
         "##fileformat=VCFv4.2\n"
         f"##source=embrag.simulate (stdpopsim {stdpopsim.__version__}, msprime {msprime.__version__}; "
@@ -233,7 +285,7 @@ def _header(cfg: SimulateConfig, ts: tskit.TreeSequence) -> str:
         f"seed {cfg.seed})\n"
         '##FILTER=<ID=PASS,Description="All filters passed">\n'
         f"##contig=<ID={cfg.contig_id},length={int(ts.sequence_length)}>\n"
-        '##FORMAT=<ID=GT,Number=1,Type=String,Description="Phased genotype">\n'
+        f'##FORMAT=<ID=GT,Number=1,Type=String,Description="{gt}">\n'
     )
 
 
@@ -245,8 +297,12 @@ def _write_vcf(
     sites: SimulatedSites,
     ts: tskit.TreeSequence,
     nodes: np.ndarray,
+    unphase: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Write a plain VCF, then bgzip + tabix it to ``path`` (+ ``.tbi``). Returns ALT counts per site."""
+    """Write a plain VCF, then bgzip + tabix it to ``path`` (+ ``.tbi``). Returns ALT counts per site.
+
+    ``unphase``: write unphased calls ('/'), each call's allele order drawn from this generator.
+    """
     plain = path.with_suffix("")  # x.vcf.gz -> x.vcf
     alt_counts = np.zeros(len(sites.position), dtype=np.int64)
     with open(plain, "wb") as f:
@@ -259,7 +315,10 @@ def _write_vcf(
             if (g < 0).any():
                 raise RuntimeError("simulation produced missing genotypes")
             alt_counts[start : start + len(g)] = g.sum(axis=(1, 2))
-            _write_block(f, g, contig_id, sites, start)
+            if unphase is not None:
+                swap = unphase.random(g.shape[:2]) < 0.5  # (b, N)
+                g = np.where(swap[..., None], g[..., ::-1], g)
+            _write_block(f, g, contig_id, sites, start, "|" if unphase is None else "/")
             start += len(g)
     out = pysam.tabix_index(str(plain), preset="vcf", force=True)  # bgzips (removes plain), indexes
     if Path(out) != path:
@@ -267,11 +326,11 @@ def _write_vcf(
     return alt_counts
 
 
-def _write_block(f, g: np.ndarray, contig_id: str, sites: SimulatedSites, start: int) -> None:
+def _write_block(f, g: np.ndarray, contig_id: str, sites: SimulatedSites, start: int, sep: str = "|") -> None:
     # "a|b\t" per call as raw bytes, built in one vectorised step (the Python loop is per site only).
     calls = np.empty(g.shape[:2] + (4,), dtype=np.uint8)
     calls[..., 0] = g[..., 0] + ord("0")
-    calls[..., 1] = ord("|")
+    calls[..., 1] = ord(sep)
     calls[..., 2] = g[..., 1] + ord("0")
     calls[..., 3] = ord("\t")
     calls[:, -1, 3] = ord("\n")

@@ -316,7 +316,7 @@ def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict
                    seconds: float) -> str | None:
     """Accuracy of an imputed target on the variant's MLflow run, so V17 and V18 line up in the compare view.
 
-    Metrics ``impute_<target>_<r2|r2site|iqs|nrd>_<bin>`` and ``impute_<target>_seconds`` (step 0, replaced
+    Metrics ``impute_<target>_<r2|r2site|nconst|iqs|nrd>_<bin>`` and ``impute_<target>_seconds`` (step 0, replaced
     on a rerun); the report files under ``imputation/<target>/``. None when the variant has no run.
     """
     tracker = Tracker(layout)
@@ -324,7 +324,7 @@ def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict
     if run_id is None:
         return None
     target = re.sub(r"[^\w.\-]", "_", target)  # MLflow metric names: letters, digits, _ - . / and space
-    names = {"r2_aggregate": "r2", "r2_mean_site": "r2site", "iqs_mean": "iqs", "nrd": "nrd"}
+    names = {"r2_aggregate": "r2", "r2_mean_site": "r2site", "n_constant": "nconst", "iqs_mean": "iqs", "nrd": "nrd"}
     values = {f"impute_{target}_{short}_{row['bin']}": row[field] for row in bins
               for field, short in names.items()}
     values[f"impute_{target}_seconds"] = seconds

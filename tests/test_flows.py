@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 REQUIRED_METRICS = {
     "train_loss", "val_loss", "val_f1", "val_rare_f1", "val_common_f1", "mask_version", "mask_rate", "epoch_seconds",
     "ms_per_batch", "retrieval_ms_per_batch", "refresh_seconds", "index_build_seconds", "reencode_seconds",
-    "peak_memory_mb", "val_r2_all", "val_r2site_all",
+    "peak_memory_mb", "val_r2_all", "val_r2site_all", "val_nconst_all",
 }
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

@@ -1,5 +1,11 @@
-"""Accuracy on the default simulation (slow): V18 must beat the panel-AF baseline and a model
-without retrieval on masked-site dosage r^2, with the same data, seeds and training budget."""
+"""Accuracy on the default simulation (slow), trained from the reference panel alone.
+
+Validation is deployment (embrag.validate): held-out panel samples imputed at an array-like
+design through the imputation path. The model must beat copying its own neighbours (top-1 and
+the match-weighted vote of the same neighbours, reported by validation), and the model without
+retrieval, with the same data, seeds and training budget."""
+
+import math
 
 import pytest
 
@@ -8,19 +14,19 @@ from storage.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 3
-BATCHES = 250
+BINS = ("maf_0-0.5pct", "maf_0.5-1pct", "maf_1-5pct", "maf_5-50pct", "all")
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def panel_only_run(tmp_path_factory):
     from storage.prepare import prepare
     from storage.simulate import simulate
 
-    cfg = RunConfig().replace(train__epochs=EPOCHS, train__max_train_batches=BATCHES, train__max_val_batches=200)
+    cfg = RunConfig().replace(mask__design="array", mask__array_per_mb=200.0, train__epochs=2,
+                              train__max_train_batches=300, train__max_val_batches=40, train__device="cpu")
     layout = RunLayout(tmp_path_factory.mktemp("science"))
     sim = simulate(cfg.simulate, layout.vcf_dir)
-    prepare(layout, cfg, panel_vcf=sim.panel_vcf, study_vcf=sim.study_vcf, test_vcf=sim.test_vcf)
+    prepare(layout, cfg, panel_vcf=sim.panel_vcf)  # no study VCF: the panel alone
     return layout, cfg
 
 
@@ -30,11 +36,15 @@ def _final(layout, cfg, variant):
     return run_epochs(VariantRun(layout, cfg.replace(model__variant=variant)))[-1]
 
 
-def test_v18_beats_panel_af_and_no_retrieval(default_run):
-    layout, cfg = default_run
+def test_v18_from_the_panel_alone_beats_its_neighbours_and_no_retrieval(panel_only_run):
+    layout, cfg = panel_only_run
     v18 = _final(layout, cfg, "v18")
     none = _final(layout, cfg, "none")
-    print(f"r2 all: v18 {v18['val_r2_all']:.4f}  none {none['val_r2_all']:.4f}  "
-          f"panel AF {v18['val_r2_all_panel_af_baseline']:.4f}")
+    for prefix in ("val", "val_top1", "val_vote"):
+        print(prefix, " ".join(f"{v18[f'{prefix}_r2site_{b}']:.3f}" for b in BINS))
+    print(f"none r2site all {none['val_r2site_all']:.3f}; panel AF r2 all {v18['val_r2_all_panel_af_baseline']:.3f}")
+    assert v18["val_r2site_all"] > v18["val_top1_r2site_all"]
+    assert v18["val_r2site_all"] > v18["val_vote_r2site_all"]
+    assert v18["val_r2site_all"] > none["val_r2site_all"]
     assert v18["val_r2_all"] > v18["val_r2_all_panel_af_baseline"]
-    assert v18["val_r2_all"] > none["val_r2_all"]
+    assert math.isfinite(v18["val_temperature"]) and 0.25 <= v18["val_temperature"] <= 4.0

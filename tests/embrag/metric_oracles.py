@@ -35,6 +35,33 @@ def pearson_r2(xs: list[float], ys: list[float]) -> float:
     return min(1.0, sxy * sxy / (sxx * syy))
 
 
+def centred_ss(values: list[float]) -> float:
+    n = len(values)
+    return 0.0 if n == 0 else sum((v - sum(values) / n) ** 2 for v in values)
+
+
+def site_r2(xs: list[float], ys: list[float]) -> float:
+    """Scored per-site r2: undefined (NaN) where the truth is constant, 0 where only the dosage is."""
+    if centred_ss(ys) <= ZERO_VAR * len(ys) or not ys:
+        return float("nan")
+    if centred_ss(xs) <= ZERO_VAR * len(xs):
+        return 0.0
+    return pearson_r2(xs, ys)
+
+
+def pearson_loop(xs: list[float], ys: list[float]) -> float:
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 2:
+        return float("nan")
+    r2 = pearson_r2([p[0] for p in pairs], [p[1] for p in pairs])
+    if math.isnan(r2):
+        return r2
+    mx = sum(p[0] for p in pairs) / len(pairs)
+    my = sum(p[1] for p in pairs) / len(pairs)
+    sign = 1.0 if sum((x - mx) * (y - my) for x, y in pairs) >= 0 else -1.0
+    return sign * math.sqrt(r2)
+
+
 def gp_hwe(d: float) -> list[float]:
     h = min(max(d / 2, 0.0), 1.0)
     return [(1 - h) ** 2, 2 * h * (1 - h), h * h]
@@ -95,18 +122,20 @@ def bin_of(maf: float) -> int:
     return -1
 
 
-def dosage_r2_loop(dosage, truth, maf, gp=None) -> list[dict]:
-    """One dict per bin, then "all"; same fields as embrag.metrics.BinMetrics."""
+def dosage_r2_loop(dosage, truth, maf, gp=None, est=None) -> list[dict]:
+    """One dict per bin, then "all"; same fields as embrag.metrics.BinMetrics. ``est``: a given
+    estimated r2 per site (a VCF's INFO R2) instead of the one computed from the dosages."""
     per_site = []
     for site in range(dosage.shape[1]):
         pairs = site_pairs(dosage, truth, gp, site)
         xs, ys = [p[0] for p in pairs], [float(p[1]) for p in pairs]
-        r2 = pearson_r2(xs, ys)
-        truth_varies = len(ys) > 0 and sum((y - sum(ys) / len(ys)) ** 2 for y in ys) > ZERO_VAR * len(ys)
+        r2 = site_r2(xs, ys)
+        truth_varies = len(ys) > 0 and centred_ss(ys) > ZERO_VAR * len(ys)
+        constant = centred_ss(xs) <= ZERO_VAR * len(xs)
         per_site.append(
             dict(bin=bin_of(float(maf[site])), xs=xs, ys=ys, r2=r2, iqs=iqs_loop(pairs),
-                 nrd=nrd_counts(pairs), truth_varies=truth_varies,
-                 est=est_r2_loop([float(v) for v in dosage[:, site]], 2))
+                 nrd=nrd_counts(pairs), truth_varies=truth_varies, constant=constant,
+                 est=est_r2_loop([float(v) for v in dosage[:, site]], 2) if est is None else float(est[site]))
         )  # fmt: skip
     names = list(MAF_BIN_NAMES) + ["all"]
     rows = []
@@ -122,12 +151,13 @@ def dosage_r2_loop(dosage, truth, maf, gp=None) -> list[dict]:
                 bin=name,
                 n_sites=len(sites),
                 r2_aggregate=pearson_r2(xs, ys) if len(xs) >= 2 else float("nan"),
-                r2_mean_site=mean_finite([p["r2"] for p in sites]),
-                n_r2_undefined=sum(1 for p in sites if math.isnan(p["r2"])),
-                iqs_mean=mean_finite([p["iqs"] for p in sites]),
+                r2_mean_site=mean_finite([p["r2"] for p in varying]),
+                n_constant=sum(1 for p in varying if p["constant"]),
+                n_r2_undefined=len(sites) - len(varying),
+                iqs_mean=mean_finite([p["iqs"] for p in varying]),
                 nrd=disc / denom if denom else float("nan"),
                 est_r2_mean=mean_finite([p["est"] for p in varying]),
-                emp_r2_mean=mean_finite([0.0 if math.isnan(p["r2"]) else p["r2"] for p in varying]),
+                est_emp_pearson=pearson_loop([p["est"] for p in varying], [p["r2"] for p in varying]),
             )
         )
     return rows

@@ -107,14 +107,35 @@ def test_iqs_worked_by_hand():
     assert (s.nrd_disc[0], s.nrd_denom[0]) == (1, 3)
 
 
-def test_zero_variance_sites_excluded_and_counted():
-    truth = np.array([[0, 1, 0], [0, 1, 1], [0, 1, 2]])
-    dosage = np.array([[0.1, 1.0, 0.5], [0.0, 1.0, 0.5], [0.2, 1.0, 0.5]])  # site 0: truth constant
-    rows = dosage_r2(dosage, truth, np.array([0.2, 0.2, 0.2]))
-    row = rows[MAF_BIN_NAMES.index("maf_5-50pct")]
-    assert row.n_sites == 3 and row.n_r2_undefined == 3 and math.isnan(row.r2_mean_site)
-    # only site 2 has a varying truth; its dosage is constant, so empirical r2 counts as 0
-    assert row.emp_r2_mean == 0.0 and row.est_r2_mean == 0.0
+def test_constant_truth_is_undefined_and_constant_dosage_scores_zero():
+    truth = np.array([[0, 1, 0, 0], [0, 1, 1, 1], [0, 1, 2, 2]])
+    dosage = np.array([[0.1, 1.0, 0.5, 0.0], [0.0, 1.0, 0.5, 1.0], [0.2, 1.0, 0.5, 2.0]])
+    # sites 0, 1: truth constant (undefined); site 2: truth varies, dosage constant (r2 0); site 3: perfect
+    s = site_stats(dosage, truth)
+    assert np.isnan(s.r2[:2]).all() and s.r2[2] == 0.0 and s.r2[3] == pytest.approx(1.0)
+    row = dosage_r2(dosage, truth, np.full(4, 0.2))[MAF_BIN_NAMES.index("maf_5-50pct")]
+    assert (row.n_sites, row.n_r2_undefined, row.n_constant) == (4, 2, 1)
+    assert row.r2_mean_site == pytest.approx(0.5)  # (0 + 1) / 2: the constant site is not dropped
+    assert abs(s.iqs[2]) < 1e-12 and row.iqs_mean == pytest.approx(s.iqs[3] / 2)  # same two sites, IQS 0 + IQS
+    assert row.est_r2_mean == pytest.approx(0.5)  # estimated 0 and 1 on the same two sites
+
+
+def test_panel_frequency_model_scores_zero_everywhere_the_truth_varies(rng):
+    truth = (rng.random((40, 30, 2)) < 0.1).sum(-1)  # [N, M]
+    af = np.full(30, 0.1)
+    dosage = np.broadcast_to(2 * af, truth.shape)  # the same dosage for every sample
+    row = dosage_r2(dosage, truth, np.minimum(af, 1 - af))[-1]
+    varying = int((truth.std(0) > 0).sum())
+    assert row.n_constant == varying and row.n_sites - row.n_r2_undefined == varying
+    assert row.r2_mean_site == 0.0 and abs(row.iqs_mean) < 1e-9 and abs(row.est_r2_mean) < 1e-9
+
+
+def test_calibration_pearson_by_hand():
+    # three varying sites with per-site r2 (1, 1, 0) and estimated r2 (1, 1, 0) -> Pearson 1
+    truth = np.array([[0, 0, 0], [1, 2, 1], [2, 1, 2]])
+    dosage = np.array([[0.0, 0.0, 0.6], [1.0, 2.0, 0.6], [2.0, 1.0, 0.6]])
+    row = dosage_r2(dosage, truth, np.full(3, 0.3))[-1]
+    assert row.est_emp_pearson == pytest.approx(1.0)
 
 
 def test_maf_bins_edges():
@@ -189,8 +210,9 @@ def test_perfect_dosages_are_perfect(truth, data):
     assert np.all(s.iqs[np.isfinite(s.iqs)] == pytest.approx(1.0))
     assert s.nrd_disc.sum() == 0
     for row in bin_metrics(s, maf):
-        for v in (row.r2_aggregate, row.r2_mean_site, row.iqs_mean, row.emp_r2_mean):
+        for v in (row.r2_aggregate, row.r2_mean_site, row.iqs_mean):
             assert math.isnan(v) or v == pytest.approx(1.0)
+        assert row.n_constant == 0
         assert math.isnan(row.nrd) or row.nrd == 0.0
 
 
@@ -200,6 +222,8 @@ def test_metrics_bounded(truth, data):
     dosage = data.draw(arrays(np.float64, truth.shape, elements=st.floats(0, 2)))
     maf = data.draw(arrays(np.float64, truth.shape[1], elements=st.floats(0, 0.5)))
     for row in dosage_r2(dosage, truth, maf):
-        for v in (row.r2_aggregate, row.r2_mean_site, row.est_r2_mean, row.emp_r2_mean, row.nrd):
+        for v in (row.r2_aggregate, row.r2_mean_site, row.est_r2_mean, row.nrd):
             assert math.isnan(v) or 0.0 <= v <= 1.0
+        assert math.isnan(row.est_emp_pearson) or -1.0 - 1e-9 <= row.est_emp_pearson <= 1.0 + 1e-9
+        assert row.n_constant + row.n_r2_undefined <= row.n_sites
         assert math.isnan(row.iqs_mean) or -1.0 - 1e-9 <= row.iqs_mean <= 1.0 + 1e-9

@@ -94,14 +94,14 @@ def test_perfect_imputation(truth, tmp_path):
 
 
 def read_back(imputed, truth_path, panel_af, keep):
-    """Independent reader: dosage [N,M], gp [N,M,3], truth [N,M], maf [M] of the kept records."""
+    """Independent reader: dosage [N,M], gp [N,M,3], truth [N,M], maf [M], INFO R2 [M] of the kept records."""
     samples = VCF(str(truth_path)).samples
     truth_rows = {}
     for rec in VCF(str(truth_path)):
         if len(rec.ALT) == 1:
             a = rec.genotype.array()[:, :2]
             truth_rows[(rec.POS, rec.REF, rec.ALT[0])] = np.where((a < 0).any(1), -1, a.sum(1))
-    ds, gps, tr, maf = [], [], [], []
+    ds, gps, tr, maf, r2 = [], [], [], [], []
     vcf = VCF(str(imputed))
     order = [vcf.samples.index(s) for s in samples]
     for rec in vcf:
@@ -114,7 +114,8 @@ def read_back(imputed, truth_path, panel_af, keep):
             tr.append(truth_rows[key])
             af = panel_af[("20", *key)]
             maf.append(min(af, 1 - af))
-    return np.stack(ds, 1), np.stack(gps, 1), np.stack(tr, 1), np.array(maf)
+            r2.append(rec.INFO.get("R2", np.nan))
+    return np.stack(ds, 1), np.stack(gps, 1), np.stack(tr, 1), np.array(maf), np.array(r2)
 
 
 def assert_report_matches_oracle(report, expected):
@@ -136,9 +137,9 @@ def test_perturbed_matches_oracle(truth, tmp_path, monkeypatch):
     imp = tmp_path / "imp.vcf.gz"
     write_imputed(imp, sites, hap[::-1], typed, gt.transpose(1, 2, 0)[::-1], samples=reordered)
     report = evaluate_vcfs(path, imp, panel_af)
-    ds, gp, tr, maf = read_back(imp, path, panel_af, keep=lambda rec: rec.INFO.get("IMP"))
-    assert report.n_evaluated == ds.shape[1] > 10
-    assert_report_matches_oracle(report, oracles.dosage_r2_loop(ds, tr, maf, gp))
+    ds, gp, tr, maf, info_r2 = read_back(imp, path, panel_af, keep=lambda rec: rec.INFO.get("IMP"))
+    assert report.n_evaluated == ds.shape[1] > 10 and report.estimate_source == "R2"
+    assert_report_matches_oracle(report, oracles.dosage_r2_loop(ds, tr, maf, gp, est=info_r2))
     assert 0.2 < report.bins[-1].r2_aggregate < 0.99
 
 
@@ -161,7 +162,8 @@ def test_ds_only_and_hds_only_vcfs(truth, tmp_path):
     )  # odd sites but 5 (no AF)
     hds_report = evaluate_vcfs(path, tmp_path / "hds.vcf", panel_af)
     assert ds_report.dosage_sources == {"DS": M - 1} and hds_report.dosage_sources == {"HDS": M - 1}
-    ds, _, tr, maf = read_back(tmp_path / "ds.vcf", path, panel_af, keep=lambda rec: True)
+    ds, _, tr, maf, _ = read_back(tmp_path / "ds.vcf", path, panel_af, keep=lambda rec: True)
+    assert ds_report.estimate_source == "dosage"
     assert_report_matches_oracle(ds_report, oracles.dosage_r2_loop(ds, tr, maf, None))
     with_af = [j for j, site in enumerate(sites) if ("20", *site) in panel_af]
     kept = hds[with_af].transpose(1, 0, 2)  # [N, M-1, 2]
@@ -200,3 +202,47 @@ def test_write_report(truth, tmp_path):
     assert sorted(p.name for p in files.tsv.parent.iterdir()) == sorted(
         ["accuracy_by_maf.tsv", "r2_by_maf.png", "evaluation.json"]
     )
+
+
+def test_constant_dosage_scores_zero_in_evaluate(tmp_path):
+    """`embrag evaluate`: a site imputed with the same dosage for everyone counts as r2 0, not dropped."""
+    gt = np.zeros((3, 8, 2), np.int8)
+    gt[0, :4, 0] = gt[1, :4, 0] = 1  # sites 0 and 1 vary in the truth; site 2 is all REF
+    sites = [(100, "A", "G"), (200, "C", "T"), (300, "G", "A")]
+    write_text_vcf(tmp_path / "t.vcf", SAMPLES[:8], sites, gt)
+    hds = np.clip(gt, 0, 1).astype(float)  # perfect ...
+    hds[1] = 0.25  # ... except site 1: the panel frequency for every haplotype
+    write_text_vcf(tmp_path / "i.vcf", SAMPLES[:8], sites, formats={"HDS": hds}, contig="20")
+    report = evaluate_vcfs(tmp_path / "t.vcf", tmp_path / "i.vcf", {("20", *s): 0.25 for s in sites})
+    row = report.bins[-1]
+    assert (row.n_sites, row.n_constant, row.n_r2_undefined) == (3, 1, 1)
+    assert row.r2_mean_site == pytest.approx(0.5)  # (1 + 0) / 2; dropping the constant site would say 1.0
+
+
+def test_estimated_r2_comes_from_info_dr2(truth, tmp_path):
+    path, sites, gt, panel_af = truth
+    hds = np.clip(gt, 0, 1).astype(float)
+    infos = [f"DR2={j / M:.3f}" for j in range(M)]  # Beagle's own estimate, one value per record
+    write_text_vcf(tmp_path / "b.vcf", SAMPLES, sites, formats={"HDS": hds}, contig="20", infos=infos)
+    text = (tmp_path / "b.vcf").read_text().replace(
+        "##INFO=<ID=IMP", '##INFO=<ID=DR2,Number=A,Type=Float,Description="x">\n##INFO=<ID=IMP', 1)
+    (tmp_path / "b.vcf").write_text(text)
+    report = evaluate_vcfs(path, tmp_path / "b.vcf", panel_af)
+    assert report.estimate_source == "DR2"
+    got = evaluate.dosages_on_sites(tmp_path / "b.vcf", [("20", *s) for s in sites], SAMPLES)
+    np.testing.assert_allclose(got.est_r2, [round(j / M, 3) for j in range(M)])
+
+
+def test_dosages_on_sites_keeps_order_and_fills_absent_sites_constant(truth, tmp_path):
+    path, sites, gt, panel_af = truth
+    hap = np.clip(gt, 0, 1).transpose(1, 2, 0).astype(float)  # [N, 2, M]
+    write_imputed(tmp_path / "imp.vcf.gz", sites[:10], hap[:, :, :10], np.zeros(10, bool), None)
+    keys = [("20", *sites[j]) for j in (7, 3, 20)] + [("20", 1, "A", "C")]  # two present, two absent
+    got = evaluate.dosages_on_sites(tmp_path / "imp.vcf.gz", keys, SAMPLES[::-1])
+    assert got.found.tolist() == [True, True, False, False]
+    expect = np.clip(gt, 0, 1).sum(-1)[[7, 3]].T[::-1]  # [N, 2] in the asked sample order
+    np.testing.assert_allclose(got.dosage[:, :2], expect)
+    assert (got.dosage[:, 2:] == 0).all() and (got.gp[:, 2:, 0] == 1).all() and (got.est_r2[2:] == 0).all()
+    truth_m = evaluate.truth_on_sites(path, keys, SAMPLES[::-1])
+    np.testing.assert_array_equal(truth_m[:, :2], np.where((gt < 0).any(-1), -1, gt.sum(-1))[[7, 3]].T[::-1])
+    assert (truth_m[:, 3] == -1).all()  # a key the truth lacks: missing

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print numbers, and the modules of the accuracy protocol (not run in CI)."""

@@ -1,0 +1,256 @@
+"""The benchmark's tables and plot, from the per-replicate score files.
+
+Per demography, per bin and tool: mean ± sd over seeds of mean per-site r2, aggregate r2, IQS and
+the Pearson correlation of estimated (INFO R2/DR2) with empirical per-site r2; a bootstrap 95 % CI
+of mean per-site r2 over the sites pooled across seeds; and the paired difference to Beagle 5.4 on
+the same sites with its CI (the same resampled sites for both tools). Per tool: CPU, wall, peak
+RSS and threads of imputing the test target, and what it spent before (training, tuning, phasing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.protocol import ToolRun
+from benchmarks.scoring import MONOMORPHIC, SiteSet, bin_rows, row_sites
+from embrag.constants import MAF_BIN_NAMES
+from embrag.metrics import ALL_BIN, SiteStats
+
+BASELINE = "beagle-5.4"
+ROWS = (*MAF_BIN_NAMES, ALL_BIN, MONOMORPHIC)
+LABELS = dict(zip(ROWS, ("[0, 0.5 %)", "[0.5, 1 %)", "[1, 5 %)", "[5, 50 %]", "all polymorphic", MONOMORPHIC),
+                  strict=True))
+METRICS = ("r2_mean_site", "r2_aggregate", "iqs_mean", "est_emp_pearson")
+N_BOOT = 1000
+
+
+@dataclass(frozen=True)
+class Replicate:
+    demography: str
+    seed: int
+    sites: SiteSet
+    scores: dict[str, SiteStats]
+    runs: dict[str, ToolRun]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (demography, bin, tool) of the table."""
+
+    demography: str
+    bin: str
+    tool: str
+    n_sites: int  # sites of the bin, pooled over seeds
+    n_scored: int  # of those, sites where the truth varies (the mean per-site r2 is over these)
+    n_constant: int  # scored sites where the tool's dosage is constant (r2 0)
+    r2_site: float  # pooled mean per-site r2
+    r2_site_ci: tuple[float, float]
+    seeds: dict[str, tuple[float, float]]  # metric -> (mean, sd) over seeds
+    diff: float | None  # pooled mean per-site r2 minus the baseline's on the same sites
+    diff_ci: tuple[float, float] | None
+
+
+def bootstrap_means(values: np.ndarray, seed: int, n_boot: int = N_BOOT) -> np.ndarray:
+    """``n_boot`` means of ``values (M, T)`` resampled over the first axis (the same draws for every column)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, values.shape[1]))
+    for b in range(n_boot):
+        out[b] = values[rng.integers(0, len(values), len(values))].mean(axis=0)
+    return out
+
+
+def _ci(means: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if math.isfinite(x)])
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def cells(replicates: list[Replicate], seed: int = 2024) -> list[Cell]:
+    """Every (demography, bin, tool) cell; the bootstrap draws are seeded per (demography, bin)."""
+    out = []
+    for demography in dict.fromkeys(r.demography for r in replicates):
+        reps = [r for r in replicates if r.demography == demography]
+        tools = list(dict.fromkeys(t for r in reps for t in r.scores))
+        for b, name in enumerate(ROWS):
+            per_seed = {t: [next(x for x in bin_rows(r.scores[t], r.sites) if x.bin == name) for r in reps]
+                        for t in tools}
+            # pooled per-site r2 over the seeds where the truth varies: the same sites for every tool
+            scored = [row_sites(r.sites, name) & np.logical_and.reduce([r.scores[t].truth_varies for t in tools])
+                      for r in reps]
+            pooled = np.stack([np.concatenate([r.scores[t].r2[sel] for r, sel in zip(reps, scored, strict=True)])
+                               for t in tools], axis=1)  # (M, T)
+            boot = bootstrap_means(pooled, seed + 101 * b) if len(pooled) else np.full((1, len(tools)), np.nan)
+            base = tools.index(BASELINE) if BASELINE in tools else None
+            for j, t in enumerate(tools):
+                rows = per_seed[t]
+                diff = diff_ci = None
+                if base is not None and t != BASELINE and len(pooled):
+                    diff = float((pooled[:, j] - pooled[:, base]).mean())
+                    diff_ci = _ci(boot[:, j] - boot[:, base])
+                out.append(Cell(
+                    demography, name, t, sum(x.n_sites for x in rows), len(pooled),
+                    sum(x.n_constant for x in rows), float(pooled[:, j].mean()) if len(pooled) else math.nan,
+                    _ci(boot[:, j]) if len(pooled) else (math.nan, math.nan),
+                    {m: _mean_sd([getattr(x, m) for x in rows]) for m in METRICS}, diff, diff_ci,
+                ))  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------ text
+
+
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _ms(pair: tuple[float, float]) -> str:
+    mean, sd = pair
+    return _f(mean) + ("" if math.isnan(sd) else f" ± {sd:.3f}")
+
+
+def text_table(all_cells: list[Cell]) -> str:
+    head = ["demography", "bin", "tool", "n_sites", "n_scored", "n_const", "r2_site [95% CI]", "r2_site seeds",
+            "r2_agg", "IQS", "pearson(est,emp)", f"d_r2_site vs {BASELINE} [95% CI]"]
+    rows = [head]
+    for c in all_cells:
+        rows.append([c.demography, LABELS[c.bin], c.tool, str(c.n_sites), str(c.n_scored), str(c.n_constant),
+                     f"{_f(c.r2_site)} [{_f(c.r2_site_ci[0])}, {_f(c.r2_site_ci[1])}]", _ms(c.seeds["r2_mean_site"]),
+                     _ms(c.seeds["r2_aggregate"]), _ms(c.seeds["iqs_mean"]), _ms(c.seeds["est_emp_pearson"]),
+                     "" if c.diff is None else f"{c.diff:+.3f} [{c.diff_ci[0]:+.3f}, {c.diff_ci[1]:+.3f}]"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def markdown_tables(all_cells: list[Cell], replicates: list[Replicate]) -> str:
+    """Per demography: mean per-site r2 [CI] per tool and bin, with the difference to Beagle; then costs."""
+    out = []
+    for demography in dict.fromkeys(c.demography for c in all_cells):
+        mine = [c for c in all_cells if c.demography == demography]
+        tools = list(dict.fromkeys(c.tool for c in mine))
+        n = {b: next(c.n_scored for c in mine if c.bin == b) for b in ROWS}
+        seeds = sorted({r.seed for r in replicates if r.demography == demography})
+        out.append(f"**{demography}**, seeds {', '.join(map(str, seeds))}: mean per-site r² [bootstrap 95 % CI]; "
+                   f"second line: difference to {BASELINE} [CI] on the same sites\n")
+        out.append("| tool | " + " | ".join(f"{LABELS[b]} (n={n[b]})" for b in ROWS) + " |")
+        out.append("|---" * (len(ROWS) + 1) + "|")
+        for t in tools:
+            cell = {c.bin: c for c in mine if c.tool == t}
+            vals = []
+            for b in ROWS:
+                c = cell[b]
+                text = f"{_f(c.r2_site)} [{_f(c.r2_site_ci[0], '{:.2f}')}, {_f(c.r2_site_ci[1], '{:.2f}')}]"
+                if c.diff is not None:
+                    text += f"<br>{c.diff:+.3f} [{c.diff_ci[0]:+.3f}, {c.diff_ci[1]:+.3f}]"
+                vals.append(text)
+            out.append(f"| {t} | " + " | ".join(vals) + " |")
+        out.append("")
+    out.append(cost_markdown(replicates))
+    return "\n".join(out)
+
+
+def cost_rows(replicates: list[Replicate]) -> list[dict]:
+    """Per demography and tool: mean over seeds of the imputation cost and of the setup cost."""
+    rows = []
+    for demography in dict.fromkeys(r.demography for r in replicates):
+        reps = [r for r in replicates if r.demography == demography]
+        for t in dict.fromkeys(t for r in reps for t in r.runs):
+            runs = [r.runs[t] for r in reps if t in r.runs]
+            rows.append({"demography": demography, "tool": t, "seeds": len(runs),
+                         "cpu_s": float(np.mean([x.cost.cpu_s for x in runs])),
+                         "wall_s": float(np.mean([x.cost.wall_s for x in runs])),
+                         "peak_mb": float(np.max([x.cost.peak_mb for x in runs])),
+                         "threads": int(max(x.cost.threads for x in runs)),
+                         "setup_cpu_s": float(np.mean([x.setup.cpu_s for x in runs])), "note": runs[-1].note})
+    return rows
+
+
+def cost_markdown(replicates: list[Replicate]) -> str:
+    lines = ["Cost of imputing the test target (mean over seeds; setup = training, tuning on validation and "
+             "pre-phasing where the tool needs it):\n",
+             "| demography | tool | CPU s | wall s | peak RSS MB | threads | setup CPU s | notes |", "|---" * 8 + "|"]
+    for r in cost_rows(replicates):
+        lines.append(f"| {r['demography']} | {r['tool']} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['peak_mb']:.0f} | "
+                     f"{r['threads']} | {r['setup_cpu_s']:.1f} | {r['note']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_outputs(out: Path, all_cells: list[Cell], replicates: list[Replicate]) -> dict[str, Path]:
+    """``accuracy.tsv`` (one row per cell), ``accuracy.json`` (cells + costs), ``accuracy.md``, ``r2_by_bin.png``."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {k: out / f"accuracy.{k}" for k in ("tsv", "json", "md")} | {"png": out / "r2_by_bin.png"}
+    head = ["demography", "bin", "tool", "n_sites", "n_scored", "n_constant", "r2_site", "r2_site_lo", "r2_site_hi",
+            *[f"{m}_{s}" for m in METRICS for s in ("mean", "sd")], "d_r2_site", "d_lo", "d_hi"]
+    lines = ["\t".join(head)]
+    for c in all_cells:
+        vals = [c.demography, c.bin, c.tool, c.n_sites, c.n_scored, c.n_constant, c.r2_site, *c.r2_site_ci,
+                *[v for m in METRICS for v in c.seeds[m]], c.diff, *(c.diff_ci or (None, None))]
+        lines.append("\t".join("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in vals))
+    payload = {"cells": [dataclasses.asdict(c) for c in all_cells], "costs": cost_rows(replicates)}
+    for path, text in ((files["tsv"], "\n".join(lines) + "\n"),
+                       (files["json"], json.dumps(_json_safe(payload), indent=2)),
+                       (files["md"], markdown_tables(all_cells, replicates) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    plot(all_cells, files["png"])
+    return files
+
+
+def plot(all_cells: list[Cell], path: Path) -> None:
+    """Mean per-site r2 by bin with the bootstrap CI, one panel per demography, one series per tool."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, no pyplot global state
+    from matplotlib.figure import Figure
+
+    demographies = list(dict.fromkeys(c.demography for c in all_cells))
+    bins = [*MAF_BIN_NAMES, MONOMORPHIC]
+    fig = Figure(figsize=(6 * len(demographies), 4.5))
+    FigureCanvasAgg(fig)
+    for i, demography in enumerate(demographies):
+        ax = fig.add_subplot(1, len(demographies), i + 1)
+        mine = [c for c in all_cells if c.demography == demography]
+        tools = list(dict.fromkeys(c.tool for c in mine))
+        for j, t in enumerate(tools):
+            cs = [next(c for c in mine if c.tool == t and c.bin == b) for b in bins]
+            x = np.arange(len(bins)) + (j - (len(tools) - 1) / 2) * 0.1
+            y = np.array([c.r2_site for c in cs])
+            err = np.nan_to_num(np.abs(np.array([c.r2_site_ci for c in cs]).T - y))
+            line = ax.errorbar(x[:-1], y[:-1], yerr=err[:, :-1], marker="o", capsize=3, label=t, linestyle="-")
+            # panel-monomorphic sites are not a MAF bin: a point of their own, not joined to the curve
+            ax.errorbar(x[-1:], y[-1:], yerr=err[:, -1:], marker="o", capsize=3, linestyle="none",
+                        color=line.lines[0].get_color())
+        ax.set_xticks(np.arange(len(bins)), [LABELS[b] for b in bins], fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("panel MAF bin")
+        ax.set_ylabel("mean per-site r² (constant dosage = 0)")
+        ax.set_title(demography, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)

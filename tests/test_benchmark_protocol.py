@@ -1,0 +1,225 @@
+"""The accuracy benchmark's protocol on a tiny simulation, with fake tools where a real one would take
+minutes: one site set for every tool, a constant dosage scores 0, the test truth is out of reach
+until the tuning choices are on disk, and the report pools seeds and pairs tools correctly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import cyvcf2
+import numpy as np
+import pytest
+
+import benchmarks.haplotypes
+import benchmarks.protocol as protocol
+import benchmarks.scoring
+import storage.evaluate
+from benchmarks import baselines, contenders, report
+from benchmarks.accuracy import simulate_cached
+from benchmarks.embrag_tool import carve_study
+from benchmarks.haplotypes import read_haplotypes
+from benchmarks.scoring import MONOMORPHIC, bin_rows, score_vcfs, site_set
+from benchmarks.tools import ZERO
+from embrag.config import SimulateConfig
+from embrag.metrics import ALL_BIN, SiteStats
+from storage.vcf_out import ImputedVcfWriter
+
+TINY = SimulateConfig(seed=3, n_panel=40, n_study=1, n_test=6, length=100_000.0)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    return simulate_cached(TINY, tmp_path_factory.mktemp("bench") / "sim")
+
+
+def write_tool_vcf(path: Path, panel_vcf: Path, samples: list[str], hap: np.ndarray, keep: np.ndarray) -> Path:
+    """A tool's output: ``hap (N, 2, S)`` ALT probabilities at the panel sites where ``keep``."""
+    panel = read_haplotypes(panel_vcf)
+    with ImputedVcfWriter(path, samples, [panel.contig]) as w:
+        w.write_sites(panel.contig, panel.position[keep], list(np.array(panel.ref)[keep]),
+                      list(np.array(panel.alt)[keep]), hap[:, :, keep], np.zeros(int(keep.sum()), bool))
+    return path
+
+
+def truth_haps(truth_vcf: Path) -> np.ndarray:
+    t = read_haplotypes(truth_vcf)
+    return t.alleles.reshape(len(t.samples), 2, -1).astype(np.float64)  # (N, 2, S)
+
+
+def row(stats: SiteStats, sites, name: str):
+    return next(r for r in bin_rows(stats, sites) if r.bin == name)
+
+
+def test_every_tool_is_scored_on_one_site_set_and_a_constant_dosage_counts_zero(sim, tmp_path):
+    public, sealed = sim
+    truth_vcf = sealed.open(_choices(tmp_path))
+    samples = list(cyvcf2.VCF(str(truth_vcf)).samples)
+    hap = truth_haps(truth_vcf)  # the truth, so a tool that writes it is perfect
+    n_sites = hap.shape[2]
+    af = (read_haplotypes(public.panel_vcf).alleles == 1).mean(0)
+    everything, half = np.ones(n_sites, bool), np.arange(n_sites) % 2 == 0
+    vcfs = {
+        "perfect": write_tool_vcf(tmp_path / "a.vcf.gz", public.panel_vcf, samples, hap, everything),
+        "half": write_tool_vcf(tmp_path / "b.vcf.gz", public.panel_vcf, samples, hap, half),  # skips odd sites
+        "frequency": write_tool_vcf(tmp_path / "c.vcf.gz", public.panel_vcf, samples,
+                                    np.broadcast_to(af, hap.shape).copy(), everything),
+    }
+    sites = site_set(public.panel_vcf, public.target_unphased, truth_vcf)
+    typed = set(benchmarks.scoring.vcf_keys(public.target_unphased))
+    assert sites.keys and not typed & set(sites.keys)  # untyped sites only, although every tool wrote the typed ones
+    scores = score_vcfs(truth_vcf, sites, vcfs)
+    rows = {t: {r.bin: r for r in bin_rows(s, sites)} for t, s in scores.items()}
+    for name in rows["perfect"]:  # the same sites in every bin for every tool
+        assert len({(r[name].n_sites, r[name].n_r2_undefined) for r in rows.values()}) == 1, name
+    perfect, halved, freq = (rows[t][ALL_BIN] for t in ("perfect", "half", "frequency"))
+    scored = perfect.n_sites - perfect.n_r2_undefined
+    assert scored > 20 and perfect.r2_mean_site == pytest.approx(1.0) and perfect.n_constant == 0
+    # sites a tool did not write are constant dosages: r2 0, counted; its mean is over ALL the scored sites
+    assert 0 < halved.n_constant < scored and halved.r2_mean_site == pytest.approx(1 - halved.n_constant / scored)
+    assert freq.n_constant == scored and freq.r2_mean_site == 0.0 and abs(freq.iqs_mean) < 1e-9
+    mono = rows["frequency"][MONOMORPHIC]
+    assert mono.n_sites == int((~sites.polymorphic).sum())  # panel-monomorphic sites have their own row
+
+
+def test_embrag_evaluate_scores_a_constant_dosage_zero(sim, tmp_path):
+    from typer.testing import CliRunner
+
+    from embrag_cli.main import app
+
+    public, sealed = sim
+    truth_vcf = sealed.open(_choices(tmp_path))
+    samples = list(cyvcf2.VCF(str(truth_vcf)).samples)
+    hap = truth_haps(truth_vcf)
+    af = (read_haplotypes(public.panel_vcf).alleles == 1).mean(0)
+    vcf = write_tool_vcf(tmp_path / "f.vcf.gz", public.panel_vcf, samples, np.broadcast_to(af, hap.shape).copy(),
+                         np.ones(hap.shape[2], bool))
+    result = CliRunner().invoke(app, ["evaluate", "--truth", str(truth_vcf), "--imputed", str(vcf), "--panel",
+                                      str(public.panel_vcf), "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    bins = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["bins"]
+    all_row = next(b for b in bins if b["bin"] == ALL_BIN)
+    assert all_row["n_constant"] > 0 and all_row["r2_mean_site"] == 0.0
+
+
+def _choices(tmp_path: Path) -> Path:
+    path = tmp_path / "choices.json"
+    path.write_text("{}")
+    return path
+
+
+# --------------------------------------------------------------------------------- the phases
+
+
+class FrequencyTool:
+    """Imputes every untyped site with the panel frequency; records what it was given."""
+
+    name = "fake-frequency"
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def tune(self, inputs, work):
+        self.log.append(("tune", inputs))
+        return {"nothing": 1}
+
+    def impute(self, inputs, choice, work):
+        self.log.append(("impute", inputs))
+        panel = read_haplotypes(inputs.panel_vcf)
+        samples = benchmarks.haplotypes.sample_names(inputs.target_phased)
+        hap = np.broadcast_to((panel.alleles == 1).mean(0), (len(samples), 2, len(panel.keys))).copy()
+        work.mkdir(parents=True, exist_ok=True)
+        vcf = write_tool_vcf(work / "out.vcf.gz", inputs.panel_vcf, samples, hap, np.ones(len(panel.keys), bool))
+        return protocol.ToolRun(vcf, ZERO)
+
+
+def test_the_test_truth_is_out_of_reach_until_the_choices_are_written(sim, tmp_path, monkeypatch):
+    public, sealed = sim
+    truth = str(sealed._path)
+    events = []
+    real_vcf = cyvcf2.VCF
+
+    def recording_vcf(path, *args, **kwargs):  # every VCF any module of the benchmark opens
+        events.append(("open", str(path)))
+        return real_vcf(path, *args, **kwargs)
+
+    for module in (cyvcf2, storage.evaluate, benchmarks.haplotypes, benchmarks.scoring):
+        monkeypatch.setattr(module, "VCF", recording_vcf)
+    real_write = protocol.write_json
+
+    def recording_write(path, data):
+        real_write(path, data)
+        events.append(("wrote", Path(path).name))
+
+    monkeypatch.setattr(protocol, "write_json", recording_write)
+    with pytest.raises(RuntimeError, match="before the tuning choices"):
+        sealed.open(tmp_path / "rep" / protocol.CHOICES)
+    given = []
+    tools = [FrequencyTool(given), contenders.Vote("vote", ks=(1, 4), powers=(1.0, 4.0)), contenders.top1()]
+    scores = protocol.run_replicate(tmp_path / "rep", public, sealed, tools, carve=carve_study, val_samples=6, seed=1,
+                                    true_phase=True, threads=1)
+    opened_truth = [i for i, e in enumerate(events) if e == ("open", truth)]
+    choices_written = events.index(("wrote", protocol.CHOICES))
+    assert opened_truth and min(opened_truth) > choices_written  # scored, but only after the choices were fixed
+    for _, inputs in given:  # tools are never handed the test truth
+        assert truth not in json.dumps(dataclasses.asdict(inputs), default=str)
+    choices = json.loads((tmp_path / "rep" / protocol.CHOICES).read_text())
+    assert set(choices) == {"fake-frequency", "vote", "copy-top1"} and choices["vote"]["k"] in (1, 4)
+    sites, stats = benchmarks.scoring.load_scores(scores)
+    assert set(stats) == set(choices)
+    assert row(stats["fake-frequency"], sites, ALL_BIN).r2_mean_site == 0.0
+    assert row(stats["vote"], sites, ALL_BIN).r2_mean_site > 0.3  # the vote really imputes
+    # the validation target: panel samples, typed at the test array's sites, kept in the reference panel
+    val = given[0][1].val
+    assert set(val.samples) <= set(benchmarks.haplotypes.sample_names(given[0][1].panel_vcf))
+    assert benchmarks.scoring.vcf_keys(val.target_phased) == benchmarks.scoring.vcf_keys(public.target_unphased)
+
+
+def test_the_vote_is_tuned_on_validation_queries_that_never_see_themselves(sim, tmp_path, monkeypatch):
+    """Without the own-sample exclusion a validation query copies itself and every candidate scores ~1."""
+    public, _ = sim
+    inputs = protocol.build_inputs(public, tmp_path / "inputs", carve=carve_study, val_samples=6, seed=1,
+                                   true_phase=True, threads=1)
+    seen = []
+    real = baselines.gap_neighbours
+
+    def spy(target, panel, pos, k, unit, **kw):
+        rows, runs = real(target, panel, pos, k, unit, **kw)
+        seen.append((rows, kw["exclude_rows"]))
+        return rows, runs
+
+    monkeypatch.setattr(baselines, "gap_neighbours", spy)
+    choice = contenders.Vote("vote", ks=(1,), powers=(1.0,), units=("sites",)).tune(inputs, tmp_path / "vote")
+    (rows, exclude), = seen
+    assert exclude is not None and (exclude >= 0).all()
+    assert not (rows == exclude[None, :, :1]).any() and not (rows == exclude[None, :, 1:]).any()
+    assert choice["validation"][0]["val_r2site"] < 0.99
+
+
+# --------------------------------------------------------------------------------- the report
+
+
+def _stats(r2: np.ndarray) -> SiteStats:
+    m = len(r2)
+    one = np.ones(m)
+    return SiteStats(n=np.full(m, 10), mean_x=one, mean_y=one, cxx=one, cyy=one, cxy=np.sqrt(r2), r2=r2,
+                     iqs=r2, nrd_disc=np.zeros(m, int), nrd_denom=np.ones(m, int), est_r2=r2)
+
+
+def test_report_pools_sites_over_seeds_and_pairs_the_difference_to_beagle():
+    sites = benchmarks.scoring.SiteSet([("20", i, "A", "G") for i in range(4)], np.full(4, 0.2), np.ones(4, bool))
+    beagle = [np.array([0.9, 0.8, 0.7, 0.6]), np.array([1.0, 1.0, 0.5, 0.5])]
+    other = [b - 0.1 for b in beagle]
+    reps = [report.Replicate("D", s + 1, sites, {"beagle-5.4": _stats(b), "x": _stats(o)}, {})
+            for s, (b, o) in enumerate(zip(beagle, other, strict=True))]
+    cells = {(c.bin, c.tool): c for c in report.cells(reps)}
+    c = cells[(ALL_BIN, "x")]
+    assert c.n_scored == 8 and c.r2_site == pytest.approx(np.concatenate(other).mean())
+    assert c.diff == pytest.approx(-0.1) and c.diff_ci[0] == pytest.approx(-0.1) and c.diff_ci[1] == pytest.approx(-0.1)
+    per_seed = [o.mean() for o in other]
+    assert c.seeds["r2_mean_site"] == pytest.approx((np.mean(per_seed), np.std(per_seed, ddof=1)))
+    lo, hi = c.r2_site_ci
+    assert lo < c.r2_site < hi
+    assert cells[(ALL_BIN, "beagle-5.4")].diff is None and math.isnan(cells[(MONOMORPHIC, "x")].r2_site)
