@@ -103,6 +103,13 @@ class PreparedData:
     def attrs(self) -> dict[str, Any]:
         return dict(self.root.attrs)
 
+    def contig_lengths(self) -> dict[str, int]:
+        """Contig lengths from the panel VCF's header; each undeclared contig (or any contig of a store
+        prepared before they were recorded) gets the last site position on it instead."""
+        declared = self.root.attrs.get("contig_length", {})
+        contig, position = self.sites.contig, self.sites.position
+        return {c: int(declared.get(c) or position[contig == c].max()) for c in dict.fromkeys(contig.tolist())}
+
     def sample_ids(self, role: str) -> np.ndarray:
         return self.root[f"sample_id/{role}"][:]
 
