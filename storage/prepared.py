@@ -6,6 +6,8 @@ parallel writers can write, whole chunks without touching each other's bytes.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import zarr
 from embrag.constants import ROLES
 from embrag.tokens import window_tokens
 from embrag.windows import Windows
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, sha256_file
 
 PREPARED_FORMAT_VERSION = 1
 
@@ -76,6 +78,26 @@ def _array(root: zarr.Group, name: str, data: np.ndarray) -> None:
     if data.dtype.kind == "U":  # variable-length strings: the v3 "string" type, not fixed-width UTF-32
         data = data.astype(np.dtypes.StringDType())
     root.create_array(name, data=data, chunks=(max(1, len(data)),))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, stamp: tuple[int, int]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def store_digest(path: Path) -> str:
+    """sha256 over every file of a prepared store (relative path + content), e.g. MLflow's dataset digest.
+
+    Cached per process: the store is written by one atomic rename, so the root ``zarr.json``'s
+    inode and mtime identify its contents.
+    """
+    path = Path(path).resolve()
+    stat = (path / "zarr.json").stat()
+    return _digest(path, (stat.st_ino, stat.st_mtime_ns))
 
 
 class PreparedData:
