@@ -270,3 +270,25 @@ def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
     assert "samples (v17, match retrieval, k=1)" in result.output and "r2_mean_site" in result.output and out.exists()
     assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()
 
+
+def test_cli_train_ends_with_the_mlflow_link_of_the_run_dir(reference):
+    from typer.testing import CliRunner
+
+    from embrag_cli.main import app
+
+    run_dir = reference[0]
+    result = CliRunner().invoke(app, ["train", "--run-dir", str(run_dir), "--variant", "v18"])  # all cached
+    assert result.exit_code == 0, result.output
+    *_, start, url = result.output.strip().splitlines()
+    ids = [_mlflow_run(run_dir, v)[1].info.run_id for v in ("v17", "v18")]
+    assert start.strip().startswith("start the MLflow UI: ") and "ui --backend-store-uri sqlite:///" in start
+    assert url.strip().startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(i in url for i in ids)
+
+
+def test_cli_epoch_lines_number_epochs_from_0_like_the_files():
+    from embrag_cli.main import _epoch_line
+
+    row = {"epoch": 0, "train_loss": 0.5, "val_loss": 0.4, "val_f1": 0.9, "val_rare_f1": 0.8, "mask_version": 0,
+           "train_ms_per_batch": 12.0}
+    assert _epoch_line("v18", row, 3).startswith("[v18] epoch 0 (1 of 3): ")
