@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -292,3 +293,56 @@ def test_cli_epoch_lines_number_epochs_from_0_like_the_files():
     row = {"epoch": 0, "train_loss": 0.5, "val_loss": 0.4, "val_f1": 0.9, "val_rare_f1": 0.8, "mask_version": 0,
            "train_ms_per_batch": 12.0}
     assert _epoch_line("v18", row, 3).startswith("[v18] epoch 0 (1 of 3): ")
+
+
+def _chromium(url: str, profile: Path, *extra: str) -> str:
+    """Headless Chromium (flags this machine needs: no sandbox as root, no background network)."""
+    args = [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=30000", *extra, url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_printed_link_shows_v17_and_v18_side_by_side_in_the_mlflow_ui(reference, tmp_path):
+    import shlex
+    import socket
+    import urllib.request
+
+    from storage.tracking import ui_link
+
+    run_dir = reference[0]
+    link = ui_link(RunLayout(run_dir))  # what `embrag compare` / `train` / `demo` print
+    ids = [_mlflow_run(run_dir, v)[1].info.run_id for v in ("v17", "v18")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = shlex.split(link.start.replace("--port 5000", f"--port {port}")) + ["--workers", "1"]
+    log = open(tmp_path / "mlflow-ui.log", "wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow-ui.log").read_text()
+                time.sleep(1)
+        url = link.url.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+        dom = _chromium(url, tmp_path / "profile-compare", "--dump-dom")
+        assert "Comparing 2 Runs from 1 Experiment" in dom
+        assert all(f"/runs/{i}" in dom for i in ids)  # each run's column links its run page
+        shot = tmp_path / "compare.png"
+        _chromium(url, tmp_path / "profile-shot", f"--screenshot={shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the experiment's runs table lists both runs at the top level: nothing to expand
+        experiment = url.split("experiments=")[1].split("&")[0]
+        runs_page = f"http://127.0.0.1:{port}/#/experiments/{json.loads(unquote(experiment))[0]}?workflowType=machine_learning"
+        table = _chromium(runs_page, tmp_path / "profile-runs", "--dump-dom")
+        assert all(f"/runs/{i}" in table for i in ids)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()
