@@ -416,8 +416,11 @@ def log_model(tracker: Tracker, run: VariantRun, run_id: str, epoch: int, checkp
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # registered by an earlier run
             raise
-    version = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
-                                          model_id=model.model_id, await_creation_for=0)
+    # source: the model's artifact folder, not "models:/<id>": MLflow 3.17's SQL registry resolves a
+    # models:/ source with a new MlflowClient() on the *global* tracking URI, not this client's store
+    version = client.create_model_version(name, source=model.artifact_location, run_id=run_id,
+                                          tags={"embrag.model_id": model.model_id, "embrag.epoch": str(epoch)},
+                                          await_creation_for=0)
     registered = f"{name}/{version.version}"
     client.log_batch(run_id, tags=[RunTag("embrag.model_id", model.model_id), RunTag("embrag.model_epoch", str(epoch)),
                                    RunTag("embrag.registered_model", registered)])

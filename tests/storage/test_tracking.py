@@ -6,9 +6,9 @@ import json
 import math
 import time
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
+from urllib.request import url2pathname
 
-import mlflow.artifacts as mlflow_artifacts
 import pytest
 
 from storage import tracking
@@ -136,7 +136,9 @@ def test_variant_run_carries_config_data_code_and_prefect_ids(tiny_run_dir, tiny
     tracking.fail_run(layout, run_id)
 
 
-def test_finish_logs_and_registers_the_best_checkpoint_once(tiny_run_dir, tiny_cfg, tmp_path):
+def test_finish_logs_and_registers_the_best_checkpoint_once(tiny_run_dir, tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the run dir's own store, not MLflow's global default
+    monkeypatch.chdir(tmp_path)  # where that global default (./mlflow.db) would be
     layout = RunLayout(tiny_run_dir)
     run = VariantRun(layout, tiny_cfg.replace(model__variant="none"))  # no index artifacts to fake
     run_id = tracking.start_variant_run(run)
@@ -149,13 +151,15 @@ def test_finish_logs_and_registers_the_best_checkpoint_once(tiny_run_dir, tiny_c
     client = Tracker(layout).client
     model = client.get_logged_model(info["model_id"])
     assert model.source_run_id == run_id and model.name == "none" and model.params["index.kind"] == "none"
-    got = Path(mlflow_artifacts.download_artifacts(f"models:/{info['model_id']}", dst_path=str(tmp_path),
-                                                   tracking_uri=tracking.tracking_uri(layout)))
+    got = Path(url2pathname(urlparse(model.artifact_location).path))  # a local store: a file URI
     assert (got / "checkpoint.pt").read_bytes() == b"checkpoint 1"  # the best epoch's checkpoint
     assert "embrag" in (got / "MLmodel").read_text()
     name, version = info["registered_model"].split("/")
     registered = client.get_model_version(name, version)
-    assert name == "embrag-none" and registered.run_id == run_id and registered.source == f"models:/{model.model_id}"
+    assert name == "embrag-none" and registered.run_id == run_id and registered.tags["embrag.model_id"] == model.model_id
+    got = Path(url2pathname(urlparse(client.get_model_version_download_uri(name, version)).path))
+    assert (got / "checkpoint.pt").read_bytes() == b"checkpoint 1"  # what the registered version serves
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the global default store
     run_info = client.get_run(run_id)
     assert [o.model_id for o in run_info.outputs.model_outputs] == [model.model_id]
     assert run_info.data.metrics["total_train_seconds"] == 5.0 and run_info.info.status == "FINISHED"
