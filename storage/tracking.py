@@ -377,7 +377,7 @@ def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dic
                 client.log_artifact(run_id, str(path), f"index/{folder.name}")
         plot = comparison.plot_curves({run.variant: history}, run.paths.root / "plots" / "learning-curves.png",
                                       title=f"{run.variant} learning curves")
-        client.log_artifact(run_id, str(plot), "plots")
+        client.log_artifact(run_id, str(plot))  # at the root: MLflow's compare page shows only root files
         info |= {"best_epoch": best, "best_checkpoint": str(best_ckpt), "plot": str(plot)}
     tracker.end_run(run_id, "FINISHED")
     return info

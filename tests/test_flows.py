@@ -106,7 +106,7 @@ def test_compare_flow_tracks_both_variants_as_one_comparison(reference, tiny_cfg
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [0, 1]
         names[variant] = {k for k in run.data.metrics if not k.startswith("system/")}
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"config", "index", "plots"}
+        assert artifacts == {"config", "index", "learning-curves.png"}  # a root file: side by side on the compare page
         model = client.get_logged_model(run.data.tags["embrag.model_id"])  # the best checkpoint, registered
         assert model.source_run_id == run.info.run_id
         version = client.get_model_version(f"embrag-{variant}", run.data.tags["embrag.registered_model"].split("/")[1])
