@@ -131,6 +131,7 @@ def train(
         from flows.train import train_flow
 
         train_flow(run_dir=str(run_dir), variant=variant, config_path=str(path))
+        _print_mlflow(run_dir, None, f"The trained variants of {run_dir} in the MLflow UI:")
     else:
         _train_local(run_dir, cfg)
 
@@ -140,11 +141,13 @@ def _train_local(run_dir: Path, cfg) -> list[dict]:
     from storage.training import VariantRun, run_epochs
 
     run = VariantRun(RunLayout(run_dir), cfg)
-    return run_epochs(run, on_epoch=lambda row: typer.echo(_epoch_line(cfg.model.variant, row)))
+    return run_epochs(run, on_epoch=lambda row: typer.echo(_epoch_line(cfg.model.variant, row, cfg.train.epochs)))
 
 
-def _epoch_line(variant: str, row: dict) -> str:
-    return (f"[{variant}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+def _epoch_line(variant: str, row: dict, n_epochs: int) -> str:
+    # 0-based like the files (epoch-000.pt) and MLflow steps; "(1 of 3)" says how far along
+    return (f"[{variant}] epoch {row['epoch']} ({row['epoch'] + 1} of {n_epochs}): train loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  "
             f"val F1 {row['val_f1']:.4f}  rare F1 {row['val_rare_f1']:.4f}  r2 {row.get('val_r2_all', float('nan')):.4f}  "
             f"mask v{row['mask_version']}  {row['train_ms_per_batch']:.1f} ms/batch")
 
@@ -173,6 +176,18 @@ def compare(
     path = _save_config(run_dir, cfg)
     rows = compare_flow(run_dir=str(run_dir), config_path=str(path))
     _print_table(rows)
+    _print_mlflow(run_dir, [r["mlflow_run_id"] for r in rows], "V17 vs V18 in the MLflow UI:")
+
+
+def _print_mlflow(run_dir: Path, run_ids: list[str] | None, title: str) -> None:
+    """The MLflow UI link of ``run_ids`` (default: the run directory's variant runs), printed last,
+    after the command that serves the UI for a local store."""
+    from storage.layout import RunLayout
+    from storage.tracking import tracking_uri, ui_link
+
+    layout = RunLayout(run_dir)
+    lines = ui_link(layout, run_ids).lines() or [f"runs {run_ids or ''} in {tracking_uri(layout)} (no UI address known)"]
+    typer.echo("\n".join([title, *(f"  {line}" for line in lines)]))
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -211,10 +226,8 @@ def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
         s = impute_flow(run_dir=str(run_dir), variant=variant)
         typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
                    f"{s['evaluation']['table']}" + (f"\n  note: {s['warning']}" if s["warning"] else ""))
-    db = (run_dir / "mlflow.db").resolve()
-    typer.echo(f"\ndone in {time.perf_counter() - t0:.0f} s. Compare the runs in the MLflow UI:\n"
-               f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"
-               f"  then open http://127.0.0.1:5000 , experiment 'embrag', tick the v17 and v18 runs, Compare.")
+    typer.echo(f"\ndone in {time.perf_counter() - t0:.0f} s.")
+    _print_mlflow(run_dir, [r["mlflow_run_id"] for r in rows], "V17 vs V18 in the MLflow UI:")
 
 
 @app.command()

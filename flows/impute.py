@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from storage.impute import default_paths
 from storage.layout import vcf_stem
 from tasks.impute import evaluate_task, impute_task
-from tasks.track import track_imputation_task
+from tasks.track import publish_links_task, track_imputation_task
 
 
 @flow(name="impute")
@@ -39,4 +39,10 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
         logger.info("accuracy against %s:\n%s", truth, summary["evaluation"]["table"])
         summary["mlflow_run_id"] = track_imputation_task(run_dir, summary["variant"], vcf_stem(target),
                                                          summary["evaluation"], summary["seconds"])
+    evaluation = summary.get("evaluation", {})
+    run_ids = [summary["mlflow_run_id"]] if summary.get("mlflow_run_id") else []  # where the accuracy was logged
+    publish_links_task(run_dir, f"impute-{summary['variant']}", f"embrag impute {summary['variant']}: {target}", run_ids, {
+        "imputed VCF": summary["out_vcf"], "index": summary["out_vcf"] + ".tbi", "checkpoint": str(ckpt),
+        "target": str(target), "truth": truth and str(truth), "accuracy table": evaluation.get("tsv"),
+        "accuracy plot": evaluation.get("png")})
     return summary

@@ -18,16 +18,18 @@ from tasks.embed import embed_finish_task, embed_partition_task, embed_plan_task
 from tasks.evaluate import validate_task
 from tasks.index import index_finish_task, index_partition_task, index_plan_task
 from tasks.refresh import plan_epoch_task, refresh_task
-from tasks.track import fail_run_task, finish_run_task, record_epoch_task, start_run_task
+from tasks.track import fail_run_task, finish_run_task, publish_links_task, record_epoch_task, start_run_task
 from tasks.train import train_task
 
 
-@flow(name="train", task_runner=task_runner())
+@flow(name="train", flow_run_name="train-{variant}", task_runner=task_runner())
 def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = None, epochs: int | None = None,
                parent_run_id: str | None = None, partitions: int = 1) -> dict:
     """Train ``variant`` on the prepared data of ``run_dir`` for ``epochs`` (default: the config's).
 
-    Returns the MLflow run id and the per-epoch metrics that were logged.
+    ``parent_run_id``: the MLflow ``compare`` run this training belongs to (tag ``embrag.comparison``).
+    Returns the MLflow run id, the per-epoch metrics that were logged, the checkpoints and the model;
+    a Prefect markdown artifact ``train-<variant>`` links the MLflow run and the files.
     """
     logger = get_run_logger()
     config = resolve_config(run_dir, config_path, variant)
@@ -38,8 +40,10 @@ def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = Non
         for epoch in range(n_epochs):
             metrics = _epoch(run_dir, config, run_id, epoch, partitions)
             history.append(metrics)
-            logger.info("[%s] epoch %d/%d: train loss %.4f  val loss %.4f  val F1 %.4f  rare F1 %.4f  mask v%d  "
-                        "%.1f ms/batch", variant, epoch + 1, n_epochs, metrics.get("train_loss", float("nan")),
+            # epochs are 0-based everywhere (files epoch-000, MLflow steps); "(1 of 3)" says how far along
+            logger.info("[%s] epoch %d (%d of %d): train loss %.4f  val loss %.4f  val F1 %.4f  rare F1 %.4f  "
+                        "mask v%d  %.1f ms/batch", variant, epoch, epoch + 1, n_epochs,
+                        metrics.get("train_loss", float("nan")),
                         metrics.get("val_loss", float("nan")), metrics.get("val_f1", float("nan")),
                         metrics.get("val_rare_f1", float("nan")), int(metrics.get("mask_version", 0)),
                         metrics.get("ms_per_batch", float("nan")))
@@ -47,6 +51,9 @@ def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = Non
     except BaseException:
         fail_run_task(run_dir, run_id)
         raise
+    publish_links_task(run_dir, f"train-{variant}", f"embrag train {variant}: {run_dir}", [run_id], {
+        "best checkpoint": info.get("best_checkpoint"), "last checkpoint": info.get("last_checkpoint"),
+        "registered model": info.get("registered_model"), "learning curves": info.get("plot"), "run directory": run_dir})
     return {"variant": variant, "mlflow_run_id": run_id, "history": history, **info}
 
 

@@ -33,7 +33,7 @@ from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write
 from storage.layout import RunLayout, vcf_stem
 from storage.prepared import PreparedData
 from storage.queries import match_context
-from storage.target import Target, exclude_rows, panel_af, read_target
+from storage.target import Target, exclude_rows, output_contigs, panel_af, read_target
 from storage.vcf_out import ImputedVcfWriter
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,13 @@ def _write_vcf(out_vcf: Path, prepared: PreparedData, target: Target, gt: np.mem
     contig, ref, alt = s.contig.tolist(), s.ref.tolist(), s.alt.tolist()
     step = max(1, _SLAB_VALUES // len(target.samples))
     bounds = np.flatnonzero(np.r_[True, s.contig[1:] != s.contig[:-1], True])  # contig blocks
-    with ImputedVcfWriter(out_vcf, target.samples, list(dict.fromkeys(contig)), source) as writer:
+    names = output_contigs(prepared, target)  # panel contig -> (the target's name, length)
+    with ImputedVcfWriter(out_vcf, target.samples, dict(names.values()), source) as writer:
         for clo, chi in zip(bounds[:-1], bounds[1:], strict=True):
             for lo in range(int(clo), int(chi), step):
                 hi = min(int(chi), lo + step)
                 hap = probs[lo:hi].astype(np.float32).transpose(1, 2, 0) / _Q  # (N, 2, m)
-                writer.write_sites(contig[lo], s.position[lo:hi], ref[lo:hi], alt[lo:hi], hap, target.typed[lo:hi],
+                writer.write_sites(names[contig[lo]][0], s.position[lo:hi], ref[lo:hi], alt[lo:hi], hap, target.typed[lo:hi],
                                    np.asarray(gt[lo:hi]).transpose(1, 2, 0))  # typed GT (N, 2, m)
         return writer.records_written
 

@@ -296,6 +296,14 @@ class GenotypeStore:
     def variants_chunk_size(self) -> int:
         return int(self.root["call_genotype"].chunks[0])
 
+    def contig_lengths(self) -> dict[str, int]:
+        """Contig lengths declared in the VCF header (``##contig=<ID=..,length=..>``); contigs without one omitted."""
+        if "contig_length" not in self.root:
+            return {}
+        lengths = np.asarray(self.root["contig_length"][:], dtype=np.int64)  # bio2zarr: -1 where undeclared
+        return {c: int(n) for c, n in zip(_as_str(self.root["contig_id"][:]).tolist(), lengths.tolist(), strict=True)
+                if n > 0}
+
     def site_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(contig str, position int64, ref str, alt str)`` per variant, in store order."""
         contig_names = _as_str(self.root["contig_id"][:])

@@ -21,7 +21,7 @@ from embrag.tokens import haplotype_tokens
 from embrag.windows import make_windows
 from storage.atomic import read_json, sha256_file, write_json
 from storage.harmonise import harmonise
-from storage.ingest import ingest_vcf
+from storage.ingest import ingest_vcf, open_genotypes
 from storage.layout import RunLayout
 from storage.prepared import PREPARED_FORMAT_VERSION, PreparedData, SiteTable, write_prepared
 
@@ -85,8 +85,10 @@ def prepare(
         n_study_only_sites=h.n_study_only, skipped_records={k: v["skipped"] for k, v in ingested.items()},
         seconds=time.perf_counter() - t0,
     )
+    lengths = open_genotypes(layout.genotypes("panel")).contig_lengths()  # for the imputed VCF's ##contig lines
     write_prepared(layout.prepared, sites=sites, windows=windows, window_size=cfg.window.size, tokens=tokens,
-                   sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary)},
+                   sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary),
+                                                   "contig_length": lengths},
                    panel_queries=panel_queries)
     write_json(summary_path, {"provenance_key": _key(provenance), "summary": asdict(summary)})
     return summary

@@ -6,6 +6,8 @@ parallel writers can write, whole chunks without touching each other's bytes.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +19,7 @@ import zarr
 from embrag.constants import ROLES
 from embrag.tokens import window_tokens
 from embrag.windows import Windows, site_owner
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, sha256_file
 
 PREPARED_FORMAT_VERSION = 2  # 2: panel query samples (query/<split>_panel)
 
@@ -83,6 +85,26 @@ def _array(root: zarr.Group, name: str, data: np.ndarray) -> None:
     root.create_array(name, data=data, chunks=(max(1, len(data)),))
 
 
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, stamp: tuple[int, int]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def store_digest(path: Path) -> str:
+    """sha256 over every file of a prepared store (relative path + content), e.g. MLflow's dataset digest.
+
+    Cached per process: the store is written by one atomic rename, so the root ``zarr.json``'s
+    inode and mtime identify its contents.
+    """
+    path = Path(path).resolve()
+    stat = (path / "zarr.json").stat()
+    return _digest(path, (stat.st_ino, stat.st_mtime_ns))
+
+
 class PreparedData:
     """Read access to ``prepared.zarr``. Small per-site arrays are loaded; tokens are read per window."""
 
@@ -107,6 +129,13 @@ class PreparedData:
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.root.attrs)
+
+    def contig_lengths(self) -> dict[str, int]:
+        """Contig lengths from the panel VCF's header; each undeclared contig (or any contig of a store
+        prepared before they were recorded) gets the last site position on it instead."""
+        declared = self.root.attrs.get("contig_length", {})
+        contig, position = self.sites.contig, self.sites.position
+        return {c: int(declared.get(c) or position[contig == c].max()) for c in dict.fromkeys(contig.tolist())}
 
     def sample_ids(self, role: str) -> np.ndarray:
         return self.root[f"sample_id/{role}"][:]

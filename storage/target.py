@@ -10,7 +10,8 @@ calls, no samples / GT, target samples that are panel samples (leakage) unless
 ``allow_panel_overlap`` (their own panel rows are then excluded from retrieval).
 
 Genotypes go to an on-disk array ``int8 [S, N, 2]`` at panel rows (only typed rows are written),
-so memory does not grow with the number of target samples.
+so memory does not grow with the number of target samples. The target's contig names are kept
+(``Target.contig_names``) so the imputed VCF comes back in the target's naming ("chr20" stays "chr20").
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class Target:
     samples: list[str]
     typed: np.ndarray  # bool [S]
     counts: dict[str, int] = field(default_factory=dict)
+    contig_names: dict[str, str] = field(default_factory=dict)  # normalised contig -> the target's name
+
+
+def output_contigs(prepared: PreparedData, target: Target) -> dict[str, tuple[str, int]]:
+    """Panel contig -> (its name in the imputed VCF, its length): the target's name where the target
+    has the contig (in its header or records), else the panel's."""
+    return {c: (target.contig_names.get(normalise_contig(c), c), n) for c, n in prepared.contig_lengths().items()}
 
 
 def panel_lookup(prepared: PreparedData) -> dict[tuple[str, int, str, str], int]:
@@ -92,6 +100,8 @@ def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[Target,
             ("records", "exact", "swapped", "ambiguous", "ambiguous_dropped", "absent", "skipped", "missing_calls"), 0))
         seen: dict[tuple, int] = {}  # panel row (or absent key) -> record number: duplicates
         c = target.counts
+        declared = [h.info().get("ID") for h in vcf.header_iter() if h.type == "CONTIG"]  # not vcf.seqnames:
+        target.contig_names.update((normalise_contig(n), n) for n in declared)  # it looks for an index, noisily
         for n, rec in _records(vcf, path):
             c["records"] += 1
             where = f"{path}: record {n} ({rec.CHROM}:{rec.POS})"
@@ -100,6 +110,7 @@ def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[Target,
                 continue
             alleles = _alleles(rec, where, path)
             key = (normalise_contig(rec.CHROM), int(rec.POS), rec.REF, rec.ALT[0])
+            target.contig_names[key[0]] = rec.CHROM
             row, flip, outcome = _match(key, lookup)
             ident = row if row is not None else key
             if ident in seen:

@@ -2,8 +2,16 @@
 
 Store: ``MLFLOW_TRACKING_URI`` when set, else a SQLite store in the run directory
 (``sqlite:///<run_dir>/mlflow.db``, artifacts under ``<run_dir>/mlartifacts``), experiment
-``embrag``. One run per training variant (tag ``embrag.variant``), optionally nested under one
-``compare`` parent run (``mlflow.parentRunId``).
+``embrag``, tagged ``mlflow.experimentKind=custom_model_development`` (the model-training kind;
+MLflow 3.17's UI still opens on the view its GenAI / Model training toggle says, hence the
+``workflowType`` in every link of ``storage.mlflow_ui``).
+
+One run per training variant (tag ``embrag.variant``). The runs of one ``compare`` are top-level runs
+tagged ``embrag.comparison=<compare run id>``, not nested under the compare run: MLflow's runs table
+collapses children under their parent, and its compare page shows top-level runs side by side.
+Each variant run also carries the prepared store as a dataset input (digest: the store's sha256),
+system metrics (``system/*``) while it runs, and its best checkpoint as a logged model registered
+as ``embrag-<variant>``.
 
 Everything goes through an explicit :class:`~mlflow.tracking.MlflowClient` and run id, never the
 fluent ``mlflow.start_run`` API: MLflow's active run is thread-local, and Prefect tasks run in
@@ -12,7 +20,9 @@ worker threads (or Dask workers).
 Reruns reuse runs: a run is found by its tag ``embrag.run_key`` (run directory + variant), epochs
 already in its history are not logged again (MLflow keeps duplicate steps otherwise), and params
 are only added, never changed (MLflow refuses changed values; a changed config needs a new run
-directory, which the error says).
+directory, which the error says). A FINISHED run that a rerun finds complete stays FINISHED with its
+end time: reopening it would stretch its duration to the rerun's end. It is reopened only when an
+epoch is logged to it; ``total_seconds`` records the compute time whatever the start and end.
 """
 
 from __future__ import annotations
@@ -25,24 +35,42 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunTag,
+    ViewType,
+)
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 import embrag
 from embrag.config import RunConfig
-from storage import comparison
+from storage import comparison, mlflow_ui
 from storage.atomic import atomic_path, write_json
 from storage.layout import RunLayout
-from storage.prepared import PreparedData
+from storage.prepared import PreparedData, store_digest
 from storage.training import VariantRun, checkpoint_path, epoch_row, index_dir
 
 EXPERIMENT = "embrag"
+# The tag and value MLflow 3.17.2's UI reads (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in its bundle).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_KEY = "embrag.run_key"
+COMPARISON = "embrag.comparison"  # the compare run id that groups the variant runs of a run directory
+VARIANTS = ("v17", "v18", "none")
+SYSTEM_METRICS_SECONDS = 5.0  # sampling interval of system/* metrics: a few points even on demo-sized runs
 MAX_MANIFESTS = 3  # index manifests logged per run: enough to inspect, small enough to browse
 
 # Short names for the per-epoch numbers people compare (the prefixed originals are logged too).
@@ -85,12 +113,16 @@ class Tracker:
     # -- experiment / run lookup --------------------------------------------------------------
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(EXPERIMENT)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(EXPERIMENT, artifact_location=artifact_location(self.layout, self.uri))
-        except MlflowException:  # created meanwhile by another worker
-            return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+        if exp is None:
+            try:
+                return self.client.create_experiment(EXPERIMENT, artifact_location=artifact_location(self.layout, self.uri),
+                                                     tags=EXPERIMENT_KIND)
+            except MlflowException:  # created meanwhile by another worker
+                exp = self.client.get_experiment_by_name(EXPERIMENT)
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:  # an experiment made before the tag was set
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
 
     def run_key(self, name: str) -> str:
         return f"{self.layout.root}::{name}"
@@ -105,18 +137,34 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
-        """Reuse the run with this key (marked RUNNING again) or create it; add params and tags."""
+    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str], *, system_metrics: bool = False) -> str:
+        """Reuse the run with this key or create it; add params and tags.
+
+        A reused FAILED or KILLED run resumes (RUNNING again); a FINISHED one stays FINISHED until
+        :meth:`log_epoch` logs a new epoch to it. ``system_metrics``: sample ``system/*`` metrics
+        while the run is RUNNING, until :meth:`end_run`.
+        """
         run_id = self.find_run(name)
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id(), run_name=name, tags={RUN_KEY: self.run_key(name)}).info.run_id
-        else:
+        elif self.status(run_id) in ("FAILED", "KILLED"):
             self.client.update_run(run_id, status="RUNNING")
         self._log_new_params(run_id, params)
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if system_metrics:
+            _SYSTEM_RUNS.add(run_id)
+            if self.status(run_id) == "RUNNING":
+                _watch_system(self.uri, run_id)
         return run_id
 
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run; one that is FINISHED already keeps its end time (a rerun that logged nothing)."""
+        _unwatch_system(run_id)  # its last samples are flushed while the run still accepts them
+        if status == "FINISHED" and self.status(run_id) == "FINISHED":
+            return
         self.client.set_terminated(run_id, status=status)
 
     def _log_new_params(self, run_id: str, params: dict[str, str]) -> None:
@@ -144,6 +192,10 @@ class Tracker:
         epoch = int(row["epoch"])
         if epoch in self.logged_epochs(run_id):
             return False
+        if self.status(run_id) != "RUNNING":  # a finished run trained further (e.g. epochs=1, then 2)
+            self.client.update_run(run_id, status="RUNNING")
+            if run_id in _SYSTEM_RUNS:
+                _watch_system(self.uri, run_id)
         ts = int(time.time() * 1000)
         metrics = [Metric(k, v, ts, epoch) for k, v in epoch_metrics(row).items() if k != "epoch"]
         for refresh in row.get("refreshes") or []:
@@ -153,6 +205,32 @@ class Tracker:
         metrics.append(Metric("epoch", float(epoch), ts, epoch))
         self.client.log_batch(run_id, metrics=metrics)
         return True
+
+
+# -- system metrics: one sampling thread per RUNNING variant run of this process ------------------------
+
+_SYSTEM_RUNS: set[str] = set()  # runs started with system_metrics=True
+_MONITORS: dict[str, SystemMetricsMonitor] = {}
+_MONITORS_LOCK = threading.Lock()
+
+
+def _watch_system(uri: str, run_id: str) -> None:
+    """Sample CPU, memory, disk and network (psutil) into ``system/*`` until :func:`_unwatch_system`;
+    steps continue after the run's last system step, so a resumed run does not overwrite them."""
+    with _MONITORS_LOCK:
+        if run_id in _MONITORS:
+            return
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, resume_logging=True,
+                                       tracking_uri=uri)
+        monitor.start()
+        _MONITORS[run_id] = monitor
+
+
+def _unwatch_system(run_id: str) -> None:
+    with _MONITORS_LOCK:
+        monitor = _MONITORS.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
 
 
 def epoch_metrics(row: dict) -> dict[str, float]:
@@ -187,6 +265,12 @@ def config_params(cfg: RunConfig, drop: Iterable[str] = ()) -> dict[str, str]:
     return {k: str(v) for k, v in cfg.flat().items() if k not in set(drop)}
 
 
+def variant_params(run: VariantRun) -> dict[str, str]:
+    """The config, with ``index.kind`` the index the variant really searches (V17: ``token``, whatever
+    the config's embedding index; ``none`` for the model without retrieval)."""
+    return config_params(run.cfg) | {"index.kind": run.index_kind or "none"}
+
+
 def data_tags(layout: RunLayout) -> dict[str, str]:
     """Checksums of the input VCFs the prepared dataset was made from (its provenance)."""
     inputs = PreparedData(layout.prepared).attrs.get("provenance", {}).get("inputs", {})
@@ -217,26 +301,44 @@ def code_tags() -> dict[str, str]:
 # -- the pipeline's runs ----------------------------------------------------------------------------
 
 
-def start_variant_run(run: VariantRun, *, parent_run_id: str | None = None, flow_run_id: str | None = None) -> str:
-    """The MLflow run of ``run``'s variant (created, or reused on a rerun); params = the whole config."""
+def start_variant_run(run: VariantRun, *, comparison_run_id: str | None = None, flow_run_id: str | None = None) -> str:
+    """The MLflow run of ``run``'s variant (created, or reused on a rerun): params = the config
+    (:func:`variant_params`), the prepared store as its dataset input, system metrics while it runs.
+    ``comparison_run_id``: the ``compare`` run it belongs to (tag ``embrag.comparison``)."""
     tracker = Tracker(run.layout)
     tags = {"embrag.variant": run.variant, "embrag.run_dir": str(run.layout.root),
             "embrag.config_digest": run.cfg.digest(), **data_tags(run.layout), **code_tags()}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id  # nests the run under the compare run in the UI
-    run_id = tracker.start_run(run.variant, config_params(run.cfg), tags)
+    if comparison_run_id:
+        tags[COMPARISON] = comparison_run_id
+    run_id = tracker.start_run(run.variant, variant_params(run), tags, system_metrics=True)
     tracker.client.log_dict(run_id, run.cfg.to_dict(), "config/config.json")
+    log_prepared_input(tracker, run_id, run.prepared)
     return run_id
 
 
 def start_parent_run(layout: RunLayout, cfg: RunConfig, *, variants: Iterable[str], flow_run_id: str | None = None) -> str:
-    """The ``compare`` run that the variant runs nest under."""
+    """The ``compare`` run: the comparison table and curves; the variant runs carry its id as ``embrag.comparison``."""
     tags = {"embrag.variants": ",".join(variants), "embrag.run_dir": str(layout.root), **data_tags(layout), **code_tags()}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
-    return Tracker(layout).start_run("compare", config_params(cfg, drop=["model.variant"]), tags)
+    tracker = Tracker(layout)
+    run_id = tracker.start_run("compare", config_params(cfg, drop=["model.variant", "index.kind"]), tags)
+    tracker.client.set_tag(run_id, COMPARISON, run_id)  # the compare run is in its own group
+    return run_id
+
+
+def log_prepared_input(tracker: Tracker, run_id: str, prepared: PreparedData) -> None:
+    """The prepared store as the run's training dataset (MLflow keeps one input per dataset digest)."""
+    sha = store_digest(prepared.path)
+    summary = prepared.attrs.get("summary", {})
+    profile = {"sha256": sha, **{k: summary[k] for k in ("n_sites", "n_windows", "window_size", "samples") if k in summary}}
+    dataset = Dataset(name="prepared", digest=sha[:16],  # MLflow stores at most 36 characters
+                      source_type="local", source=json.dumps({"uri": prepared.path.resolve().as_uri()}),
+                      profile=json.dumps(profile))
+    tracker.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    tracker.client.set_tag(run_id, "embrag.prepared_sha256", sha)
 
 
 def record_epoch(run: VariantRun, run_id: str, prep: dict, metrics: dict, reencode: dict) -> dict:
@@ -254,17 +356,20 @@ def record_epoch(run: VariantRun, run_id: str, prep: dict, metrics: dict, reenco
 
 
 def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dict:
-    """Artifacts of a finished run (best checkpoint, last index manifests, learning curves); FINISHED."""
+    """A finished run's best checkpoint (a logged model, registered as ``embrag-<variant>``), total
+    times, last index manifests and learning curves; then FINISHED (its end time kept if it was)."""
     tracker = Tracker(run.layout)
     client = tracker.client
-    info: dict = {"run_id": run_id}
+    info: dict = {"run_id": run_id, "last_checkpoint": str(checkpoint_path(run, int(history[-1]["epoch"])))
+                  if history else None}
     if history:
         top = history[_best_index(history)]
         best = int(top["epoch"])
         best_ckpt = _copy_atomic(checkpoint_path(run, best), run.paths.best_checkpoint)
-        client.log_artifact(run_id, str(best_ckpt), "checkpoints")
         client.log_batch(run_id, tags=[RunTag("embrag.best_epoch", str(best)),
                                        RunTag("embrag.best_val_f1", str(top.get("val_f1")))])
+        info |= log_model(tracker, run, run_id, best, best_ckpt)
+        _log_totals(tracker, run_id, history)
         last = history[-1]
         if run.variant != "none":
             folder = index_dir(run, "train", int(last["mask_version"]), int(last["embedding_version"]))
@@ -272,7 +377,7 @@ def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dic
                 client.log_artifact(run_id, str(path), f"index/{folder.name}")
         plot = comparison.plot_curves({run.variant: history}, run.paths.root / "plots" / "learning-curves.png",
                                       title=f"{run.variant} learning curves")
-        client.log_artifact(run_id, str(plot), "plots")
+        client.log_artifact(run_id, str(plot))  # at the root: MLflow's compare page shows only root files
         info |= {"best_epoch": best, "best_checkpoint": str(best_ckpt), "plot": str(plot)}
     tracker.end_run(run_id, "FINISHED")
     return info
@@ -282,9 +387,64 @@ def fail_run(layout: RunLayout, run_id: str) -> None:
     Tracker(layout).end_run(run_id, "FAILED")
 
 
+def log_model(tracker: Tracker, run: VariantRun, run_id: str, epoch: int, checkpoint: Path) -> dict:
+    """``checkpoint`` as an MLflow logged model of the run (``checkpoint.pt`` + ``MLmodel``), registered
+    as a new version of ``embrag-<variant>``; done once per best epoch (a rerun finds the run's tags).
+
+    The checkpoint file itself, not a pickled module (``mlflow.pytorch.log_model``): it is what
+    ``embrag impute --model`` loads, costs a file copy, and needs no import of this code to unpickle.
+    """
+    client = tracker.client
+    tags = client.get_run(run_id).data.tags
+    if tags.get("embrag.model_epoch") == str(epoch) and "embrag.model_id" in tags:
+        return {"model_id": tags["embrag.model_id"], "registered_model": tags.get("embrag.registered_model")}
+    model = client.create_logged_model(tracker.experiment_id(), name=run.variant, source_run_id=run_id,
+                                       params=variant_params(run), model_type="embrag-checkpoint",
+                                       tags={"embrag.variant": run.variant, "embrag.epoch": str(epoch)})
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(checkpoint, Path(tmp) / "checkpoint.pt")
+        meta = Model(artifact_path=model.artifact_location, run_id=run_id, model_id=model.model_id)
+        meta.add_flavor("embrag", checkpoint="checkpoint.pt", variant=run.variant, epoch=epoch,
+                        embrag_version=embrag.__version__, usage="embrag impute --model <this folder>/checkpoint.pt")
+        meta.save(str(Path(tmp) / "MLmodel"))
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=epoch)])
+    name = f"embrag-{run.variant}"
+    try:
+        client.create_registered_model(name, description=f"embrag {run.variant} checkpoints (checkpoint.pt)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # registered by an earlier run
+            raise
+    # source: the model's artifact folder, not "models:/<id>": MLflow 3.17's SQL registry resolves a
+    # models:/ source with a new MlflowClient() on the *global* tracking URI, not this client's store
+    version = client.create_model_version(name, source=model.artifact_location, run_id=run_id,
+                                          tags={"embrag.model_id": model.model_id, "embrag.epoch": str(epoch)},
+                                          await_creation_for=0)
+    registered = f"{name}/{version.version}"
+    client.log_batch(run_id, tags=[RunTag("embrag.model_id", model.model_id), RunTag("embrag.model_epoch", str(epoch)),
+                                   RunTag("embrag.registered_model", registered)])
+    return {"model_id": model.model_id, "registered_model": registered}
+
+
+def _log_totals(tracker: Tracker, run_id: str, history: list[dict]) -> None:
+    """``total_train_seconds`` (training loops) and ``total_seconds`` (every stage) at the last epoch's step:
+    compute time, where the run's duration is wall time between its start and end."""
+    step = int(history[-1]["epoch"])
+    stages = ("prepare_seconds", "train_seconds", "val_seconds", "reencode_seconds")
+    totals = {"total_train_seconds": sum(float(h.get("train_seconds", 0.0)) for h in history),
+              "total_seconds": sum(float(h.get(k, 0.0)) for h in history for k in stages)}
+    ts = int(time.time() * 1000)
+    new = [Metric(k, v, ts, step) for k, v in totals.items()
+           if step not in {m.step for m in tracker.client.get_metric_history(run_id, k)}]  # once per step
+    if new:
+        tracker.client.log_batch(run_id, metrics=new)
+
+
 def log_comparison(layout: RunLayout, parent_run_id: str, histories: dict[str, list[dict]],
-                   run_ids: dict[str, str]) -> list[dict]:
-    """Comparison table (TSV + markdown) and curves in ``<run_dir>/compare/``, logged on the parent run."""
+                   run_ids: dict[str, str]) -> tuple[list[dict], list[Path]]:
+    """Comparison table (TSV + markdown) and curves in ``<run_dir>/compare/``, logged on the parent run;
+    returns the table's rows and the files."""
     out = layout.root / "compare"
     rows = [comparison.summary_row(v, h, run_ids.get(v)) for v, h in histories.items()]
     files = [*comparison.write_table(rows, out), comparison.plot_curves(histories, out / "learning-curves.png")]
@@ -298,7 +458,7 @@ def log_comparison(layout: RunLayout, parent_run_id: str, histories: dict[str, l
     if new:  # once: a rerun would otherwise add duplicate points
         tracker.client.log_batch(parent_run_id, metrics=new)
     tracker.end_run(parent_run_id, "FINISHED")
-    return rows
+    return rows, files
 
 
 def _best_index(history: list[dict]) -> int:
@@ -334,3 +494,20 @@ def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict
     for path in files.values():
         tracker.client.log_artifact(run_id, path, f"imputation/{target}")
     return run_id
+
+
+# -- links into the UI ------------------------------------------------------------------------------
+
+
+def ui_link(layout: RunLayout, run_ids: list[str] | None = None) -> mlflow_ui.UiLink:
+    """The UI page of ``run_ids`` (the compare page for several); by default the variant runs of
+    this run directory that exist (V17, V18, none)."""
+    tracker = Tracker(layout)
+    if run_ids is None:
+        run_ids = [run_id for v in VARIANTS if (run_id := tracker.find_run(v))]
+    return mlflow_ui.link(tracker.uri, tracker.experiment_id(), list(run_ids))
+
+
+def links_markdown(layout: RunLayout, title: str, run_ids: list[str], files: dict[str, str | None]) -> str:
+    """A Prefect markdown artifact: the MLflow run(s) of ``run_ids`` (see :func:`ui_link`), then ``files``."""
+    return mlflow_ui.markdown(title, ui_link(layout, run_ids), run_ids, files, tracking_uri(layout))

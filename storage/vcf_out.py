@@ -3,8 +3,9 @@
 Why not cyvcf2/pysam record objects: setting FORMAT arrays record by record costs ~1 ms per
 record for a few hundred samples. Every FORMAT value here is a probability or dosage rounded to 3
 decimals, so each sample column has a fixed width and a whole chunk of records is formatted as one
-``uint8 [sites, samples, 40]`` array in numpy. The text goes through htslib's BGZF writer and
-``tbx_index_build``, called with ctypes from the htslib that cyvcf2 already bundles (no pysam).
+``uint8 [sites, samples, 40]`` array in numpy. The text is written through ``pysam.BGZFile``
+(htslib's BGZF writer) and indexed with ``pysam.tabix_index``: pysam's public API, where calling
+htslib through ctypes inside cyvcf2's extension relied on a private detail of its build.
 
 Per sample: ``GT:DS:GP:HDS`` = ``a|b:d.ddd:p.ppp,p.ppp,p.ppp:h.hhh,h.hhh``.
 - HDS: the two haplotype ALT probabilities; DS = HDS1 + HDS2 exactly (summed after rounding).
@@ -17,14 +18,13 @@ Per sample: ``GT:DS:GP:HDS`` = ``a|b:d.ddd:p.ppp,p.ppp,p.ppp:h.hhh,h.hhh``.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import pysam
 
 from embrag.metrics import estimated_r2_hap
 
@@ -43,54 +43,6 @@ _INFO_FORMAT_LINES = (
     '##FORMAT=<ID=GP,Number=G,Type=Float,Description="Estimated genotype probabilities">',
     '##FORMAT=<ID=HDS,Number=2,Type=Float,Description="Estimated haplotype ALT doses">',
 )
-
-
-# ------------------------------------------------------------------------------ htslib (ctypes)
-
-
-@functools.cache
-def _hts() -> ctypes.CDLL:
-    """cyvcf2's extension module links htslib statically and exports its symbols."""
-    import cyvcf2.cyvcf2 as ext
-
-    lib = ctypes.CDLL(ext.__file__)
-    lib.bgzf_open.restype, lib.bgzf_open.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
-    lib.bgzf_write.restype = ctypes.c_ssize_t
-    lib.bgzf_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    lib.bgzf_close.restype, lib.bgzf_close.argtypes = ctypes.c_int, [ctypes.c_void_p]
-    lib.bgzf_mt.restype, lib.bgzf_mt.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    lib.tbx_index_build.restype = ctypes.c_int
-    lib.tbx_index_build.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
-    return lib
-
-
-class _Bgzf:
-    """Minimal BGZF text writer (htslib bgzf_*); ctypes releases the GIL while compressing."""
-
-    def __init__(self, path: str, level: int, threads: int) -> None:
-        self._fp = _hts().bgzf_open(os.fsencode(path), f"w{level}".encode())
-        if not self._fp:
-            raise OSError(f"cannot open {path} for BGZF writing")
-        if threads > 0 and _hts().bgzf_mt(self._fp, threads, 64) != 0:
-            self.close()
-            raise OSError("cannot start BGZF compression threads")
-
-    def write(self, data: bytes) -> None:
-        if _hts().bgzf_write(self._fp, data, len(data)) != len(data):
-            raise OSError("BGZF write failed")
-
-    def close(self) -> None:
-        fp, self._fp = self._fp, None
-        if fp and _hts().bgzf_close(fp) != 0:
-            raise OSError("BGZF close failed")
-
-
-def _tabix_vcf(path: str) -> None:
-    """Write ``path + ".tbi"`` (tabix, VCF preset)."""
-    lib = _hts()
-    conf = ctypes.c_char.in_dll(lib, "tbx_conf_vcf")
-    if lib.tbx_index_build(os.fsencode(path), 0, ctypes.addressof(conf)) != 0:
-        raise OSError(f"tabix indexing of {path} failed (unsorted or not BGZF?)")
 
 
 # ----------------------------------------------------------------------------- text formatting
@@ -154,8 +106,7 @@ class ImputedVcfWriter:
     """Context manager writing ``path`` (.vcf.gz) and ``path.tbi`` only if the block exits cleanly.
 
     ``contigs``: contig ids in output order, or ``{id: length or None}``. Records must arrive sorted:
-    contigs in one block each, positions non-decreasing within a contig. ``threads`` > 0 compresses
-    in htslib worker threads while Python formats the next chunk.
+    contigs in one block each, positions non-decreasing within a contig.
     """
 
     def __init__(
@@ -166,7 +117,6 @@ class ImputedVcfWriter:
         source: str = "embrag",
         *,
         compress_level: int = 3,
-        threads: int = 0,
     ) -> None:
         self.path = str(path)
         self.samples = list(samples)
@@ -177,10 +127,10 @@ class ImputedVcfWriter:
         if not 0 <= compress_level <= 9:
             raise ValueError(f"compress_level must be in 0..9, got {compress_level}")
         # level 3: ~4x faster than zlib's default 6 on dosage text for ~7 % larger files (measured)
-        self._level, self._threads = compress_level, threads
+        self._level = compress_level
         self.records_written = 0
         self._tmp = self.path + ".tmp"
-        self._out: _Bgzf | None = None
+        self._out: pysam.BGZFile | None = None
         self._done_contigs: list[str] = []
         self._last: tuple[str, int] | None = None
 
@@ -195,7 +145,7 @@ class ImputedVcfWriter:
             self.abort()
 
     def open(self) -> None:
-        self._out = _Bgzf(self._tmp, self._level, self._threads)
+        self._out = pysam.BGZFile(self._tmp, f"wb{self._level}")  # htslib reads the level from the mode
         self._out.write(_header(self.samples, self.contigs, self.source).encode())
 
     def close(self) -> None:
@@ -204,7 +154,8 @@ class ImputedVcfWriter:
             return
         try:
             self._out.close()
-            _tabix_vcf(self._tmp)
+            # OSError on failure; ``index`` names the .tbi beside the temporary file, not "<tmp>.gz.tbi"
+            pysam.tabix_index(self._tmp, preset="vcf", force=True, index=self._tmp + ".tbi")
         except BaseException:
             self.abort()
             raise

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def _mlflow_run(run_dir: Path, variant: str):
     return tracker.client, tracker.client.get_run(tracker.find_run(variant))
 
 
-def test_compare_flow_tracks_both_variants_under_one_parent(reference, tiny_cfg):
+def test_compare_flow_tracks_both_variants_as_one_comparison(reference, tiny_cfg):
     run_dir, rows = reference
     assert [r["variant"] for r in rows] == ["v17", "v18"]
     compare_dir = run_dir / "compare"
@@ -94,27 +95,49 @@ def test_compare_flow_tracks_both_variants_under_one_parent(reference, tiny_cfg)
     client, parent = _mlflow_run(run_dir, "compare")
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} == {
         "compare/v17-vs-v18.tsv", "compare/v17-vs-v18.md", "compare/learning-curves.png"}
-    names = {}
-    for variant in ("v17", "v18"):
+    names, digests = {}, set()
+    for variant, kind in (("v17", "token"), ("v18", "compact")):
         _, run = _mlflow_run(run_dir, variant)
         assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.params == {k: str(v) for k, v in tiny_cfg.replace(model__variant=variant).flat().items()}
+        assert run.data.tags["embrag.comparison"] == parent.info.run_id and "mlflow.parentRunId" not in run.data.tags
+        config = tiny_cfg.replace(model__variant=variant).flat()
+        assert run.data.params == {k: str(v) for k, v in config.items()} | {"index.kind": kind}
         assert {"embrag.data_sha256", "embrag.version", "prefect.flow_run_id"} <= run.data.tags.keys()
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [0, 1]
-        names[variant] = set(run.data.metrics)
+        names[variant] = {k for k in run.data.metrics if not k.startswith("system/")}
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"checkpoints", "config", "index", "plots"}
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+        assert artifacts == {"config", "index", "learning-curves.png"}  # a root file: side by side on the compare page
+        model = client.get_logged_model(run.data.tags["embrag.model_id"])  # the best checkpoint, registered
+        assert model.source_run_id == run.info.run_id
+        version = client.get_model_version(f"embrag-{variant}", run.data.tags["embrag.registered_model"].split("/")[1])
+        assert version.run_id == run.info.run_id
+        digests |= {d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert len(digests) == 1  # both variants trained on the one prepared store
     assert names["v17"] == names["v18"]  # the same charts line up in the MLflow UI
-    assert REQUIRED_METRICS <= names["v18"]
+    assert REQUIRED_METRICS | {"total_seconds", "total_train_seconds"} <= names["v18"]
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with get_client(sync_client=True) as prefect_client:
         tables = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["v17-vs-v18"])))
+        links = {a.key: a for a in prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["train-v17", "train-v18", "compare-links"])))}
+        subflows = prefect_client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+            any_=[tables[0].flow_run_id])))
     assert tables and tables[0].type == "table"
+    assert {r.name for r in subflows} == {"train-v17", "train-v18"}  # named by variant, not at random
+    for variant in ("v17", "v18"):  # each training flow run links its MLflow run and checkpoints
+        _, run = _mlflow_run(run_dir, variant)
+        text = links[f"train-{variant}"].data
+        assert links[f"train-{variant}"].type == "markdown" and f"runs/{run.info.run_id}?" in text
+        assert str(RunLayout(run_dir).variant(variant).best_checkpoint) in text
+    assert "#/compare-runs?" in links["compare-links"].data
     _assert_artifacts_whole(run_dir)
 
 
@@ -137,10 +160,13 @@ def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
 
+    ended = _mlflow_run(tiny_run_dir, "v18")[1].info.end_time
     again = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
-    assert {s for n, s in _task_states(again.state_details.flow_run_id).items() if not n.startswith("track")} == {"Cached"}
+    assert {s for n, s in _task_states(again.state_details.flow_run_id).items()
+            if not n.startswith(("track", "publish"))} == {"Cached"}
     client, run = _mlflow_run(tiny_run_dir, "v18")
     assert run.info.status == "FINISHED"
+    assert run.info.end_time == ended  # nothing new trained: the run's duration is not stretched
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 1]  # no duplicates
 
 
@@ -222,6 +248,13 @@ def test_impute_flow_defaults_impute_and_score_the_array_samples(reference):
         "imputation/test_array/accuracy_by_maf.tsv", "imputation/test_array/r2_by_maf.png",
         "imputation/test_array/evaluation.json"}
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:  # the flow run links its MLflow run and its outputs
+        (links,) = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["impute-v18"])))
+    assert f"runs/{run.info.run_id}?" in links.data and f"`{out}`" in links.data and f"`{out}.tbi`" in links.data
+
 
 def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
     from typer.testing import CliRunner
@@ -237,3 +270,79 @@ def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
     assert result.exit_code == 0, result.output
     assert "samples (v17, k=16 neighbours" in result.output and "r2_mean_site" in result.output and out.exists()
     assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()
+
+
+def test_cli_train_ends_with_the_mlflow_link_of_the_run_dir(reference):
+    from typer.testing import CliRunner
+
+    from embrag_cli.main import app
+
+    run_dir = reference[0]
+    result = CliRunner().invoke(app, ["train", "--run-dir", str(run_dir), "--variant", "v18"])  # all cached
+    assert result.exit_code == 0, result.output
+    *_, start, url = result.output.strip().splitlines()
+    ids = [_mlflow_run(run_dir, v)[1].info.run_id for v in ("v17", "v18")]
+    assert start.strip().startswith("start the MLflow UI: ") and "ui --backend-store-uri sqlite:///" in start
+    assert url.strip().startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(i in url for i in ids)
+
+
+def test_cli_epoch_lines_number_epochs_from_0_like_the_files():
+    from embrag_cli.main import _epoch_line
+
+    row = {"epoch": 0, "train_loss": 0.5, "val_loss": 0.4, "val_f1": 0.9, "val_rare_f1": 0.8, "mask_version": 0,
+           "train_ms_per_batch": 12.0}
+    assert _epoch_line("v18", row, 3).startswith("[v18] epoch 0 (1 of 3): ")
+
+
+def _chromium(url: str, profile: Path, *extra: str) -> str:
+    """Headless Chromium (flags this machine needs: no sandbox as root, no background network)."""
+    args = [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=30000", *extra, url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_printed_link_shows_v17_and_v18_side_by_side_in_the_mlflow_ui(reference, tmp_path):
+    import shlex
+    import socket
+    import urllib.request
+
+    from storage.tracking import ui_link
+
+    run_dir = reference[0]
+    link = ui_link(RunLayout(run_dir))  # what `embrag compare` / `train` / `demo` print
+    ids = [_mlflow_run(run_dir, v)[1].info.run_id for v in ("v17", "v18")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = shlex.split(link.start.replace("--port 5000", f"--port {port}")) + ["--workers", "1"]
+    log = open(tmp_path / "mlflow-ui.log", "wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow-ui.log").read_text()
+                time.sleep(1)
+        url = link.url.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+        dom = _chromium(url, tmp_path / "profile-compare", "--dump-dom")
+        assert "Comparing 2 Runs from 1 Experiment" in dom
+        assert all(f"/runs/{i}" in dom for i in ids)  # each run's column links its run page
+        shot = tmp_path / "compare.png"
+        _chromium(url, tmp_path / "profile-shot", f"--screenshot={shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the experiment's runs table lists both runs at the top level: nothing to expand
+        experiment = url.split("experiments=")[1].split("&")[0]
+        runs_page = f"http://127.0.0.1:{port}/#/experiments/{json.loads(unquote(experiment))[0]}?workflowType=machine_learning"
+        table = _chromium(runs_page, tmp_path / "profile-runs", "--dump-dom")
+        assert all(f"/runs/{i}" in table for i in ids)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()

@@ -120,13 +120,33 @@ def test_bcftools_reads_output_through_its_index_without_warnings(run):
     assert len(done.stdout.splitlines()) == run["summary"].n_panel_sites
 
 
-def test_chr_prefixed_target_gives_identical_output(run, tmp_path):
+def test_chr_prefixed_target_comes_back_in_its_own_naming(run, tmp_path):
     header, records = _target(run)
     header = [h.replace("##contig=<ID=20", "##contig=<ID=chr20") for h in header]
     target = _write(tmp_path / "chr.vcf", _join(header, [["chr" + r[0], *r[1:]] for r in records]))
     s, out = _impute(run, target, "chr")
     assert s.n_typed_sites == run["summary"].n_typed_sites
-    assert _body(out) == _body(run["out"])
+    assert _body(out) == ["chr" + line for line in _body(run["out"])]  # same records, the target's contig name
+    length = VCF(str(run["sim"].panel_vcf)).seqlens[0]  # the panel VCF header's length
+    assert [h for h in _lines(out) if h.startswith("##contig")] == [f"##contig=<ID=chr20,length={length}>"]
+
+
+def test_contig_lines_carry_the_panel_length(run):
+    panel = VCF(str(run["sim"].panel_vcf))
+    assert panel.seqnames == ["20"] and panel.seqlens[0] > run["prepared"].sites.position.max()
+    assert [h for h in _lines(run["out"]) if h.startswith("##contig")] == [f"##contig=<ID=20,length={panel.seqlens[0]}>"]
+
+
+def test_contig_length_falls_back_to_the_last_site(run, tmp_path):
+    import zarr
+
+    copy = tmp_path / "prepared.zarr"
+    shutil.copytree(run["prepared"].path, copy)
+    attrs = zarr.open_group(str(copy), mode="r+").attrs
+    attrs.update({"contig_length": {}})  # a panel VCF without ##contig lengths
+    assert PreparedData(copy).contig_lengths() == {"20": int(run["prepared"].sites.position.max())}
+    del attrs["contig_length"]  # a store prepared before lengths were recorded
+    assert PreparedData(copy).contig_lengths() == {"20": int(run["prepared"].sites.position.max())}
 
 
 def test_swapped_absent_and_ambiguous_records(run, tmp_path):

@@ -126,3 +126,32 @@ def test_manifest_must_describe_the_index(built, tmp_path):
     )
     with pytest.raises(ValueError, match="rows"):
         write_index(indexes["compact"], tmp_path, short)
+
+
+@pytest.mark.parametrize("kind", ["compact", "token"])
+def test_files_as_documented_read_without_embrag(kind, rng, tmp_path):
+    """docs/CONTRACTS.md "Index files": what an outside reader needs (plain faiss + the JSON)."""
+    import base64
+
+    table, panel, _, mask = _window(rng)
+    panel = np.concatenate([panel, panel[:10]])  # 10 haplotypes repeated: fewer patterns than rows
+    index = build_index(kind, panel, mask, table)
+    json_path = write_index(index, tmp_path, _manifest(index))
+    faiss_path = json_path.with_suffix(".faiss")
+    doc = json.loads(json_path.read_text())
+    if kind == "token":  # binary: faiss.read_index refuses it
+        with pytest.raises(RuntimeError, match="not recognized"):
+            faiss.read_index(str(faiss_path))
+        raw = faiss.read_index_binary(str(faiss_path))
+    else:
+        raw = faiss.read_index(str(faiss_path))
+    entry = doc["row_pattern"]
+    row_pattern = np.frombuffer(base64.b64decode(entry["data"]), np.dtype(entry["dtype"])).reshape(entry["shape"])
+    assert doc["manifest"]["ntotal"] == len(panel) == len(row_pattern) > raw.ntotal  # one vector per pattern
+    assert doc["manifest"]["metric"] == ("hamming" if kind == "token" else "L2")
+    assert (row_pattern[40:] == row_pattern[:10]).all()  # a repeated haplotype maps to its twin's vector
+    vectors, _ = index.codec.encode(panel, "panel")  # panel rows encoded as queries are
+    if kind == "token":
+        vectors = np.packbits(vectors.astype(np.uint8), axis=1)  # 8 bits per byte, zero-padded
+    stored = np.stack([raw.reconstruct(i) for i in range(raw.ntotal)])
+    np.testing.assert_array_equal(stored[row_pattern], vectors)  # row r's vector is FAISS row row_pattern[r]

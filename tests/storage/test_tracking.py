@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+from urllib.request import url2pathname
 
 import pytest
 
 from storage import tracking
 from storage.atomic import sha256_file
 from storage.layout import RunLayout
+from storage.prepared import store_digest
 from storage.tracking import Tracker, epoch_metrics
 from storage.training import VariantRun
 
@@ -66,16 +72,52 @@ def test_batch_refreshes_are_logged_at_their_global_step(tmp_path):
     assert [m.step for m in tracker.client.get_metric_history(run_id, "val_f1")] == [1]
 
 
+def test_experiment_is_tagged_for_the_model_training_view(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(RunLayout(tmp_path))
+    old = tracker.client.create_experiment("embrag")  # made before the tag existed
+    assert tracker.experiment_id() == old
+    assert tracker.client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_rerun_that_logs_nothing_keeps_the_run_finished_with_its_end_time(tmp_path):
+    tracker = Tracker(RunLayout(tmp_path))
+    run_id = tracker.start_run("v18", {}, {})
+    tracker.log_epoch(run_id, _row(0))
+    tracker.end_run(run_id)
+    ended = tracker.client.get_run(run_id).info.end_time
+    time.sleep(0.01)
+    assert tracker.start_run("v18", {}, {}) == run_id  # a rerun that finds epoch 0 logged
+    assert tracker.status(run_id) == "FINISHED"
+    assert not tracker.log_epoch(run_id, _row(0))
+    tracker.end_run(run_id)
+    assert tracker.client.get_run(run_id).info.end_time == ended  # the duration is not stretched
+    assert tracker.log_epoch(run_id, _row(1))  # trained further: running again, and a new end time
+    assert tracker.status(run_id) == "RUNNING"
+    tracker.end_run(run_id)
+    assert tracker.client.get_run(run_id).info.end_time > ended
+
+
+def test_a_failed_run_resumes_running(tmp_path):
+    tracker = Tracker(RunLayout(tmp_path))
+    run_id = tracker.start_run("v17", {}, {})
+    tracker.end_run(run_id, "FAILED")
+    assert tracker.start_run("v17", {}, {}) == run_id and tracker.status(run_id) == "RUNNING"
+
+
 def test_variant_run_carries_config_data_code_and_prefect_ids(tiny_run_dir, tiny_cfg):
     layout = RunLayout(tiny_run_dir)
     cfg = tiny_cfg.replace(model__variant="v17")
     run = VariantRun(layout, cfg)
     parent = tracking.start_parent_run(layout, cfg, variants=["v17", "v18"], flow_run_id="flow-1")
-    run_id = tracking.start_variant_run(run, parent_run_id=parent, flow_run_id="flow-2")
-    data = Tracker(layout).client.get_run(run_id).data
-    assert data.params == {k: str(v) for k, v in cfg.flat().items()}
-    tags = data.tags
-    assert tags["embrag.variant"] == "v17" and tags["mlflow.parentRunId"] == parent
+    run_id = tracking.start_variant_run(run, comparison_run_id=parent, flow_run_id="flow-2")
+    client = Tracker(layout).client
+    logged = client.get_run(run_id)
+    assert cfg.index.kind == "compact" and logged.data.params["index.kind"] == "token"  # what V17 searches
+    assert logged.data.params == {k: str(v) for k, v in cfg.flat().items()} | {"index.kind": "token"}
+    tags = logged.data.tags
+    assert tags["embrag.variant"] == "v17" and tags["embrag.comparison"] == parent
+    assert "mlflow.parentRunId" not in tags  # top level: the runs table shows it without expanding the parent
     assert tags["prefect.flow_run_id"] == "flow-2"
     assert tags["embrag.run_key"] == f"{layout.root}::v17"
     assert tags["embrag.data.panel_sha256"] == sha256_file(layout.vcf_dir / "panel.vcf.gz")
@@ -83,5 +125,87 @@ def test_variant_run_carries_config_data_code_and_prefect_ids(tiny_run_dir, tiny
     assert tags["embrag.version"] == __import__("embrag").__version__
     if tracking.git_sha():
         assert tags["embrag.git_sha"] == tracking.git_sha()
-    parent_data = Tracker(layout).client.get_run(parent).data
-    assert "model.variant" not in parent_data.params and parent_data.tags["prefect.flow_run_id"] == "flow-1"
+    (dataset,) = logged.inputs.dataset_inputs
+    assert dataset.dataset.name == "prepared" and dataset.dataset.digest == store_digest(layout.prepared)[:16]
+    assert json.loads(dataset.dataset.source)["uri"] == layout.prepared.as_uri()
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
+    assert tags["embrag.prepared_sha256"] == store_digest(layout.prepared)
+    parent_data = client.get_run(parent).data
+    assert "model.variant" not in parent_data.params and "index.kind" not in parent_data.params
+    assert parent_data.tags["prefect.flow_run_id"] == "flow-1" and parent_data.tags["embrag.comparison"] == parent
+    tracking.fail_run(layout, run_id)
+
+
+def test_finish_logs_and_registers_the_best_checkpoint_once(tiny_run_dir, tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the run dir's own store, not MLflow's global default
+    monkeypatch.chdir(tmp_path)  # where that global default (./mlflow.db) would be
+    layout = RunLayout(tiny_run_dir)
+    run = VariantRun(layout, tiny_cfg.replace(model__variant="none"))  # no index artifacts to fake
+    run_id = tracking.start_variant_run(run)
+    for epoch in (0, 1):  # stand-in checkpoints: the model artifact is the file as it is
+        path = run.paths.checkpoint(epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"checkpoint {epoch}".encode())
+    history = [_row(0, val_f1=0.4, train_seconds=2.0), _row(1, val_f1=0.6, train_seconds=3.0)]
+    info = tracking.finish_variant_run(run, run_id, history)
+    client = Tracker(layout).client
+    model = client.get_logged_model(info["model_id"])
+    assert model.source_run_id == run_id and model.name == "none" and model.params["index.kind"] == "none"
+    got = Path(url2pathname(urlparse(model.artifact_location).path))  # a local store: a file URI
+    assert (got / "checkpoint.pt").read_bytes() == b"checkpoint 1"  # the best epoch's checkpoint
+    assert "embrag" in (got / "MLmodel").read_text()
+    name, version = info["registered_model"].split("/")
+    registered = client.get_model_version(name, version)
+    assert name == "embrag-none" and registered.run_id == run_id and registered.tags["embrag.model_id"] == model.model_id
+    got = Path(url2pathname(urlparse(client.get_model_version_download_uri(name, version)).path))
+    assert (got / "checkpoint.pt").read_bytes() == b"checkpoint 1"  # what the registered version serves
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the global default store
+    run_info = client.get_run(run_id)
+    assert [o.model_id for o in run_info.outputs.model_outputs] == [model.model_id]
+    assert run_info.data.metrics["total_train_seconds"] == 5.0 and run_info.info.status == "FINISHED"
+    assert "checkpoints" not in {a.path for a in client.list_artifacts(run_id)}  # not stored twice
+    again = tracking.finish_variant_run(run, run_id, history)  # a rerun: nothing new to register
+    assert again["registered_model"] == info["registered_model"]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")] == [version]
+    assert [m.step for m in client.get_metric_history(run_id, "total_seconds")] == [1]
+
+
+def test_system_metrics_are_sampled_while_a_variant_run_runs(tiny_run_dir, tiny_cfg, monkeypatch):
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_SECONDS", 0.2)
+    layout = RunLayout(tiny_run_dir)
+    run_id = tracking.start_variant_run(VariantRun(layout, tiny_cfg))
+    time.sleep(1.5)
+    tracking.fail_run(layout, run_id)
+    history = Tracker(layout).client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 2 and [m.step for m in history] == list(range(len(history)))
+
+
+def test_store_digest_follows_the_content_not_the_path(prepared_template, tmp_path):
+    import shutil
+
+    import zarr
+
+    store = RunLayout(prepared_template).prepared
+    copy = shutil.copytree(store, tmp_path / "prepared.zarr")
+    assert store_digest(copy) == store_digest(store)
+    zarr.open_group(str(copy), mode="r+").attrs.update({"note": "changed"})  # rewrites zarr.json
+    assert store_digest(copy) != store_digest(store)
+
+
+def test_ui_link_addresses_the_compare_page_of_the_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    layout = RunLayout(tmp_path)
+    tracker = Tracker(layout)
+    ids = [tracker.start_run(v, {}, {}) for v in ("v17", "v18")]
+    link = tracking.ui_link(layout)  # the run directory's variant runs
+    exp = tracker.experiment_id()
+    assert link.start.endswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db "
+                               "--host 127.0.0.1 --port 5000")
+    base, _, query = link.url.partition("#/compare-runs?")
+    assert base == "http://127.0.0.1:5000/"
+    params = parse_qs(query)
+    assert json.loads(params["runs"][0]) == ids and json.loads(params["experiments"][0]) == [exp]
+    assert params["workflowType"] == ["machine_learning"]  # the Model training view, not GenAI's
+    assert link.lines() == [f"start the MLflow UI: {link.start}", link.url]
+    one = tracking.ui_link(layout, ids[1:])
+    assert one.url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{ids[1]}?workflowType=machine_learning"

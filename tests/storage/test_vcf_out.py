@@ -163,7 +163,7 @@ def test_unsorted_chunk_and_bad_values_raise(tmp_path):
     assert records(tmp_path / "y.vcf.gz") == []  # nothing half-written; an empty file is still valid
 
 
-def test_chunking_and_threads_do_not_change_output(tmp_path, monkeypatch):
+def test_chunking_and_compression_level_do_not_change_output(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     part = make_sites(rng, 50)
 
@@ -175,7 +175,22 @@ def test_chunking_and_threads_do_not_change_output(tmp_path, monkeypatch):
     whole = text("whole.vcf.gz")
     monkeypatch.setattr(vcf_out, "_CHUNK_BYTES", 3 * 40 * len(SAMPLES))  # 3 sites per step
     assert text("chunked.vcf.gz") == whole
-    assert text("threads.vcf.gz", threads=2, compress_level=6) == whole
+    assert text("stored.vcf.gz", compress_level=0) == whole
+    # the level reaches htslib through the mode string: level 0 stores, level 3 compresses
+    assert (tmp_path / "stored.vcf.gz").stat().st_size > 2 * (tmp_path / "chunked.vcf.gz").stat().st_size
+
+
+# htslib's BGZF end-of-file marker: an empty block that every properly closed BGZF file ends with.
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+
+
+def test_output_is_bgzf_with_a_tabix_index(written):
+    path, _ = written
+    data = path.read_bytes()
+    assert data[:4] == b"\x1f\x8b\x08\x04" and data[12:14] == b"BC"  # gzip with the BGZF extra field
+    assert data.endswith(BGZF_EOF)
+    assert (path.parent / (path.name + ".tbi")).read_bytes()[:2] == b"\x1f\x8b"  # the .tbi is BGZF too
+    assert sorted(p.name for p in path.parent.iterdir()) == ["imputed.vcf.gz", "imputed.vcf.gz.tbi"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -202,6 +217,24 @@ def test_bcftools_reads_without_warnings(written):
         assert res.stderr == "", (args, res.stderr)
     stats = subprocess.run([BCFTOOLS, "stats", str(path)], capture_output=True, text=True).stdout
     assert re.search(r"SN\t0\tnumber of records:\t30", stats)
+    # the tabix index, read by bcftools: records per contig and the declared contig lengths
+    index = subprocess.run([BCFTOOLS, "index", "--stats", str(path)], capture_output=True, text=True, check=True)
+    assert index.stdout.splitlines() == ["20\t64444167\t20", "21\t46709983\t10"]
+
+
+@needs_bcftools
+def test_bcftools_reads_the_values_written(written):
+    path, chunks = written
+    query = subprocess.run([BCFTOOLS, "query", "-f", "%CHROM\t%POS\t%INFO/TYPED\t[%GT,]\n", str(path)],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    expected = []
+    for contig, parts in chunks.items():
+        for part in parts:
+            for pos, _, _, hap, typed, gt in zip_sites(part):
+                alleles = gt if typed else (hap > 0.5).astype(int)
+                calls = ",".join("|".join("." if a < 0 else str(a) for a in pair) for pair in alleles) + ","
+                expected.append(f"{contig}\t{pos}\t{1 if typed else '.'}\t{calls}")
+    assert query == expected
 
 
 def test_explicit_af_r2_and_defaults(tmp_path):
