@@ -7,8 +7,8 @@ demographies and seeds, one site set, uncertainty.
 
 Per demography and seed (``benchmarks/protocol.py``): simulate a panel and 50 test samples on 1 Mb
 (stdpopsim, ``storage.simulate``; the array target about ``--array-per-mb`` common markers per Mb,
-delivered unphased, and a PLINK map at the contig's recombination rate); carve embrag's study set
-out of the panel (``benchmarks/embrag_tool.py``; every other tool gets the same reduced panel);
+delivered unphased, and a PLINK map at the contig's recombination rate); every tool gets the same
+reference panel and nothing else (embrag trains from the panel alone, ``benchmarks/embrag_tool.py``);
 pre-phase the target once with ``beagle impute=false`` against the panel (embrag, minimac4 and the
 baselines get that file; Beagle gets the unphased target and phases in its own run; Beagle and
 minimac4 get the map); tune every choice on a validation target of held-out panel samples; write
@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import contenders, report
-from benchmarks.embrag_tool import CARVE_FRACTION, Embrag, carve_study
+from benchmarks.embrag_tool import Embrag
 from benchmarks.protocol import SCORES, PublicSim, SealedTruth, load_runs, run_replicate
 from benchmarks.scoring import load_scores
 from embrag.config import SimulateConfig
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-minutes", type=float, default=5.0, help="embrag training budget per replicate")
     p.add_argument("--variants", default="v18", help="embrag variants (v18,v17)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
-    p.add_argument("--n-panel", type=int, default=400, help=f"panel samples simulated ({100 * CARVE_FRACTION:.0f}%% carved "
-                   "out as embrag's study set; every tool gets the rest)")
+    p.add_argument("--n-panel", type=int, default=400, help="reference panel samples simulated (every tool's panel)")
     p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--val-samples", type=int, default=50, help="panel samples in the validation target")
     p.add_argument("--length", type=float, default=1e6, help="simulated bp")
@@ -136,11 +135,11 @@ def main(argv: list[str] | None = None) -> None:
             if not args.report_only:
                 cfg = SimulateConfig(seed=seed, demographic_model=model, population=pop, n_panel=args.n_panel,
                                      n_study=1, n_test=args.n_test, length=args.length, array_per_mb=args.array_per_mb,
-                                     array_every=args.array_every)  # n_study: unused, the study set is carved
+                                     array_every=args.array_every)  # n_study: unused, embrag trains on the panel
                 public, truth = simulate_cached(cfg, work / "sim")
                 print(f"{model}:{pop} seed {seed}: {work}", flush=True)
-                run_replicate(work, public, truth, tools, carve=lambda panel, out, s=seed: carve_study(panel, out, seed=s),
-                              val_samples=args.val_samples, seed=seed, true_phase=args.true_phase, threads=args.threads)
+                run_replicate(work, public, truth, tools, val_samples=args.val_samples, seed=seed,
+                              true_phase=args.true_phase, threads=args.threads)
             if (work / SCORES).exists():
                 sites, scores = load_scores(work / SCORES)
                 replicates.append(report.Replicate(f"{model}:{pop}", seed, sites, scores, load_runs(work)))
@@ -150,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     phase = "true phase (upper bound)" if args.true_phase else "pre-phased with Beagle impute=false"
     array = f"every {args.array_every}th common site" if args.array_every else f"{args.array_per_mb:g} markers/Mb"
     print(f"\nmean per-site r2 of untyped sites by panel-MAF bin (constant dosage = 0); array {array}; target {phase}; "
-          f"{args.threads} threads; every tool uses the same reference panel ({CARVE_FRACTION:.0%} of the simulated "
-          "panel carved out as embrag's study set)\n")
+          f"{args.threads} threads; every tool uses the same reference panel and nothing else\n")
     print(report.text_table(cells))
     print("\n" + report.markdown_tables(cells, replicates))
     files = report.write_outputs(args.out, cells, replicates)

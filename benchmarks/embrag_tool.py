@@ -1,15 +1,13 @@
 """embrag in the accuracy benchmark: the one place that turns a reference panel into an imputed VCF.
 
-Until embrag trains from the panel alone (issue 10), ``carve_study`` takes ``CARVE_FRACTION`` of
-the panel's samples out as embrag's study set, and every tool, Beagle and minimac4 included, gets
-the same reduced panel: no tool learns from or copies genotypes another does not see. When
-panel-only training lands, set ``CARVE_FRACTION = 0`` and replace the body of ``Embrag.tune``.
-
-``Embrag.tune`` trains at the target's own untyped rate (the README's array recipe: mask
-curriculum up to the untyped share of common sites, rare sites masked at 0.99), picks the epoch
-with the best validation mean per-site r2 from the training history, then imputes the validation
-target with each retrieval in ``retrievals`` and keeps the best; ``Embrag.impute`` imputes the
-test target once with those choices, in a measured child process.
+embrag trains from the reference panel alone, as a Beagle user would run it: ``prepare --panel``
+with no study set (training and validation queries are panel samples that never retrieve their own
+haplotypes), ``mask.design=array`` at the target's own density (typed sites per Mb, read off the
+target's sites, never its genotypes), for about ``--train-minutes`` of an idle machine.
+``Embrag.tune`` keeps the epoch with the best validation mean per-site r2 (constant dosage = 0) of
+embrag's own validation queries; the neighbours, K and the calibration are the model's, fitted on
+validation during training. ``Embrag.impute`` imputes the test target once, in a measured child
+process.
 """
 
 from __future__ import annotations
@@ -25,10 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import tools
-from benchmarks.contenders import best_of
-from benchmarks.haplotypes import sample_names, subset_vcf
 from benchmarks.protocol import Inputs, ToolRun
-from benchmarks.scoring import mean_r2site, vcf_keys
+from benchmarks.scoring import vcf_keys
 from benchmarks.tools import Cost
 from embrag.config import RunConfig
 from storage.atomic import read_json, write_json
@@ -37,47 +33,32 @@ from storage.layout import RunLayout
 from storage.prepare import prepare
 from storage.training import VariantRun, run_epochs
 
-CARVE_FRACTION = 0.2  # share of panel samples carved out as embrag's study set (0: panel-only training)
 PROBE_BATCHES = 20
-VAL_BATCHES = 20
-RETRIEVALS = ("match:1", "match:4", "index")  # candidates, chosen on validation
+VAL_BATCHES = 40
 _REPO = Path(__file__).resolve().parents[1]
 _IMPUTE = (
     "import sys; from pathlib import Path; from storage.impute import impute_vcf\n"
-    "k = None if sys.argv[6] == 'default' else int(sys.argv[6])\n"
-    "impute_vcf(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), retrieval=sys.argv[5], k=k,\n"
-    "           allow_panel_overlap=sys.argv[7] == '1')\n"
+    "impute_vcf(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]),\n"
+    "           allow_panel_overlap=sys.argv[5] == '1')\n"
 )
 
 
-def carve_study(panel_vcf: Path, out: Path, *, fraction: float = CARVE_FRACTION, seed: int = 0) -> tuple[Path, Path | None]:
-    """(reference panel for every tool, embrag's study set): ``fraction`` of the panel's samples,
-    drawn with ``seed``, moved out of the panel into the study set."""
-    if fraction == 0:
-        return Path(panel_vcf), None
-    names = sample_names(panel_vcf)
-    n = int(round(fraction * len(names)))
-    if not 0 < n < len(names):
-        raise ValueError(f"carving {fraction:.0%} of {len(names)} panel samples leaves no study set or no panel")
-    chosen = sorted(np.random.default_rng([seed, 5]).choice(names, n, replace=False).tolist())
-    study = subset_vcf(Path(panel_vcf), out / "carved_study.vcf.gz", chosen)
-    return subset_vcf(Path(panel_vcf), out / "reference_panel.vcf.gz", chosen, exclude=True), study
-
-
-def array_untyped_rate(panel_vcf: Path, target_vcf: Path, min_maf: float = 0.05) -> float:
-    """Share of the panel's common sites (MAF >= min_maf) that the target leaves untyped."""
+def array_density(panel_vcf: Path, target_vcf: Path) -> tuple[float, float]:
+    """(typed sites per Mb, smallest panel MAF among them) of the target's sites on the panel's span."""
     af = load_panel_af(panel_vcf)
-    common = {k for k, p in af.items() if min(p, 1 - p) >= min_maf}
-    typed = set(vcf_keys(target_vcf)) & common
-    return 1.0 - len(typed) / max(1, len(common))
+    positions = np.array([k[1] for k in af])
+    typed = [k for k in vcf_keys(target_vcf) if k in af]
+    span_mb = (positions.max() - positions.min() + 1) / 1e6
+    maf = min((min(af[k], 1 - af[k]) for k in typed), default=0.05)
+    return len(typed) / span_mb, maf
 
 
 def training_config(inputs: Inputs, variant: str) -> RunConfig:
-    """RunConfig defaults + the array recipe at this target's untyped rate (README, "Train for the target")."""
-    rate = round(min(0.98, array_untyped_rate(inputs.panel_vcf, inputs.target_unphased)), 2)
+    """RunConfig defaults, trained for this target: array-like masks at its density (README, "Train for the target")."""
+    density, min_maf = array_density(inputs.panel_vcf, inputs.target_unphased)
     return RunConfig().replace(
-        model__variant=variant, train__max_val_batches=VAL_BATCHES, train__device="cpu",
-        mask__curriculum=(max(0.5, rate - 0.1), rate), mask__rare_rate=0.99, mask__val_rate=rate,
+        model__variant=variant, train__max_val_batches=VAL_BATCHES, train__device="cpu", mask__design="array",
+        mask__array_per_mb=round(density, 1), mask__array_min_maf=round(min(0.05, min_maf), 4),
     )
 
 
@@ -132,20 +113,18 @@ def best_epoch(history: list[dict], key: str = "val_r2site_all") -> int:
 
 
 class Embrag:
-    def __init__(self, variant: str = "v18", minutes: float = 5.0, retrievals=RETRIEVALS) -> None:
-        self.variant, self.minutes, self.retrievals = variant, minutes, tuple(retrievals)
+    def __init__(self, variant: str = "v18", minutes: float = 5.0) -> None:
+        self.variant, self.minutes = variant, minutes
         self.name = f"embrag-{variant}"
 
-    def _impute(self, ckpt: Path, run_dir: Path, target: Path, out: Path, spec: str, threads: int,
-                overlap: bool) -> tuple[Path, Cost]:
-        retrieval, _, k = spec.partition(":")
+    def _impute(self, ckpt: Path, run_dir: Path, target: Path, out: Path, threads: int) -> tuple[Path, Cost]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(_REPO)}
 
         def make():
-            return out, tools.measure([sys.executable, "-c", _IMPUTE, ckpt, run_dir, target, out, retrieval,
-                                       k or "default", "1" if overlap else "0"], out.with_suffix(".log"), threads, env)
+            return out, tools.measure([sys.executable, "-c", _IMPUTE, ckpt, run_dir, target, out, "0"],
+                                      out.with_suffix(".log"), threads, env)
 
-        return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=[str(ckpt), spec, str(target)])
+        return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=[str(ckpt), str(target)])
 
     def tune(self, inputs: Inputs, work: Path) -> dict:
         import torch
@@ -153,31 +132,23 @@ class Embrag:
         torch.set_num_threads(inputs.threads)
         layout = RunLayout(work)
         cfg = training_config(inputs, self.variant)
-        if inputs.study_vcf is None:
-            raise NotImplementedError("embrag trains from a study set until panel-only training lands (issue 10)")
-        prepare(layout, cfg, panel_vcf=inputs.panel_vcf, study_vcf=inputs.study_vcf)
+        prepare(layout, cfg, panel_vcf=inputs.panel_vcf)  # the panel alone
         history, train_cost = train_in_budget(layout, cfg, self.minutes, inputs.threads)
         epoch = best_epoch(history)
         ckpt = VariantRun(layout, cfg).paths.checkpoint(epoch)
-        scores, val_cost = [], tools.ZERO
-        for spec in self.retrievals:  # each retrieval on the validation target; its queries never see themselves
-            out = work / "validation" / f"{spec.replace(':', '-')}.vcf.gz"
-            vcf, cost = self._impute(ckpt, layout.root, inputs.val.target_phased, out, spec, inputs.threads, True)
-            val_cost = val_cost + cost
-            scores.append({"retrieval": spec, "val_r2site": mean_r2site(inputs.panel_vcf, inputs.val.target_unphased,
-                                                                        inputs.val.truth_vcf, vcf)})
         return {"epoch": epoch, "checkpoint": str(ckpt), "run_dir": str(layout.root),
-                "retrieval": best_of(scores)["retrieval"], "validation": scores,
-                "epochs": [{k: row.get(k) for k in ("epoch", "val_r2site_all", "val_rare_alt_f1", "val_iqs_all")}
+                "epochs": [{k: row.get(k) for k in ("epoch", "val_r2site_all", "val_top1_r2site_all",
+                                                    "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature")}
                            for row in history],
-                "mask_curriculum": list(cfg.mask.curriculum), "train_cost": asdict(train_cost),
-                "validation_cost": asdict(val_cost)}
+                "mask": {"design": "array", "array_per_mb": cfg.mask.array_per_mb,
+                         "array_min_maf": cfg.mask.array_min_maf},
+                "train_cost": asdict(train_cost)}
 
     def impute(self, inputs: Inputs, choice: dict, work: Path) -> ToolRun:
         out = work / "imputed" / "test.vcf.gz"
         vcf, cost = self._impute(Path(choice["checkpoint"]), Path(choice["run_dir"]), inputs.target_phased, out,
-                                 choice["retrieval"], inputs.threads, False)
-        setup = Cost(**choice["train_cost"]) + Cost(**choice["validation_cost"]) + inputs.prephase_cost
-        note = (f"trained on a study set carved from the panel ({CARVE_FRACTION:.0%}); epoch {choice['epoch']}, "
-                f"retrieval {choice['retrieval']} (chosen on validation)")
+                                 inputs.threads)
+        setup = Cost(**choice["train_cost"]) + inputs.prephase_cost
+        note = (f"trained from the panel alone, array design {choice['mask']['array_per_mb']:g}/Mb; epoch "
+                f"{choice['epoch']} (chosen on validation)")
         return ToolRun(vcf, cost, setup, note)

@@ -17,7 +17,6 @@ resumes and a finished one is re-scored in seconds.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,8 +67,7 @@ class ValidationSet:
 class Inputs:
     """Everything a tool may read."""
 
-    panel_vcf: Path  # the reference panel of every tool
-    study_vcf: Path | None  # embrag's study set carved out of the panel (None once it trains on the panel)
+    panel_vcf: Path  # the reference panel of every tool (embrag trains from it alone)
     target_unphased: Path
     target_phased: Path  # pre-phased once (Beagle impute=false), or the true phase with --true-phase
     genetic_map: Path
@@ -99,10 +97,6 @@ class Tool(Protocol):
         ...
 
 
-# (panel_vcf, out_dir) -> (the reference panel every tool gets, embrag's study set or None)
-Carver = Callable[[Path, Path], tuple[Path, Path | None]]
-
-
 # ----------------------------------------------------------------------------------- inputs
 
 
@@ -128,18 +122,17 @@ def validation_set(reference: Path, public: PublicSim, out: Path, n_samples: int
     return ValidationSet(chosen, unphased, phased, truth)
 
 
-def build_inputs(public: PublicSim, out: Path, *, carve: Carver, val_samples: int, seed: int, true_phase: bool,
+def build_inputs(public: PublicSim, out: Path, *, val_samples: int, seed: int, true_phase: bool,
                  threads: int, phaser=prephase) -> Inputs:
     out.mkdir(parents=True, exist_ok=True)
-    reference, study = carve(public.panel_vcf, out)
+    reference = public.panel_vcf
     val = validation_set(reference, public, out, val_samples, seed, true_phase=true_phase, threads=threads,
                          phaser=phaser)
     if true_phase:
         phased, cost = public.target_true_phase, ZERO
     else:
         phased, cost = phaser(public.target_unphased, reference, public.genetic_map, out / "test_phasing", threads)
-    return Inputs(reference, study, public.target_unphased, phased, public.genetic_map, val, threads, true_phase,
-                  cost)
+    return Inputs(reference, public.target_unphased, phased, public.genetic_map, val, threads, true_phase, cost)
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -161,10 +154,10 @@ def impute_all(tools: list[Tool], inputs: Inputs, choices: dict[str, dict], work
     return runs
 
 
-def run_replicate(work: Path, public: PublicSim, truth: SealedTruth, tools: list[Tool], *, carve: Carver, val_samples: int,
+def run_replicate(work: Path, public: PublicSim, truth: SealedTruth, tools: list[Tool], *, val_samples: int,
                   seed: int, true_phase: bool, threads: int, phaser=prephase) -> Path:
     """inputs -> tune -> choices.json -> impute -> (truth) -> ``scores.npz``; returns its path."""
-    inputs = build_inputs(public, work / "inputs", carve=carve, val_samples=val_samples, seed=seed,
+    inputs = build_inputs(public, work / "inputs", val_samples=val_samples, seed=seed,
                           true_phase=true_phase, threads=threads, phaser=phaser)
     choices = tune_all(tools, inputs, work)
     runs = impute_all(tools, inputs, choices, work)

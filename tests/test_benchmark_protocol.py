@@ -19,7 +19,6 @@ import benchmarks.scoring
 import storage.evaluate
 from benchmarks import baselines, contenders, report
 from benchmarks.accuracy import simulate_cached
-from benchmarks.embrag_tool import carve_study
 from benchmarks.haplotypes import read_haplotypes
 from benchmarks.scoring import MONOMORPHIC, bin_rows, score_vcfs, site_set
 from benchmarks.tools import ZERO
@@ -158,7 +157,7 @@ def test_the_test_truth_is_out_of_reach_until_the_choices_are_written(sim, tmp_p
         sealed.open(tmp_path / "rep" / protocol.CHOICES)
     given = []
     tools = [FrequencyTool(given), contenders.Vote("vote", ks=(1, 4), powers=(1.0, 4.0)), contenders.top1()]
-    scores = protocol.run_replicate(tmp_path / "rep", public, sealed, tools, carve=carve_study, val_samples=6, seed=1,
+    scores = protocol.run_replicate(tmp_path / "rep", public, sealed, tools, val_samples=6, seed=1,
                                     true_phase=True, threads=1)
     opened_truth = [i for i, e in enumerate(events) if e == ("open", truth)]
     choices_written = events.index(("wrote", protocol.CHOICES))
@@ -180,7 +179,7 @@ def test_the_test_truth_is_out_of_reach_until_the_choices_are_written(sim, tmp_p
 def test_the_vote_is_tuned_on_validation_queries_that_never_see_themselves(sim, tmp_path, monkeypatch):
     """Without the own-sample exclusion a validation query copies itself and every candidate scores ~1."""
     public, _ = sim
-    inputs = protocol.build_inputs(public, tmp_path / "inputs", carve=carve_study, val_samples=6, seed=1,
+    inputs = protocol.build_inputs(public, tmp_path / "inputs", val_samples=6, seed=1,
                                    true_phase=True, threads=1)
     seen = []
     real = baselines.gap_neighbours
