@@ -175,7 +175,7 @@ def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, t
     DaskTaskRunner = pytest.importorskip("prefect_dask").DaskTaskRunner  # the [dask] extra
 
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False,
-                                            "dashboard_address": ":0"})
+                                            "dashboard_address": "127.0.0.1:0"})
     state = train_flow.with_options(task_runner=runner)(run_dir=str(tiny_run_dir), variant="v18", partitions=3,
                                                         return_state=True)
     assert state.is_completed()
