@@ -28,10 +28,11 @@ def task_runner(name: str | None = None):
 
     if address := os.environ.get("EMBRAG_DASK_ADDRESS"):
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={
+    processes = os.environ.get("EMBRAG_DASK_PROCESSES", "0") == "1"
+    host = os.environ.get("EMBRAG_DASK_HOST", "127.0.0.1")  # loopback only (":0" is every interface)
+    return DaskTaskRunner(cluster_kwargs={  # the scheduler's and each worker's dashboard: loopback too
         "n_workers": int(os.environ.get("EMBRAG_DASK_WORKERS", "2")), "threads_per_worker": 1,
-        "processes": os.environ.get("EMBRAG_DASK_PROCESSES", "0") == "1",
-        # Listen on loopback only (":0" is every interface); EMBRAG_DASK_HOST opens it on purpose.
-        "host": os.environ.get("EMBRAG_DASK_HOST", "127.0.0.1"),
-        "dashboard_address": f"{os.environ.get('EMBRAG_DASK_HOST', '127.0.0.1')}:0",
+        "processes": processes, "dashboard_address": f"{host}:0", "worker_dashboard_address": f"{host}:0",
+        # worker processes reach the scheduler over TCP: on `host` too (threads share an in-process one)
+        **({"host": host} if processes else {}),
     })

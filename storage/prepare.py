@@ -133,6 +133,14 @@ def _cached(layout: RunLayout, key: str) -> PrepareSummary | None:
     return PrepareSummary(**attrs["summary"])
 
 
+def _previous_key(summary_path: Path) -> str | None:
+    """The inputs-and-settings key of the last successful prepare (``prepared.json``), if readable."""
+    try:
+        return read_json(summary_path).get("provenance_key") if summary_path.exists() else None
+    except IntegrityError:
+        return None
+
+
 def prepare(
     layout: RunLayout, cfg: RunConfig, *, panel_vcf: Path, study_vcf: Path, test_vcf: Path | None = None,
     force: bool = False,
@@ -150,7 +158,8 @@ def prepare(
         if not _readable(summary_path):  # a corrupt or deleted marker is rewritten, never trusted
             write_json(summary_path, {"provenance_key": _key(provenance), "summary": asdict(cached)})
         return cached
-    trained = trained_variants(layout)
+    # The same inputs and settings again (e.g. to rebuild a damaged store) give the same data: allowed.
+    trained = trained_variants(layout) if _previous_key(summary_path) != _key(provenance) else []
     if trained and not force:
         raise LineageError(
             f"{layout.root} holds trained variants ({', '.join(trained)}) made from its current prepared data; "

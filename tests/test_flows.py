@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zarr
 
+from flows._runner import task_runner
 from flows.compare import compare_flow
 from flows.train import train_flow
 from storage.index_files import read_index
@@ -172,10 +173,9 @@ def test_rerun_after_a_kill_ends_like_an_uninterrupted_run(reference, tiny_run_d
 
 
 def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, tiny_run_dir):
-    DaskTaskRunner = pytest.importorskip("prefect_dask").DaskTaskRunner  # the [dask] extra
+    pytest.importorskip("prefect_dask")  # the [dask] extra
 
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False,
-                                            "dashboard_address": "127.0.0.1:0"})
+    runner = task_runner("dask")  # 2 single-threaded workers in this process, dashboards on 127.0.0.1
     state = train_flow.with_options(task_runner=runner)(run_dir=str(tiny_run_dir), variant="v18", partitions=3,
                                                         return_state=True)
     assert state.is_completed()

@@ -70,6 +70,11 @@ BAD = {
         ["1 10 A G 0|1|1 1|1|0"],
         r"record 1 \(1:10\): sample #1 has a non-diploid call \(ploidy 3\)",
     ),
+    # D12: one triploid among diploids was "sample #1 ploidy 1" (the diploid samples looked short)
+    "one_triploid": (
+        ["1 10 A G 0|1 1|1|0"],
+        r"record 1 \(1:10\): sample #2 has a non-diploid call \(ploidy 3\)",
+    ),
     "bare_missing": (["1 10 A G 0|1 ."], r"record 1 \(1:10\): sample #2 has a non-diploid call.*'\.\|\.'"),
     "unsorted": (
         ["1 10 A G 0|1 1|1", "1 30 C T 0|0 0|1", "1 20 C T 0|0 0|1"],
