@@ -34,7 +34,7 @@ from storage.atomic import read_json, sha256_file, write_json
 from storage.errors import IntegrityError, LineageError, VcfInputError
 from storage.harmonise import harmonise
 from storage.ingest import ingest_vcf
-from storage.integrity import is_sealed, manifest_path
+from storage.integrity import is_sealed, manifest_path, verify_store
 from storage.layout import RunLayout
 from storage.lineage import set_aside, trained_variants
 from storage.locks import orphaned, owned_name
@@ -124,7 +124,8 @@ def _cached(layout: RunLayout, key: str) -> PrepareSummary | None:
     if not (layout.prepared / "zarr.json").exists():
         return None
     try:
-        attrs = PreparedData(layout.prepared).attrs  # verifies the store against its manifest
+        verify_store(layout.prepared, "", deep=True)  # every byte: a cache hit must not keep a damaged chunk
+        attrs = PreparedData(layout.prepared).attrs
     except (IntegrityError, FileNotFoundError, ValueError):
         return None  # damaged or from an older embrag: rebuilt
     provenance = attrs.get("provenance")
