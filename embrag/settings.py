@@ -179,6 +179,7 @@ def apply_overrides(cfg: Any, items: Iterable[str], option: str = "--set") -> An
     """
     sections = {f.name: f for f in dataclasses.fields(cfg) if f.init}
     changes: dict[str, dict[str, Any]] = {}
+    given: dict[str, list[str]] = {}  # the items as typed, for messages
     for item in items:
         key, sep, raw = item.partition("=")
         section, _, name = key.strip().partition(".")
@@ -195,13 +196,13 @@ def apply_overrides(cfg: Any, items: Iterable[str], option: str = "--set") -> An
             changes.setdefault(section, {})[name] = parse_text(raw, types_[name], f"{section}.{name}")
         except ConfigError as e:
             raise ConfigError(f"{option} {item}: {e}") from e
+        given.setdefault(section, []).append(item)
     replaced = {}
     for section, values in changes.items():
         try:
             replaced[section] = dataclasses.replace(getattr(cfg, section), **values)
         except (ValueError, TypeError) as e:
-            items_ = " ".join(f"{option} {section}.{k}={v}" for k, v in values.items())
-            raise ConfigError(f"{items_}: {e}") from e
+            raise ConfigError(f"{' '.join(f'{option} {i}' for i in given[section])}: {e}") from e
     try:
         return dataclasses.replace(cfg, **replaced)
     except (ValueError, TypeError) as e:
