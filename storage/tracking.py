@@ -37,6 +37,7 @@ import embrag
 from embrag.config import RunConfig
 from storage import comparison
 from storage.atomic import atomic_path, write_json
+from storage.checkpoints import copy_checkpoint
 from storage.layout import RunLayout
 from storage.prepared import PreparedData
 from storage.training import VariantRun, checkpoint_path, epoch_row, index_dir
@@ -261,7 +262,7 @@ def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dic
     if history:
         top = history[_best_index(history)]
         best = int(top["epoch"])
-        best_ckpt = _copy_atomic(checkpoint_path(run, best), run.paths.best_checkpoint)
+        best_ckpt = copy_checkpoint(checkpoint_path(run, best), run.paths.best_checkpoint)  # with its manifest
         client.log_artifact(run_id, str(best_ckpt), "checkpoints")
         client.log_batch(run_id, tags=[RunTag("embrag.best_epoch", str(best)),
                                        RunTag("embrag.best_val_f1", str(top.get("val_f1")))])
