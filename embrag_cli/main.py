@@ -341,7 +341,12 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for the table and the plot")] = Path("evaluation"),
 ) -> None:
     """Score an imputed VCF against the truth: r^2, IQS, NRD per MAF bin; table + plot."""
+    from storage.errors import VcfInputError
     from storage.evaluate import evaluate_vcfs, write_report
+
+    for option, path in (("--truth", truth), ("--imputed", imputed), ("--panel", panel)):
+        if not path.is_file():
+            raise VcfInputError(f"{path}: file not found; pass the path of a VCF/BCF as {option}")
 
     report = evaluate_vcfs(truth, imputed, panel)
     paths = write_report(report, out)
@@ -353,8 +358,11 @@ def evaluate(
 def recover(run_dir: RunDir = Path("runs/demo")) -> None:
     """After a crash (kill -9, a dead worker): mark the dead process's Prefect flow runs Crashed so they can
     be retried (`prefect flow-run retry ID`), and say what was left."""
+    from embrag.errors import UserError
     from flows._guard import recover_run_dir
 
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run dir; pass the --run-dir of the command that died")
     for line in recover_run_dir(run_dir):
         typer.echo(line)
 
@@ -382,6 +390,8 @@ def _os_error(exc: OSError) -> str:
                 "the interrupted one is redone (nothing half-written is ever used)")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{where}: {exc.strerror}; make it writable (or use another --run-dir / --out) and rerun"
+    if exc.errno is None:  # raised by a library with a message only (htslib: "Error opening ...")
+        return f"{exc}; check that the file exists and is readable"
     return f"{where}: {exc.strerror or exc} (errno {exc.errno})"
 
 

@@ -394,6 +394,17 @@ def test_d13_a_truncated_masks_file_names_the_file_and_the_fix(run_dir):
         read_masks(masks)
 
 
+def test_missing_files_and_run_dirs_are_named(capsys, tmp_path):
+    rc, _, err = cli(capsys, "evaluate", "--truth", tmp_path / "t.vcf", "--imputed", tmp_path / "i.vcf",
+                     "--panel", tmp_path / "p.vcf")
+    assert rc == 2 and f"{tmp_path / 't.vcf'}: file not found; pass the path of a VCF/BCF as --truth" in error_line(
+        err, "evaluate")
+    rc, _, err = cli(capsys, "recover", "--run-dir", tmp_path / "gone")
+    assert rc == 2 and "no such run dir" in error_line(err, "recover") and not (tmp_path / "gone").exists()
+    rc, _, err = cli(capsys, "train", "--run-dir", tmp_path / "gone", "--no-prefect")
+    assert rc == 2 and "no prepared data" in error_line(err, "train") and not (tmp_path / "gone").exists()
+
+
 def test_a_bug_is_one_line_with_status_1_and_its_traceback_with_v(run_dir, capsys, monkeypatch):
     import embrag.settings
 
