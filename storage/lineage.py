@@ -18,6 +18,7 @@ A mismatch is a :class:`LineageError` naming both sides and the fix (a new run d
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -35,7 +36,9 @@ from storage.prepared import PreparedData
 LINEAGE_FORMAT_VERSION = 1
 LINEAGE_FILE = "lineage.json"
 PREPARED_SECTIONS = ("split", "window")  # + "simulate" when the inputs are the run's simulation
-VARIANT_SECTIONS = ("split", "window", "mask", "model", "index", "train", "refresh")
+# Trained artifacts depend on every section but the simulation (which reaches them only through the
+# prepared data, digested separately); a section added to RunConfig is covered without a change here.
+VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "simulate")
 # What a forced re-prepare sets aside besides the variants: everything derived from them.
 DERIVED = ("prefect-results", "compare", "imputed", "mlflow.db", "mlartifacts")
 
