@@ -13,7 +13,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from embrag.errors import ConfigError
+from embrag.settings import build, coerce, field_types
+
 CONFIG_FORMAT_VERSION = 2  # 2: mask.design, retrieval section, match-evidence model
+
+
+def _require(ok: bool, message: str) -> None:
+    """A range check for ``__post_init__`` (``not ok`` also catches NaN)."""
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,15 @@ class SimulateConfig:
     array_every: int | None = None
     array_min_maf: float = 0.05
 
+    def __post_init__(self) -> None:
+        for name in ("n_panel", "n_study", "n_test", "array_every"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"SimulateConfig.{name} must be >= 1, got {value}")
+        _require(self.length > 0 and self.left >= 0, f"SimulateConfig needs length > 0 and left >= 0, got "
+                 f"left={self.left}, length={self.length}")
+        _require(0 <= self.array_min_maf < 0.5, f"SimulateConfig.array_min_maf must be in [0, 0.5), got {self.array_min_maf}")
+        _require(self.array_per_mb > 0, f"SimulateConfig.array_per_mb must be > 0, got {self.array_per_mb}")
+
 
 @dataclass(frozen=True)
 class SplitConfig:
@@ -54,8 +72,7 @@ class SplitConfig:
     panel_queries: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"split.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _require(0 < self.val_fraction < 1, f"SplitConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -105,11 +122,13 @@ class MaskConfig:
         rates = list(self.curriculum) + [self.val_rate] + ([self.rare_rate] if self.rare_rate is not None else [])
         if not self.curriculum or any(not 0.0 < r < 1.0 for r in rates):
             raise ValueError(f"mask rates must be in (0, 1): curriculum={self.curriculum}, val={self.val_rate}")
-        if self.design not in ("random", "array"):
-            raise ValueError(f"mask.design must be 'random' or 'array', got {self.design!r}")
-        if self.array_per_mb <= 0 or not 0.0 <= self.array_min_maf < 0.5:
-            raise ValueError(f"mask.array_per_mb must be > 0 and array_min_maf in [0, 0.5), got "
-                             f"{self.array_per_mb}, {self.array_min_maf}")
+        _require(self.design in ("random", "array"), f"mask.design must be 'random' or 'array', got {self.design!r}")
+        _require(self.array_per_mb > 0 and 0.0 <= self.array_min_maf < 0.5,
+                 f"mask.array_per_mb must be > 0 and array_min_maf in [0, 0.5), got "
+                 f"{self.array_per_mb}, {self.array_min_maf}")
+        _require(self.epochs_per_level >= 0, f"MaskConfig.epochs_per_level must be >= 0, got {self.epochs_per_level}")
+        _require(0 < self.rare_maf <= 0.5, f"MaskConfig.rare_maf must be in (0, 0.5], got {self.rare_maf}")
+        _require(self.min_unmasked >= 0, f"MaskConfig.min_unmasked must be >= 0, got {self.min_unmasked}")
 
 
 @dataclass(frozen=True)
@@ -131,10 +150,13 @@ class ModelConfig:
     copy_power: float = 8.0  # the copy head starts as the (1 + run)^power vote (learned from there)
 
     def __post_init__(self) -> None:
+        for name in ("dim", "layers", "heads", "ff_mult", "k", "max_len"):
+            _require(getattr(self, name) >= 1, f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _require(0 <= self.dropout < 1, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.af_features >= 0, f"ModelConfig.af_features must be >= 0, got {self.af_features}")
         if self.dim % self.heads:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if self.k < 1:
-            raise ValueError(f"ModelConfig.k must be >= 1, got {self.k}")
+        _require(self.copy_power > 0, f"ModelConfig.copy_power must be > 0, got {self.copy_power}")
 
 
 @dataclass(frozen=True)
@@ -163,12 +185,10 @@ class RetrievalConfig:
     seed: int = 99
 
     def __post_init__(self) -> None:
-        if self.candidates < 1 or self.pbwt_radius < 0:
-            raise ValueError(f"retrieval.candidates must be >= 1 and pbwt_radius >= 0, got "
-                             f"{self.candidates}, {self.pbwt_radius}")
-        if self.rank not in ("match", "index") or self.run_unit not in ("sites", "bp"):
-            raise ValueError(f"retrieval.rank must be 'match' or 'index' and run_unit 'sites' or 'bp', got "
-                             f"{self.rank!r}, {self.run_unit!r}")
+        _require(self.candidates >= 1 and self.pbwt_radius >= 0, f"retrieval.candidates must be >= 1 and "
+                 f"pbwt_radius >= 0, got {self.candidates}, {self.pbwt_radius}")
+        _require(self.rank in ("match", "index") and self.run_unit in ("sites", "bp"), f"retrieval.rank must be "
+                 f"'match' or 'index' and run_unit 'sites' or 'bp', got {self.rank!r}, {self.run_unit!r}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +210,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.focal_gamma < 0 or self.focal_gamma > 2:
             raise ValueError(f"TrainConfig.focal_gamma must be in [0, 2], got {self.focal_gamma}")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            _require(getattr(self, name) >= 1, f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            _require(getattr(self, name) >= 0, f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_train_batches", "max_val_batches"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"TrainConfig.{name} must be >= 1 or null, got {value}")
 
 
 @dataclass(frozen=True)
@@ -207,6 +235,11 @@ class RefreshConfig:
     patience: int = 1
     min_delta: float = 1e-3
     reencode_every_epoch: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("every", "patience"):
+            _require(getattr(self, name) >= 1, f"RefreshConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.min_delta >= 0, f"RefreshConfig.min_delta must be >= 0, got {self.min_delta}")
 
 
 @dataclass(frozen=True)
@@ -234,14 +267,14 @@ class RunConfig:
         data = dict(data)
         version = data.pop("format_version", None)
         if version != CONFIG_FORMAT_VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"config format_version {version!r} is not supported (expected {CONFIG_FORMAT_VERSION}); "
                 "re-create the config with this version of embrag"
             )
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(data) - set(sections)
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in data:
@@ -255,7 +288,8 @@ class RunConfig:
         for key, value in sections.items():
             if "__" in key:
                 section, name = key.split("__", 1)
-                fields.setdefault(section, {})[name] = value
+                types = field_types(_SECTION_TYPES[section]) if section in _SECTION_TYPES else {}
+                fields.setdefault(section, {})[name] = coerce(value, types[name], f"{section}.{name}") if name in types else value
         for section, values in fields.items():  # one replace per section: fields validated together
             if section not in _SECTION_TYPES:
                 raise ValueError(f"unknown config section {section!r}; known: {sorted(_SECTION_TYPES)}")
@@ -288,9 +322,4 @@ _SECTION_TYPES: dict[str, type] = {
 
 
 def _section_from_dict(kind: type, values: dict[str, Any], name: str) -> Any:
-    names = {f.name for f in dataclasses.fields(kind)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} in config section '{name}'; known: {sorted(names)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return kind(**values)
+    return build(kind, values, name)  # types and ranges of every field, from the annotations

@@ -1,12 +1,21 @@
-"""The ``embrag`` command line. Thin: parse options, call a flow or a storage function, print a summary."""
+"""The ``embrag`` command line. Thin: parse options, call a flow or a storage function, print a summary.
+
+Failures: a :class:`embrag.errors.UserError` (and an OSError such as a full or read-only disk) is
+printed as one line, ``error (embrag <command>): <file>: <what>; <fix>``, exit status 2; anything
+else is a bug, printed as one line too, exit status 1; ``-v`` adds the traceback. Checks run before
+anything is written: ``--variant`` and ``--set`` are validated against the config dataclasses, the
+run directory is locked for writers (``storage.locks``), and ``config.json`` is written only once
+the settings agree with the artifacts already there (``storage.lineage.check_config``).
+"""
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -34,35 +43,67 @@ def _env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+_VERBOSE = {"level": 0}
+
+
 def load_config(run_dir: Path, config: Path | None, overrides: list[str] | None):
-    """Config from ``--config``, else ``<run_dir>/config.json``, else defaults; then ``--set`` overrides."""
+    """Config from ``--config``, else ``<run_dir>/config.json``, else defaults; then ``--set`` overrides.
+
+    Every value is checked against the config dataclasses (types, ranges, unknown fields with a
+    suggestion); nothing is written.
+    """
     from embrag.config import RunConfig
+    from embrag.errors import ConfigError
+    from embrag.settings import apply_overrides
+    from storage.atomic import read_json
 
     path = config or (run_dir / "config.json")
-    cfg = RunConfig.from_dict(json.loads(path.read_text())) if path.exists() else RunConfig()
-    for item in overrides or []:
-        key, _, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        if not (section and name and raw):
-            raise typer.BadParameter(f"--set {item!r}: expected section.field=value, e.g. train.epochs=3")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        cfg = cfg.replace(**{f"{section}__{name}": tuple(value) if isinstance(value, list) else value})
-    return cfg
+    if config is not None and not config.is_file():
+        raise ConfigError(f"{config}: config file not found; write one with `embrag config --run-dir DIR`")
+    try:
+        cfg = RunConfig.from_dict(read_json(path)) if path.exists() else RunConfig()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}; fix the file, or re-create it with `embrag config`") from e
+    return apply_overrides(cfg, overrides or [])
 
 
-def _save_config(run_dir: Path, cfg) -> Path:
+def _check_variant(variant: str) -> str:
+    """``--variant`` must be a model variant before any path is built from it."""
+    from embrag.config import ModelConfig
+    from embrag.settings import check_choice
+
+    return check_choice(variant, ModelConfig, "variant", "--variant")
+
+
+def _need_prepared(run_dir: Path) -> None:
+    from embrag.errors import UserError
+    from storage.layout import RunLayout
+
+    if not (RunLayout(run_dir).prepared / "zarr.json").exists():
+        raise UserError(f"{run_dir}: no prepared data (data/prepared.zarr); run `embrag prepare --run-dir {run_dir}` first")
+
+
+def _lock(run_dir: Path, command: str):
+    from storage.locks import hold_run_dir
+
+    return hold_run_dir(run_dir, f"embrag {command}")
+
+
+def _save_config(run_dir: Path, cfg, **check) -> Path:
+    """Check ``cfg`` against the run directory's artifacts, then write ``config.json`` (call under the lock)."""
     from storage.atomic import write_json
+    from storage.layout import RunLayout
+    from storage.lineage import check_config
 
+    check_config(RunLayout(run_dir), cfg, **check)
     path = run_dir / "config.json"
     write_json(path, cfg.to_dict())
     return path
 
 
 @app.callback()
-def main(verbose: Annotated[int, typer.Option("-v", count=True, help="-v info, -vv debug")] = 0) -> None:
+def main(verbose: Annotated[int, typer.Option("-v", count=True, help="-v info and tracebacks, -vv debug")] = 0) -> None:
+    _VERBOSE["level"] = verbose
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _env_defaults()
@@ -72,7 +113,8 @@ def main(verbose: Annotated[int, typer.Option("-v", count=True, help="-v info, -
 def config(run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Write the resolved config to <run-dir>/config.json (edit it, then pass it back)."""
     cfg = load_config(run_dir, config, set_)
-    typer.echo(_save_config(run_dir, cfg))
+    with _lock(run_dir, "config"):
+        typer.echo(_save_config(run_dir, cfg))
 
 
 @app.command()
@@ -83,7 +125,9 @@ def simulate(run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_
 
     cfg = load_config(run_dir, config, set_)
     t0 = time.perf_counter()
-    result = run_simulation(cfg.simulate, RunLayout(run_dir).vcf_dir)
+    with _lock(run_dir, "simulate"):
+        _save_config(run_dir, cfg)  # the next step (`embrag prepare`) reads these settings
+        result = run_simulation(cfg.simulate, RunLayout(run_dir).vcf_dir)
     typer.echo(f"simulated {result.n_sites} sites ({result.n_array_sites} array sites) for "
                f"{result.n_panel} panel / {result.n_study} study / {result.n_test} test samples "
                f"in {time.perf_counter() - t0:.1f} s -> {result.panel_vcf.parent}")
@@ -95,19 +139,27 @@ def prepare(
     panel: Annotated[Path | None, typer.Option(help="Reference panel VCF (default: simulate)")] = None,
     study: Annotated[Path | None, typer.Option(help="Optional study cohort VCF: extra train/val queries")] = None,
     test: Annotated[Path | None, typer.Option(help="Held-out test VCF")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Prepare other inputs or settings even though variants are trained: they move to superseded/")] = False,
 ) -> None:
     """Ingest VCFs into Zarr, harmonise sites and roles, cut windows and tokens."""
+    from embrag.errors import UserError
     from storage.layout import RunLayout
+    from storage.lineage import check_config
     from storage.prepare import prepare as run_prepare
-    from storage.simulate import simulate as run_simulation
+    from storage.simulate import simulated_inputs
 
     cfg = load_config(run_dir, config, set_)
-    _save_config(run_dir, cfg)
+    if panel is not None and study is None:
+        raise UserError("--study is required with --panel (the study cohort gives the train/validation samples)")
     layout = RunLayout(run_dir)
-    if panel is None:
-        sim = run_simulation(cfg.simulate, layout.vcf_dir)
-        panel, study, test = sim.panel_vcf, sim.study_vcf, sim.test_vcf
-    summary = run_prepare(layout, cfg, panel_vcf=panel, study_vcf=study, test_vcf=test)
+    with _lock(run_dir, "prepare"):
+        check_config(layout, cfg, prepared_too=False, variants_too=not force)
+        if panel is None:  # the run's simulation: reused when made with these settings, refused when not
+            sim = simulated_inputs(cfg.simulate, layout.vcf_dir)
+            panel, study, test = sim.panel_vcf, sim.study_vcf, sim.test_vcf
+        summary = run_prepare(layout, cfg, panel_vcf=panel, study_vcf=study, test_vcf=test, force=force)
+        _save_config(run_dir, cfg, variants_too=False)  # after success: config.json describes the prepared data
     _print_prepare(summary)
 
 
@@ -125,23 +177,27 @@ def train(
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow with MLflow tracking")] = True,
 ) -> None:
     """Train one variant on a prepared run directory."""
+    _check_variant(variant)
     cfg = load_config(run_dir, config, set_).replace(model__variant=variant)
-    path = _save_config(run_dir, cfg.replace(model__variant="v18"))
-    if prefect:
-        from flows.train import train_flow
+    _need_prepared(run_dir)
+    with _lock(run_dir, "train"):
+        path = _save_config(run_dir, cfg.replace(model__variant="v18"))
+        if prefect:
+            from flows.train import train_flow
 
-        train_flow(run_dir=str(run_dir), variant=variant, config_path=str(path))
-        _print_mlflow(run_dir, None, f"The trained variants of {run_dir} in the MLflow UI:")
-    else:
-        _train_local(run_dir, cfg)
+            train_flow(run_dir=str(run_dir), variant=variant, config_path=str(path))
+            _print_mlflow(run_dir, None, f"The trained variants of {run_dir} in the MLflow UI:")
+        else:
+            _train_local(run_dir, cfg)
 
 
-def _train_local(run_dir: Path, cfg) -> list[dict]:
+def _train_local(run_dir: Path, cfg, epochs: int | None = None) -> list[dict]:
     from storage.layout import RunLayout
     from storage.training import VariantRun, run_epochs
 
-    run = VariantRun(RunLayout(run_dir), cfg)
-    return run_epochs(run, on_epoch=lambda row: typer.echo(_epoch_line(cfg.model.variant, row, cfg.train.epochs)))
+    run = VariantRun(RunLayout(run_dir), cfg)  # refuses artifacts of other data or settings (storage.lineage)
+    n_epochs = epochs if epochs is not None else cfg.train.epochs
+    return run_epochs(run, epochs, on_epoch=lambda row: typer.echo(_epoch_line(cfg.model.variant, row, n_epochs)))
 
 
 def _epoch_line(variant: str, row: dict, n_epochs: int) -> str:
@@ -156,13 +212,22 @@ def _epoch_line(variant: str, row: dict, n_epochs: int) -> str:
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to continue")],
     variant: Annotated[str, typer.Option(help="v18 | v17 | none")] = "v18",
-    epochs: Annotated[int | None, typer.Option(help="Total epochs (default: the config's)")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="Train up to this many epochs of the planned train.epochs (default: all)")] = None,
 ) -> None:
     """Continue a run without a Prefect server: finished stages are found on disk and skipped."""
+    from embrag.errors import ConfigError
+
+    _check_variant(variant)
     cfg = load_config(run_dir, None, None).replace(model__variant=variant)
-    if epochs is not None:
-        cfg = cfg.replace(train__epochs=epochs)
-    _train_local(run_dir, cfg)
+    if epochs is not None and not 0 < epochs <= cfg.train.epochs:
+        # train.epochs sets the LR schedule: more epochs is another run, not a continuation of this one
+        raise ConfigError(f"--epochs {epochs}: must be in 1..{cfg.train.epochs} (train.epochs of {run_dir}/config.json, "
+                          "which sets the learning-rate schedule); to train longer, use a new run dir with a larger "
+                          "train.epochs")
+    _need_prepared(run_dir)
+    with _lock(run_dir, "resume"):
+        _train_local(run_dir, cfg, epochs)
 
 
 @app.command()
@@ -170,11 +235,12 @@ def compare(
     run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Train V17 and V18 on the same data and seeds; one MLflow parent run with a child per variant."""
-    from flows.compare import compare_flow
-
     cfg = load_config(run_dir, config, set_)
-    path = _save_config(run_dir, cfg)
-    rows = compare_flow(run_dir=str(run_dir), config_path=str(path))
+    with _lock(run_dir, "compare"):
+        path = _save_config(run_dir, cfg)
+        from flows.compare import compare_flow
+
+        rows = compare_flow(run_dir=str(run_dir), config_path=str(path))
     _print_table(rows)
     _print_mlflow(run_dir, [r["mlflow_run_id"] for r in rows], "V17 vs V18 in the MLflow UI:")
 
@@ -212,20 +278,21 @@ def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
     """Simulate -> prepare -> compare V17 and V18 for a few CPU epochs -> impute the array samples -> print."""
     t0 = time.perf_counter()
     cfg = load_config(run_dir, None, DEMO_OVERRIDES + list(set_ or []))
-    path = _save_config(run_dir, cfg)
-    from flows.compare import compare_flow
-    from flows.prepare import prepare_flow
+    with _lock(run_dir, "demo"):
+        path = _save_config(run_dir, cfg)
+        from flows.compare import compare_flow
+        from flows.prepare import prepare_flow
 
-    typer.echo(f"embrag demo in {run_dir} (config {path})")
-    prepare_flow(run_dir=str(run_dir), config_path=str(path))
-    rows = compare_flow(run_dir=str(run_dir), config_path=str(path))
-    _print_table(rows)
-    from flows.impute import impute_flow
+        typer.echo(f"embrag demo in {run_dir} (config {path})")
+        prepare_flow(run_dir=str(run_dir), config_path=str(path))
+        rows = compare_flow(run_dir=str(run_dir), config_path=str(path))
+        _print_table(rows)
+        from flows.impute import impute_flow
 
-    for variant in ("v17", "v18"):  # the held-out array samples, imputed and scored against their truth
-        s = impute_flow(run_dir=str(run_dir), variant=variant)
-        typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
-                   f"{s['evaluation']['table']}" + (f"\n  note: {s['warning']}" if s["warning"] else ""))
+        for variant in ("v17", "v18"):  # the held-out array samples, imputed and scored against their truth
+            s = impute_flow(run_dir=str(run_dir), variant=variant)
+            typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
+                       f"{s['evaluation']['table']}" + (f"\n  note: {s['warning']}" if s["warning"] else ""))
     typer.echo(f"\ndone in {time.perf_counter() - t0:.0f} s.")
     _print_mlflow(run_dir, [r["mlflow_run_id"] for r in rows], "V17 vs V18 in the MLflow UI:")
 
@@ -244,6 +311,7 @@ def impute(
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
+    _check_variant(variant)
     if prefect:
         from flows.impute import impute_flow
 
@@ -280,7 +348,12 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for the table and the plot")] = Path("evaluation"),
 ) -> None:
     """Score an imputed VCF against the truth: r^2, IQS, NRD per MAF bin; table + plot."""
+    from storage.errors import VcfInputError
     from storage.evaluate import evaluate_vcfs, write_report
+
+    for option, path in (("--truth", truth), ("--imputed", imputed), ("--panel", panel)):
+        if not path.is_file():
+            raise VcfInputError(f"{path}: file not found; pass the path of a VCF/BCF as {option}")
 
     report = evaluate_vcfs(truth, imputed, panel)
     paths = write_report(report, out)
@@ -288,12 +361,65 @@ def evaluate(
     typer.echo(f"written: {paths}")
 
 
-def run() -> None:  # pragma: no cover - console entry point
+@app.command()
+def recover(run_dir: RunDir = Path("runs/demo")) -> None:
+    """After a crash (kill -9, a dead worker): mark the dead process's Prefect flow runs Crashed so they can
+    be retried (`prefect flow-run retry ID`), and say what was left."""
+    from embrag.errors import UserError
+    from flows._guard import recover_run_dir
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run dir; pass the --run-dir of the command that died")
+    for line in recover_run_dir(run_dir):
+        typer.echo(line)
+
+
+def failure(exc: BaseException, command: str) -> tuple[str, int]:
+    """The one line printed for a failure, and the exit status (2: the user can fix it; 1: a bug)."""
+    from embrag.errors import UserError
+
+    if isinstance(exc, UserError | FileNotFoundError):
+        message, status = str(exc), 2
+    elif isinstance(exc, OSError):
+        message, status = _os_error(exc), 2
+    elif isinstance(exc, ValueError):  # older checks raise ValueError with a user-facing message
+        message, status = str(exc), 2
+    else:
+        message, status = (f"internal error ({type(exc).__name__}: {exc}); this is a bug: rerun with -v for the "
+                           "traceback and report it"), 1
+    return f"error (embrag {command}): " + " ".join(message.split()), status
+
+
+def _os_error(exc: OSError) -> str:
+    where = exc.filename or "a file of the run"
+    if exc.errno == errno.ENOSPC:
+        return (f"{where}: no space left on device; free space and rerun: finished stages are kept, "
+                "the interrupted one is redone (nothing half-written is ever used)")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}: {exc.strerror}; make it writable (or use another --run-dir / --out) and rerun"
+    if exc.errno is None:  # raised by a library with a message only (htslib: "Error opening ...")
+        return f"{exc}; check that the file exists and is readable"
+    return f"{where}: {exc.strerror or exc} (errno {exc.errno})"
+
+
+def _command(argv: list[str]) -> str:
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    return next((a for a in argv if a in names), "")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point: every failure ends as one line on stderr (``-v``: with the traceback)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        app()
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        app(args=argv)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI's last word on any failure
+        if _VERBOSE["level"]:
+            traceback.print_exception(exc, file=sys.stderr)
+        line, status = failure(exc, _command(argv))
+        typer.echo(line, err=True)
+        sys.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,8 @@ def task_runner(name: str | None = None):
     """``thread`` (default) or ``dask``: ``EMBRAG_DASK_ADDRESS`` joins a running cluster, otherwise a
     local one with ``EMBRAG_DASK_WORKERS`` (2) single-threaded workers, as processes when
     ``EMBRAG_DASK_PROCESSES=1`` (worker processes need a real ``PREFECT_API_URL``: in Prefect's
-    local mode each process would start its own temporary server)."""
+    local mode each process would start its own temporary server). The local cluster's scheduler
+    and dashboard listen on 127.0.0.1 unless ``EMBRAG_DASK_HOST`` says otherwise."""
     name = name or os.environ.get("EMBRAG_TASK_RUNNER", "thread")
     if name == "thread":
         return ThreadPoolTaskRunner(max_workers=int(os.environ.get("EMBRAG_THREADS", "2")))
@@ -27,7 +28,11 @@ def task_runner(name: str | None = None):
 
     if address := os.environ.get("EMBRAG_DASK_ADDRESS"):
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={
+    processes = os.environ.get("EMBRAG_DASK_PROCESSES", "0") == "1"
+    host = os.environ.get("EMBRAG_DASK_HOST", "127.0.0.1")  # loopback only (":0" is every interface)
+    return DaskTaskRunner(cluster_kwargs={  # the scheduler's and each worker's dashboard: loopback too
         "n_workers": int(os.environ.get("EMBRAG_DASK_WORKERS", "2")), "threads_per_worker": 1,
-        "processes": os.environ.get("EMBRAG_DASK_PROCESSES", "0") == "1", "dashboard_address": ":0",
+        "processes": processes, "dashboard_address": f"{host}:0", "worker_dashboard_address": f"{host}:0",
+        # worker processes reach the scheduler over TCP: on `host` too (threads share an in-process one)
+        **({"host": host} if processes else {}),
     })

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows._guard import run_dir_writer
 from flows._runner import task_runner
 from flows.prepare import prepare_flow
 from flows.train import train_flow
@@ -21,6 +22,7 @@ VARIANTS = ("v17", "v18")
 
 
 @flow(name="compare", task_runner=task_runner())
+@run_dir_writer  # holds the run dir's lock; recovers a dead predecessor's flow runs
 def compare_flow(run_dir: str, config_path: str | None = None, epochs: int | None = None,
                  partitions: int = 1) -> list[dict]:
     """Train V17 and V18 for ``epochs`` (default: the config's) and return the comparison rows."""

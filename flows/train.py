@@ -12,6 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
+from flows._guard import run_dir_writer
 from flows._runner import task_runner
 from tasks._common import bind, epochs_to_run, resolve_config
 from tasks.embed import embed_finish_task, embed_partition_task, embed_plan_task, reencode_task
@@ -23,6 +24,7 @@ from tasks.train import train_task
 
 
 @flow(name="train", flow_run_name="train-{variant}", task_runner=task_runner())
+@run_dir_writer  # holds the run dir's lock; recovers a dead predecessor's flow runs
 def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = None, epochs: int | None = None,
                parent_run_id: str | None = None, partitions: int = 1) -> dict:
     """Train ``variant`` on the prepared data of ``run_dir`` for ``epochs`` (default: the config's).

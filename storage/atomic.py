@@ -1,7 +1,8 @@
 """Atomic writes: build at a temporary path beside the target, then rename into place.
 
 A reader either sees the previous complete artifact or the new complete one, never a half-written
-one; a crash leaves at most a ``*.tmp-*`` sibling, which is ignored and cleaned on the next write.
+one; a crash leaves at most a ``<name>.tmp-<pid>-<random>`` sibling, which is ignored and removed by
+the next write once its owner process is gone (never while another live writer fills it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from storage.errors import IntegrityError
+from storage.locks import orphaned, owned_name
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
@@ -26,7 +30,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
-    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = target.with_name(owned_name(target.name, "tmp"))
     try:
         yield tmp
         _replace(tmp, target)
@@ -41,7 +45,14 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON document at ``path``; IntegrityError naming the file when it is not valid JSON."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e}; {len(raw)} bytes): the file is corrupt or was cut short; "
+                             "delete it and rerun the command, which rewrites it") from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -75,5 +86,5 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_tmp(target: Path) -> None:
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
+    for stale in orphaned(sorted(target.parent.glob(f"{target.name}.tmp-*")), "tmp"):
         _remove(stale)

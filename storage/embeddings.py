@@ -4,6 +4,10 @@ Because the embedding layer is position-wise, one window's behaviour is its tabl
 the store keeps the tables (float32, used to encode index keys and queries for this version) and
 the complete panel embeddings ``[W, Hp, L, D]`` (float16, what V18 hands the model). One chunk
 holds one window and a block of haplotypes, so a batch reads only the blocks of its retrieved rows.
+
+A store is complete when its manifest ``eNNNN.zarr.manifest.json`` (:mod:`storage.integrity`, with
+the prepared data's digest as lineage) is in place and every file it lists is there; it is read
+through the manifest's sha256s, so a deleted or damaged chunk is an error, never fill values.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from embrag.constants import VOCAB_SIZE
 from embrag.embedding import lookup_table
 from embrag.progress import progress
 from storage.atomic import atomic_path
+from storage.integrity import is_sealed, open_store, seal_store
 from storage.prepared import PreparedData
 
 HAP_BLOCK = 64  # haplotypes per chunk: a batch of retrieved rows touches few chunks
@@ -58,13 +63,22 @@ def encode_complete_embeddings(path: Path, prepared: PreparedData, embedding: to
         for w in progress(range(len(prepared.windows)), f"encode e{version:04d}", unit="window"):
             write_window(tables, complete, prepared, embedding, w)
         root.attrs.update({"embedding_version": version, "complete": True})
+        seal(tmp, prepared, target=Path(path))
     return Path(path)
+
+
+def seal(content: Path, prepared: PreparedData, *, target: Path) -> None:
+    """The manifest of a finished store (recording the prepared data it encodes), written beside ``target``."""
+    seal_store(content, lineage={"prepared": prepared.digest}, target=target)
+
+
+REENCODE_FIX = "delete {path} and rerun (`embrag resume`): the stage re-encodes it from its checkpoint"
 
 
 class EmbeddingStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        root = zarr.open_group(str(self.path), mode="r")
+        root, _ = open_store(self.path, REENCODE_FIX.format(path=self.path))
         if not root.attrs.get("complete"):
             raise ValueError(f"{self.path}: embedding store is incomplete; rerun the encode stage")
         self.version = int(root.attrs["embedding_version"])
@@ -99,7 +113,10 @@ class EmbeddingStore:
 
 
 def is_complete(path: Path) -> bool:
+    """Sealed (manifest in place, every file there) and marked complete; a damaged store is not."""
+    if not is_sealed(path):
+        return False
     try:
-        return bool(zarr.open_group(str(path), mode="r").attrs.get("complete"))
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return bool(open_store(Path(path), "")[0].attrs.get("complete"))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return False

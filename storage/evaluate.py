@@ -78,7 +78,7 @@ def normalise_contig(contig: str) -> str:
 
 
 def _key(rec) -> SiteKey:
-    return (normalise_contig(rec.CHROM), int(rec.POS), rec.REF, rec.ALT[0])
+    return (normalise_contig(rec.CHROM), int(rec.POS), rec.REF.upper(), rec.ALT[0].upper())  # as storage.target
 
 
 def load_panel_af(panel_vcf: str | Path) -> dict[SiteKey, float]:

@@ -34,6 +34,8 @@ from embrag.sites import (
     split_roles,
     split_samples,
 )
+from storage.errors import VcfInputError
+from storage.evaluate import normalise_contig
 from storage.ingest import GenotypeStore, open_genotypes
 
 log = logging.getLogger(__name__)
@@ -191,29 +193,47 @@ def _match(sources: dict[str, GenotypeStore]) -> tuple[dict[str, np.ndarray], di
     """Variant rows per role at the sites common to every store (panel genomic order)."""
     panel, study = sources["panel"], sources.get("train", sources["panel"])
     test = sources.get("test")
-    panel_keys = SiteKeys(*panel.site_keys())
-    if study is panel:
-        rows_p, rows_s = match_sites(panel_keys, panel_keys)  # sorts and checks for duplicate keys
-    else:
-        rows_p, rows_s = match_sites(panel_keys, SiteKeys(*study.site_keys()))
+    panel_keys = canonical(SiteKeys(*panel.site_keys()))  # "chr20" == "20", alleles in any case, as impute
+    study_keys = panel_keys if study is panel else canonical(SiteKeys(*study.site_keys()))
+    rows_p, rows_s = match_sites(panel_keys, study_keys)  # sorts and checks for duplicate keys
     counts = {"n_panel_only": panel.n_variants - len(rows_p), "n_study_only": study.n_variants - len(rows_s)}
     n_ps = len(rows_p)
     rows_t = None
     if test is not None and test is not panel and test is not study:
-        keep, rows_t = match_sites(panel_keys.take(rows_p), SiteKeys(*test.site_keys()))
+        test_keys = canonical(SiteKeys(*test.site_keys()))
+        keep, rows_t = match_sites(panel_keys.take(rows_p), test_keys)
         rows_p, rows_s = rows_p[keep], rows_s[keep]
     counts["n_not_in_test"] = n_ps - len(rows_p)
     if len(rows_p) == 0:
-        raise ValueError(
-            f"no sites in common between {panel.path} and {study.path}"
-            + (f" and {test.path}" if rows_t is not None else "")
-            + f" (panel contigs {sorted(set(panel_keys.contig.tolist()))[:5]}); check that contig names "
-            "('chr20' vs '20') and REF/ALT orientation agree"
-        )
+        other, other_keys = (study, study_keys) if n_ps == 0 else (test, test_keys)
+        raise VcfInputError(f"no sites in common between {panel.path} and {other.path}: "
+                            f"{why_no_overlap(panel_keys, other_keys)}")
     by_store = {id(study): rows_s, id(panel): rows_p}
     if rows_t is not None:
         by_store[id(test)] = rows_t
     return {role: by_store[id(store)] for role, store in sources.items()}, counts
+
+
+def canonical(keys: SiteKeys) -> SiteKeys:
+    """Matching keys: contig without a "chr" prefix, alleles in upper case (VCF bases are case-insensitive)."""
+    return SiteKeys(np.array([normalise_contig(c) for c in np.asarray(keys.contig).tolist()], dtype=str),
+                    np.asarray(keys.position, dtype=np.int64), np.char.upper(np.asarray(keys.ref, dtype=str)),
+                    np.char.upper(np.asarray(keys.alt, dtype=str)))
+
+
+def why_no_overlap(a: SiteKeys, b: SiteKeys) -> str:
+    """The reason two canonical key sets share no site, with an example and the fix."""
+    where_b = {(c, int(p)): i for i, (c, p) in enumerate(zip(b.contig.tolist(), b.position.tolist(), strict=True))}
+    shared = [(i, where_b[k]) for i, k in enumerate(zip(a.contig.tolist(), a.position.tolist(), strict=True))
+              if k in where_b]
+    if not shared:
+        return (f"no contig:position is in both (contigs {sorted(set(a.contig.tolist()))[:3]} vs "
+                f"{sorted(set(b.contig.tolist()))[:3]}, positions {a.position.min()}-{a.position.max()} vs "
+                f"{b.position.min()}-{b.position.max()}); check the genome build and the contigs")
+    i, j = shared[0]
+    return (f"{len(shared)} positions are in both but no REF/ALT pair matches (e.g. {a.contig[i]}:{a.position[i]} "
+            f"{a.ref[i]}>{a.alt[i]} vs {b.ref[j]}>{b.alt[j]}); check the genome build and the allele "
+            "normalisation (`bcftools norm -f ref.fa` on both files)")
 
 
 def _columns(store: GenotypeStore, ids: list[str], role: str) -> np.ndarray:

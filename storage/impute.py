@@ -10,8 +10,6 @@ probabilities; the VCF is then written site-major from it, a bounded slab of sit
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +25,16 @@ from embrag.neighbours import MatchContext, tie_seed, token_alleles
 from embrag.retrieval import index_kind
 from embrag.tokens import haplotype_tokens, window_slice
 from storage.atomic import read_json
-from storage.checkpoints import calibration_path, load_checkpoint
+from storage.checkpoints import calibration_path, checkpoint_lineage, load_checkpoint
 from storage.errors import VcfInputError
 from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write_report
 from storage.layout import RunLayout, vcf_stem
+from storage.lineage import check_checkpoint, provenance_tag
 from storage.prepared import PreparedData
 from storage.queries import match_context
 from storage.target import Target, exclude_rows, output_contigs, panel_af, read_target
 from storage.vcf_out import ImputedVcfWriter
+from storage.workspace import impute_workspace
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,14 @@ def impute_vcf(
         raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
     prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
     dev = resolve_device(device)
+    check_checkpoint(checkpoint, checkpoint_lineage(checkpoint), Path(run_dir), prepared)  # same sites as trained on
     model, cfg = load_model(checkpoint, dev)
     temperature = read_temperature(checkpoint)
     if cfg.window.size != prepared.window_size:
         raise ValueError(f"{checkpoint} was trained on windows of {cfg.window.size} sites, {run_dir} has "
                          f"{prepared.window_size}; use the run directory the model was trained on")
     out_vcf.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_vcf.parent, prefix=".impute-"))
-    try:
+    with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
         target, gt = read_target(target_vcf, prepared, work)
         if not target.typed.any():
             raise VcfInputError(f"{target_vcf}: no record matches a panel site (counts {target.counts}); check contig "
@@ -212,10 +212,9 @@ def impute_vcf(
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
         _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
                        sample_chunk=sample_chunk, device=dev, temperature=temperature)
-        written = _write_vcf(out_vcf, prepared, target, gt, probs, f"embrag {cfg.model.variant} {checkpoint.name}")
+        written = _write_vcf(out_vcf, prepared, target, gt, probs,
+                             f"embrag {cfg.model.variant} {checkpoint.name} {provenance_tag(checkpoint, prepared)}")
         del gt, probs  # release the memmaps before their files go
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     c = target.counts
     n_typed = int(target.typed.sum())
     return ImputeSummary(

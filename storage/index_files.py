@@ -22,13 +22,14 @@ import faiss
 import numpy as np
 
 from embrag.retrieval import SiteCodec, WindowIndex
-from storage.atomic import sha256_file
+from storage.atomic import read_json, sha256_file
+from storage.errors import IntegrityError
 
 INDEX_FORMAT_VERSION = 1
 _CODEC_FIELDS = tuple(f.name for f in dataclasses.fields(SiteCodec))
 
 
-class IndexIntegrityError(ValueError):
+class IndexIntegrityError(IntegrityError):
     """An index file is missing, incomplete or does not match its manifest."""
 
 
@@ -135,7 +136,7 @@ def read_index(path: Path, *, use_gpu: bool = False) -> tuple[WindowIndex, Index
     faiss_path = path.with_suffix(".faiss")
     if not json_path.exists():
         raise IndexIntegrityError(f"{json_path}: no manifest, the index is missing or was never completed")
-    document = json.loads(json_path.read_text())
+    document = read_json(json_path)  # corrupt JSON: an error naming the file
     manifest = IndexManifest.from_dict(document.get("manifest", {}), json_path)
     if not faiss_path.exists():
         raise IndexIntegrityError(f"{faiss_path}: FAISS file missing (manifest {json_path} exists)")

@@ -34,6 +34,7 @@ import zarr
 from embrag.progress import progress_shown
 from storage.atomic import atomic_path
 from storage.errors import VcfInputError
+from storage.integrity import manifest_path, open_store, seal_store
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def ingest_vcf(
         n_zarr = zarr.open_group(str(tmp), mode="r")["variant_position"].shape[0]
         if n_zarr != scan.n_kept:
             raise RuntimeError(f"bio2zarr wrote {n_zarr} variants, expected {scan.n_kept}")
+        seal_store(tmp, target=out_zarr)  # the manifest, last, just before the store goes into place
     summary = IngestSummary(
         path=out_zarr,
         n_records_read=scan.n_read,
@@ -219,16 +221,24 @@ def _validate(path: Path) -> tuple[list[str], _Scan, set[str]]:
         if not samples:
             raise VcfInputError(f"{path}: the file has no samples; provide a VCF with per-sample GT columns")
         declared = set(vcf.seqnames)  # before reading: htslib adds undeclared contigs while parsing
-        if not any(h["HeaderType"] == "FORMAT" and h["ID"] == "GT" for h in vcf.header_iter()):
-            raise VcfInputError(
-                f"{path}: the header declares no FORMAT/GT field; provide phased genotypes (GT)"
-            )
+        check_gt_header(vcf, path)
         scan = _Scan()
         for n, rec in _records(vcf, path):
             scan.add(rec, f"{path}: record {n} ({rec.CHROM}:{rec.POS})")
         return samples, scan, declared
     finally:
         vcf.close()
+
+
+def check_gt_header(vcf: cyvcf2.VCF, path: Path) -> None:
+    """VcfInputError unless the header declares FORMAT/GT (cyvcf2 fails with a bare Exception otherwise)."""
+    if not any(h["HeaderType"] == "FORMAT" and h["ID"] == "GT" for h in vcf.header_iter()):
+        raise VcfInputError(f"{path}: the header declares no FORMAT/GT field; provide phased genotypes (GT)")
+
+
+def call_ploidy(alleles: np.ndarray) -> np.ndarray:
+    """Alleles per sample of ``int16 [N, P]`` genotype columns (htslib pads shorter calls with -2)."""
+    return (alleles != -2).sum(axis=1)
 
 
 def _check_genotypes(rec: cyvcf2.Variant, where: str) -> int:
@@ -238,16 +248,16 @@ def _check_genotypes(rec: cyvcf2.Variant, where: str) -> int:
             f"{where}: the record has no GT field (FORMAT {':'.join(rec.FORMAT) or '.'}); "
             "provide phased genotypes (GT) for every record"
         )
-    gt = rec.genotype.array()  # int16 [samples, ploidy + 1]; last column = phased flag
-    ploidy = gt.shape[1] - 1
-    alleles, phased = gt[:, :ploidy], gt[:, ploidy].astype(bool)
-    short = (alleles == -2).any(axis=1)  # htslib vector end: fewer alleles than the record's ploidy
-    if ploidy != 2 or short.any():
-        i = int(np.flatnonzero(short)[0]) if ploidy == 2 else 0
+    gt = rec.genotype.array()  # int16 [samples, max ploidy + 1]; last column = phased flag
+    alleles, phased = gt[:, :-1], gt[:, -1].astype(bool)
+    ploidy = call_ploidy(alleles)
+    if (ploidy != 2).any():
+        i = int(np.flatnonzero(ploidy != 2)[0])
         raise VcfInputError(
-            f"{where}: sample #{i + 1} has a non-diploid call (ploidy {1 if short.any() else ploidy}); embrag "
+            f"{where}: sample #{i + 1} has a non-diploid call (ploidy {ploidy[i]}); embrag "
             "needs diploid phased calls: recode haploid/polyploid calls and write missing calls as '.|.'"
         )
+    alleles = alleles[:, :2]
     missing = (alleles < 0).any(axis=1)
     unphased = ~phased & ~(alleles < 0).all(axis=1)  # an all-missing './.' carries no phase
     if unphased.any():
@@ -319,10 +329,13 @@ def open_genotypes(zarr_path: Path) -> GenotypeStore:
     hint = "create it with storage.ingest.ingest_vcf"
     if not zarr_path.exists():
         raise FileNotFoundError(f"{zarr_path}: no genotype store here; {hint}")
-    try:
-        root = zarr.open_group(str(zarr_path), mode="r")
-    except Exception as e:
-        raise ValueError(f"{zarr_path}: not a Zarr group ({e}); {hint}") from e
+    if manifest_path(zarr_path).exists():  # ingested by embrag: read through its sha256 manifest
+        root = open_store(zarr_path, f"delete {zarr_path} and its manifest and rerun `embrag prepare` (it re-ingests)")[0]
+    else:
+        try:
+            root = zarr.open_group(str(zarr_path), mode="r")
+        except Exception as e:
+            raise ValueError(f"{zarr_path}: not a Zarr group ({e}); {hint}") from e
     present = set(root.array_keys())
     missing = [name for name in REQUIRED_ARRAYS if name not in present]
     if missing:

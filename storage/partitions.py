@@ -38,7 +38,7 @@ from embrag.model import build_model
 from embrag.refresh import RefreshState
 from storage.atomic import read_json, sha256_file, write_json
 from storage.checkpoints import load_checkpoint
-from storage.embeddings import EmbeddingStore, create_arrays, is_complete, write_window
+from storage.embeddings import EmbeddingStore, create_arrays, is_complete, seal, write_window
 from storage.index_files import index_paths
 from storage.training import (
     VariantRun,
@@ -138,7 +138,9 @@ def finish_embeddings(run: VariantRun, plan: dict) -> dict:
     root.attrs.put({"embedding_version": plan["version"], "complete": True})  # what the sequential stage writes
     shutil.rmtree(staging / PARTS_DIR)
     (staging / PLAN_FILE).unlink()
-    os.replace(staging, path)  # the commit: training only ever opens the final name
+    seal(staging, run.prepared, target=path)  # the manifest, then the store into place (as atomic_path does)
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete or damaged store of this version (is_complete said so)
+    os.replace(staging, path)  # training only ever opens the final name
     prune_embeddings(run, keep=plan["version"])
     EmbeddingStore(path)  # verifies it opens as complete
     return {"path": str(path), "version": plan["version"], "seconds": sum(d["seconds"] for d in done)}

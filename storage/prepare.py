@@ -1,14 +1,26 @@
 """The prepare stage: VCFs -> VCF-Zarr stores -> harmonised roles -> windows + tokens (prepared.zarr).
 
-Each step persists and is skipped when its output exists for the same input checksum, so a rerun
-after a failure redoes only what is missing.
+Each step persists and is skipped when its output exists, verifies against its manifest, and was
+made from the same input checksums, so a rerun after a failure redoes only what is missing.
+
+A refused or failed prepare leaves the run directory as it was: new VCF-Zarr stores are built in
+a staging folder (``data/genotypes/.staging-<pid>-<random>``) and moved into place only after the
+prepared store is written. Preparing other inputs or settings over trained variants is refused
+(their checkpoints, masks and indexes describe the old sites) unless ``force``, which sets them
+aside (:func:`storage.lineage.set_aside`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import platform
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +32,13 @@ from embrag.sites import split_samples
 from embrag.tokens import haplotype_tokens
 from embrag.windows import make_windows
 from storage.atomic import read_json, sha256_file, write_json
+from storage.errors import IntegrityError, LineageError, VcfInputError
 from storage.harmonise import harmonise
 from storage.ingest import ingest_vcf, open_genotypes
+from storage.integrity import is_sealed, manifest_path, verify_store
 from storage.layout import RunLayout
+from storage.lineage import set_aside, trained_variants
+from storage.locks import orphaned, owned_name
 from storage.prepared import PREPARED_FORMAT_VERSION, PreparedData, SiteTable, write_prepared
 
 log = logging.getLogger(__name__)
@@ -41,56 +57,147 @@ class PrepareSummary:
     seconds: float
 
 
-def ingest_cached(vcf: Path, out: Path) -> dict:
-    """Ingest ``vcf`` into ``out`` unless ``out`` was already made from a file with the same sha256."""
-    digest = sha256_file(vcf)
-    stamp = out.with_name(out.name + ".json")
-    if out.exists() and stamp.exists() and read_json(stamp).get("sha256") == digest:
-        return read_json(stamp)
-    s = ingest_vcf(vcf, out)
+def _stamp(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def _stamp_info(out: Path) -> dict | None:
+    """The stamp of a sealed store at ``out`` (None when missing, corrupt, or the store is damaged)."""
+    try:
+        return read_json(_stamp(out)) if _stamp(out).exists() and is_sealed(out) else None
+    except IntegrityError:
+        return None
+
+
+def ingest_cached(vcf: Path, out: Path, staging: Path, digest: str) -> tuple[Path, dict]:
+    """``(store, stamp)`` of ``vcf``: ``out`` when it was made from a file with sha256 ``digest``, else a new
+    store ingested into ``staging`` (moved into place by :func:`_commit_staged`)."""
+    info = _stamp_info(out)
+    if info is not None and info.get("sha256") == digest:
+        return out, info
+    staged = staging / out.name
+    s = ingest_vcf(vcf, staged)
     info = {"vcf": str(vcf), "sha256": digest, "skipped": {"multiallelic": s.n_skipped_multiallelic,
             "symbolic": s.n_skipped_symbolic, "no_alt": s.n_skipped_no_alt}, "kept": s.n_kept,
             "missing_calls": s.n_missing_calls}
-    write_json(stamp, info)
-    return info
+    write_json(_stamp(staged), info)
+    return staged, info
+
+
+@contextlib.contextmanager
+def _staging(layout: RunLayout) -> Iterator[Path]:
+    """A staging folder for new VCF-Zarr stores, removed whatever happens (and those of dead writers)."""
+    parent = layout.genotypes("x").parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in orphaned(sorted(parent.glob(".staging-*")), "staging"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = parent / owned_name("", "staging")  # .staging-<pid>-<random>
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit_staged(staged: Path, out: Path) -> None:
+    """Move a staged store, its manifest and its stamp (last: the cache marker) to ``out``."""
+    _stamp(out).unlink(missing_ok=True)
+    if out.exists():
+        old = out.with_name(owned_name(out.name, "old"))
+        os.replace(out, old)
+        os.replace(staged, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, out)
+    os.replace(manifest_path(staged), manifest_path(out))
+    os.replace(_stamp(staged), _stamp(out))
+
+
+def _input_digests(inputs: dict[str, Path]) -> dict[str, str]:
+    for vcf in inputs.values():
+        if not vcf.is_file():
+            raise VcfInputError(f"{vcf}: file not found; pass the path of a VCF/BCF file")
+    return {name: sha256_file(vcf) for name, vcf in inputs.items()}
+
+
+def _cached(layout: RunLayout, key: str) -> PrepareSummary | None:
+    """The summary of the prepared store when it is intact and was made from the same inputs and settings."""
+    if not (layout.prepared / "zarr.json").exists():
+        return None
+    try:
+        verify_store(layout.prepared, "", deep=True)  # every byte: a cache hit must not keep a damaged chunk
+        attrs = PreparedData(layout.prepared).attrs
+    except (IntegrityError, FileNotFoundError, ValueError):
+        return None  # damaged or from an older embrag: rebuilt
+    provenance = attrs.get("provenance")
+    if not provenance or _key(provenance) != key:
+        return None
+    return PrepareSummary(**attrs["summary"])
+
+
+def _previous_key(summary_path: Path) -> str | None:
+    """The inputs-and-settings key of the last successful prepare (``prepared.json``), if readable."""
+    try:
+        return read_json(summary_path).get("provenance_key") if summary_path.exists() else None
+    except IntegrityError:
+        return None
 
 
 def prepare(
     layout: RunLayout, cfg: RunConfig, *, panel_vcf: Path, study_vcf: Path | None = None, test_vcf: Path | None = None,
+    force: bool = False,
 ) -> PrepareSummary:
     """Prepare a run from a reference panel alone (queries are panel samples, leave-own-sample-out)
     or with a study VCF whose samples add training / validation queries."""
     t0 = time.perf_counter()
     inputs = ({"panel": Path(panel_vcf)} | ({"study": Path(study_vcf)} if study_vcf else {})
               | ({"test": Path(test_vcf)} if test_vcf else {}))
-    ingested = {name: ingest_cached(vcf, layout.genotypes(name)) for name, vcf in inputs.items()}
+    digests = _input_digests(inputs)
     provenance = {
         "embrag_version": __version__, "python": platform.python_version(), "numpy": np.__version__,
-        "config": cfg.to_dict(), "inputs": {k: {"vcf": v["vcf"], "sha256": v["sha256"]} for k, v in ingested.items()},
+        "config": cfg.to_dict(), "inputs": {k: {"vcf": str(v), "sha256": digests[k]} for k, v in inputs.items()},
     }
     summary_path = layout.prepared.with_name("prepared.json")
-    if layout.prepared.exists() and summary_path.exists():
-        cached = read_json(summary_path)
-        if cached.get("provenance_key") == _key(provenance):
-            return PrepareSummary(**cached["summary"])
-    h = harmonise(layout.genotypes("panel"), layout.genotypes("study") if study_vcf else None,
-                  layout.genotypes("test") if test_vcf else None, cfg.split)
-    panel_queries = _panel_queries(h.sample_ids["panel"], cfg)
-    sites = SiteTable(contig=h.sites.contig, position=h.sites.position, ref=h.sites.ref, alt=h.sites.alt, af=h.panel_af)
-    windows = make_windows(sites.contig, cfg.window)
-    tokens = {role: haplotype_tokens(g) for role, g in h.genotypes.items()}
-    summary = PrepareSummary(
-        path=str(layout.prepared), n_sites=len(sites), n_windows=len(windows), window_size=cfg.window.size,
-        samples={role: len(ids) for role, ids in h.sample_ids.items()}, n_panel_only_sites=h.n_panel_only,
-        n_study_only_sites=h.n_study_only, skipped_records={k: v["skipped"] for k, v in ingested.items()},
-        seconds=time.perf_counter() - t0,
-    )
-    lengths = open_genotypes(layout.genotypes("panel")).contig_lengths()  # for the imputed VCF's ##contig lines
-    write_prepared(layout.prepared, sites=sites, windows=windows, window_size=cfg.window.size, tokens=tokens,
-                   sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary),
-                                                   "contig_length": lengths},
-                   panel_queries=panel_queries)
+    cached = _cached(layout, _key(provenance))
+    if cached is not None:
+        if not _readable(summary_path):  # a corrupt or deleted marker is rewritten, never trusted
+            write_json(summary_path, {"provenance_key": _key(provenance), "summary": asdict(cached)})
+        return cached
+    # The same inputs and settings again (e.g. to rebuild a damaged store) give the same data: allowed.
+    trained = trained_variants(layout) if _previous_key(summary_path) != _key(provenance) else []
+    if trained and not force:
+        raise LineageError(
+            f"{layout.root} holds trained variants ({', '.join(trained)}) made from its current prepared data; "
+            f"preparing other inputs or settings would leave them describing sites that are gone; prepare into a new "
+            f"run dir, or pass --force to move them (with their MLflow and Prefect records) to {layout.root}/superseded/")
+    with _staging(layout) as staging:
+        ingested = {name: ingest_cached(vcf, layout.genotypes(name), staging, digests[name])
+                    for name, vcf in inputs.items()}
+        h = harmonise(ingested["panel"][0], ingested["study"][0] if study_vcf else None,
+                      ingested["test"][0] if test_vcf else None, cfg.split)
+        panel_queries = _panel_queries(h.sample_ids["panel"], cfg)
+        sites = SiteTable(contig=h.sites.contig, position=h.sites.position, ref=h.sites.ref, alt=h.sites.alt, af=h.panel_af)
+        windows = make_windows(sites.contig, cfg.window)
+        tokens = {role: haplotype_tokens(g) for role, g in h.genotypes.items()}
+        summary = PrepareSummary(
+            path=str(layout.prepared), n_sites=len(sites), n_windows=len(windows), window_size=cfg.window.size,
+            samples={role: len(ids) for role, ids in h.sample_ids.items()}
+            | {f"{split}_panel_queries": len(idx) for split, idx in panel_queries.items()},
+            n_panel_only_sites=h.n_panel_only, n_study_only_sites=h.n_study_only,
+            skipped_records={k: v[1]["skipped"] for k, v in ingested.items()}, seconds=time.perf_counter() - t0,
+        )
+        lengths = open_genotypes(ingested["panel"][0]).contig_lengths()  # for the imputed VCF's ##contig lines
+        write_prepared(layout.prepared, sites=sites, windows=windows, window_size=cfg.window.size, tokens=tokens,
+                       sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary),
+                                                       "contig_length": lengths},
+                       panel_queries=panel_queries)
+        for name, (store, _) in ingested.items():
+            if store != layout.genotypes(name):
+                _commit_staged(store, layout.genotypes(name))
     write_json(summary_path, {"provenance_key": _key(provenance), "summary": asdict(summary)})
+    if trained:
+        moved = set_aside(layout)
+        log.warning("prepared again with --force: moved %s to %s", ", ".join(trained), moved)
     return summary
 
 
@@ -104,11 +211,17 @@ def _panel_queries(panel_ids: list[str], cfg: RunConfig) -> dict[str, np.ndarray
             "val": np.array(sorted(index[s] for s in val), np.int64)}
 
 
-def _key(provenance: dict) -> str:
-    import hashlib
-    import json
+def _readable(path: Path) -> bool:
+    try:
+        read_json(path)
+    except (IntegrityError, FileNotFoundError):
+        return False
+    return True
 
-    relevant = {"inputs": provenance["inputs"], "split": provenance["config"]["split"],
+
+def _key(provenance: dict) -> str:
+    # The inputs by content, not by path: the same file under another name is the same input.
+    relevant = {"inputs": {k: v["sha256"] for k, v in provenance["inputs"].items()}, "split": provenance["config"]["split"],
                 "window": provenance["config"]["window"], "version": provenance["embrag_version"],
                 "format": PREPARED_FORMAT_VERSION}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

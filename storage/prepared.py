@@ -2,6 +2,10 @@
 
 Token arrays are chunked one window per chunk (no sharding), so per-window stages can read, and
 parallel writers can write, whole chunks without touching each other's bytes.
+
+The store is sealed by ``prepared.zarr.manifest.json`` (:mod:`storage.integrity`), written last and
+checked on open and on every read; its ``content_sha256`` is :attr:`PreparedData.digest`, the
+prepared data every trained artifact records (:mod:`storage.lineage`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from embrag.constants import ROLES
 from embrag.tokens import window_tokens
 from embrag.windows import Windows, site_owner
 from storage.atomic import atomic_path, sha256_file
+from storage.integrity import open_store, seal_store
 
 PREPARED_FORMAT_VERSION = 2  # 2: panel query samples (query/<split>_panel)
 
@@ -76,6 +81,7 @@ def write_prepared(
         for split, idx in (panel_queries or {}).items():
             root.create_array(f"query/{split}_panel", data=np.asarray(idx, np.int64), chunks=(max(1, len(idx)),))
         root.attrs.update({"format_version": PREPARED_FORMAT_VERSION, "window_size": window_size, **attrs})
+        seal_store(tmp, target=Path(path))  # the manifest, last, just before the store goes into place
     return Path(path)
 
 
@@ -105,6 +111,8 @@ def store_digest(path: Path) -> str:
     return _digest(path, (stat.st_ino, stat.st_mtime_ns))
 
 
+REPREPARE_FIX = "re-run `embrag prepare --run-dir {run_dir}` (with the same inputs it rebuilds the same data)"
+
 class PreparedData:
     """Read access to ``prepared.zarr``. Small per-site arrays are loaded; tokens are read per window."""
 
@@ -112,7 +120,8 @@ class PreparedData:
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
             raise FileNotFoundError(f"{self.path}: no prepared dataset here; run `embrag prepare` first")
-        self.root = zarr.open_group(str(self.path), mode="r")
+        self.root, manifest = open_store(self.path, fix=REPREPARE_FIX.format(run_dir=self.path.parent.parent))
+        self.digest: str = manifest["content_sha256"]
         version = self.root.attrs.get("format_version")
         if version != PREPARED_FORMAT_VERSION:
             raise ValueError(f"{self.path}: prepared format_version {version!r} unsupported (expected {PREPARED_FORMAT_VERSION})")

@@ -37,7 +37,8 @@ import tskit
 
 from embrag.arrays import array_sites
 from embrag.config import SimulateConfig
-from storage.atomic import atomic_path, write_json
+from storage.atomic import atomic_path, read_json, write_json
+from storage.errors import LineageError
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,28 @@ def simulate(cfg: SimulateConfig, out_dir: Path) -> SimulationResult:
     )
     write_json(out_dir / MANIFEST, {"config": asdict(cfg), "result": asdict(result)})
     log.info("simulated %d sites (%d array sites) into %s", result.n_sites, result.n_array_sites, out_dir)
+    return result
+
+
+def simulated_inputs(cfg: SimulateConfig, out_dir: Path) -> SimulationResult:
+    """The simulated VCFs of ``cfg`` in ``out_dir``: reused when ``simulation.json`` says they were made
+    with ``cfg``, simulated when there are none, refused when they were made with other settings
+    (re-simulating would silently replace what ``embrag simulate`` made)."""
+    out_dir = Path(out_dir)
+    manifest = out_dir / MANIFEST
+    if not manifest.exists():
+        return simulate(cfg, out_dir)
+    doc = read_json(manifest)
+    made = doc.get("config", {})
+    diff = [f"simulate.{k}={made.get(k)} (config: {v})" for k, v in asdict(cfg).items() if made.get(k) != v]
+    if diff:
+        raise LineageError(
+            f"{manifest}: the VCFs here were simulated with {', '.join(diff[:4])}; use those settings (--set "
+            f"simulate.X=... or config.json), or run `embrag simulate` again to replace them")
+    files = {f"{role}_vcf": out_dir / name for role, name in ROLE_FILES.items()} | {"test_array_vcf": out_dir / ARRAY_FILE}
+    result = SimulationResult(**{**doc["result"], **files})  # paths of this folder, wherever the run dir moved
+    if not all(Path(p).is_file() for p in (result.panel_vcf, result.study_vcf, result.test_vcf)):
+        return simulate(cfg, out_dir)  # same settings, files gone: the same bytes again
     return result
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from storage.errors import VcfInputError
 from storage.evaluate import normalise_contig
-from storage.ingest import _open, _records, skip_reason
+from storage.ingest import _open, _records, call_ploidy, check_gt_header, skip_reason
 from storage.prepared import PreparedData
 
 _AMBIGUOUS = ({"A", "T"}, {"C", "G"})
@@ -57,17 +57,26 @@ def output_contigs(prepared: PreparedData, target: Target) -> dict[str, tuple[st
 def panel_lookup(prepared: PreparedData) -> dict[tuple[str, int, str, str], int]:
     s = prepared.sites
     keys = zip(s.contig.tolist(), s.position.tolist(), s.ref.tolist(), s.alt.tolist(), strict=True)
-    return {(normalise_contig(c), int(p), r, a): i for i, (c, p, r, a) in enumerate(keys)}
+    return {site_key(c, p, r, a): i for i, (c, p, r, a) in enumerate(keys)}
+
+
+def site_key(contig: str, pos: int, ref: str, alt: str) -> tuple[str, int, str, str]:
+    """The matching key of a site: "chr20" == "20", alleles case-insensitive (as VCF defines them)."""
+    return normalise_contig(contig), int(pos), ref.upper(), alt.upper()
 
 
 def _alleles(rec, where: str, path: Path) -> np.ndarray:
     """Phased diploid alleles ``int8 [N, 2]`` (-1 missing); VcfInputError otherwise."""
-    if rec.genotype is None or "GT" not in rec.FORMAT:
+    if "GT" not in rec.FORMAT:  # before rec.genotype, which raises a bare Exception without GT
         raise VcfInputError(f"{where}: the record has no GT field; provide phased genotypes (GT) for every record")
-    gt = rec.genotype.array()  # int16 [N, ploidy + 1], last column = phased flag
+    gt = rec.genotype.array()  # int16 [N, max ploidy + 1], last column = phased flag
     alleles, phased = gt[:, :-1], gt[:, -1].astype(bool)
-    if alleles.shape[1] != 2 or (alleles == -2).any():
-        raise VcfInputError(f"{where}: non-diploid call; embrag needs diploid phased calls (missing as '.|.')")
+    ploidy = call_ploidy(alleles)
+    if (ploidy != 2).any():
+        i = int(np.flatnonzero(ploidy != 2)[0])
+        raise VcfInputError(f"{where}: sample #{i + 1} has a non-diploid call (ploidy {ploidy[i]}); embrag needs "
+                            "diploid phased calls (missing as '.|.')")
+    alleles = alleles[:, :2]
     unphased = ~phased & ~(alleles < 0).all(axis=1)  # an all-missing './.' carries no phase
     if unphased.any():
         i = int(np.flatnonzero(unphased)[0])
@@ -94,6 +103,7 @@ def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[Target,
         samples = list(vcf.samples)
         if not samples or len(set(samples)) != len(samples):
             raise VcfInputError(f"{path}: the file has no samples or repeats a sample id; give unique sample columns")
+        check_gt_header(vcf, path)
         n_sites, lookup = len(prepared.sites), panel_lookup(prepared)
         gt = np.lib.format.open_memmap(work / "target_gt.npy", "w+", np.int8, (n_sites, len(samples), 2))
         target = Target(samples, np.zeros(n_sites, bool), dict.fromkeys(
@@ -109,7 +119,7 @@ def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[Target,
                 c["skipped"] += 1
                 continue
             alleles = _alleles(rec, where, path)
-            key = (normalise_contig(rec.CHROM), int(rec.POS), rec.REF, rec.ALT[0])
+            key = site_key(rec.CHROM, rec.POS, rec.REF, rec.ALT[0])
             target.contig_names[key[0]] = rec.CHROM
             row, flip, outcome = _match(key, lookup)
             ident = row if row is not None else key
@@ -139,7 +149,8 @@ def exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: 
         raise VcfInputError(
             f"{path}: {len(names)} target sample(s) are reference-panel samples ({', '.join(names[:5])}); retrieval "
             f"would find their own haplotypes (leakage). Remove them (`bcftools view -s ^{','.join(names[:3])} ...`) "
-            "or pass allow_panel_overlap=True (then their own panel rows are excluded from retrieval)")
+            "or pass --allow-panel-overlap (allow_panel_overlap=True in Python; their own panel rows are then "
+            "excluded from retrieval)")
     exclude = np.full((2 * len(samples), 2), -1, np.int64)
     for i in overlap:
         j = panel[samples[i]]

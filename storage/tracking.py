@@ -59,7 +59,8 @@ from mlflow.tracking import MlflowClient
 import embrag
 from embrag.config import RunConfig
 from storage import comparison, mlflow_ui
-from storage.atomic import atomic_path, write_json
+from storage.atomic import write_json
+from storage.checkpoints import copy_calibration, copy_checkpoint
 from storage.layout import RunLayout
 from storage.prepared import PreparedData, store_digest
 from storage.training import VariantRun, checkpoint_path, epoch_row, index_dir
@@ -365,7 +366,8 @@ def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dic
     if history:
         top = history[_best_index(history)]
         best = int(top["epoch"])
-        best_ckpt = _copy_atomic(checkpoint_path(run, best), run.paths.best_checkpoint)
+        best_ckpt = copy_checkpoint(checkpoint_path(run, best), run.paths.best_checkpoint)  # with its manifest
+        copy_calibration(checkpoint_path(run, best), best_ckpt)
         client.log_batch(run_id, tags=[RunTag("embrag.best_epoch", str(best)),
                                        RunTag("embrag.best_val_f1", str(top.get("val_f1")))])
         info |= log_model(tracker, run, run_id, best, best_ckpt)
@@ -461,15 +463,11 @@ def log_comparison(layout: RunLayout, parent_run_id: str, histories: dict[str, l
     return rows, files
 
 
-def _best_index(history: list[dict]) -> int:
-    scored = [(h["val_f1"], -i) for i, h in enumerate(history) if _number(h.get("val_f1"))]
+def _best_index(history: list[dict], key: str = "val_r2site_all") -> int:
+    """The epoch with the best validation mean per-site r2 (a constant dosage scores 0), which can show
+    a collapse to the panel frequency; F1 is dominated by common sites."""
+    scored = [(h[key], -i) for i, h in enumerate(history) if _number(h.get(key))]
     return -max(scored)[1] if scored else len(history) - 1  # earliest of equally good epochs
-
-
-def _copy_atomic(src: Path, dst: Path) -> Path:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-    return dst
 
 
 def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict], files: dict[str, str],

@@ -36,7 +36,9 @@ from storage.atomic import atomic_path, read_json, write_json
 from storage.checkpoints import calibration_path, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from storage.embeddings import EmbeddingStore, encode_complete_embeddings, is_complete
 from storage.index_files import IndexManifest, read_index, write_index
+from storage.integrity import load_npz_array, unseal
 from storage.layout import RunLayout, VariantLayout
+from storage.lineage import check_prepared, check_variant, lineage_of, record_variant
 from storage.metrics_report import validation_report
 from storage.prepared import PreparedData
 from storage.queries import QuerySet, query_context, query_set
@@ -60,6 +62,8 @@ class VariantRun:
                 f"config window.size={self.cfg.window.size} but {self.layout.prepared} was prepared with "
                 f"{self.prepared.window_size}; prepare again or use the same window size"
             )
+        check_prepared(self.layout, self.cfg, self.prepared)  # lineage: same data and settings as the artifacts
+        check_variant(self.layout, self.cfg, self.prepared)
 
     @property
     def variant(self) -> str:
@@ -127,7 +131,7 @@ def save_trainable(run: VariantRun, t: Trainable, path: Path) -> Path:
     return save_checkpoint(
         path, model=t.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
         scaler=t.scaler.state_dict(), rng=rng_state(), epoch=t.epoch, step=t.step, refresh=t.state.to_dict(),
-        config=run.cfg.to_dict(),
+        config=run.cfg.to_dict(), lineage=lineage_of(run.cfg, run.prepared),
     )
 
 
@@ -146,6 +150,7 @@ def load_trainable(run: VariantRun, path: Path) -> Trainable:
 def ensure_initial(run: VariantRun) -> Path:
     path = checkpoint_path(run, -1)
     if not path.exists():
+        record_variant(run.layout, run.cfg, run.prepared)  # before the variant's first artifact
         write_json(run.paths.root / "config.json", run.cfg.to_dict())
         save_trainable(run, _fresh(run), path)
     return path
@@ -196,14 +201,12 @@ def write_val_masks(run: VariantRun) -> Path:
 
 def read_masks(path: Path) -> np.ndarray:
     """Window masks ``bool (W, L)``."""
-    with np.load(path) as data:
-        return data["masks"]
+    return load_npz_array(path, "masks", "delete it and rerun: masks are regenerated deterministically")
 
 
 def read_site_mask(path: Path) -> np.ndarray:
     """Site mask ``bool (S,)``: True = hidden; the typed sites of this mask are the others."""
-    with np.load(path) as data:
-        return data["sites"]
+    return load_npz_array(path, "sites", "delete it and rerun: masks are regenerated deterministically")
 
 
 def encode_embeddings(run: VariantRun, checkpoint: Path, version: int) -> Path | None:
@@ -225,6 +228,7 @@ def prune_embeddings(run: VariantRun, keep: int) -> None:
 
     for old in sorted((run.paths.root / "embeddings").glob("e*.zarr")):
         if int(old.stem[1:]) < keep - 1:
+            unseal(old)
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -431,6 +435,12 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch=None) -> lis
     """All stages for each epoch in order (what the Prefect flow chains); resumes from what exists."""
     history = []
     for epoch in range(epochs if epochs is not None else run.cfg.train.epochs):
+        done = run.paths.epoch_metrics(epoch).with_suffix(".summary.json")
+        if done.exists():  # written last: a finished epoch is not redone (its embeddings may be pruned)
+            history.append(read_json(done))
+            if on_epoch is not None:
+                on_epoch(history[-1])
+            continue
         prep = prepare_epoch_inputs(run, epoch)
         train_one_epoch(run, epoch)
         metrics = validate_epoch(run, epoch)

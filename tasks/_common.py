@@ -20,6 +20,7 @@ from prefect.utilities.hashing import hash_objects
 from embrag.config import RunConfig
 from storage.atomic import read_json, write_json
 from storage.layout import RunLayout
+from storage.lineage import check_config
 from storage.training import VariantRun
 
 # 0 by default: a failure surfaces at once (tests, and a rerun redoes only the failed stage anyway).
@@ -96,17 +97,21 @@ def fault_point(run_dir: str, stage: str, epoch: int | None = None) -> None:
         time.sleep(float(seconds) if seconds else 3600.0)
 
 
-def resolve_config(run_dir: str, config_path: str | None = None, variant: str | None = None) -> dict:
+def resolve_config(run_dir: str, config_path: str | None = None, variant: str | None = None,
+                   preparing: bool = False) -> dict:
     """The run's config as a dict: ``config_path``, else ``<run_dir>/config.json``, else defaults.
 
-    Written back to ``<run_dir>/config.json`` (without the variant: the file is shared by V17 and
-    V18); ``variant`` then selects the model variant of the returned config.
+    Checked against the run directory's artifacts (``storage.lineage.check_config``, the check the
+    CLI runs too; ``preparing``: not against the prepared store, which the prepare flow rebuilds),
+    then written back to ``<run_dir>/config.json`` (without the variant: the file is shared by V17
+    and V18); ``variant`` then selects the model variant of the returned config.
     """
     layout = RunLayout(Path(run_dir))
     path = Path(config_path) if config_path else layout.config
     if config_path and not path.exists():
         raise FileNotFoundError(f"{path}: config file not found")
     cfg = RunConfig.from_dict(read_json(path)) if path.exists() else RunConfig()
+    check_config(layout, cfg, prepared_too=not preparing)  # before config.json changes, never after
     if not layout.config.exists() or read_json(layout.config) != cfg.to_dict():
         write_json(layout.config, cfg.to_dict())
     return (cfg.replace(model__variant=variant) if variant else cfg).to_dict()

@@ -10,7 +10,7 @@ from prefect import task
 from storage.layout import RunLayout
 from storage.prepare import prepare
 from storage.prepared import PreparedData
-from storage.simulate import simulate
+from storage.simulate import simulated_inputs
 from tasks._common import LIVE, STAGE, fault_point, file_stamps, run_config
 
 
@@ -18,7 +18,7 @@ from tasks._common import LIVE, STAGE, fault_point, file_stamps, run_config
 def simulate_task(run_dir: str, config: dict) -> dict:
     """Simulated panel / study / test VCFs under ``<run_dir>/data/vcf``; returns their paths."""
     fault_point(run_dir, "simulate")
-    result = simulate(run_config(config).simulate, RunLayout(Path(run_dir)).vcf_dir)
+    result = simulated_inputs(run_config(config).simulate, RunLayout(Path(run_dir)).vcf_dir)  # refuses other settings
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
+from flows._runner import task_runner
 from flows.compare import compare_flow
 from flows.train import train_flow
 from storage.index_files import read_index
@@ -63,13 +64,24 @@ def _assert_same(a: dict, b: dict) -> None:
         assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), (k, a[k], b[k])
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
+def _task_states(flow_run_id, expect: set[str] = frozenset(), timeout: float = 90.0) -> dict[str, str]:
+    """Task run name -> final state name, once every task run has one and the ``expect``ed names are there.
+
+    The server records task runs from events, asynchronously: under CPU load a task run can be
+    read back before its final state (or at all) has landed, so poll rather than read once.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            states = {r.name: r.state for r in runs}
+            if expect <= states.keys() and all(st is not None and st.is_final() for st in states.values()):
+                return {name: st.name for name, st in states.items()}
+            assert time.monotonic() < deadline, f"task runs never all reached a final state: {states}"
+            time.sleep(0.25)
 
 
 def _assert_artifacts_whole(run_dir: Path) -> None:
@@ -152,7 +164,8 @@ def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_
 
     rerun = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)  # the marker: fails once
     assert rerun.is_completed()
-    states = _task_states(rerun.state_details.flow_run_id)
+    stages = {f"{stage}-{e}" for stage in ("refresh", "train", "validate", "reencode") for e in (0, 1)}
+    states = _task_states(rerun.state_details.flow_run_id, expect=stages)
     for name in ("refresh-0", "train-0", "validate-0", "reencode-0", "refresh-1"):
         assert states[name] == "Cached", (name, states)
     for name in ("train-1", "validate-1", "reencode-1"):
@@ -162,7 +175,7 @@ def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_
 
     ended = _mlflow_run(tiny_run_dir, "v18")[1].info.end_time
     again = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
-    assert {s for n, s in _task_states(again.state_details.flow_run_id).items()
+    assert {s for n, s in _task_states(again.state_details.flow_run_id, expect=stages).items()
             if not n.startswith(("track", "publish"))} == {"Cached"}
     client, run = _mlflow_run(tiny_run_dir, "v18")
     assert run.info.status == "FINISHED"
@@ -197,15 +210,98 @@ def test_rerun_after_a_kill_ends_like_an_uninterrupted_run(reference, tiny_run_d
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [0, 1]
 
 
-def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, tiny_run_dir):
-    DaskTaskRunner = pytest.importorskip("prefect_dask").DaskTaskRunner  # the [dask] extra
+def _flow_run_state(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
 
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False,
-                                            "dashboard_address": ":0"})
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def test_a_flow_run_whose_process_died_is_marked_crashed_and_retried(reference, tiny_run_dir, prefect_api):
+    """A flow run whose worker and process are both killed stayed RUNNING, and `prefect flow-run retry`
+    refuses a RUNNING run. The dead process's lock record names its flow run; `embrag recover` (or the
+    next flow on the run dir) marks it Crashed, and the retry ends like an uninterrupted run."""
+    from embrag_cli.main import run
+    from storage.locks import run_lock_file
+
+    marker = tiny_run_dir / ".faults" / "embrag_pause_stage-train-0"
+    code = f"from flows.train import train_flow; train_flow(run_dir={str(tiny_run_dir)!r}, variant='v18')"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "EMBRAG_PAUSE_STAGE": "train:0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the flow never reached train-0"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and everything it started: nothing reports back
+        proc.wait()
+    flow_run_id = json.loads(run_lock_file(tiny_run_dir).read_text())["flow_runs"][0]
+    assert _flow_run_state(flow_run_id) == "RUNNING"  # what the review found: it stays so forever
+
+    with pytest.raises(SystemExit) as done:
+        run(["recover", "--run-dir", str(tiny_run_dir)])
+    assert done.value.code == 0
+    assert _flow_run_state(flow_run_id) == "CRASHED"
+
+    retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", flow_run_id,
+                            "--entrypoint", "flows/train.py:train_flow"], cwd=REPO, env={**env, "EMBRAG_PAUSE_STAGE": ""},
+                           capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-2000:]
+    assert _flow_run_state(flow_run_id) == "COMPLETED"
+    _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
+    _assert_artifacts_whole(tiny_run_dir)
+
+
+@pytest.mark.slow
+def test_prefects_zombie_automation_marks_a_flow_run_with_stopped_heartbeats_crashed(tiny_run_dir, prefect_api):
+    """deploy/zombie-flow-runs.yaml, for deployments whose run dir nobody revisits: with 30 s heartbeats and
+    a 45 s window, a killed flow run turns Crashed by itself (and `prefect flow-run retry` then accepts it)."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    doc = yaml.safe_load((REPO / "deploy" / "zombie-flow-runs.yaml").read_text())
+    doc["trigger"]["within"] = 45  # the shipped 600 s suits the default 180 s heartbeat
+    with get_client(sync_client=True) as client:
+        automation = client.create_automation(AutomationCore(**doc))
+    try:
+        marker = tiny_run_dir / ".faults" / "embrag_pause_stage-train-0"
+        code = f"from flows.train import train_flow; train_flow(run_dir={str(tiny_run_dir)!r}, variant='v18')"
+        env = {**os.environ, "PREFECT_API_URL": prefect_api, "EMBRAG_PAUSE_STAGE": "train:0", "OMP_NUM_THREADS": "1",
+               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not marker.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "the flow never reached train-0"
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        from storage.locks import run_lock_file
+
+        flow_run_id = json.loads(run_lock_file(tiny_run_dir).read_text())["flow_runs"][0]
+        deadline = time.monotonic() + 150
+        while (state := _flow_run_state(flow_run_id)) == "RUNNING":
+            assert time.monotonic() < deadline, "the automation never marked the dead flow run Crashed"
+            time.sleep(2)
+        assert state == "CRASHED"
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_automation(automation)  # other tests' flows must not be judged by a 45 s window
+
+
+def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, tiny_run_dir):
+    pytest.importorskip("prefect_dask")  # the [dask] extra
+
+    runner = task_runner("dask")  # 2 single-threaded workers in this process, dashboards on 127.0.0.1
     state = train_flow.with_options(task_runner=runner)(run_dir=str(tiny_run_dir), variant="v18", partitions=3,
                                                         return_state=True)
     assert state.is_completed()
-    states = _task_states(state.state_details.flow_run_id)
+    states = _task_states(state.state_details.flow_run_id, expect={"reencode-1"})
     assert sum(n.startswith("embed-v") for n in states) == 3 * 3  # e0000 at epoch 0, e0001 and e0002 after each
     assert sum(n.startswith("index-train") for n in states) == 3 * 2
 

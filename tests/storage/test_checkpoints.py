@@ -5,6 +5,13 @@ import pytest
 import torch
 
 from storage.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from storage.integrity import file_manifest, write_file_manifest
+
+
+def _save_raw(path, bundle):
+    """A bundle written behind save_checkpoint's back, with a valid manifest: only the content is wrong."""
+    torch.save(bundle, path)
+    write_file_manifest(path, file_manifest(path))
 
 
 def test_round_trip_restores_rng_streams(tmp_path):
@@ -25,7 +32,7 @@ def test_round_trip_restores_rng_streams(tmp_path):
 
 
 def test_unknown_format_version_is_refused(tmp_path):
-    torch.save({"format_version": 999, "model": {}}, tmp_path / "future.pt")
+    _save_raw(tmp_path / "future.pt", {"format_version": 999, "model": {}})
     with pytest.raises(ValueError, match="format_version 999 is not supported"):
         load_checkpoint(tmp_path / "future.pt")
 
@@ -35,6 +42,6 @@ def test_pickled_code_is_not_executed(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"format_version": 1, "x": Evil()}, tmp_path / "evil.pt")
+    _save_raw(tmp_path / "evil.pt", {"format_version": 1, "x": Evil()})
     with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
         load_checkpoint(tmp_path / "evil.pt")

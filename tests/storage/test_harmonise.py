@@ -9,6 +9,7 @@ import pytest
 
 from embrag.config import SimulateConfig, SplitConfig
 from embrag.sites import split_samples
+from storage.errors import VcfInputError
 from storage.harmonise import harmonise
 from storage.ingest import ingest_vcf
 from storage.simulate import kept_sites, simulate, simulate_tree_sequence, true_genotypes
@@ -21,13 +22,14 @@ HEADER = (
 
 
 def make_store(
-    tmp: Path, name: str, samples: list[str], sites: list[tuple[int, str, str]], gt: np.ndarray
+    tmp: Path, name: str, samples: list[str], sites: list[tuple[int, str, str]], gt: np.ndarray, contig: str = "20"
 ) -> Path:
-    """Ingest a VCF with ``gt`` int8 [S, N, 2] (-1 = missing) at ``sites`` (pos, ref, alt) on contig 20."""
-    lines = [HEADER + "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + "\t".join(samples)]
+    """Ingest a VCF with ``gt`` int8 [S, N, 2] (-1 = missing) at ``sites`` (pos, ref, alt) on ``contig``."""
+    header = HEADER.replace("ID=20,", f"ID={contig},")
+    lines = [header + "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + "\t".join(samples)]
     for (pos, ref, alt), row in zip(sites, gt, strict=True):
         calls = ["|".join("." if a < 0 else str(a) for a in call) for call in row]
-        lines.append("\t".join(["20", str(pos), ".", ref, alt, ".", ".", ".", "GT", *calls]))
+        lines.append("\t".join([contig, str(pos), ".", ref, alt, ".", ".", ".", "GT", *calls]))
     vcf = tmp / f"{name}.vcf"
     vcf.write_text("\n".join(lines) + "\n")
     ingest_vcf(vcf, tmp / f"{name}.vcz", variants_chunk_size=2)  # several chunks: exercises chunked reads
@@ -184,8 +186,31 @@ def test_single_store_with_lists_or_fractions(stores):
 def test_no_common_sites_gives_a_clear_error(tmp_path, stores):
     paths, _, _ = stores
     other = make_store(tmp_path, "other", ["X0", "X1"], [(999, "A", "G")], np.zeros((1, 2, 2), np.int8))
-    with pytest.raises(ValueError, match=r"no sites in common.*'chr20' vs '20'"):
+    with pytest.raises(VcfInputError, match=r"no sites in common.*no contig:position is in both.*100-500 vs 999-999"):
         harmonise(paths["panel"], other, None, SplitConfig(val_fraction=0.5))
+
+
+def test_shared_positions_with_other_alleles_are_named_not_blamed_on_contigs(tmp_path, stores):
+    paths, _, _ = stores
+    other = make_store(tmp_path, "other", ["X0", "X1"], [(100, "C", "T")], np.zeros((1, 2, 2), np.int8))
+    with pytest.raises(VcfInputError, match=r"1 positions are in both but no REF/ALT pair matches \(e.g. 20:100 A>G vs "
+                       r"C>T\); check the genome build"):
+        harmonise(paths["panel"], other, None, SplitConfig(val_fraction=0.5))
+
+
+def test_chr_prefix_and_lowercase_alleles_match_as_impute_matches_them(tmp_path, stores):
+    """D12: prepare refused 'chr20' vs '20' (which impute accepts) and blamed lowercase alleles on contigs."""
+    paths, ids, gts = stores
+    renamed = make_store(tmp_path, "chr_lower", ids["study"], [(p, r.lower(), a.lower()) for p, r, a in STUDY_SITES],
+                         gts["study"], contig="chr20")
+    want = harmonise(paths["panel"], paths["study"], None, SplitConfig(val_fraction=0.2, seed=7))
+    got = harmonise(paths["panel"], renamed, None, SplitConfig(val_fraction=0.2, seed=7))
+    assert got.n_matched == want.n_matched == 4
+    np.testing.assert_array_equal(got.position, want.position)
+    assert got.contig.tolist() == want.contig.tolist() == ["20"] * 4  # the panel's names and alleles are kept
+    assert got.ref.tolist() == want.ref.tolist() and got.alt.tolist() == want.alt.tolist()
+    for role in ("train", "val"):
+        np.testing.assert_array_equal(got.genotypes[role], want.genotypes[role])
 
 
 def test_simulated_end_to_end(tmp_path):

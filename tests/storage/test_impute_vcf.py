@@ -140,13 +140,45 @@ def test_contig_lines_carry_the_panel_length(run):
 def test_contig_length_falls_back_to_the_last_site(run, tmp_path):
     import zarr
 
+    from storage.integrity import seal_store
+
     copy = tmp_path / "prepared.zarr"
     shutil.copytree(run["prepared"].path, copy)
     attrs = zarr.open_group(str(copy), mode="r+").attrs
     attrs.update({"contig_length": {}})  # a panel VCF without ##contig lengths
+    seal_store(copy)  # edited on purpose: a new integrity manifest
     assert PreparedData(copy).contig_lengths() == {"20": int(run["prepared"].sites.position.max())}
     del attrs["contig_length"]  # a store prepared before lengths were recorded
+    seal_store(copy)
     assert PreparedData(copy).contig_lengths() == {"20": int(run["prepared"].sites.position.max())}
+
+
+def test_lowercase_alleles_give_identical_output(run, tmp_path):
+    """D12: VCF bases are case-insensitive; lowercase alleles were reported as a contig mismatch."""
+    header, records = _target(run)
+    target = _write(tmp_path / "lower.vcf", _join(header, [[*r[:3], r[3].lower(), r[4].lower(), *r[5:]] for r in records]))
+    s, out = _impute(run, target, "lower")
+    assert s.n_typed_sites == run["summary"].n_typed_sites
+    assert _body(out) == _body(run["out"])
+
+
+def test_target_without_gt_is_a_one_line_error_naming_the_file(run, tmp_path):
+    """D7: cyvcf2 raised a bare Exception ("couldn't get genotypes") for a target without FORMAT/GT."""
+    header, records = _target(run)
+    header = [h.replace("##FORMAT=<ID=GT,Number=1,Type=String", "##FORMAT=<ID=DS,Number=1,Type=Float") for h in header]
+    target = _write(tmp_path / "no_gt.vcf", _join(header, [[*r[:8], "DS", *["1"] * (len(r) - 9)] for r in records]))
+    with pytest.raises(VcfInputError, match=r"no_gt\.vcf: the header declares no FORMAT/GT field; provide phased"):
+        _impute(run, target, "no_gt")
+    assert not (run["root"] / "no_gt.vcf.gz").exists()
+
+
+def test_triploid_call_names_its_sample_and_ploidy(run, tmp_path):
+    """D12: one triploid call was reported as "sample #1 ploidy 1"."""
+    header, records = _target(run)
+    edited = [list(r) for r in records]
+    edited[3][11] = "0|1|1"  # the third sample of record 4
+    with pytest.raises(VcfInputError, match=r"record 4 .*sample #3 has a non-diploid call \(ploidy 3\)"):
+        _impute(run, _write(tmp_path / "triploid.vcf", _join(header, edited)), "triploid")
 
 
 def test_swapped_absent_and_ambiguous_records(run, tmp_path):
@@ -207,7 +239,7 @@ def _with_panel_sample(run: dict, tmp_path: Path, sample: str) -> Path:
 def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_path, monkeypatch):
     sample = "PANEL_0003"
     target = _with_panel_sample(run, tmp_path, sample)
-    with pytest.raises(VcfInputError, match=r"reference-panel samples \(PANEL_0003\).*leakage.*allow_panel_overlap"):
+    with pytest.raises(VcfInputError, match=r"reference-panel samples \(PANEL_0003\).*leakage.*--allow-panel-overlap"):
         _impute(run, target, "overlap")
     own = 2 * run["prepared"].sample_ids("panel").tolist().index(sample) + np.array([0, 1])
     searches, picks = [], []  # index candidates without / with the exclusion; the neighbours handed over

@@ -70,6 +70,11 @@ BAD = {
         ["1 10 A G 0|1|1 1|1|0"],
         r"record 1 \(1:10\): sample #1 has a non-diploid call \(ploidy 3\)",
     ),
+    # D12: one triploid among diploids was "sample #1 ploidy 1" (the diploid samples looked short)
+    "one_triploid": (
+        ["1 10 A G 0|1 1|1|0"],
+        r"record 1 \(1:10\): sample #2 has a non-diploid call \(ploidy 3\)",
+    ),
     "bare_missing": (["1 10 A G 0|1 ."], r"record 1 \(1:10\): sample #2 has a non-diploid call.*'\.\|\.'"),
     "unsorted": (
         ["1 10 A G 0|1 1|1", "1 30 C T 0|0 0|1", "1 20 C T 0|0 0|1"],
@@ -156,7 +161,7 @@ def test_policy_skips_multiallelic_and_symbolic_keeps_indels_and_missing(tmp_pat
     assert ref.tolist() == ["A", "AT", "AT", "G"] and alt.tolist() == ["G", "A", "T", "A"]
     gt = store.root["call_genotype"][:]
     assert gt.tolist() == [[[0, 1], [1, 1]], [[-1, 1], [0, -1]], [[-1, -1], [1, 1]], [[-1, -1], [0, 1]]]
-    assert siblings(tmp_path / "out.vcz") == ["out.vcz", "policy.vcf"]
+    assert siblings(tmp_path / "out.vcz") == ["out.vcz", "out.vcz.manifest.json", "policy.vcf"]
 
 
 def test_undeclared_contigs_bgzip_and_bcf_inputs_give_the_same_store(tmp_path):
@@ -213,6 +218,7 @@ def test_failed_conversion_leaves_nothing_and_keeps_previous_store(tmp_path, mon
     out = tmp_path / "out.vcz"
     ingest_vcf(vcf, out)
     old = out.joinpath("zarr.json").read_bytes()
+    old_manifest = Path(f"{out}.manifest.json").read_bytes()
 
     import bio2zarr.vcf
 
@@ -224,11 +230,13 @@ def test_failed_conversion_leaves_nothing_and_keeps_previous_store(tmp_path, mon
     monkeypatch.setattr(bio2zarr.vcf, "convert", broken_convert)
     with pytest.raises(MemoryError):
         ingest_vcf(vcf, out)
-    assert siblings(out) == ["good.vcf", "out.vcz"]
+    assert siblings(out) == ["good.vcf", "out.vcz", "out.vcz.manifest.json"]
     assert out.joinpath("zarr.json").read_bytes() == old
+    assert Path(f"{out}.manifest.json").read_bytes() == old_manifest  # the old store still verifies
+    open_genotypes(out)
     with pytest.raises(MemoryError):
         ingest_vcf(vcf, tmp_path / "new.vcz")
-    assert siblings(out) == ["good.vcf", "out.vcz"]
+    assert siblings(out) == ["good.vcf", "out.vcz", "out.vcz.manifest.json"]
 
 
 def test_open_genotypes_errors(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from storage import tracking
 from storage.atomic import sha256_file
+from storage.integrity import file_manifest, write_file_manifest
 from storage.layout import RunLayout
 from storage.prepared import store_digest
 from storage.tracking import Tracker, epoch_metrics
@@ -146,7 +147,10 @@ def test_finish_logs_and_registers_the_best_checkpoint_once(tiny_run_dir, tiny_c
         path = run.paths.checkpoint(epoch)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"checkpoint {epoch}".encode())
-    history = [_row(0, val_f1=0.4, train_seconds=2.0), _row(1, val_f1=0.6, train_seconds=3.0)]
+        write_file_manifest(path, file_manifest(path))  # what save_checkpoint writes beside a checkpoint
+    # the best epoch is chosen on per-site r2 (a collapse to the prior shows there), not on F1
+    history = [_row(0, val_f1=0.6, val_r2site_all=0.7, train_seconds=2.0),
+               _row(1, val_f1=0.4, val_r2site_all=0.8, train_seconds=3.0)]
     info = tracking.finish_variant_run(run, run_id, history)
     client = Tracker(layout).client
     model = client.get_logged_model(info["model_id"])
