@@ -21,12 +21,13 @@ haplotypes); only panel rows are ever returned. numpy only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from embrag.constants import ALT, REF
-from embrag.pbwt import PbwtState, sweep
+from embrag.pbwt import BlockedStates, PbwtState, sweep
 from embrag.windows import Windows
 
 N_FEATURES = 5  # left/right run in typed sites, left/right run in bp, agreement at a typed site
@@ -64,8 +65,8 @@ class MatchContext:
     n_panel: int
     alleles: np.ndarray  # uint8 (N, St): 0/1, 2 = unknown; rows: panel, then other queries
     typed_position: np.ndarray  # int64 (St,)
-    forward: dict[int, PbwtState]  # global typed column -> order by the typed sites before it
-    backward: dict[int, PbwtState]  # order by the typed sites from it on
+    forward: Mapping[tuple[int, int], PbwtState]  # (contig block, typed column) -> order by the sites before it
+    backward: Mapping[tuple[int, int], PbwtState]  # order by the typed sites from it on
     geometry: tuple[WindowGeometry, ...]  # per window
 
     @property
@@ -78,7 +79,9 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
     """Sweep the PBWT of ``alleles (N, St)`` (at ``typed_sites (St,)``, sorted site indices) per contig.
 
     Rows ``0..n_panel-1`` are the panel. States are kept at each window's first typed column
-    (forward) and one past its last (backward): O(N x St) time, O(N x windows) memory.
+    (forward) and one past its last (backward): O(N x St) time, O(N x windows) memory, or, when
+    that would pass ``STATE_BUDGET_BYTES``, O(N x windows / STATE_BLOCK) memory and the states of one
+    block of windows rebuilt on access (:class:`embrag.pbwt.BlockedStates`; the same states).
     """
     alleles = np.asarray(alleles, np.uint8)
     typed_sites = np.asarray(typed_sites, np.int64)
@@ -103,13 +106,48 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
         if block[1] > block[0]:  # a contig without typed sites has no PBWT: its runs are 0
             entries.setdefault(block, set()).add(int(first) - block[0])
             exits.setdefault(block, set()).add(int(stop) - block[0])
-    forward, backward = {}, {}
+    n_states = sum(len(c) for c in entries.values()) + sum(len(c) for c in exits.values())
+    blocked = n_states * state_bytes(alleles.shape[0]) > STATE_BUDGET_BYTES
+    forward, backward = ContigStates(), ContigStates()
     for (b0, b1), cols in entries.items():
-        for c, state in sweep(alleles[:, b0:b1], sorted(cols), forward=True, n_reference=n_panel).items():
-            forward[(b0, c + b0)] = state
-        for c, state in sweep(alleles[:, b0:b1], sorted(exits[(b0, b1)]), forward=False, n_reference=n_panel).items():
-            backward[(b0, c + b0)] = state
+        for states, columns, fwd in ((forward, cols, True), (backward, exits[(b0, b1)], False)):
+            if blocked:  # chromosome scale: a block of windows at a time, rebuilt on access
+                store = BlockedStates(alleles[:, b0:b1], sorted(columns), forward=fwd, n_reference=n_panel,
+                                      block=STATE_BLOCK)
+            else:
+                store = sweep(alleles[:, b0:b1], sorted(columns), forward=fwd, n_reference=n_panel)
+            states.add(b0, store)
     return MatchContext(n_panel, alleles, site_position[typed_sites], forward, backward, tuple(geometry))
+
+
+STATE_BUDGET_BYTES = 1 << 29  # above this (states once queried), contexts keep a block of windows at a time
+STATE_BLOCK = 16  # windows per block: training reads windows in random order, each read rebuilds one block
+
+
+def state_bytes(n_sequences: int) -> int:
+    """Bytes of one queried PBWT state: order, divergence and rank (int32) and the sparse table's
+    ~log2(N) levels."""
+    return 4 * n_sequences * (3 + max(1, int(n_sequences).bit_length()))
+
+
+class ContigStates(Mapping[tuple[int, int], PbwtState]):
+    """``(first typed index of the contig, typed column) -> state`` over the per-contig sweeps."""
+
+    def __init__(self) -> None:
+        self._by_contig: dict[int, Mapping[int, PbwtState]] = {}
+
+    def add(self, b0: int, states: Mapping[int, PbwtState]) -> None:
+        self._by_contig[b0] = states  # keyed by the column within the contig
+
+    def __getitem__(self, key: tuple[int, int]) -> PbwtState:
+        b0, column = key
+        return self._by_contig[b0][column - b0]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((b0, c + b0) for b0, states in self._by_contig.items() for c in states)
+
+    def __len__(self) -> int:
+        return sum(len(states) for states in self._by_contig.values())
 
 
 @dataclass(frozen=True, eq=False)
