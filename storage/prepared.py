@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -83,10 +84,12 @@ def write_prepared(
     max_sites: int,
     attrs: dict[str, Any],
     panel_queries: dict[str, np.ndarray] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write the prepared group atomically, streaming: ``read(lo, hi)`` returns the tokens of matched
     sites ``lo:hi`` (``{role: uint8 (H_role, hi - lo)}``) and their panel ALT frequency (float32), for
-    runs of whole windows of at most ``max_sites`` sites, so only one run is in memory at a time.
+    runs of whole windows of at most ``max_sites`` sites, so only one run (``workers`` runs, written by
+as many threads) is in memory at a time.
     ``panel_queries[split]`` holds the panel sample indices that are ``split`` ("train"/"val") queries."""
     unknown = set(sample_ids) - set(ROLES)
     if unknown:
@@ -98,15 +101,24 @@ def write_prepared(
                                        dtype=np.uint8, chunks=(1, 2 * len(ids), window_size), fill_value=0)
                for role, ids in sample_ids.items()}
         af = np.zeros(n_sites, np.float32)
-        for w0, w1 in window_runs(windows, max_sites):
+
+        def write_run(w0: int, w1: int) -> None:  # whole token chunks of windows w0:w1: runs never share a byte
             lo, hi = int(windows.start[w0]), int(windows.stop[w1 - 1])
-            tokens, af[lo:hi] = read(lo, hi)
+            tokens, af[lo:hi] = read(lo, hi)  # sites shared with a neighbouring run get the same values
             run = Windows(contig=windows.contig[w0:w1], start=windows.start[w0:w1] - lo, stop=windows.stop[w0:w1] - lo)
             for role, t in tokens.items():
                 if t.shape != (out[role].shape[1], hi - lo):
                     raise ValueError(f"tokens[{role}] of sites {lo}:{hi} have shape {t.shape}, "
                                      f"expected ({out[role].shape[1]}, {hi - lo})")
                 out[role][w0:w1] = window_tokens(t, run, window_size)  # (w1 - w0, H, L)
+
+        runs = list(window_runs(windows, max_sites))
+        if workers > 1:  # decompression, tokenising and compression release the GIL
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda r: write_run(*r), runs))
+        else:
+            for run in runs:
+                write_run(*run)
         _array(root, "site_contig", np.asarray(sites.contig).astype(str))
         _array(root, "site_position", np.asarray(sites.position).astype(np.int64))
         _array(root, "site_ref", np.asarray(sites.ref).astype(str))

@@ -66,14 +66,14 @@ def assert_same_store(a: Path, b: Path) -> None:
             np.testing.assert_array_equal(arr[:], rb[f"{name}/{sub}"][:])
 
 
-def check(tmp: Path, cfg: RunConfig, max_sites_list: list[int | None]) -> list[int]:
+def check(tmp: Path, cfg: RunConfig, max_sites_list: list[int | None], workers: int = 1) -> list[int]:
     """Prepare once per chunk size; each result equals the eager prepare; the number of chunks of each."""
     sim = simulate(cfg.simulate, tmp / "vcf")
     n_runs = []
     for i, max_sites in enumerate(max_sites_list):
         layout = RunLayout(tmp / f"run{i}")
         summary = prepare(layout, cfg, panel_vcf=sim.panel_vcf, study_vcf=sim.study_vcf, test_vcf=sim.test_vcf,
-                          max_sites=max_sites)
+                          max_sites=max_sites, workers=workers)
         root = zarr.open_group(str(layout.prepared), mode="r")
         attrs = {k: root.attrs[k] for k in ("provenance", "summary", "contig_length")}
         reference = eager_prepared(layout, cfg, tmp / f"eager{i}.zarr", attrs, study=True, test=True)
@@ -86,6 +86,10 @@ def check(tmp: Path, cfg: RunConfig, max_sites_list: list[int | None]) -> list[i
 def test_streaming_prepare_equals_eager_prepare(tmp_path):
     n_runs = check(tmp_path, tiny_config(), [None, 40, 1])
     assert n_runs[0] == 1 and n_runs[1] > 3 and n_runs[2] > n_runs[1]  # one run; several; one window each
+
+
+def test_runs_written_by_threads_equal_eager_prepare(tmp_path):
+    assert check(tmp_path, tiny_config(), [40], workers=3)[0] > 3
 
 
 @pytest.mark.slow
