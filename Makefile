@@ -11,7 +11,7 @@ export DO_NOT_TRACK ?= true
 # Idle OpenMP workers sleep instead of spinning (see embrag_cli/main.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-slow bench bench-accuracy lint clean
+.PHONY: install demo test test-slow bench bench-accuracy bench-scale lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: $(STAMP)
 # per replicate with the default 5-minute training. Resumable: stages on disk are reused.
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py
+
+# Cost of every stage against region length and panel size, Beagle 5.4 beside impute (issue 13):
+# 1-50 Mb x 800 and 5,000 haplotypes, 500 target samples; hours on 2 cores. A smaller grid:
+# make bench-scale SCALE_ARGS="--mb 1,5 --haps 800 --samples 50"
+SCALE_ARGS ?=
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py $(SCALE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check embrag storage tasks flows embrag_cli tests benchmarks

@@ -243,6 +243,20 @@ class RefreshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Where the per-window stages run (``flows.train`` with ``partitions > 1``): ``address`` of a
+    running Dask scheduler (``tcp://host:8786``), or null for the flow's own task runner. Results
+    do not depend on it (the partitioned stages are byte-identical to the sequential ones), so it is
+    not part of a variant's lineage."""
+
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.address is None or "://" in self.address, f"distributed.address must be a scheduler URL "
+                 f"such as tcp://127.0.0.1:8786, or null; got {self.address!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -253,6 +267,7 @@ class RunConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         # The model's length is the window's: derived, so overriding window.size alone is enough.
@@ -318,6 +333,7 @@ _SECTION_TYPES: dict[str, type] = {
     "retrieval": RetrievalConfig,
     "train": TrainConfig,
     "refresh": RefreshConfig,
+    "distributed": DistributedConfig,
 }
 
 

@@ -251,16 +251,27 @@ def train_epoch(
     optimizer.zero_grad(set_to_none=True)
     stale = False
     current, data = -1, None
-    for i, (w, rows) in enumerate(progress(plan, f"epoch {epoch} train", unit="batch")):
+    rank, world = _data_parallel()
+    for i, (w, batch_rows) in enumerate(progress(plan, f"epoch {epoch} train", unit="batch")):
         if w != current or stale:
             current, data, stale = w, source.window(w), False
+        rows = np.array_split(batch_rows, world)[rank]  # data parallel: this process's share of the batch
         batch = batch_tensors(data, rows, device)
-        with autocast(device):
-            logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live", device=device)
-            loss = masked_loss(logits.float(), batch["labels"], batch["target"], cfg.focal_gamma)
-        memory.sample()  # activations are alive until backward
-        scaler.scale(loss / cfg.grad_accum).backward()
+        n_here = int(batch["target"].sum())
+        n_all = int(_all_sum(n_here, world))
+        if len(rows):
+            with autocast(device):
+                logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live", device=device)
+                loss = masked_loss(logits.float(), batch["labels"], batch["target"], cfg.focal_gamma)
+                # mean over this share's sites -> its part of the batch mean: summed over processes,
+                # the loss (and gradient) of one process with the whole batch; 1.0 without peers
+                loss = loss * (max(n_here, 1) / max(n_all, 1)) if world > 1 else loss
+            memory.sample()  # activations are alive until backward
+            scaler.scale(loss / cfg.grad_accum).backward()
+        else:  # a batch smaller than the process group: nothing here, peers still sum gradients with us
+            logits, ms, loss = torch.zeros(0, data.query_tokens.shape[1], device=device), 0.0, torch.zeros(())
         if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plan):
+            _all_sum_gradients(model, world)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
@@ -269,15 +280,56 @@ def train_epoch(
             scheduler.step()
         retrieval_ms += ms
         target = batch["target"].cpu().numpy()
-        n_masked += int(target.sum())
-        losses.append((float(loss.detach()), int(target.sum())))
+        n_masked += n_all
+        losses.append((_all_sum(float(loss.detach()), world) if world > 1 else float(loss.detach()), n_all))
         probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
         rare = np.broadcast_to(np.minimum(data.af, 1 - data.af) < rare_maf, target.shape)
         counts.add(probs[target], batch["labels"].cpu().numpy()[target], rare[target])
         if after_batch is not None and (report := after_batch(i + 1)) is not None:
             refreshes.append(report)
             stale = True
+    if world > 1:  # F1 over every process's predictions
+        counts.c = np.asarray(_all_sum(counts.c, world), np.int64)
     return _result(losses, counts, len(plan), n_masked, t_start, retrieval_ms, memory, refreshes)
+
+
+def _data_parallel() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` process group, else ``(0, 1)``.
+
+    Data-parallel training: every process runs ``train_epoch`` on the same batch plan with the same
+    initial parameters (``broadcast_parameters``), takes its share of each batch's rows, and the
+    gradients are summed before every optimiser step, so the steps are those of one process with
+    the whole batch (up to float summation order; dropout draws differ). gloo on CPU, NCCL on GPUs.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_sum(value, world: int):
+    """``value`` (a number or an array) summed over the process group (unchanged without one)."""
+    if world == 1:
+        return value
+    t = torch.as_tensor(np.asarray(value, dtype=np.float64))
+    torch.distributed.all_reduce(t)
+    return t.item() if t.ndim == 0 else t.numpy()
+
+
+def _all_sum_gradients(model: torch.nn.Module, world: int) -> None:
+    if world == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:  # unused here this step, maybe used by a peer
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers to every process (data-parallel training starts from one model)."""
+    if _data_parallel()[1] > 1:
+        for t in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
 
 
 def _result(losses, counts, n_batches, n_masked, t_start, retrieval_ms, memory, refreshes, predictions=None) -> EpochResult:

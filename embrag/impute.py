@@ -30,9 +30,10 @@ import torch
 from embrag.config import RetrievalConfig
 from embrag.constants import MASK, MISSING
 from embrag.epoch import WindowData, forward_batch, retrieve
-from embrag.neighbours import MatchContext, copy_top1, copy_vote
+from embrag.neighbours import MatchContext, Neighbours, copy_top1, copy_vote
 from embrag.progress import progress
 from embrag.retrieval import build_index
+from embrag.tabulated import TabulatedV18, supports
 from embrag.windows import Windows, site_owner
 
 
@@ -108,6 +109,7 @@ def impute_window(
         raise ValueError(f"target {inp.target_tokens.shape} / panel {inp.panel_tokens.shape} must be [H, {length}]")
     data = window_data(model, index_kind, inp, device)
     model_tokens = _model_tokens(inp.target_tokens, inp.mask)  # (Ht, L)
+    fast = _tabulated(model, index_kind, inp, device)
     out = np.empty(model_tokens.shape, np.float32)
     if baselines is not None:
         baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32))
@@ -115,14 +117,37 @@ def impute_window(
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
         batch = _batch(model_tokens[rows], inp, device)
         nb = retrieve(data, rows, model.cfg.k) if data.index is not None or data.match is not None else None
-        logits, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=device,
-                                  neighbours=nb)  # (B, L)
+        if fast is not None:
+            logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb, inp.panel_tokens, device))
+        else:
+            logits, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=device,
+                                      neighbours=nb)  # (B, L)
         out[rows] = torch.sigmoid(logits.float() / temperature).cpu().numpy()
         if baselines is not None and nb is not None and nb.runs is not None:
             refs, valid = inp.panel_tokens[np.maximum(nb.rows, 0)], nb.rows >= 0  # (B, K, L), (B, K)
             baselines["top1"][rows] = copy_top1(refs, valid, nb.runs, inp.af)
             baselines["vote"][rows] = copy_vote(refs, valid, nb.runs, inp.af)
     return out
+
+
+def _tabulated(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> TabulatedV18 | None:
+    """The per-window tables of a V18 model (``embrag.tabulated``), or None where ``forward_batch`` runs
+    (V17, token index, or another layout)."""
+    if kind == "token" or not supports(model):
+        return None
+    af = torch.as_tensor(inp.af, device=device)
+    return TabulatedV18(model, model.embedding.table(af, torch.as_tensor(inp.position, device=device)), af)
+
+
+def _neighbour_tensors(nb: Neighbours | None, panel_tokens: np.ndarray, device: torch.device):
+    """``(ref_tokens [B, K, L], valid [B, K], evidence [B, K, L, 5])`` of retrieved neighbours (Nones
+    without retrieval); an invalid neighbour (row -1) carries row 0's tokens and is masked by ``valid``."""
+    if nb is None:
+        return None, None, None
+    safe = np.where(nb.rows >= 0, nb.rows, 0)  # (B, K)
+    evidence = None if nb.runs is None else torch.as_tensor(nb.runs.features(), device=device)
+    return (torch.as_tensor(panel_tokens[safe], dtype=torch.long, device=device),
+            torch.as_tensor(nb.rows >= 0, device=device), evidence)
 
 
 def _batch(tokens: np.ndarray, inp: WindowInputs, device: torch.device) -> dict[str, torch.Tensor]:

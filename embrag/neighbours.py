@@ -21,12 +21,13 @@ haplotypes); only panel rows are ever returned. numpy only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from embrag.constants import ALT, REF
-from embrag.pbwt import PbwtState, sweep
+from embrag.pbwt import BlockedStates, PbwtState, sweep
 from embrag.windows import Windows
 
 N_FEATURES = 5  # left/right run in typed sites, left/right run in bp, agreement at a typed site
@@ -64,8 +65,8 @@ class MatchContext:
     n_panel: int
     alleles: np.ndarray  # uint8 (N, St): 0/1, 2 = unknown; rows: panel, then other queries
     typed_position: np.ndarray  # int64 (St,)
-    forward: dict[int, PbwtState]  # global typed column -> order by the typed sites before it
-    backward: dict[int, PbwtState]  # order by the typed sites from it on
+    forward: Mapping[tuple[int, int], PbwtState]  # (contig block, typed column) -> order by the sites before it
+    backward: Mapping[tuple[int, int], PbwtState]  # order by the typed sites from it on
     geometry: tuple[WindowGeometry, ...]  # per window
 
     @property
@@ -78,7 +79,9 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
     """Sweep the PBWT of ``alleles (N, St)`` (at ``typed_sites (St,)``, sorted site indices) per contig.
 
     Rows ``0..n_panel-1`` are the panel. States are kept at each window's first typed column
-    (forward) and one past its last (backward): O(N x St) time, O(N x windows) memory.
+    (forward) and one past its last (backward): O(N x St) time, O(N x windows) memory, or, when
+    that would pass ``STATE_BUDGET_BYTES``, O(N x windows / STATE_BLOCK) memory and the states of one
+    block of windows rebuilt on access (:class:`embrag.pbwt.BlockedStates`; the same states).
     """
     alleles = np.asarray(alleles, np.uint8)
     typed_sites = np.asarray(typed_sites, np.int64)
@@ -103,13 +106,48 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
         if block[1] > block[0]:  # a contig without typed sites has no PBWT: its runs are 0
             entries.setdefault(block, set()).add(int(first) - block[0])
             exits.setdefault(block, set()).add(int(stop) - block[0])
-    forward, backward = {}, {}
+    n_states = sum(len(c) for c in entries.values()) + sum(len(c) for c in exits.values())
+    blocked = n_states * state_bytes(alleles.shape[0]) > STATE_BUDGET_BYTES
+    forward, backward = ContigStates(), ContigStates()
     for (b0, b1), cols in entries.items():
-        for c, state in sweep(alleles[:, b0:b1], sorted(cols), forward=True, n_reference=n_panel).items():
-            forward[(b0, c + b0)] = state
-        for c, state in sweep(alleles[:, b0:b1], sorted(exits[(b0, b1)]), forward=False, n_reference=n_panel).items():
-            backward[(b0, c + b0)] = state
+        for states, columns, fwd in ((forward, cols, True), (backward, exits[(b0, b1)], False)):
+            if blocked:  # chromosome scale: a block of windows at a time, rebuilt on access
+                store = BlockedStates(alleles[:, b0:b1], sorted(columns), forward=fwd, n_reference=n_panel,
+                                      block=STATE_BLOCK)
+            else:
+                store = sweep(alleles[:, b0:b1], sorted(columns), forward=fwd, n_reference=n_panel)
+            states.add(b0, store)
     return MatchContext(n_panel, alleles, site_position[typed_sites], forward, backward, tuple(geometry))
+
+
+STATE_BUDGET_BYTES = 1 << 29  # above this (states once queried), contexts keep a block of windows at a time
+STATE_BLOCK = 16  # windows per block: training reads windows in random order, each read rebuilds one block
+
+
+def state_bytes(n_sequences: int) -> int:
+    """Bytes of one queried PBWT state: order, divergence and rank (int32) and the sparse table's
+    ~log2(N) levels."""
+    return 4 * n_sequences * (3 + max(1, int(n_sequences).bit_length()))
+
+
+class ContigStates(Mapping[tuple[int, int], PbwtState]):
+    """``(first typed index of the contig, typed column) -> state`` over the per-contig sweeps."""
+
+    def __init__(self) -> None:
+        self._by_contig: dict[int, Mapping[int, PbwtState]] = {}
+
+    def add(self, b0: int, states: Mapping[int, PbwtState]) -> None:
+        self._by_contig[b0] = states  # keyed by the column within the contig
+
+    def __getitem__(self, key: tuple[int, int]) -> PbwtState:
+        b0, column = key
+        return self._by_contig[b0][column - b0]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((b0, c + b0) for b0, states in self._by_contig.items() for c in states)
+
+    def __len__(self) -> int:
+        return sum(len(states) for states in self._by_contig.values())
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,6 +178,11 @@ def window_runs(ctx: MatchContext, w: int, queries: np.ndarray, cands: np.ndarra
     mismatch (window typed sites compared directly, beyond the window the forward PBWT); the right
     run likewise. A missing allele on either side counts as a match.
     """
+    return _slot_runs(ctx, w, queries, cands, np.arange(len(ctx.geometry[w].position)))
+
+
+def _slot_runs(ctx: MatchContext, w: int, queries: np.ndarray, cands: np.ndarray, slot: np.ndarray) -> MatchRuns:
+    """:func:`window_runs` at the window slots ``slot (S,)`` only: ``(Q, C, S)`` (ranking needs one slot)."""
     g = ctx.geometry[w]
     queries = np.asarray(queries, np.int64)
     cands = np.asarray(cands, np.int64)
@@ -159,14 +202,13 @@ def window_runs(ctx: MatchContext, w: int, queries: np.ndarray, cands: np.ndarra
     known = (qa < 2) & (ca < 2)
     mismatch = known & (qa != ca)  # (Q, C, n)
     typed_index = tf + np.arange(n)  # (n,)
-    slot = np.arange(len(g.position))  # (L,)
-    n_left = np.searchsorted(g.slots, slot, side="left")  # (L,) typed sites strictly left of the slot
-    n_upto = np.searchsorted(g.slots, slot, side="right")  # (L,) typed sites at or left of it
+    n_left = np.searchsorted(g.slots, slot, side="left")  # (S,) typed sites strictly left of the slot
+    n_upto = np.searchsorted(g.slots, slot, side="right")  # (S,) typed sites at or left of it
 
     if n:
         last_mm = np.maximum.accumulate(np.where(mismatch, typed_index, -1), axis=2)  # (Q, C, n)
         first_mm = np.minimum.accumulate(np.where(mismatch, typed_index, _FAR)[..., ::-1], axis=2)[..., ::-1]
-        lb = np.where(n_left > 0, last_mm[..., np.maximum(n_left - 1, 0)], -1)  # (Q, C, L)
+        lb = np.where(n_left > 0, last_mm[..., np.maximum(n_left - 1, 0)], -1)  # (Q, C, S)
         rb = np.where(n_upto < n, first_mm[..., np.minimum(n_upto, n - 1)], _FAR)
     else:
         lb = np.full((n_q, n_c, len(slot)), -1, np.int64)
@@ -175,13 +217,15 @@ def window_runs(ctx: MatchContext, w: int, queries: np.ndarray, cands: np.ndarra
     rb = np.where(rb < _FAR, rb, end[..., None])  # first mismatch right of it (>= b1: none)
     left_sites = tf + n_left - 1 - lb  # typed indices lb+1 .. tf+n_left-1 all match
     right_sites = rb - (tf + n_upto)
-    pos = g.position[None, None, :]  # (1, 1, L)
+    pos = g.position[slot][None, None, :]  # (1, 1, S)
     tp = np.append(ctx.typed_position, 0)  # one spare entry: indices are clipped into it when unused
     pos_l = np.where(lb >= b0, tp[np.clip(lb, 0, len(tp) - 1)], g.contig_span[0])
     pos_r = np.where(rb < b1, tp[np.clip(rb, 0, len(tp) - 1)], g.contig_span[1])
     agree = np.zeros((n_q, n_c, len(slot)), np.int8)
-    if n:
-        agree[..., g.slots] = np.where(known, np.where(mismatch, -1, 1), 0)
+    typed_slot = n_upto > n_left  # (S,) the slot is a typed site (the n_left-th of the window)
+    if n and typed_slot.any():
+        at = n_left[typed_slot]
+        agree[..., typed_slot] = np.where(known[..., at], np.where(mismatch[..., at], -1, 1), 0)
     real = (slot < g.n_real)[None, None, :] & valid[..., None]  # padding and missing candidates: 0
     zero = np.zeros_like(left_sites)
     return MatchRuns(
@@ -219,25 +263,24 @@ def select_neighbours(
                     ctx.backward[(g.block[0], g.stop_typed)].nearest(queries, radius)]
         pool = np.concatenate([index_rows, *near], axis=1)  # (Q, P)
     pool = _usable(pool, queries, ctx.n_panel, exclude_rows)
-    runs = window_runs(ctx, w, queries, pool)
     if rank == "index":
         order = np.argsort(pool < 0, axis=1, kind="stable")[:, :k]  # index order, valid first
     else:
         g = ctx.geometry[w]
         centre = max(g.n_real - 1, 0) // 2
+        at = _slot_runs(ctx, w, queries, pool, np.array([centre]))  # (Q, P, 1): the ranking needs one slot
         if run_unit == "bp":
-            score = (runs.left_bp[..., centre] + runs.right_bp[..., centre]).astype(np.float64)
+            score = (at.left_bp[..., 0] + at.right_bp[..., 0]).astype(np.float64)
         else:
-            score = (runs.left_sites[..., centre] + runs.right_sites[..., centre]).astype(np.float64)
+            score = (at.left_sites[..., 0] + at.right_sites[..., 0]).astype(np.float64)
         score = np.where(pool >= 0, score, -np.inf)
         tie = np.random.default_rng([0x4E1, seed]).permutation(ctx.n_panel)[np.maximum(pool, 0)]  # (Q, P)
         order = np.lexsort((tie, -score), axis=1)[:, :k]  # longest run first, ties in the seeded order
     if order.shape[1] < k:  # fewer candidates than k: pad with an always-invalid column
         pool = np.pad(pool, ((0, 0), (0, 1)), constant_values=-1)
-        runs = window_runs(ctx, w, queries, pool)
         order = np.pad(order, ((0, 0), (0, k - order.shape[1])), constant_values=pool.shape[1] - 1)
     rows = np.take_along_axis(pool, order, axis=1)
-    return Neighbours(rows, runs.take(order))
+    return Neighbours(rows, window_runs(ctx, w, queries, rows))  # every slot, for the K kept only
 
 
 def _usable(pool: np.ndarray, queries: np.ndarray, n_panel: int, exclude_rows: np.ndarray | None) -> np.ndarray:

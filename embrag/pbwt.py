@@ -25,6 +25,7 @@ instead lets a missing target call match every sequence; the two agree when noth
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -160,6 +161,14 @@ def sweep(alleles: np.ndarray, columns: np.ndarray, *, forward: bool = True, n_r
     in ``[0, S]`` holds the order by sites ``[c, S)``, divergences as match ends. One pass, O(N x S).
     Rows ``0..n_reference-1`` are references (default: all rows).
     """
+    x, n_reference, wanted = _checked(alleles, columns, forward, n_reference)
+    return dict(_states(x, n_reference, forward, _start(len(x)), wanted))
+
+
+def _checked(alleles: np.ndarray, columns: np.ndarray, forward: bool, n_reference: int | None
+             ) -> tuple[np.ndarray, int, list[int]]:
+    """``(alleles in sweep order, n_reference, wanted steps ascending)``; a step ``j`` is column ``j``
+    forward and column ``S - j`` backward."""
     alleles = np.asarray(alleles)
     if alleles.ndim != 2:
         raise ValueError(f"alleles must be [N, S], got {alleles.shape}")
@@ -168,15 +177,67 @@ def sweep(alleles: np.ndarray, columns: np.ndarray, *, forward: bool = True, n_r
     wanted = {int(c) for c in np.asarray(columns).ravel()}
     if any(c < 0 or c > n_sites for c in wanted):
         raise ValueError(f"columns must lie in [0, {n_sites}], got {sorted(wanted)[:5]}...")
-    order = np.arange(n, dtype=np.int32)
-    div = np.zeros(n, np.int32)  # column 0: every pair "matches" over the empty prefix
-    x = alleles if forward else alleles[:, ::-1]
-    states: dict[int, PbwtState] = {}
-    for j in range(n_sites + 1):
-        col = j if forward else n_sites - j
-        if col in wanted:
-            d = div.copy() if forward else (n_sites - div).astype(np.int32)  # reversed start -> original end
-            states[col] = PbwtState(col, forward, n_sites, n_reference, order.copy(), d)
-        if j < n_sites:
+    steps = sorted(c if forward else n_sites - c for c in wanted)
+    return (alleles if forward else alleles[:, ::-1]), n_reference, steps
+
+
+def _start(n: int) -> tuple[int, np.ndarray, np.ndarray]:
+    # step 0: every pair "matches" over the empty prefix
+    return 0, np.arange(n, dtype=np.int32), np.zeros(n, np.int32)
+
+
+def _states(x: np.ndarray, n_reference: int, forward: bool, start: tuple[int, np.ndarray, np.ndarray],
+            steps: list[int]) -> Iterator[tuple[int, PbwtState]]:
+    """``(column, state)`` at each of ``steps`` (ascending, >= the start step), sweeping ``x`` (in
+    sweep order) from the internal ``start = (step, order, div)``; stops after the last one."""
+    n_sites = x.shape[1]
+    j, order, div = start
+    for target in steps:
+        while j < target:
             order, div = _step(order, div, x[:, j], j, n_reference)
-    return states
+            j += 1
+        col = j if forward else n_sites - j
+        d = div.copy() if forward else (n_sites - div).astype(np.int32)  # reversed start -> original end
+        yield col, PbwtState(col, forward, n_sites, n_reference, order.copy(), d)
+
+
+class BlockedStates(Mapping[int, PbwtState]):
+    """The states :func:`sweep` returns, held a block of columns at a time (memory O(N x blocks)).
+
+    Why: a match context keeps a state at both edges of every window, 8 bytes per sequence each
+    plus ~4 log2(N) bytes once queried; at chromosome scale with thousands of sequences that is
+    tens of GB. Here one sweep stores the sweep's internal state at the start of each block of
+    ``block`` wanted columns; a state is rebuilt on access by sweeping its block again from there
+    (the states of the last block asked for are kept). The same states as ``sweep``, at about twice
+    its cost when the columns are read in order (imputation and validation), more for random access.
+    """
+
+    def __init__(self, alleles: np.ndarray, columns: np.ndarray, *, forward: bool = True,
+                 n_reference: int | None = None, block: int = 64) -> None:
+        self._x, self._n_reference, steps = _checked(alleles, columns, forward, n_reference)
+        self._forward = forward
+        n_sites = self._x.shape[1]
+        self._blocks = [steps[i : i + max(1, block)] for i in range(0, len(steps), max(1, block))]
+        self._block_of = {(s if forward else n_sites - s): b for b, blk in enumerate(self._blocks) for s in blk}
+        self._starts = []  # (step, order, div) at each block's first step
+        j, order, div = _start(len(self._x))
+        for blk in self._blocks:
+            while j < blk[0]:
+                order, div = _step(order, div, self._x[:, j], j, self._n_reference)
+                j += 1
+            self._starts.append((j, order.copy(), div.copy()))
+        self._cached: tuple[int, dict[int, PbwtState]] = (-1, {})
+
+    def __getitem__(self, column: int) -> PbwtState:
+        b = self._block_of[int(column)]  # KeyError for a column that was not asked for, as a dict
+        if self._cached[0] != b:
+            self._cached = (-1, {})  # release the previous block (and its sparse tables) first
+            self._cached = (b, dict(_states(self._x, self._n_reference, self._forward, self._starts[b],
+                                            self._blocks[b])))
+        return self._cached[1][int(column)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._block_of)
+
+    def __len__(self) -> int:
+        return len(self._block_of)

@@ -158,7 +158,7 @@ class WindowIndex:
         self.index = index  # CPU index: what gets written to disk
         self.mask = _as_mask(mask)
         self.codec = codec
-        self.row_pattern = None if row_pattern is None else np.asarray(row_pattern, np.int64)  # (H,) -> index row
+        self.row_pattern = None if row_pattern is None else np.asarray(row_pattern, np.int32)  # (H,) -> index row
         self._searcher = _to_gpu(index) if use_gpu and kind != "token" else index
 
     @property
@@ -263,8 +263,7 @@ def build_index(
     keys, _ = codec.split(keys_full)  # (H, dim); panel offsets are 0 by construction
     row_pattern = None
     if kind != "flat":  # flat stays the seed's literal design: one vector per haplotype
-        keys, row_pattern = np.unique(keys, axis=0, return_inverse=True)  # (P, dim), (H,)
-        row_pattern = row_pattern.ravel()
+        keys, row_pattern = distinct_rows(keys)  # (P, dim), (H,)
     if kind == "token":
         keys = _pack_bits(keys)
         index = faiss.IndexBinaryFlat(keys.shape[1] * 8)
@@ -272,6 +271,48 @@ def build_index(
         index = faiss.IndexFlatL2(keys.shape[1])
     index.add(np.ascontiguousarray(keys))
     return WindowIndex(kind, index, mask, codec, row_pattern=row_pattern, use_gpu=use_gpu)
+
+
+def distinct_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(patterns [P, C], row_pattern int32 [H])``: the distinct rows of ``keys [H, C]`` in order of
+    first appearance, and each row's pattern; ``patterns[row_pattern] == keys``.
+
+    Why not ``np.unique(axis=0)``: it sorts rows lexicographically field by field, ~90 % of a compact
+    build at 20,000 haplotypes. Here each row's bytes are hashed to one uint64 and only the hashes are
+    sorted; every row is then compared with its group's first row, and a hash collision (never seen,
+    but possible) falls back to the exact sort. Equal rows are equal bytes (-0.0 is made 0.0 first).
+    """
+    keys = np.ascontiguousarray(keys)
+    n = len(keys)
+    if n == 0:
+        return keys, np.zeros(0, np.int32)
+    canon = keys + keys.dtype.type(0) if keys.dtype.kind == "f" else keys  # -0.0 + 0.0 == +0.0
+    hashes = _row_hashes(canon)  # (H,) uint64
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)  # groups in hash order
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))  # renumber by first appearance
+    row_pattern = rank[inverse.ravel()].astype(np.int32)  # (H,)
+    patterns = canon[np.sort(first)]  # (P, C)
+    if not np.array_equal(patterns[row_pattern], canon):  # a collision merged two different rows
+        patterns, inverse = np.unique(canon, axis=0, return_inverse=True)
+        return patterns, inverse.ravel().astype(np.int32)
+    return patterns, row_pattern
+
+
+def _row_hashes(rows: np.ndarray) -> np.ndarray:
+    """A uint64 hash of each row's bytes: 64-bit words times fixed odd multipliers, summed (mod 2^64),
+    then mixed (splitmix64's finaliser) so that nearby sums spread."""
+    raw = rows.reshape(len(rows), -1).view(np.uint8)  # (H, bytes)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = np.pad(raw, ((0, 0), (0, pad)))
+    words = np.ascontiguousarray(raw).view(np.uint64)  # (H, W)
+    mult = np.random.default_rng(0x5EED).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) * 2 + 1
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(axis=1, dtype=np.uint64) + np.uint64(words.shape[1])  # (H,)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
 
 
 def _codec(kind: str, tokens: np.ndarray, mask: np.ndarray, table: np.ndarray | None) -> SiteCodec:

@@ -308,6 +308,7 @@ def impute(
     allow_panel_overlap: Annotated[bool, typer.Option(
         help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
     sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
+    threads: Annotated[int | None, typer.Option(help="torch and FAISS threads (default: one per core)")] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
@@ -317,7 +318,7 @@ def impute(
 
         s = impute_flow(run_dir=str(run_dir), variant=variant, checkpoint=model and str(model),
                         target_vcf=target and str(target), out_vcf=out and str(out), truth_vcf=truth and str(truth),
-                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
+                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, threads=threads)
         table = s.get("evaluation", {}).get("table")
     else:
         import dataclasses
@@ -326,7 +327,7 @@ def impute(
 
         model, target, out, truth = default_paths(run_dir, variant, model, target, out, truth)
         s = dataclasses.asdict(impute_vcf(model, run_dir, target, out, sample_chunk=sample_chunk,
-                                          allow_panel_overlap=allow_panel_overlap))
+                                          allow_panel_overlap=allow_panel_overlap, threads=threads))
         table = evaluate_imputed(run_dir, truth, out)[0].table() if truth else None
     typer.echo(f"imputed {s['n_samples']} samples ({s['variant']}, k={s['k']} neighbours, temperature "
                f"{s['temperature']:.2f}): {s['n_typed_sites']} typed + "

@@ -27,7 +27,7 @@ def task_runner(name: str | None = None):
     from prefect_dask import DaskTaskRunner  # optional dependency: pip install 'embrag[dask]'
 
     if address := os.environ.get("EMBRAG_DASK_ADDRESS"):
-        return DaskTaskRunner(address=address)
+        return dask_runner(address)
     processes = os.environ.get("EMBRAG_DASK_PROCESSES", "0") == "1"
     host = os.environ.get("EMBRAG_DASK_HOST", "127.0.0.1")  # loopback only (":0" is every interface)
     return DaskTaskRunner(cluster_kwargs={  # the scheduler's and each worker's dashboard: loopback too
@@ -36,3 +36,10 @@ def task_runner(name: str | None = None):
         # worker processes reach the scheduler over TCP: on `host` too (threads share an in-process one)
         **({"host": host} if processes else {}),
     })
+
+
+def dask_runner(address: str):
+    """A task runner on the running Dask cluster whose scheduler is at ``address`` (``tcp://host:8786``)."""
+    from prefect_dask import DaskTaskRunner  # optional dependency: pip install 'embrag[dask]'
+
+    return DaskTaskRunner(address=address)

@@ -16,7 +16,7 @@ from tasks.track import publish_links_task, track_imputation_task
 @flow(name="impute")
 def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = None, target_vcf: str | None = None,
                 out_vcf: str | None = None, truth_vcf: str | None = None, allow_panel_overlap: bool = False,
-                sample_chunk: int = 500) -> dict:
+                sample_chunk: int = 500, threads: int | None = None) -> dict:
     """Impute ``target_vcf`` at every panel site of ``run_dir``; score it when ``truth_vcf`` is given.
 
     With only ``run_dir`` (see ``storage.impute.default_paths``) it imputes the simulated array
@@ -26,7 +26,7 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
     ckpt, target, out, truth = default_paths(Path(run_dir), variant, checkpoint and Path(checkpoint),
                                              target_vcf and Path(target_vcf), out_vcf and Path(out_vcf),
                                              truth_vcf and Path(truth_vcf))
-    summary = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk)
+    summary = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads)
     logger.info("imputed %d samples: %d typed + %d imputed sites -> %s (swapped %d, strand-ambiguous kept %d / "
                 "dropped %d, absent from panel %d, panel-sample overlap %d) in %.1f s", summary["n_samples"],
                 summary["n_typed_sites"], summary["n_imputed_sites"], summary["out_vcf"], summary["n_swapped"],

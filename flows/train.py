@@ -4,7 +4,8 @@ Every stage is a persisted, input-cached task over idempotent storage functions,
 flow with the same parameters (or ``prefect flow-run retry``) redoes only the failed stage and
 what follows. ``partitions > 1`` splits the per-window stages (embedding encoding, index
 building) into window partitions mapped over the task runner (threads, or Dask with
-``EMBRAG_TASK_RUNNER=dask``); the sequential stages then find their outputs and skip.
+``EMBRAG_TASK_RUNNER=dask``, or the Dask scheduler at the config's ``distributed.address``); the
+sequential stages then find their outputs and skip.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
 from flows._guard import run_dir_writer
-from flows._runner import task_runner
+from flows._runner import dask_runner, task_runner
 from tasks._common import bind, epochs_to_run, resolve_config
 from tasks.embed import embed_finish_task, embed_partition_task, embed_plan_task, reencode_task
 from tasks.evaluate import validate_task
@@ -62,15 +63,32 @@ def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = Non
 def _epoch(run_dir: str, config: dict, run_id: str, epoch: int, partitions: int) -> dict:
     if partitions > 1:  # fill the per-window inputs in parallel; `refresh` then finds them
         bind(plan_epoch_task, run_dir)(run_dir, config, epoch)
-        _encode(run_dir, config, epoch, "start", partitions)
-        _index(run_dir, config, epoch, partitions)
+        _window_stages(run_dir, config, epoch, "start", partitions)
     prep = bind(refresh_task, run_dir)(run_dir, config, epoch)
     bind(train_task, run_dir)(run_dir, config, epoch)
     metrics = bind(validate_task, run_dir)(run_dir, config, epoch)
     if partitions > 1:
-        _encode(run_dir, config, epoch, "end", partitions)
+        _window_stages(run_dir, config, epoch, "end", partitions)
     reencode = bind(reencode_task, run_dir)(run_dir, config, epoch)
     return record_epoch_task(run_dir, config, run_id, epoch, prep, metrics, reencode)
+
+
+def _window_stages(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:
+    """Encoding (and at the epoch's start index building) over ``partitions`` window partitions: on the
+    flow's task runner, or, when the config names a Dask scheduler (``distributed.address``), in a
+    child flow run whose tasks run on that cluster."""
+    address = config.get("distributed", {}).get("address")
+    if address:
+        window_stages_flow.with_options(task_runner=dask_runner(address))(run_dir, config, epoch, when, partitions)
+    else:
+        window_stages_flow.fn(run_dir, config, epoch, when, partitions)
+
+
+@flow(name="window-stages", flow_run_name="window-stages-e{epoch}-{when}")
+def window_stages_flow(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:
+    _encode(run_dir, config, epoch, when, partitions)
+    if when == "start":
+        _index(run_dir, config, epoch, partitions)
 
 
 def _encode(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:

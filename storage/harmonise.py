@@ -11,7 +11,8 @@ Three layouts:
   train, val, optional test) or from ``role_fractions`` + ``split.seed``.
 
 Roles are checked to be disjoint, allele frequencies come from the panel samples only, and
-genotypes are read one variant chunk at a time.
+genotypes are read one variant chunk at a time: :func:`match_roles` holds only site keys and
+row numbers, so a caller can read any run of matched sites (``storage.prepare`` streams).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Harmonised:
         return self.sites.alt
 
 
-def harmonise(
+def match_roles(
     panel_zarr: Path,
     study_zarr: Path | None,
     test_zarr: Path | None,
@@ -78,8 +79,8 @@ def harmonise(
     *,
     sample_lists: Mapping[str, Sequence[str]] | None = None,
     role_fractions: Mapping[str, float] | None = None,
-) -> Harmonised:
-    """Match sites, assign disjoint roles, and load per-role genotypes at the matched sites.
+) -> SiteMatch:
+    """Match sites and assign disjoint roles; genotypes are read later, per run of sites.
 
     ``sample_lists`` maps roles (panel, train, val, test) to sample ids. With separate stores a
     list selects samples of that role's store (train and val come together, from the study);
@@ -115,18 +116,51 @@ def harmonise(
     check_disjoint(ids)
     rows, counts = _match(sources)
     keys = SiteKeys(*panel.site_keys()).take(rows["panel"])
-    genotypes = {
-        role: _load(sources[role], rows[role], _columns(sources[role], ids[role], role)) for role in ids
-    }
+    columns = {role: _columns(sources[role], ids[role], role) for role in ids}
+    return SiteMatch(sites=keys, sources=sources, rows=rows, columns=columns, sample_ids=ids, counts=counts)
+
+
+@dataclass(frozen=True)
+class SiteMatch:
+    """Matched sites and sample roles, without genotypes: :meth:`genotypes` reads any run of sites."""
+
+    sites: SiteKeys  # matched sites, genomic order
+    sources: dict[str, GenotypeStore]  # role -> its store
+    rows: dict[str, np.ndarray]  # role -> int64 variant row of each matched site in its store
+    columns: dict[str, np.ndarray]  # role -> int64 sample column of each of its samples
+    sample_ids: dict[str, list[str]]
+    counts: dict[str, int]  # n_panel_only, n_study_only, n_not_in_test
+
+    def __len__(self) -> int:
+        return len(self.sites.position)
+
+    def genotypes(self, role: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """``int8 [hi - lo, N_role, 2]`` at matched sites ``lo:hi``, -1 missing (reads only the chunks it needs)."""
+        return _load(self.sources[role], self.rows[role][lo:hi], self.columns[role])
+
+
+def harmonise(
+    panel_zarr: Path,
+    study_zarr: Path | None,
+    test_zarr: Path | None,
+    split: SplitConfig,
+    *,
+    sample_lists: Mapping[str, Sequence[str]] | None = None,
+    role_fractions: Mapping[str, float] | None = None,
+) -> Harmonised:
+    """:func:`match_roles`, then every role's genotypes at every matched site in memory (small data and
+    tests; ``storage.prepare`` streams from a :class:`SiteMatch` instead)."""
+    m = match_roles(panel_zarr, study_zarr, test_zarr, split, sample_lists=sample_lists, role_fractions=role_fractions)
+    genotypes = {role: m.genotypes(role) for role in m.sample_ids}
     _, called = allele_counts(genotypes["panel"])
     result = Harmonised(
-        sites=keys,
+        sites=m.sites,
         panel_af=allele_frequency(genotypes["panel"]),  # panel only: no query genotypes leak in
         genotypes=genotypes,
-        sample_ids=ids,
-        n_matched=len(keys),
+        sample_ids=m.sample_ids,
+        n_matched=len(m),
         n_no_panel_calls=int((called == 0).sum()),
-        **counts,
+        **m.counts,
     )
     log.info(
         "harmonised %d sites (panel only %d, study only %d, not in test %d); samples %s",
@@ -134,7 +168,7 @@ def harmonise(
         result.n_panel_only,
         result.n_study_only,
         result.n_not_in_test,
-        {r: len(v) for r, v in ids.items()},
+        {r: len(v) for r, v in m.sample_ids.items()},
     )
     return result
 
@@ -251,7 +285,9 @@ def _load(store: GenotypeStore, rows: np.ndarray, columns: np.ndarray) -> np.nda
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     chunk = store.variants_chunk_size
-    for start in range(0, store.n_variants, chunk):
+    first = int(sorted_rows[0]) // chunk * chunk if len(rows) else 0
+    last = int(sorted_rows[-1]) + 1 if len(rows) else 0
+    for start in range(first, last, chunk):  # only the chunks holding a wanted row
         lo, hi = np.searchsorted(sorted_rows, [start, start + chunk])
         if lo == hi:
             continue

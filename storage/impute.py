@@ -67,6 +67,16 @@ class ImputeSummary:
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
+def set_threads(threads: int) -> None:
+    """torch's and FAISS's threads for this process (both, explicitly: they share libgomp's setting)."""
+    import faiss
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig]:
     bundle = load_checkpoint(checkpoint, map_location=device)
     cfg = RunConfig.from_dict(bundle["config"])
@@ -174,14 +184,15 @@ def read_temperature(checkpoint: Path) -> float:
 
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
-    batch_size: int = 256, sample_chunk: int = 500, device: str = "auto",
+    batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
 ) -> ImputeSummary:
     """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
 
     ``out_vcf`` (.vcf.gz + .tbi) is written atomically; typed sites keep their GT (flag TYPED),
     the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. Neighbours are chosen as in
     training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
-    with the temperature validation fitted for this checkpoint.
+    with the temperature validation fitted for this checkpoint. ``threads``: torch and FAISS threads
+    of this process (default: theirs, one per core).
     """
     t0 = time.perf_counter()
     checkpoint, target_vcf, out_vcf = Path(checkpoint), Path(target_vcf), Path(out_vcf)
@@ -189,6 +200,8 @@ def impute_vcf(
         raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
     if sample_chunk < 1 or batch_size < 1:
         raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
+    if threads is not None:
+        set_threads(threads)
     prepared = PreparedData(RunLayout(Path(run_dir)).prepared)
     dev = resolve_device(device)
     check_checkpoint(checkpoint, checkpoint_lineage(checkpoint), Path(run_dir), prepared)  # same sites as trained on
@@ -232,10 +245,11 @@ def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_v
                   out_vcf: Path | None, truth_vcf: Path | None) -> tuple[Path, Path, Path, Path | None]:
     """Fill what was not given: the last checkpoint of ``variant``; the simulated array target and its
     truth (the simulated test VCF) when no target is given; ``imputed/<target>.<variant>.vcf.gz``."""
-    from storage.simulate import ARRAY_FILE, ROLE_FILES  # loads msprime/stdpopsim: only for these defaults
-
     layout = RunLayout(Path(run_dir))
     if target_vcf is None:
+        # storage.simulate loads msprime/stdpopsim (~1 s): only for these defaults
+        from storage.simulate import ARRAY_FILE, ROLE_FILES
+
         target_vcf = layout.vcf_dir / ARRAY_FILE
         truth_vcf = truth_vcf or layout.vcf_dir / ROLE_FILES["test"]
     checkpoint = Path(checkpoint) if checkpoint else layout.variant(variant).latest_checkpoint()

@@ -37,8 +37,9 @@ LINEAGE_FORMAT_VERSION = 1
 LINEAGE_FILE = "lineage.json"
 PREPARED_SECTIONS = ("split", "window")  # + "simulate" when the inputs are the run's simulation
 # Trained artifacts depend on every section but the simulation (which reaches them only through the
-# prepared data, digested separately); a section added to RunConfig is covered without a change here.
-VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "simulate")
+# prepared data, digested separately) and where the work runs (``distributed``: the same bytes on any
+# cluster); a section added to RunConfig is covered without a change here.
+VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("simulate", "distributed"))
 # What a forced re-prepare sets aside besides the variants: everything derived from them.
 DERIVED = ("prefect-results", "compare", "imputed", "mlflow.db", "mlartifacts")
 

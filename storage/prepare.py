@@ -1,4 +1,5 @@
-"""The prepare stage: VCFs -> VCF-Zarr stores -> harmonised roles -> windows + tokens (prepared.zarr).
+"""The prepare stage: VCFs -> VCF-Zarr stores -> matched sites and roles -> windows + tokens (prepared.zarr),
+streamed from the stores one run of windows at a time.
 
 Each step persists and is skipped when its output exists, verifies against its manifest, and was
 made from the same input checksums, so a rerun after a failure redoes only what is missing.
@@ -13,6 +14,7 @@ aside (:func:`storage.lineage.set_aside`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -28,18 +30,18 @@ import numpy as np
 
 from embrag import __version__
 from embrag.config import RunConfig
-from embrag.sites import split_samples
+from embrag.sites import allele_counts, split_samples
 from embrag.tokens import haplotype_tokens
 from embrag.windows import make_windows
 from storage.atomic import read_json, sha256_file, write_json
 from storage.errors import IntegrityError, LineageError, VcfInputError
-from storage.harmonise import harmonise
+from storage.harmonise import SiteMatch, match_roles
 from storage.ingest import ingest_vcf, open_genotypes
 from storage.integrity import is_sealed, manifest_path, verify_store
 from storage.layout import RunLayout
 from storage.lineage import set_aside, trained_variants
 from storage.locks import orphaned, owned_name
-from storage.prepared import PREPARED_FORMAT_VERSION, PreparedData, SiteTable, write_prepared
+from storage.prepared import PREPARED_FORMAT_VERSION, PreparedData, chunk_sites, write_prepared
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,15 @@ def _previous_key(summary_path: Path) -> str | None:
 
 def prepare(
     layout: RunLayout, cfg: RunConfig, *, panel_vcf: Path, study_vcf: Path | None = None, test_vcf: Path | None = None,
-    force: bool = False,
+    force: bool = False, max_sites: int | None = None, workers: int = 1,
 ) -> PrepareSummary:
     """Prepare a run from a reference panel alone (queries are panel samples, leave-own-sample-out)
-    or with a study VCF whose samples add training / validation queries."""
+    or with a study VCF whose samples add training / validation queries.
+
+    Genotypes stream from the VCF-Zarr stores in runs of whole windows of at most ``max_sites`` sites
+    (default :func:`storage.prepared.chunk_sites`: ``CHUNK_BYTES`` of tokens), so memory is bounded by
+    that run, not by the region or the panel (times ``workers``, the threads writing runs at once);
+neither changes a byte of the result."""
     t0 = time.perf_counter()
     inputs = ({"panel": Path(panel_vcf)} | ({"study": Path(study_vcf)} if study_vcf else {})
               | ({"test": Path(test_vcf)} if test_vcf else {}))
@@ -173,24 +180,28 @@ def prepare(
     with _staging(layout) as staging:
         ingested = {name: ingest_cached(vcf, layout.genotypes(name), staging, digests[name])
                     for name, vcf in inputs.items()}
-        h = harmonise(ingested["panel"][0], ingested["study"][0] if study_vcf else None,
-                      ingested["test"][0] if test_vcf else None, cfg.split)
-        panel_queries = _panel_queries(h.sample_ids["panel"], cfg)
-        sites = SiteTable(contig=h.sites.contig, position=h.sites.position, ref=h.sites.ref, alt=h.sites.alt, af=h.panel_af)
-        windows = make_windows(sites.contig, cfg.window)
-        tokens = {role: haplotype_tokens(g) for role, g in h.genotypes.items()}
+        m = match_roles(ingested["panel"][0], ingested["study"][0] if study_vcf else None,
+                        ingested["test"][0] if test_vcf else None, cfg.split)
+        panel_queries = _panel_queries(m.sample_ids["panel"], cfg)
+        windows = make_windows(m.sites.contig, cfg.window)
         summary = PrepareSummary(
-            path=str(layout.prepared), n_sites=len(sites), n_windows=len(windows), window_size=cfg.window.size,
-            samples={role: len(ids) for role, ids in h.sample_ids.items()}
+            path=str(layout.prepared), n_sites=len(m), n_windows=len(windows), window_size=cfg.window.size,
+            samples={role: len(ids) for role, ids in m.sample_ids.items()}
             | {f"{split}_panel_queries": len(idx) for split, idx in panel_queries.items()},
-            n_panel_only_sites=h.n_panel_only, n_study_only_sites=h.n_study_only,
+            n_panel_only_sites=m.counts["n_panel_only"], n_study_only_sites=m.counts["n_study_only"],
             skipped_records={k: v[1]["skipped"] for k, v in ingested.items()}, seconds=time.perf_counter() - t0,
         )
         lengths = open_genotypes(ingested["panel"][0]).contig_lengths()  # for the imputed VCF's ##contig lines
-        write_prepared(layout.prepared, sites=sites, windows=windows, window_size=cfg.window.size, tokens=tokens,
-                       sample_ids=h.sample_ids, attrs={"provenance": provenance, "summary": asdict(summary),
-                                                       "contig_length": lengths},
-                       panel_queries=panel_queries)
+        n_haplotypes = sum(2 * len(ids) for ids in m.sample_ids.values())
+        no_calls = set()
+        write_prepared(layout.prepared, sites=m.sites, windows=windows, window_size=cfg.window.size,
+                       sample_ids=m.sample_ids, read=functools.partial(_read_chunk, m, no_calls),
+                       max_sites=max_sites or chunk_sites(n_haplotypes, cfg.window.size),
+                       attrs={"provenance": provenance, "summary": asdict(summary), "contig_length": lengths},
+                       panel_queries=panel_queries, workers=workers)
+        if no_calls:
+            log.warning("%d of %d sites have no called panel alleles; their allele frequency is set to 0",
+                        len(no_calls), len(m))
         for name, (store, _) in ingested.items():
             if store != layout.genotypes(name):
                 _commit_staged(store, layout.genotypes(name))
@@ -199,6 +210,16 @@ def prepare(
         moved = set_aside(layout)
         log.warning("prepared again with --force: moved %s to %s", ", ".join(trained), moved)
     return summary
+
+
+def _read_chunk(m: SiteMatch, no_calls: set[int], lo: int, hi: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Tokens of every role and the panel ALT frequency at matched sites ``lo:hi`` (``write_prepared``'s reader);
+    sites with no called panel allele are added to ``no_calls``."""
+    genotypes = {role: m.genotypes(role, lo, hi) for role in m.sample_ids}  # int8 [hi - lo, N_role, 2]
+    alt, called = allele_counts(genotypes["panel"])  # panel only: no query genotypes leak in
+    no_calls.update((lo + np.flatnonzero(called == 0)).tolist())
+    af = (alt / np.maximum(called, 1)).astype(np.float32)  # = embrag.sites.allele_frequency, without its warning
+    return {role: haplotype_tokens(g) for role, g in genotypes.items()}, af
 
 
 def _panel_queries(panel_ids: list[str], cfg: RunConfig) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """The prepared dataset: matched sites, windows and per-role haplotype tokens in one Zarr v3 group.
 
 Token arrays are chunked one window per chunk (no sharding), so per-window stages can read, and
-parallel writers can write, whole chunks without touching each other's bytes.
+parallel writers can write, whole chunks without touching each other's bytes. The writer streams:
+it asks for the tokens of one run of windows at a time (:func:`write_prepared`).
 
 The store is sealed by ``prepared.zarr.manifest.json`` (:mod:`storage.integrity`), written last and
 checked on open and on every read; its ``content_sha256`` is :attr:`PreparedData.digest`, the
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +24,7 @@ import numpy as np
 import zarr
 
 from embrag.constants import ROLES
+from embrag.sites import SiteKeys
 from embrag.tokens import window_tokens
 from embrag.windows import Windows, site_owner
 from storage.atomic import atomic_path, sha256_file
@@ -45,39 +49,86 @@ class SiteTable:
         return np.minimum(self.af, 1.0 - self.af)
 
 
+# Genotype bytes (sites x haplotypes, all roles) one prepare chunk may hold. The chunk's genotypes,
+# validity masks, tokens and window copy make prepare's peak about ten times this above the rest,
+# whatever the region or the panel.
+CHUNK_BYTES = 16 * 2**20
+
+ReadChunk = Callable[[int, int], tuple[dict[str, np.ndarray], np.ndarray]]
+
+
+def chunk_sites(n_haplotypes: int, window_size: int, budget: int = CHUNK_BYTES) -> int:
+    """Sites per prepare chunk: ``budget`` bytes of tokens over all haplotypes, at least one window."""
+    return max(window_size, budget // max(1, n_haplotypes))
+
+
+def window_runs(windows: Windows, max_sites: int) -> Iterator[tuple[int, int]]:
+    """Consecutive window ranges ``[w0, w1)`` each spanning at most ``max_sites`` sites (or one window)."""
+    w0, n = 0, len(windows)
+    while w0 < n:
+        w1 = w0 + 1
+        while w1 < n and windows.stop[w1] - windows.start[w0] <= max_sites:
+            w1 += 1
+        yield w0, w1
+        w0 = w1
+
+
 def write_prepared(
     path: Path,
     *,
-    sites: SiteTable,
+    sites: SiteKeys,
     windows: Windows,
     window_size: int,
-    tokens: dict[str, np.ndarray],
     sample_ids: dict[str, list[str]],
+    read: ReadChunk,
+    max_sites: int,
     attrs: dict[str, Any],
     panel_queries: dict[str, np.ndarray] | None = None,
+    workers: int = 1,
 ) -> Path:
-    """Write the prepared group atomically. ``tokens[role]`` is ``uint8 (H_role, S)``;
-    ``panel_queries[split]`` the panel sample indices that are ``split`` ("train"/"val") queries."""
-    unknown = set(tokens) - set(ROLES)
+    """Write the prepared group atomically, streaming: ``read(lo, hi)`` returns the tokens of matched
+    sites ``lo:hi`` (``{role: uint8 (H_role, hi - lo)}``) and their panel ALT frequency (float32), for
+    runs of whole windows of at most ``max_sites`` sites, so only one run (``workers`` runs, written by
+as many threads) is in memory at a time.
+    ``panel_queries[split]`` holds the panel sample indices that are ``split`` ("train"/"val") queries."""
+    unknown = set(sample_ids) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown sample roles {sorted(unknown)}; expected a subset of {ROLES}")
-    for role, t in tokens.items():
-        if t.shape != (2 * len(sample_ids[role]), len(sites)):
-            raise ValueError(f"tokens[{role}] has shape {t.shape}, expected ({2 * len(sample_ids[role])}, {len(sites)})")
+    n_sites = len(sites.position)
     with atomic_path(Path(path)) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
-        _array(root, "site_contig", sites.contig.astype(str))
-        _array(root, "site_position", sites.position.astype(np.int64))
-        _array(root, "site_ref", sites.ref.astype(str))
-        _array(root, "site_alt", sites.alt.astype(str))
-        _array(root, "site_af", sites.af.astype(np.float32))
+        out = {role: root.create_array(f"tokens/{role}", shape=(len(windows), 2 * len(ids), window_size),
+                                       dtype=np.uint8, chunks=(1, 2 * len(ids), window_size), fill_value=0)
+               for role, ids in sample_ids.items()}
+        af = np.zeros(n_sites, np.float32)
+
+        def write_run(w0: int, w1: int) -> None:  # whole token chunks of windows w0:w1: runs never share a byte
+            lo, hi = int(windows.start[w0]), int(windows.stop[w1 - 1])
+            tokens, af[lo:hi] = read(lo, hi)  # sites shared with a neighbouring run get the same values
+            run = Windows(contig=windows.contig[w0:w1], start=windows.start[w0:w1] - lo, stop=windows.stop[w0:w1] - lo)
+            for role, t in tokens.items():
+                if t.shape != (out[role].shape[1], hi - lo):
+                    raise ValueError(f"tokens[{role}] of sites {lo}:{hi} have shape {t.shape}, "
+                                     f"expected ({out[role].shape[1]}, {hi - lo})")
+                out[role][w0:w1] = window_tokens(t, run, window_size)  # (w1 - w0, H, L)
+
+        runs = list(window_runs(windows, max_sites))
+        if workers > 1:  # decompression, tokenising and compression release the GIL
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda r: write_run(*r), runs))
+        else:
+            for run in runs:
+                write_run(*run)
+        _array(root, "site_contig", np.asarray(sites.contig).astype(str))
+        _array(root, "site_position", np.asarray(sites.position).astype(np.int64))
+        _array(root, "site_ref", np.asarray(sites.ref).astype(str))
+        _array(root, "site_alt", np.asarray(sites.alt).astype(str))
+        _array(root, "site_af", af)
         _array(root, "window_contig", windows.contig.astype(str))
         _array(root, "window_start", windows.start)
         _array(root, "window_stop", windows.stop)
-        for role, t in tokens.items():
-            wt = window_tokens(t, windows, window_size)  # (W, H, L)
-            root.create_array(f"tokens/{role}", data=wt, chunks=(1, wt.shape[1], window_size))
-            _array(root, f"sample_id/{role}", np.asarray(sample_ids[role], dtype=str))
+        for role, ids in sample_ids.items():
+            _array(root, f"sample_id/{role}", np.asarray(ids, dtype=str))
         for split, idx in (panel_queries or {}).items():
             root.create_array(f"query/{split}_panel", data=np.asarray(idx, np.int64), chunks=(max(1, len(idx)),))
         root.attrs.update({"format_version": PREPARED_FORMAT_VERSION, "window_size": window_size, **attrs})

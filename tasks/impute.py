@@ -15,11 +15,11 @@ from tasks._common import LIVE, fault_point
 # deleted or after the checkpoint changed; imputation is a leaf stage that runs when asked.
 @task(name="impute", **LIVE)
 def impute_task(run_dir: str, checkpoint: str, target_vcf: str, out_vcf: str, allow_panel_overlap: bool = False,
-                sample_chunk: int = 500) -> dict:
+                sample_chunk: int = 500, threads: int | None = None) -> dict:
     """Impute every panel site of ``run_dir`` for the samples of ``target_vcf``; returns the summary."""
     fault_point(run_dir, "impute")
     summary = impute_vcf(Path(checkpoint), Path(run_dir), Path(target_vcf), Path(out_vcf),
-                         allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
+                         allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, threads=threads)
     return dataclasses.asdict(summary)
 
 

@@ -313,6 +313,42 @@ def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, t
     _assert_artifacts_whole(tiny_run_dir)
 
 
+def test_two_dask_workers_over_tcp_write_the_artifacts_of_the_sequential_run(reference, tiny_run_dir):
+    """``distributed.address`` in the config: the per-window stages run on that Dask cluster (here two
+    workers on 127.0.0.1 over TCP) and write what the sequential compare run wrote, byte for byte."""
+    distributed = pytest.importorskip("distributed")  # the [dask] extra
+    from prefect.client.orchestration import get_client
+
+    config = json.loads((tiny_run_dir / "config.json").read_text())
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        config["distributed"] = {"address": cluster.scheduler_address}
+        (tiny_run_dir / "config.json").write_text(json.dumps(config))
+        state = train_flow(run_dir=str(tiny_run_dir), variant="v18", partitions=2, return_state=True)
+        executed = [w.state.executed_count for w in cluster.workers.values()]
+    assert len(executed) == 2 and sum(executed) > 0  # the partitions ran on the cluster
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert sorted(r.name for r in children) == [f"window-stages-e{e}-{w}" for e in (0, 1) for w in ("end", "start")]
+    ref, got = (RunLayout(d).variant("v18").root for d in (reference[0], tiny_run_dir))
+    hashes = [{str(p.relative_to(root)): json.loads(p.read_text())["manifest"]["faiss_sha256"]
+               for p in sorted(root.rglob("index/*/w*.json"))} for root in (ref, got)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) > 0
+    stores = sorted(p.name for p in (ref / "embeddings").glob("*.zarr"))
+    assert stores == sorted(p.name for p in (got / "embeddings").glob("*.zarr"))
+    for name in stores:
+        a, b = (zarr.open_group(str(root / "embeddings" / name), mode="r") for root in (ref, got))
+        for array in ("table", "complete"):
+            assert np.array_equal(a[array][:], b[array][:]), (name, array)
+    _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
+    _assert_artifacts_whole(tiny_run_dir)
+
+
 def test_impute_flow_defaults_impute_and_score_the_array_samples(reference):
     from flows.impute import impute_flow
     from storage.evaluate import evaluate_vcfs

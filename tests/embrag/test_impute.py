@@ -201,3 +201,23 @@ def test_overlapping_windows_are_merged_by_owner(rng):
         np.testing.assert_allclose(merged[:, s], expect, atol=1e-6)
     yielded = np.concatenate([s for s, _ in iter_owned(model, windows, n_sites, window_inputs, index_kind=None)])
     assert sorted(yielded.tolist()) == list(range(n_sites))  # every site exactly once
+
+
+@pytest.mark.parametrize("variant", ["v18", "none"])
+def test_tabulated_window_equals_the_forward_batch_path(variant, rng, monkeypatch):
+    """impute_window's per-window tables (embrag.tabulated) give the probabilities of forward_batch,
+    the path training uses, for the same neighbours."""
+    import embrag.impute as imp
+
+    model = _model(variant, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised gate/head terms would hide a wrong one
+            p.add_(torch.randn_like(p) * 0.2)
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=8))
+    kind = index_kind(variant, "compact")
+    fast = impute_window(model, inp, index_kind=kind)
+    calls = []
+    monkeypatch.setattr(imp, "_tabulated", lambda *a: calls.append(1))
+    slow = impute_window(model, inp, index_kind=kind)
+    assert calls  # the second run took forward_batch
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)

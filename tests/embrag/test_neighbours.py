@@ -142,3 +142,25 @@ def test_ties_are_broken_by_the_seed_not_by_row_order():
     assert len(set(picks)) > 1  # the seed changes the pick
     assert any(set(p) != {0, 1, 2, 3} for p in picks)  # not the lowest ids
     assert picks[0] == tuple(select_neighbours(ctx, 0, np.array([40]), every, 4, radius=0, seed=0).rows[0])
+
+
+def test_blocked_context_selects_as_the_eager_one(monkeypatch):
+    """Past STATE_BUDGET_BYTES a context keeps a block of windows' states at a time: same neighbours and runs."""
+    import embrag.neighbours as nb
+
+    alleles, contig, position, typed = _data(11, 40, 500, n_contigs=2, missing=0.05)
+    windows = make_windows(contig, WindowConfig(size=24, overlap=6))
+    args = (alleles[:, typed], 30, typed, contig, position, windows, 24)
+    eager = build_context(*args)
+    monkeypatch.setattr(nb, "STATE_BUDGET_BYTES", 0)
+    monkeypatch.setattr(nb, "STATE_BLOCK", 3)
+    blocked = build_context(*args)
+    assert type(blocked.forward._by_contig[0]).__name__ == "BlockedStates"
+    queries = np.arange(30, 40)
+    rng = np.random.default_rng(0)
+    for w in rng.permutation(len(windows)):
+        cands = rng.integers(-1, 30, (10, 12))
+        a = select_neighbours(eager, int(w), queries, cands, 5, radius=3, seed=1)
+        b = select_neighbours(blocked, int(w), queries, cands, 5, radius=3, seed=1)
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.runs.features(), b.runs.features())

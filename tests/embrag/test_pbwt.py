@@ -106,3 +106,24 @@ def test_nearest_references_do_not_depend_on_the_other_queries(seed, radius):
         np.testing.assert_array_equal(a.boundary(np.full(30, 30), every), b.boundary(np.full(30, 30), every))
         near = b.nearest(np.array([30, 3]), radius)
         assert (near < 30).all() and 3 not in near[1]  # references only, never the query itself
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 100_000), n=st.integers(1, 25), sites=st.integers(0, 30), block=st.integers(1, 6),
+       forward=st.booleans())
+def test_blocked_states_equal_the_sweep_in_any_access_order(seed, n, sites, block, forward):
+    from embrag.pbwt import BlockedStates
+
+    rng = np.random.default_rng(seed)
+    x = _alleles(rng, n, sites)
+    x[rng.random(x.shape) < 0.05] = 2  # missing alleles take a neighbour's: the fill must replay the same
+    columns = np.unique(rng.integers(0, sites + 1, size=rng.integers(1, sites + 2)))
+    n_ref = int(rng.integers(1, n + 1))
+    want = sweep(x, columns, forward=forward, n_reference=n_ref)
+    got = BlockedStates(x, columns, forward=forward, n_reference=n_ref, block=block)
+    assert sorted(got) == sorted(want)
+    for c in rng.permutation(columns):  # training reads windows in random order
+        np.testing.assert_array_equal(got[c].order, want[c].order)
+        np.testing.assert_array_equal(got[c].div, want[c].div)
+        assert (got[c].column, got[c].forward, got[c].n_reference) == (c, forward, n_ref)
+        assert len(got._cached[1]) <= block  # one block of states alive at a time

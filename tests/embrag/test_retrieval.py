@@ -298,3 +298,58 @@ def test_ties_beyond_k_are_broken_by_the_seed_not_by_row_order(kind):
     assert len(set(picks)) > 1  # the seed changes the pick ...
     assert sum(set(p) == set(sorted(tied)[:5]) for p in picks) <= 1  # ... and it is not the lowest ids
     assert picks[0] == tuple(index.search(query, 5, tie_seed=0)[1][0])  # deterministic per seed
+
+
+def _sorted_build(monkeypatch, *args):
+    """The build as it was before hashing: patterns from ``np.unique(axis=0)`` (sorted rows)."""
+    from embrag import retrieval
+
+    def by_sorting(keys):
+        patterns, inverse = np.unique(keys, axis=0, return_inverse=True)
+        return patterns, inverse.ravel().astype(np.int32)
+
+    with monkeypatch.context() as m:
+        m.setattr(retrieval, "distinct_rows", by_sorting)
+        return build_index(*args)
+
+
+def _same_grouping(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two ``row_pattern`` arrays put the same rows together (pattern ids may be renumbered)."""
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["compact", "token"])
+def test_hashed_build_equals_the_sorted_build(kind, seed, monkeypatch):
+    """The hashed pattern grouping gives the sorted build's index: the same rows share a pattern, each
+    row keeps its vector, and every search returns the same rows at the same distances (ties included)."""
+    rng = np.random.default_rng(300 + seed)
+    table, base, queries, mask = random_window(rng, length=32, n_panel=30, n_query=25, p_missing=0.05)
+    panel = base[rng.integers(0, 30, size=400)]  # repeated haplotypes: tie groups and shared patterns
+    hashed, ref = build_index(kind, panel, mask, table), _sorted_build(monkeypatch, kind, panel, mask, table)
+    assert hashed.row_pattern.dtype == np.int32
+    assert hashed.index.ntotal == ref.index.ntotal < len(panel)
+    assert _same_grouping(hashed.row_pattern, ref.row_pattern)
+    stored = lambda ix: ix.index.reconstruct_n(0, ix.index.ntotal)  # noqa: E731
+    np.testing.assert_array_equal(stored(hashed)[hashed.row_pattern], stored(ref)[ref.row_pattern])
+    exclude = np.where(rng.random((25, 2)) < 0.5, rng.integers(0, 400, size=(25, 2)), -1)
+    for tie_seed in (0, 7):
+        d_h, r_h = hashed.search(queries, 40, exclude_rows=exclude, tie_seed=tie_seed)
+        d_s, r_s = ref.search(queries, 40, exclude_rows=exclude, tie_seed=tie_seed)
+        np.testing.assert_array_equal(r_h, r_s)
+        np.testing.assert_array_equal(d_h, d_s)
+
+
+def test_distinct_rows_survives_a_hash_collision(monkeypatch):
+    """Every row hashing alike must not merge different rows: the exact sort takes over."""
+    from embrag import retrieval
+
+    keys = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [-0.0, 0.0], [0.0, 0.0]], np.float32)
+    patterns, row_pattern = retrieval.distinct_rows(keys)
+    np.testing.assert_array_equal(row_pattern, [0, 1, 0, 2, 2])  # first appearance; -0.0 is 0.0
+    np.testing.assert_array_equal(patterns[row_pattern], keys)
+    monkeypatch.setattr(retrieval, "_row_hashes", lambda rows: np.zeros(len(rows), np.uint64))
+    patterns, row_pattern = retrieval.distinct_rows(keys)
+    np.testing.assert_array_equal(patterns[row_pattern], keys)
+    assert len(patterns) == 3

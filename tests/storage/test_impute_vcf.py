@@ -306,3 +306,31 @@ def _typed(run: dict) -> np.ndarray:
     keys = {(r.POS, r.REF, r.ALT[0]) for r in VCF(str(run["sim"].test_array_vcf))}
     s = run["prepared"].sites
     return np.array([(int(p), r, a) in keys for p, r, a in zip(s.position, s.ref, s.alt, strict=True)])
+
+
+def test_default_paths_does_not_load_the_simulator_when_every_path_is_given(tmp_path):
+    """stdpopsim/msprime cost about a second of every `embrag impute`: only the simulated defaults need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from storage.impute import default_paths; "
+            f"default_paths(Path({str(tmp_path)!r}), 'v18', Path('c.pt'), Path('t.vcf.gz'), None, None); "
+            "print(sorted(m for m in ('stdpopsim', 'msprime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_set_threads_sets_torch_and_faiss_and_refuses_zero():
+    import faiss
+
+    from storage.impute import set_threads
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        set_threads(1)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        with pytest.raises(ValueError, match="threads"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
