@@ -61,6 +61,15 @@ def test_an_altered_byte_is_found_when_its_chunk_is_read(store):
         verify_store(store, FIX, deep=True)
 
 
+def test_a_chunk_lost_after_the_store_was_opened_is_an_error_not_fill_values(store):
+    g, _ = open_store(store, FIX)  # the check on opening passed
+    (store / "a" / "c" / "1").unlink()
+    assert g["a"][:5].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(IntegrityError, match=r"a/c/1 is missing .*would read back fill values; the fix"):
+        g["a"][5:]
+    assert g["z"][:2].tolist() == [0, 0]  # a chunk never written (fill value) still reads as absent
+
+
 def test_content_digest_ignores_the_root_attributes_only(store, tmp_path):
     digest = json.loads(manifest_path(store).read_text())["content_sha256"]
     g = zarr.open_group(str(store), mode="r+")
