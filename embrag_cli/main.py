@@ -52,19 +52,10 @@ def load_config(run_dir: Path, config: Path | None, overrides: list[str] | None)
     Every value is checked against the config dataclasses (types, ranges, unknown fields with a
     suggestion); nothing is written.
     """
-    from embrag.config import RunConfig
-    from embrag.errors import ConfigError
     from embrag.settings import apply_overrides
-    from storage.atomic import read_json
+    from storage.run_config import read_config
 
-    path = config or (run_dir / "config.json")
-    if config is not None and not config.is_file():
-        raise ConfigError(f"{config}: config file not found; write one with `embrag config --run-dir DIR`")
-    try:
-        cfg = RunConfig.from_dict(read_json(path)) if path.exists() else RunConfig()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}; fix the file, or re-create it with `embrag config`") from e
-    return apply_overrides(cfg, overrides or [])
+    return apply_overrides(read_config(run_dir, config), overrides or [])
 
 
 def _check_variant(variant: str) -> str:
@@ -193,7 +184,8 @@ def train(
 
 def _train_local(run_dir: Path, cfg, epochs: int | None = None) -> list[dict]:
     from storage.layout import RunLayout
-    from storage.training import VariantRun, run_epochs
+    from storage.training import run_epochs
+    from storage.variant import VariantRun
 
     run = VariantRun(RunLayout(run_dir), cfg)  # refuses artifacts of other data or settings (storage.lineage)
     n_epochs = epochs if epochs is not None else cfg.train.epochs

@@ -211,7 +211,8 @@ def test_d3_a_damaged_embeddings_store_is_refused_and_re_encoded(run_dir):
     from embrag.config import RunConfig
     from storage.embeddings import EmbeddingStore, is_complete
     from storage.errors import IntegrityError
-    from storage.training import VariantRun, reencode_after_epoch
+    from storage.training import reencode_after_epoch
+    from storage.variant import VariantRun
 
     store = RunLayout(run_dir).variant("v18").embeddings(2)  # made after epoch 1
     chunk = store / "complete" / "c" / "0" / "0" / "0" / "0"
@@ -386,7 +387,7 @@ def test_d13_a_full_or_read_only_disk_is_one_line(run_dir, capsys, monkeypatch, 
 
 def test_d13_a_truncated_masks_file_names_the_file_and_the_fix(run_dir):
     from storage.errors import IntegrityError
-    from storage.training import read_masks
+    from storage.epoch_inputs import read_masks
 
     masks = RunLayout(run_dir).variant("v18").val_masks
     masks.write_bytes(masks.read_bytes()[:200])

@@ -164,19 +164,22 @@ def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_
 
     rerun = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)  # the marker: fails once
     assert rerun.is_completed()
-    stages = {f"{stage}-{e}" for stage in ("refresh", "train", "validate", "reencode") for e in (0, 1)}
+    reencode_1 = "embed-v2-w0-18"  # the re-encode after epoch 1: embedding version 2, one partition of 18 windows
+    stages = {f"{stage}-{e}" for stage in ("refresh", "train", "validate") for e in (0, 1)} | {reencode_1}
     states = _task_states(rerun.state_details.flow_run_id, expect=stages)
-    for name in ("refresh-0", "train-0", "validate-0", "reencode-0", "refresh-1"):
+    for name in ("refresh-0", "train-0", "validate-0", "refresh-1"):
         assert states[name] == "Cached", (name, states)
-    for name in ("train-1", "validate-1", "reencode-1"):
+    for name in ("train-1", "validate-1", reencode_1):
         assert states[name] == "Completed", (name, states)
+    assert not [n for n in states if n.startswith(("embed-v0-", "embed-v1-"))]  # found complete: nothing planned
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
 
     ended = _mlflow_run(tiny_run_dir, "v18")[1].info.end_time
     again = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
-    assert {s for n, s in _task_states(again.state_details.flow_run_id, expect=stages).items()
-            if not n.startswith(("track", "publish"))} == {"Cached"}
+    planned = ("track", "publish", "embed-plan", "embed-finish", "index-plan", "index-finish")  # live: they only look
+    states = _task_states(again.state_details.flow_run_id, expect=stages - {reencode_1})
+    assert {n: s for n, s in states.items() if not n.startswith(planned) and s != "Cached"} == {}
     client, run = _mlflow_run(tiny_run_dir, "v18")
     assert run.info.status == "FINISHED"
     assert run.info.end_time == ended  # nothing new trained: the run's duration is not stretched
@@ -301,9 +304,9 @@ def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, t
     state = train_flow.with_options(task_runner=runner)(run_dir=str(tiny_run_dir), variant="v18", partitions=3,
                                                         return_state=True)
     assert state.is_completed()
-    states = _task_states(state.state_details.flow_run_id, expect={"reencode-1"})
+    states = _task_states(state.state_details.flow_run_id, expect={"embed-finish-v2"})
     assert sum(n.startswith("embed-v") for n in states) == 3 * 3  # e0000 at epoch 0, e0001 and e0002 after each
-    assert sum(n.startswith("index-train") for n in states) == 3 * 2
+    assert sum(n.startswith("index-m") for n in states) == 3 * 2  # mask versions 0 and 1
 
     ref, got = (RunLayout(d).variant("v18").root for d in (reference[0], tiny_run_dir))
     hashes = [{str(p.relative_to(root)): json.loads(p.read_text())["manifest"]["faiss_sha256"]
