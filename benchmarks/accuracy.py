@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import contenders, report
-from benchmarks.embrag_tool import Embrag
+from benchmarks.embrag_tool import ABLATION, Embrag
 from benchmarks.protocol import SCORES, PublicSim, SealedTruth, load_runs, run_replicate
 from benchmarks.scoring import load_scores
 from embrag.config import SimulateConfig
@@ -79,7 +79,9 @@ def make_tools(names: list[str], args: argparse.Namespace) -> list:
             "copy-top1": contenders.top1}
     out = []
     for name in names:
-        if name == "embrag":
+        if name == "embrag" and args.ablation:
+            out += [Embrag("v18", args.train_minutes, label=label, overrides=o) for label, o in ABLATION]
+        elif name == "embrag":
             out += [Embrag(variant, args.train_minutes) for variant in args.variants.split(",")]
         else:
             out.append(made[name]())
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-minutes", type=float, default=5.0, help="embrag training budget per replicate")
     p.add_argument("--variants", default="v18", help="embrag variants (v18,v17)")
+    p.add_argument("--ablation", action="store_true",
+                   help="embrag V18 once per step of issue 10's ablation (benchmarks/embrag_tool.py ABLATION)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
     p.add_argument("--n-panel", type=int, default=400, help="reference panel samples simulated (every tool's panel)")
     p.add_argument("--n-test", type=int, default=50)

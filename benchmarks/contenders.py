@@ -38,7 +38,7 @@ class Beagle:
 
     def impute(self, inputs: Inputs, choice: dict, work: Path) -> ToolRun:
         vcf, cost = tools.beagle(inputs.target_unphased, inputs.panel_vcf, inputs.genetic_map, work, inputs.threads)
-        return ToolRun(vcf, cost, note="unphased target, phases in its own run; map=")
+        return ToolRun(vcf, cost, note="unphased target, phases in its own run; PLINK map")
 
 
 class Minimac4:

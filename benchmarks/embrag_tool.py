@@ -53,13 +53,29 @@ def array_density(panel_vcf: Path, target_vcf: Path) -> tuple[float, float]:
     return len(typed) / span_mb, maf
 
 
-def training_config(inputs: Inputs, variant: str) -> RunConfig:
-    """RunConfig defaults, trained for this target: array-like masks at its density (README, "Train for the target")."""
+def training_config(inputs: Inputs, variant: str, overrides: dict | None = None) -> RunConfig:
+    """RunConfig defaults, trained for this target: array-like masks at its density (README, "Train for the target");
+    then ``overrides`` (``section__field`` -> value, the ablation rows)."""
     density, min_maf = array_density(inputs.panel_vcf, inputs.target_unphased)
-    return RunConfig().replace(
+    cfg = RunConfig().replace(
         model__variant=variant, train__max_val_batches=VAL_BATCHES, train__device="cpu", mask__design="array",
         mask__array_per_mb=round(density, 1), mask__array_min_maf=round(min(0.05, min_maf), 4),
     )
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# The ablation of issue 10, each row adding one step to the one before (``--ablation``). The first row
+# is the seed design with its row-order ties fixed: the window index alone, K=4, no match evidence,
+# random masks of the old curriculum; the default model is the last step.
+_SEED = {"retrieval__rank": "index", "retrieval__pbwt_radius": 0, "model__k": 4, "model__match_features": False,
+         "model__copy_head": False, "mask__design": "random"}
+ABLATION: tuple[tuple[str, dict], ...] = (  # (label, a folder name too; overrides)
+    ("a1-tie-break-only", _SEED),
+    ("a2-cross-window-ranking", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16}),
+    ("a3-k16", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16, "model__k": 16}),
+    ("a4-match-evidence", {"mask__design": "random"}),
+    ("a5-array-design", {}),
+)
 
 
 def _probe(layout: RunLayout, cfg: RunConfig, threads: int) -> tuple[float, float]:
@@ -87,24 +103,26 @@ def _training_part(config: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "simulate"}
 
 
-def train_in_budget(layout: RunLayout, cfg: RunConfig, minutes: float, threads: int) -> tuple[list[dict], Cost]:
-    """The epoch history of a run trained for about ``minutes`` of an idle machine, and its cost."""
+def train_in_budget(layout: RunLayout, cfg: RunConfig, minutes: float, threads: int
+                    ) -> tuple[list[dict], Cost, VariantRun]:
+    """The epoch history of a run trained for about ``minutes`` of an idle machine, its cost and the run."""
     per_batch, overhead = _probe(layout, cfg, threads)
     batches = max(10, int((minutes * 60 / cfg.train.epochs - overhead) / per_batch))
-    run = VariantRun(layout, cfg.replace(train__max_train_batches=batches))
-    saved = run.paths.root / "config.json"
-    if saved.exists() and _training_part(read_json(saved)) != _training_part(run.cfg.to_dict()):
-        shutil.rmtree(run.paths.root)  # another budget or recipe: train again from scratch
-        run = VariantRun(layout, run.cfg)
+    run_cfg = cfg.replace(train__max_train_batches=batches)
+    root = layout.variant(cfg.model.variant).root
+    saved = root / "config.json"
+    if saved.exists() and _training_part(read_json(saved)) != _training_part(run_cfg.to_dict()):
+        shutil.rmtree(root)  # another budget or recipe: train again from scratch (lineage would refuse it)
+    run = VariantRun(layout, run_cfg)
     noted = run.paths.root / "benchmark-training.json"  # the cost of the training that made the checkpoints
     if noted.exists() and run.paths.checkpoint(cfg.train.epochs - 1).exists():
         saved_cost = read_json(noted)
-        return saved_cost["history"], Cost(**saved_cost["cost"])
+        return saved_cost["history"], Cost(**saved_cost["cost"]), run
     t0, c0 = time.perf_counter(), time.process_time()
     history = run_epochs(run)
     cost = Cost(time.perf_counter() - t0, time.process_time() - c0, 0.0, threads)
     write_json(noted, {"history": history, "cost": asdict(cost), "batches": batches})
-    return history, cost
+    return history, cost, run
 
 
 def best_epoch(history: list[dict], key: str = "val_r2site_all") -> int:
@@ -113,9 +131,10 @@ def best_epoch(history: list[dict], key: str = "val_r2site_all") -> int:
 
 
 class Embrag:
-    def __init__(self, variant: str = "v18", minutes: float = 5.0) -> None:
-        self.variant, self.minutes = variant, minutes
-        self.name = f"embrag-{variant}"
+    def __init__(self, variant: str = "v18", minutes: float = 5.0, *, label: str | None = None,
+                 overrides: dict | None = None) -> None:
+        self.variant, self.minutes, self.overrides = variant, minutes, dict(overrides or {})
+        self.name = f"embrag-{variant}" + (f"-{label}" if label else "")
 
     def _impute(self, ckpt: Path, run_dir: Path, target: Path, out: Path, threads: int) -> tuple[Path, Cost]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(_REPO)}
@@ -131,17 +150,17 @@ class Embrag:
 
         torch.set_num_threads(inputs.threads)
         layout = RunLayout(work)
-        cfg = training_config(inputs, self.variant)
+        cfg = training_config(inputs, self.variant, self.overrides)
         prepare(layout, cfg, panel_vcf=inputs.panel_vcf)  # the panel alone
-        history, train_cost = train_in_budget(layout, cfg, self.minutes, inputs.threads)
+        history, train_cost, run = train_in_budget(layout, cfg, self.minutes, inputs.threads)
         epoch = best_epoch(history)
-        ckpt = VariantRun(layout, cfg).paths.checkpoint(epoch)
+        ckpt = run.paths.checkpoint(epoch)
         return {"epoch": epoch, "checkpoint": str(ckpt), "run_dir": str(layout.root),
                 "epochs": [{k: row.get(k) for k in ("epoch", "val_r2site_all", "val_top1_r2site_all",
                                                     "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature")}
                            for row in history],
-                "mask": {"design": "array", "array_per_mb": cfg.mask.array_per_mb,
-                         "array_min_maf": cfg.mask.array_min_maf},
+                "mask": {"design": cfg.mask.design, "array_per_mb": cfg.mask.array_per_mb,
+                         "array_min_maf": cfg.mask.array_min_maf}, "overrides": self.overrides,
                 "train_cost": asdict(train_cost)}
 
     def impute(self, inputs: Inputs, choice: dict, work: Path) -> ToolRun:
@@ -149,6 +168,8 @@ class Embrag:
         vcf, cost = self._impute(Path(choice["checkpoint"]), Path(choice["run_dir"]), inputs.target_phased, out,
                                  inputs.threads)
         setup = Cost(**choice["train_cost"]) + inputs.prephase_cost
-        note = (f"trained from the panel alone, array design {choice['mask']['array_per_mb']:g}/Mb; epoch "
-                f"{choice['epoch']} (chosen on validation)")
+        design = (f"array design {choice['mask']['array_per_mb']:g}/Mb" if choice["mask"]["design"] == "array"
+                  else "random masks (curriculum)")
+        note = (f"trained from the panel alone, {design}; epoch {choice['epoch']} (chosen on validation)"
+                + (f"; {choice['overrides']}" if choice.get("overrides") else ""))
         return ToolRun(vcf, cost, setup, note)

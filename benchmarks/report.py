@@ -21,6 +21,7 @@ from benchmarks.protocol import ToolRun
 from benchmarks.scoring import MONOMORPHIC, SiteSet, bin_rows, row_sites
 from embrag.constants import MAF_BIN_NAMES
 from embrag.metrics import ALL_BIN, SiteStats
+from storage.evaluate import json_safe
 
 BASELINE = "beagle-5.4"
 ROWS = (*MAF_BIN_NAMES, ALL_BIN, MONOMORPHIC)
@@ -189,14 +190,6 @@ def cost_markdown(replicates: list[Replicate]) -> str:
 # ------------------------------------------------------------------------------------ files
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def write_outputs(out: Path, all_cells: list[Cell], replicates: list[Replicate]) -> dict[str, Path]:
     """``accuracy.tsv`` (one row per cell), ``accuracy.json`` (cells + costs), ``accuracy.md``, ``r2_by_bin.png``."""
     import json
@@ -212,7 +205,7 @@ def write_outputs(out: Path, all_cells: list[Cell], replicates: list[Replicate])
         lines.append("\t".join("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in vals))
     payload = {"cells": [dataclasses.asdict(c) for c in all_cells], "costs": cost_rows(replicates)}
     for path, text in ((files["tsv"], "\n".join(lines) + "\n"),
-                       (files["json"], json.dumps(_json_safe(payload), indent=2)),
+                       (files["json"], json.dumps(json_safe(payload), indent=2)),
                        (files["md"], markdown_tables(all_cells, replicates) + "\n")):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

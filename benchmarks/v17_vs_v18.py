@@ -61,9 +61,10 @@ def child(run_dir: Path, variant: str, k: int, batches: int) -> dict:
     cfg = RunConfig().replace(model__variant=variant, model__k=k, train__max_train_batches=batches, train__epochs=1,
                               mask__design="array")
     layout = RunLayout(run_dir / f"{variant}-k{k}")
-    if not layout.prepared.exists():
-        layout.prepared.parent.mkdir(parents=True, exist_ok=True)
-        layout.prepared.symlink_to(RunLayout(run_dir).prepared)
+    data = layout.prepared.parent
+    if not data.exists():  # the same prepared data (and its integrity manifest) for every variant
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.symlink_to(RunLayout(run_dir).prepared.parent)
     run = VariantRun(layout, cfg)
     shutil.rmtree(run.paths.root, ignore_errors=True)  # measure, never reuse an earlier run's finished stages
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

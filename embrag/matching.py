@@ -1,19 +1,12 @@
-"""Longest-match retrieval for imputation: panel haplotypes that match a target haplotype over the
-longest run of typed sites around each window, across window edges.
+"""Longest-match runs by brute force: the slow, obviously correct reference of ``embrag.pbwt``.
 
-Why: a fixed window of 64 sites (~15 kb here) holds a handful of typed sites, so L2 (= Hamming on
-typed sites) neighbours inside it are weak evidence of shared ancestry, and rare alleles ride on
-long shared segments. On the default simulation with every 3rd common site typed, copying the
-top-4 window neighbours imputes at mean per-site r^2 0.39, the top-4 longest matches at 0.76,
-and the trained V18 model given longest-match instead of window neighbours goes from 0.69 to 0.90
-(Beagle 5.4: 0.94); ``benchmarks/retrieval_ceiling.py`` measures it. This is the positional-BWT
-idea (Durbin 2014) computed directly: the match length of a (target, panel) pair at typed index
-``j`` is the distance to the nearest mismatch on each side.
-
-Score of a panel haplotype at window centre ``j`` = matching typed sites to the left of ``j`` +
-to the right, each run stopping at the first mismatch; a missing target call matches anything.
-Ties are broken by a seeded permutation of panel rows (not by row order, which would favour the
-panel's first samples). numpy only.
+The match of a (target, panel) pair around typed index ``j`` reaches from the nearest mismatch on
+its left to the nearest on its right (a missing target call matches anything). Computed here
+directly for every pair and site, O(targets x panel x sites); embrag itself uses the positional
+BWT (``embrag.pbwt`` / ``embrag.neighbours``), which this module checks in the tests, and the
+benchmark's model-free vote (``benchmarks/baselines.py``) uses it to pick, per gap between typed
+sites, the panel haplotypes with the longest runs. Ties are broken by a seeded permutation of
+panel rows, never by row order. numpy only.
 """
 
 from __future__ import annotations

@@ -356,12 +356,12 @@ def _plot_png(report: EvaluationReport, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN -> null (strict JSON), recursively."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
@@ -372,6 +372,6 @@ def write_report(report: EvaluationReport, out_dir: str | Path) -> ReportFiles:
     files = ReportFiles(out / "accuracy_by_maf.tsv", out / "r2_by_maf.png", out / "evaluation.json")
     _atomic_write(files.tsv, _tsv(report).encode())
     _plot_png(report, files.png)
-    payload = json.dumps(_json_safe(report.as_dict()), indent=2)
+    payload = json.dumps(json_safe(report.as_dict()), indent=2)
     _atomic_write(files.json, payload.encode())
     return files

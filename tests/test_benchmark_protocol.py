@@ -222,3 +222,17 @@ def test_report_pools_sites_over_seeds_and_pairs_the_difference_to_beagle():
     lo, hi = c.r2_site_ci
     assert lo < c.r2_site < hi
     assert cells[(ALL_BIN, "beagle-5.4")].diff is None and math.isnan(cells[(MONOMORPHIC, "x")].r2_site)
+
+
+def test_ablation_rows_are_valid_configs_adding_one_step_each():
+    """Each ablation row must build (a typo'd field would only fail an hour into the benchmark), and
+    the last row must be exactly the default recipe."""
+    from benchmarks.embrag_tool import ABLATION
+    from embrag.config import RunConfig
+
+    configs = [RunConfig().replace(**overrides) for _, overrides in ABLATION]
+    assert configs[-1] == RunConfig()  # the default model is the last step
+    first = configs[0]
+    assert (first.retrieval.rank, first.model.k, first.model.copy_head, first.mask.design) == ("index", 4, False, "random")
+    assert len({label for label, _ in ABLATION}) == len(ABLATION)
+    assert all(label.replace("-", "").isalnum() for label, _ in ABLATION)  # folder names

@@ -220,16 +220,13 @@ def _flow_run_state(flow_run_id) -> str:
         return client.read_flow_run(flow_run_id).state.type.value
 
 
-def test_a_flow_run_whose_process_died_is_marked_crashed_and_retried(reference, tiny_run_dir, prefect_api):
-    """A flow run whose worker and process are both killed stayed RUNNING, and `prefect flow-run retry`
-    refuses a RUNNING run. The dead process's lock record names its flow run; `embrag recover` (or the
-    next flow on the run dir) marks it Crashed, and the retry ends like an uninterrupted run."""
-    from embrag_cli.main import run
-    from storage.locks import run_lock_file
 
-    marker = tiny_run_dir / ".faults" / "embrag_pause_stage-train-0"
-    code = f"from flows.train import train_flow; train_flow(run_dir={str(tiny_run_dir)!r}, variant='v18')"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "EMBRAG_PAUSE_STAGE": "train:0", "OMP_NUM_THREADS": "1"}
+def _kill_at_train_0(run_dir: Path, env: dict) -> dict:
+    """Start the train flow in a new process group, SIGKILL it (and all it started) once it pauses at
+    epoch 0's train stage: nothing reports back. Returns the environment it ran with."""
+    marker = run_dir / ".faults" / "embrag_pause_stage-train-0"
+    code = f"from flows.train import train_flow; train_flow(run_dir={str(run_dir)!r}, variant='v18')"
+    env = {**os.environ, "EMBRAG_PAUSE_STAGE": "train:0", "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -238,8 +235,18 @@ def test_a_flow_run_whose_process_died_is_marked_crashed_and_retried(reference, 
             assert proc.poll() is None and time.monotonic() < deadline, "the flow never reached train-0"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the process and everything it started: nothing reports back
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    return env
+
+def test_a_flow_run_whose_process_died_is_marked_crashed_and_retried(reference, tiny_run_dir, prefect_api):
+    """A flow run whose worker and process are both killed stayed RUNNING, and `prefect flow-run retry`
+    refuses a RUNNING run. The dead process's lock record names its flow run; `embrag recover` (or the
+    next flow on the run dir) marks it Crashed, and the retry ends like an uninterrupted run."""
+    from embrag_cli.main import run
+    from storage.locks import run_lock_file
+
+    env = _kill_at_train_0(tiny_run_dir, {"PREFECT_API_URL": prefect_api})
     flow_run_id = json.loads(run_lock_file(tiny_run_dir).read_text())["flow_runs"][0]
     assert _flow_run_state(flow_run_id) == "RUNNING"  # what the review found: it stays so forever
 
@@ -270,20 +277,7 @@ def test_prefects_zombie_automation_marks_a_flow_run_with_stopped_heartbeats_cra
     with get_client(sync_client=True) as client:
         automation = client.create_automation(AutomationCore(**doc))
     try:
-        marker = tiny_run_dir / ".faults" / "embrag_pause_stage-train-0"
-        code = f"from flows.train import train_flow; train_flow(run_dir={str(tiny_run_dir)!r}, variant='v18')"
-        env = {**os.environ, "PREFECT_API_URL": prefect_api, "EMBRAG_PAUSE_STAGE": "train:0", "OMP_NUM_THREADS": "1",
-               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 180
-            while not marker.exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "the flow never reached train-0"
-                time.sleep(0.2)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_at_train_0(tiny_run_dir, {"PREFECT_API_URL": prefect_api, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
         from storage.locks import run_lock_file
 
         flow_run_id = json.loads(run_lock_file(tiny_run_dir).read_text())["flow_runs"][0]
