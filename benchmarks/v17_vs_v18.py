@@ -46,8 +46,8 @@ def child(run_dir: Path, variant: str, k: int, batches: int) -> dict:
     """One variant in this process: prepare epoch inputs, train ``batches`` batches, one option-B refresh."""
     import torch
 
-    from storage.queries import query_set
     from storage.epoch_inputs import build_indexes, encode_embeddings, prepare_epoch_inputs, write_masks
+    from storage.queries import query_set
     from storage.training import train_one_epoch
     from storage.variant import VariantRun
 

@@ -19,12 +19,12 @@ from embrag.impute import window_data
 from embrag.model import build_model
 from storage.checkpoints import load_checkpoint
 from storage.embeddings import EmbeddingStore
+from storage.epoch_inputs import prepare_epoch_inputs, read_site_mask
+from storage.epoch_plan import read_plan
 from storage.impute import _window_inputs, target_context
 from storage.layout import RunLayout
 from storage.queries import query_set
 from storage.target import exclude_rows, read_target
-from storage.epoch_inputs import prepare_epoch_inputs, read_site_mask
-from storage.epoch_plan import read_plan
 from storage.training import StoreSource, run_epochs, validate_epoch, validation_inputs
 from storage.variant import VariantRun
 

@@ -9,9 +9,9 @@ import torch
 from embrag.constants import MASK
 from storage.atomic import read_json
 from storage.checkpoints import load_checkpoint
+from storage.epoch_inputs import prepare_epoch_inputs, read_masks
 from storage.index_files import read_index
 from storage.layout import RunLayout
-from storage.epoch_inputs import prepare_epoch_inputs, read_masks
 from storage.training import run_epochs, train_one_epoch
 from storage.variant import VariantRun
 
