@@ -206,8 +206,6 @@ def impute_vcf(
         exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
         untyped = 1.0 - float(target.typed.mean())
         warning = design_mismatch(cfg, prepared, target.typed)
-        if warning:
-            log.warning("%s: %s", checkpoint, warning)
         shape = (len(prepared.sites), len(target.samples), 2)
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
         _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,

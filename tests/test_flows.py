@@ -358,14 +358,14 @@ def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
     vcf = RunLayout(run_dir).vcf_dir
     out = tmp_path / "imputed.vcf.gz"
     result = CliRunner().invoke(app, [
-        "impute", "--panel", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
-        "--target", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth", str(vcf / "test.vcf.gz")])
+        "impute", "--run-dir", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
+        "--target-vcf", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth-vcf", str(vcf / "test.vcf.gz")])
     assert result.exit_code == 0, result.output
     assert "samples (v17, k=16 neighbours" in result.output and "r2_mean_site" in result.output and out.exists()
     assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()
 
 
-def test_cli_train_ends_with_the_mlflow_link_of_the_run_dir(reference):
+def test_cli_train_ends_with_the_mlflow_link_the_checkpoint_and_the_next_command(reference):
     from typer.testing import CliRunner
 
     from embrag_cli.main import app
@@ -373,7 +373,11 @@ def test_cli_train_ends_with_the_mlflow_link_of_the_run_dir(reference):
     run_dir = reference[0]
     result = CliRunner().invoke(app, ["train", "--run-dir", str(run_dir), "--variant", "v18"])  # all cached
     assert result.exit_code == 0, result.output
-    *_, start, url = result.output.strip().splitlines()
+    *_, start, url, checkpoint, command = result.output.strip().splitlines()
+    last = RunLayout(run_dir).variant("v18").checkpoint(1)
+    assert checkpoint == f"checkpoint: {last}"
+    assert command == (f"next: embrag impute --run-dir {run_dir} --model {last} --target-vcf TARGET.vcf.gz "
+                       "[--truth-vcf TRUTH.vcf.gz]")
     ids = [_mlflow_run(run_dir, v)[1].info.run_id for v in ("v17", "v18")]
     assert start.strip().startswith("start the MLflow UI: ") and "ui --backend-store-uri sqlite:///" in start
     assert url.strip().startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
