@@ -95,8 +95,9 @@ def _save_config(run_dir: Path, cfg, **check) -> Path:
     from storage.layout import RunLayout
     from storage.lineage import check_config
 
-    check_config(RunLayout(run_dir), cfg, **check)
-    path = run_dir / "config.json"
+    layout = RunLayout(run_dir)
+    check_config(layout, cfg, **check)
+    path = layout.config
     write_json(path, cfg.to_dict())
     return path
 

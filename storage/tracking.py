@@ -61,6 +61,7 @@ from embrag.config import RunConfig
 from storage import comparison, mlflow_ui
 from storage.checkpoints import copy_calibration, copy_checkpoint
 from storage.epoch_inputs import index_folder
+from storage.index_files import index_paths
 from storage.layout import RunLayout, index_name
 from storage.prepared import PreparedData, store_digest
 from storage.variant import VariantRun
@@ -368,7 +369,7 @@ def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dic
         last = history[-1]
         if run.variant != "none":
             folder = index_folder(run, int(last["mask_version"]), int(last["embedding_version"]))
-            manifests = [folder / f"{index_name(w, run.index_kind)}.json" for w in range(MAX_MANIFESTS)]
+            manifests = [index_paths(folder, index_name(w, run.index_kind))[1] for w in range(MAX_MANIFESTS)]
             for path in [run.paths.index_done(folder), *(p for p in manifests if p.exists())]:
                 client.log_artifact(run_id, str(path), f"index/{folder.name}")
         plot = comparison.plot_curves({run.variant: history}, run.paths.learning_curves,
