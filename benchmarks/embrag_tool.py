@@ -31,7 +31,8 @@ from storage.atomic import read_json, write_json
 from storage.evaluate import load_panel_af
 from storage.layout import RunLayout
 from storage.prepare import prepare
-from storage.training import VariantRun, run_epochs
+from storage.training import run_epochs
+from storage.variant import VariantRun
 
 PROBE_BATCHES = 20
 VAL_BATCHES = 40

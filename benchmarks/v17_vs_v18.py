@@ -1,6 +1,6 @@
 """V17 vs V18 on the same data and model size: training speed, memory, index build/search, refresh cost.
 
-Runs the real pipeline stages (``storage.training``) on the default simulation, trained as deployed:
+Runs the real pipeline stages (``storage.epoch_inputs``, ``storage.training``) on the default simulation, trained as deployed:
 from the panel alone, array-like masks (``mask.design=array``), the same neighbours (``embrag.neighbours``)
 for both variants. Each variant/k runs in its own process so peak memory (max RSS) is that
 variant's alone. An epoch's estimated cost includes the mask refresh (new masks + every index
@@ -46,16 +46,10 @@ def child(run_dir: Path, variant: str, k: int, batches: int) -> dict:
     """One variant in this process: prepare epoch inputs, train ``batches`` batches, one option-B refresh."""
     import torch
 
+    from storage.epoch_inputs import build_indexes, encode_embeddings, prepare_epoch_inputs, write_masks
     from storage.queries import query_set
-    from storage.training import (
-        VariantRun,
-        build_indexes,
-        checkpoint_path,
-        encode_embeddings,
-        prepare_epoch_inputs,
-        train_one_epoch,
-        write_masks,
-    )
+    from storage.training import train_one_epoch
+    from storage.variant import VariantRun
 
     torch.set_num_threads(2)
     cfg = RunConfig().replace(model__variant=variant, model__k=k, train__max_train_batches=batches, train__epochs=1,
@@ -68,15 +62,15 @@ def child(run_dir: Path, variant: str, k: int, batches: int) -> dict:
     run = VariantRun(layout, cfg)
     shutil.rmtree(run.paths.root, ignore_errors=True)  # measure, never reuse an earlier run's finished stages
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    prep = prepare_epoch_inputs(run, 0)
+    _, indexes = prepare_epoch_inputs(run, 0)
     train = train_one_epoch(run, 0)
     # A mask refresh = new mask version (masks for every window) + every window's index rebuilt.
     t0 = time.perf_counter()
     write_masks(run, 99, 0)
-    built = build_indexes(run, "train", 99, 0)
+    built = build_indexes(run, 99, 0)
     refresh_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    encode_embeddings(run, checkpoint_path(run, 0), 1)  # V18's end-of-epoch re-encode (V17: nothing)
+    encode_embeddings(run, 0, "end")  # V18's end-of-epoch re-encode (V17: nothing)
     reencode_s = time.perf_counter() - t0
     n_windows = len(run.prepared.windows)
     full_epoch_batches = n_windows * -(-len(query_set(run.prepared, "train")) // cfg.train.batch_size)
@@ -84,7 +78,7 @@ def child(run_dir: Path, variant: str, k: int, batches: int) -> dict:
         "variant": variant, "k": k, "ms_per_batch": train["train_ms_per_batch"],
         "retrieval_ms_per_batch": train["train_retrieval_ms_per_batch"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0,
-        "index_build_s": prep.get("index_build_seconds", 0.0), "refresh_s": refresh_s, "refresh_index_s": built["seconds"],
+        "index_build_s": indexes["seconds"], "refresh_s": refresh_s, "refresh_index_s": built["seconds"],
         "reencode_s": reencode_s, "full_epoch_batches": full_epoch_batches,
         "epoch_s_est": train["train_ms_per_batch"] * full_epoch_batches / 1e3 + refresh_s + reencode_s,
     }

@@ -20,6 +20,7 @@ import torch
 from embrag.config import ModelConfig, RetrievalConfig, TrainConfig
 from embrag.constants import ALT, REF
 from embrag.loss import masked_loss
+from embrag.metrics import f1_from_counts
 from embrag.model import reference_alleles
 from embrag.neighbours import MatchContext, Neighbours, select_neighbours
 from embrag.progress import progress
@@ -188,13 +189,9 @@ class _Counts:
             sel = rare == bool(r)
             self.c[r] += [(pred & truth & sel).sum(), (pred & ~truth & sel).sum(), (~pred & truth & sel).sum()]
 
-    @staticmethod
-    def _f1(tp: int, fp: int, fn: int) -> float:
-        return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else float("nan")
-
     def f1s(self) -> tuple[float, float, float]:
         total = self.c.sum(0)
-        return self._f1(*total), self._f1(*self.c[1]), self._f1(*self.c[0])
+        return f1_from_counts(*total), f1_from_counts(*self.c[1]), f1_from_counts(*self.c[0])
 
 
 class PeakMemory:
@@ -238,7 +235,7 @@ def train_epoch(
 ) -> EpochResult:
     """Train one epoch. ``after_batch(batch_index)`` may refresh masks (option B) and return a report;
     the current window is then re-read so its mask and index are the new ones."""
-    from embrag.optim import autocast
+    from embrag.optim import autocast, clip_and_step
 
     model.train()
     plan = batch_plan(source.n_windows, source.n_query_haplotypes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
@@ -271,13 +268,8 @@ def train_epoch(
         else:  # a batch smaller than the process group: nothing here, peers still sum gradients with us
             logits, ms, loss = torch.zeros(0, data.query_tokens.shape[1], device=device), 0.0, torch.zeros(())
         if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plan):
-            _all_sum_gradients(model, world)
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            _all_sum_gradients(model, world)  # data parallel: the whole batch's gradient on every process
+            clip_and_step(optimizer, scaler, scheduler, cfg.grad_clip)  # grad_clip 0: no clipping
         retrieval_ms += ms
         target = batch["target"].cpu().numpy()
         n_masked += n_all

@@ -36,9 +36,13 @@ def alt_f1(pred_alt: np.ndarray, true_alt: np.ndarray) -> float:
     pred, true = np.asarray(pred_alt, bool).ravel(), np.asarray(true_alt, bool).ravel()
     if pred.shape != true.shape:
         raise ValueError(f"pred {pred.shape} and truth {true.shape} differ")
-    tp = np.count_nonzero(pred & true)
-    denom = 2 * tp + np.count_nonzero(pred & ~true) + np.count_nonzero(~pred & true)
-    return float("nan") if denom == 0 else 2.0 * tp / denom
+    return f1_from_counts(np.count_nonzero(pred & true), np.count_nonzero(pred & ~true), np.count_nonzero(~pred & true))
+
+
+def f1_from_counts(tp: int, fp: int, fn: int) -> float:
+    """F1 from its counts (the training loop accumulates them batch by batch); NaN when all are 0."""
+    denom = 2 * tp + fp + fn
+    return float("nan") if denom == 0 else 2.0 * float(tp) / float(denom)
 
 
 def f1_by_rarity(

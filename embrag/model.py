@@ -301,17 +301,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def genotype_probabilities(p_hap1: torch.Tensor, p_hap2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALT probabilities of the two haplotypes -> (GP ``[..., 3]`` = P(0/0), P(0/1), P(1/1); DS ``[...]``).
-
-    Haplotypes are treated as independent given the model; DS = p1 + p2 equals the expected ALT count.
-    """
-    assert p_hap1.shape == p_hap2.shape, f"{tuple(p_hap1.shape)} != {tuple(p_hap2.shape)}"
-    q1, q2 = 1.0 - p_hap1, 1.0 - p_hap2
-    gp = torch.stack([q1 * q2, p_hap1 * q2 + q1 * p_hap2, p_hap1 * p_hap2], dim=-1)  # (..., 3)
-    return gp, p_hap1 + p_hap2
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available else cpu; anything else is taken literally (cuda must exist)."""
     if name == "auto":

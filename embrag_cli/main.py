@@ -32,6 +32,15 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="RunConfig JSON
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=3 (repeatable).")]
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the command like Ctrl-C does: through Python's exit path, so atexit handlers run.
+    Prefect stops its temporary local server in one (``SubprocessASGIServer.stop``); with the default
+    SIGTERM action the process vanished and left that server running."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def _env_defaults() -> None:
     # Offline machines: no telemetry; generous start-up for Prefect's temporary local server.
     for key, value in {
@@ -52,19 +61,10 @@ def load_config(run_dir: Path, config: Path | None, overrides: list[str] | None)
     Every value is checked against the config dataclasses (types, ranges, unknown fields with a
     suggestion); nothing is written.
     """
-    from embrag.config import RunConfig
-    from embrag.errors import ConfigError
     from embrag.settings import apply_overrides
-    from storage.atomic import read_json
+    from storage.run_config import read_config
 
-    path = config or (run_dir / "config.json")
-    if config is not None and not config.is_file():
-        raise ConfigError(f"{config}: config file not found; write one with `embrag config --run-dir DIR`")
-    try:
-        cfg = RunConfig.from_dict(read_json(path)) if path.exists() else RunConfig()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}; fix the file, or re-create it with `embrag config`") from e
-    return apply_overrides(cfg, overrides or [])
+    return apply_overrides(read_config(run_dir, config), overrides or [])
 
 
 def _check_variant(variant: str) -> str:
@@ -79,7 +79,7 @@ def _need_prepared(run_dir: Path) -> None:
     from embrag.errors import UserError
     from storage.layout import RunLayout
 
-    if not (RunLayout(run_dir).prepared / "zarr.json").exists():
+    if not RunLayout(run_dir).is_prepared():
         raise UserError(f"{run_dir}: no prepared data (data/prepared.zarr); run `embrag prepare --run-dir {run_dir}` first")
 
 
@@ -95,8 +95,9 @@ def _save_config(run_dir: Path, cfg, **check) -> Path:
     from storage.layout import RunLayout
     from storage.lineage import check_config
 
-    check_config(RunLayout(run_dir), cfg, **check)
-    path = run_dir / "config.json"
+    layout = RunLayout(run_dir)
+    check_config(layout, cfg, **check)
+    path = layout.config
     write_json(path, cfg.to_dict())
     return path
 
@@ -136,22 +137,20 @@ def simulate(run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_
 @app.command()
 def prepare(
     run_dir: RunDir = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
-    panel: Annotated[Path | None, typer.Option(help="Reference panel VCF (default: simulate)")] = None,
-    study: Annotated[Path | None, typer.Option(help="Optional study cohort VCF: extra train/val queries")] = None,
-    test: Annotated[Path | None, typer.Option(help="Held-out test VCF")] = None,
+    panel: Annotated[Path | None, typer.Option("--panel-vcf", "--panel", help="Reference panel VCF (default: simulate)")] = None,
+    study: Annotated[Path | None, typer.Option("--study-vcf", "--study", help="Optional study cohort VCF: extra train/val queries")] = None,
+    test: Annotated[Path | None, typer.Option("--test-vcf", "--test", help="Held-out test VCF")] = None,
     force: Annotated[bool, typer.Option(
         help="Prepare other inputs or settings even though variants are trained: they move to superseded/")] = False,
 ) -> None:
-    """Ingest VCFs into Zarr, harmonise sites and roles, cut windows and tokens."""
-    from embrag.errors import UserError
+    """Ingest VCFs into Zarr, harmonise sites and roles, cut windows and tokens (a panel alone is enough:
+    its samples are then the training and validation queries, never retrieving their own haplotypes)."""
     from storage.layout import RunLayout
     from storage.lineage import check_config
     from storage.prepare import prepare as run_prepare
     from storage.simulate import simulated_inputs
 
     cfg = load_config(run_dir, config, set_)
-    if panel is not None and study is None:
-        raise UserError("--study is required with --panel (the study cohort gives the train/validation samples)")
     layout = RunLayout(run_dir)
     with _lock(run_dir, "prepare"):
         check_config(layout, cfg, prepared_too=False, variants_too=not force)
@@ -189,11 +188,22 @@ def train(
             _print_mlflow(run_dir, None, f"The trained variants of {run_dir} in the MLflow UI:")
         else:
             _train_local(run_dir, cfg)
+    _print_next(run_dir, variant)
+
+
+def _print_next(run_dir: Path, variant: str) -> None:
+    """Where the model is, and the command that uses it."""
+    from storage.layout import RunLayout
+
+    checkpoint = RunLayout(run_dir).variant(variant).latest_checkpoint()
+    typer.echo(f"checkpoint: {checkpoint}\nnext: embrag impute --run-dir {run_dir} --model {checkpoint} "
+               "--target-vcf TARGET.vcf.gz [--truth-vcf TRUTH.vcf.gz]")
 
 
 def _train_local(run_dir: Path, cfg, epochs: int | None = None) -> list[dict]:
     from storage.layout import RunLayout
-    from storage.training import VariantRun, run_epochs
+    from storage.training import run_epochs
+    from storage.variant import VariantRun
 
     run = VariantRun(RunLayout(run_dir), cfg)  # refuses artifacts of other data or settings (storage.lineage)
     n_epochs = epochs if epochs is not None else cfg.train.epochs
@@ -210,7 +220,7 @@ def _epoch_line(variant: str, row: dict, n_epochs: int) -> str:
 
 @app.command()
 def resume(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory to continue")],
+    run_dir: RunDir = Path("runs/demo"),
     variant: Annotated[str, typer.Option(help="v18 | v17 | none")] = "v18",
     epochs: Annotated[int | None, typer.Option(
         help="Train up to this many epochs of the planned train.epochs (default: all)")] = None,
@@ -228,6 +238,7 @@ def resume(
     _need_prepared(run_dir)
     with _lock(run_dir, "resume"):
         _train_local(run_dir, cfg, epochs)
+    _print_next(run_dir, variant)
 
 
 @app.command()
@@ -236,6 +247,7 @@ def compare(
 ) -> None:
     """Train V17 and V18 on the same data and seeds; one MLflow parent run with a child per variant."""
     cfg = load_config(run_dir, config, set_)
+    _need_prepared(run_dir)
     with _lock(run_dir, "compare"):
         path = _save_config(run_dir, cfg)
         from flows.compare import compare_flow
@@ -289,22 +301,23 @@ def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
         _print_table(rows)
         from flows.impute import impute_flow
 
-        for variant in ("v17", "v18"):  # the held-out array samples, imputed and scored against their truth
-            s = impute_flow(run_dir=str(run_dir), variant=variant)
-            typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
-                       f"{s['evaluation']['table']}" + (f"\n  note: {s['warning']}" if s["warning"] else ""))
+        summaries = {variant: impute_flow(run_dir=str(run_dir), variant=variant) for variant in ("v17", "v18")}
+    for variant, s in summaries.items():  # the held-out array samples, imputed and scored against their truth
+        typer.echo(f"\n{variant}: imputed {s['n_samples']} array samples in {s['seconds']:.1f} s -> {s['out_vcf']}\n"
+                   f"{s['evaluation']['table']}")
+    _print_legend()  # the flows logged any design warning once each
     typer.echo(f"\ndone in {time.perf_counter() - t0:.0f} s.")
     _print_mlflow(run_dir, [r["mlflow_run_id"] for r in rows], "V17 vs V18 in the MLflow UI:")
 
 
 @app.command()
 def impute(
-    target: Annotated[Path | None, typer.Option(help="Phased target VCF/BCF (default: the simulated array samples)")] = None,
+    target: Annotated[Path | None, typer.Option("--target-vcf", "--target", help="Phased target VCF/BCF (default: the simulated array samples)")] = None,
     out: Annotated[Path | None, typer.Option(help="Imputed VCF to write, .vcf.gz + .tbi (default: <run-dir>/imputed/)")] = None,
-    run_dir: Annotated[Path, typer.Option("--run-dir", "--panel", help="Prepared run: the panel and sites the model was trained on")] = Path("runs/demo"),
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Prepared run: the panel and sites the model was trained on")] = Path("runs/demo"),
     model: Annotated[Path | None, typer.Option("--model", "--checkpoint", help="Checkpoint (default: last epoch of --variant)")] = None,
     variant: Annotated[str, typer.Option(help="v18 | v17 | none: whose last checkpoint, when --model is not given")] = "v18",
-    truth: Annotated[Path | None, typer.Option(help="Truth VCF: score the output by MAF bin")] = None,
+    truth: Annotated[Path | None, typer.Option("--truth-vcf", "--truth", help="Truth VCF: score the output by MAF bin")] = None,
     allow_panel_overlap: Annotated[bool, typer.Option(
         help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
     sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
@@ -335,30 +348,40 @@ def impute(
     typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
-    if s.get("warning"):
+    if s.get("warning") and not prefect:  # the flow logged it already
         typer.echo(f"  warning: {s['warning']}", err=True)
     if table:
         typer.echo(table)
+        _print_legend()
+
+
+def _print_legend() -> None:
+    from storage.evaluate import LEGEND
+
+    typer.echo("\n".join(LEGEND))
 
 
 @app.command()
 def evaluate(
-    truth: Annotated[Path, typer.Option(help="Truth VCF (phased GT)")],
-    imputed: Annotated[Path, typer.Option(help="Imputed VCF with DS (embrag, Beagle, minimac4)")],
-    panel: Annotated[Path, typer.Option(help="Panel VCF: MAF bins come from the panel")],
-    out: Annotated[Path, typer.Option(help="Folder for the table and the plot")] = Path("evaluation"),
+    truth: Annotated[Path, typer.Option("--truth-vcf", "--truth", help="Truth VCF (phased GT)")],
+    imputed: Annotated[Path, typer.Option("--imputed-vcf", "--imputed", help="Imputed VCF with DS (embrag, Beagle, minimac4)")],
+    panel: Annotated[Path, typer.Option("--panel-vcf", "--panel", help="Panel VCF: MAF bins come from the panel")],
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for the table and the plot (default: beside the imputed VCF, <name>.evaluation/)")] = None,
 ) -> None:
     """Score an imputed VCF against the truth: r^2, IQS, NRD per MAF bin; table + plot."""
     from storage.errors import VcfInputError
     from storage.evaluate import evaluate_vcfs, write_report
+    from storage.layout import evaluation_dir
 
-    for option, path in (("--truth", truth), ("--imputed", imputed), ("--panel", panel)):
+    for option, path in (("--truth-vcf", truth), ("--imputed-vcf", imputed), ("--panel-vcf", panel)):
         if not path.is_file():
             raise VcfInputError(f"{path}: file not found; pass the path of a VCF/BCF as {option}")
 
     report = evaluate_vcfs(truth, imputed, panel)
-    paths = write_report(report, out)
+    paths = write_report(report, out if out is not None else evaluation_dir(imputed))
     typer.echo(report.table())
+    _print_legend()
     typer.echo(f"written: {paths}")
 
 
@@ -411,9 +434,10 @@ def _command(argv: list[str]) -> str:
 def run(argv: list[str] | None = None) -> None:
     """Console entry point: every failure ends as one line on stderr (``-v``: with the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
+    _stop_cleanly_on_sigterm()
     try:
         app(args=argv)
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):  # exit status as given; Ctrl-C: Python's own 130 after cleanup
         raise
     except BaseException as exc:  # noqa: BLE001 - the CLI's last word on any failure
         if _VERBOSE["level"]:

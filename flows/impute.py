@@ -36,7 +36,7 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
         logger.warning("%s", summary["warning"])
     if truth is not None:
         summary["evaluation"] = evaluate_task(run_dir, str(truth), str(out))
-        logger.info("accuracy against %s:\n%s", truth, summary["evaluation"]["table"])
+        logger.info("accuracy against %s: %s", truth, summary["evaluation"]["tsv"])  # the caller prints the table
         summary["mlflow_run_id"] = track_imputation_task(run_dir, summary["variant"], vcf_stem(target),
                                                          summary["evaluation"], summary["seconds"])
     evaluation = summary.get("evaluation", {})

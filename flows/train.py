@@ -1,11 +1,12 @@
-"""Train flow: per epoch, refresh masks when due -> train -> validate -> re-encode -> log to MLflow.
+"""Train flow: per epoch, plan (refresh masks when due) -> embeddings -> indexes -> train -> validate ->
+re-encode -> log to MLflow.
 
 Every stage is a persisted, input-cached task over idempotent storage functions, so rerunning the
 flow with the same parameters (or ``prefect flow-run retry``) redoes only the failed stage and
-what follows. ``partitions > 1`` splits the per-window stages (embedding encoding, index
-building) into window partitions mapped over the task runner (threads, or Dask with
-``EMBRAG_TASK_RUNNER=dask``, or the Dask scheduler at the config's ``distributed.address``); the
-sequential stages then find their outputs and skip.
+what follows. The per-window stages (embedding encoding, index building) are plan -> partitions
+mapped over the task runner (threads, or Dask with ``EMBRAG_TASK_RUNNER=dask``, or, in a child flow run,
+the Dask scheduler at the config's ``distributed.address``) -> commit; ``partitions=1`` is the
+sequential stage, the same code.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from prefect.runtime import flow_run
 from flows._guard import run_dir_writer
 from flows._runner import dask_runner, task_runner
 from tasks._common import bind, epochs_to_run, resolve_config
-from tasks.embed import embed_finish_task, embed_partition_task, embed_plan_task, reencode_task
+from tasks.embed import embed_finish_task, embed_partition_task, embed_plan_task
 from tasks.evaluate import validate_task
 from tasks.index import index_finish_task, index_partition_task, index_plan_task
-from tasks.refresh import plan_epoch_task, refresh_task
+from tasks.refresh import refresh_task
 from tasks.track import fail_run_task, finish_run_task, publish_links_task, record_epoch_task, start_run_task
 from tasks.train import train_task
 
@@ -61,49 +62,46 @@ def train_flow(run_dir: str, variant: str = "v18", config_path: str | None = Non
 
 
 def _epoch(run_dir: str, config: dict, run_id: str, epoch: int, partitions: int) -> dict:
-    if partitions > 1:  # fill the per-window inputs in parallel; `refresh` then finds them
-        bind(plan_epoch_task, run_dir)(run_dir, config, epoch)
-        _window_stages(run_dir, config, epoch, "start", partitions)
-    prep = bind(refresh_task, run_dir)(run_dir, config, epoch)
+    bind(refresh_task, run_dir)(run_dir, config, epoch)  # the epoch's plan, written once; every stage reads it
+    embeddings, indexes = _window_stages(run_dir, config, epoch, "start", partitions)
     bind(train_task, run_dir)(run_dir, config, epoch)
     metrics = bind(validate_task, run_dir)(run_dir, config, epoch)
-    if partitions > 1:
-        _window_stages(run_dir, config, epoch, "end", partitions)
-    reencode = bind(reencode_task, run_dir)(run_dir, config, epoch)
-    return record_epoch_task(run_dir, config, run_id, epoch, prep, metrics, reencode)
+    reencode, _ = _window_stages(run_dir, config, epoch, "end", partitions)
+    return record_epoch_task(run_dir, config, run_id, epoch, embeddings, indexes, metrics, reencode)
 
 
-def _window_stages(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:
+def _window_stages(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> tuple[dict, dict | None]:
     """Encoding (and at the epoch's start index building) over ``partitions`` window partitions: on the
     flow's task runner, or, when the config names a Dask scheduler (``distributed.address``), in a
     child flow run whose tasks run on that cluster."""
     address = config.get("distributed", {}).get("address")
     if address:
-        window_stages_flow.with_options(task_runner=dask_runner(address))(run_dir, config, epoch, when, partitions)
-    else:
-        window_stages_flow.fn(run_dir, config, epoch, when, partitions)
+        return window_stages_flow.with_options(task_runner=dask_runner(address))(run_dir, config, epoch, when,
+                                                                                 partitions)
+    return window_stages_flow.fn(run_dir, config, epoch, when, partitions)
 
 
 @flow(name="window-stages", flow_run_name="window-stages-e{epoch}-{when}")
-def window_stages_flow(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:
-    _encode(run_dir, config, epoch, when, partitions)
-    if when == "start":
-        _index(run_dir, config, epoch, partitions)
+def window_stages_flow(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> tuple[dict, dict | None]:
+    embeddings = _encode(run_dir, config, epoch, when, partitions)
+    return embeddings, (_index(run_dir, config, epoch, partitions) if when == "start" else None)
 
 
-def _encode(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> None:
+def _encode(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> dict:
     plan = embed_plan_task(run_dir, config, epoch, when, partitions)
-    if not plan["partitions"]:
-        return
-    starts, stops = zip(*plan["partitions"], strict=True)
-    parts = bind(embed_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
-                                                   list(starts), list(stops))
-    embed_finish_task(run_dir, config, plan, parts.result())
+    parts = []
+    if plan.partitions:
+        starts, stops = zip(*plan.partitions, strict=True)
+        parts = bind(embed_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
+                                                       list(starts), list(stops)).result()
+    return embed_finish_task(run_dir, config, plan, parts)
 
 
-def _index(run_dir: str, config: dict, epoch: int, partitions: int) -> None:
+def _index(run_dir: str, config: dict, epoch: int, partitions: int) -> dict:
     plan = index_plan_task(run_dir, config, epoch, partitions)
-    if not plan["jobs"]:
-        return
-    parts = bind(index_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), plan["jobs"])
-    index_finish_task(run_dir, config, parts.result())
+    parts = []
+    if plan.partitions:
+        starts, stops = zip(*plan.partitions, strict=True)
+        parts = bind(index_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
+                                                       list(starts), list(stops)).result()
+    return index_finish_task(run_dir, config, plan, parts)

@@ -46,10 +46,9 @@ def summary_row(variant: str, history: list[dict], run_id: str | None = None) ->
     return row
 
 
-def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """``<out_dir>/v17-vs-v18.tsv`` and ``.md`` (atomically); columns are the union of row keys."""
+def write_table(rows: list[dict], tsv: Path, md: Path) -> tuple[Path, Path]:
+    """The table as ``tsv`` and markdown ``md`` (atomically); columns are the union of row keys."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tsv, md = Path(out_dir) / f"{TABLE_NAME}.tsv", Path(out_dir) / f"{TABLE_NAME}.md"
     lines = ["\t".join(keys)] + ["\t".join(_cell(r.get(k, "")) for k in keys) for r in rows]
     _write_text(tsv, "\n".join(lines) + "\n")
     md_lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from embrag.metrics import (
     gp_from_hap_dosage,
     site_stats,
 )
+from storage.atomic import atomic_path
 
 SiteKey = tuple[str, int, str, str]  # (contig without "chr", pos, ref, alt)
 _CHUNK_SITES = 2048
@@ -65,12 +65,25 @@ class EvaluationReport:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
-        """The per-bin rows as aligned text, with a one-line header of what was scored."""
+        """The per-bin rows as aligned text, with a one-line header of what was scored (legend: :data:`LEGEND`)."""
         head = (f"{Path(self.imputed_vcf).name} vs {Path(self.truth_vcf).name}: {self.n_evaluated} "
                 f"{'imputed ' if self.imputed_only else ''}sites x {self.n_samples} samples")
         rows = _rows(self)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join([head, *("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows)])
+
+
+# Printed once under the accuracy tables of a command: the two r2 columns can differ by an order of
+# magnitude (pooled r2 is dominated by common sites, per-site r2 weighs every site alike), which
+# reads as a bug without it.
+LEGEND = (
+    "  r2_aggregate: squared Pearson of dosage and truth over all (sample, site) pairs of the bin pooled",
+    "  r2_mean_site: mean of per-site r2 over sites where the truth varies (a constant dosage counts 0: n_constant);"
+    " n_r2_undefined sites (truth constant) are left out",
+    "  iqs_mean: mean per-site IQS (chance-corrected genotype agreement); nrd: non-reference discordance of"
+    " best-guess genotypes; est_r2_mean / est_emp_pearson: the VCF's estimated r2 (INFO R2/DR2) and how well"
+    " it tracks the per-site r2",
+)
 
 
 def normalise_contig(contig: str) -> str:
@@ -313,9 +326,8 @@ class ReportFiles:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # the one atomic writer (a stale .tmp of a dead writer is cleaned up)
+        tmp.write_bytes(data)
 
 
 def _rows(report: EvaluationReport) -> list[list[str]]:
@@ -351,9 +363,8 @@ def _plot_png(report: EvaluationReport, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 def json_safe(value):

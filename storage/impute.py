@@ -28,7 +28,7 @@ from storage.atomic import read_json
 from storage.checkpoints import calibration_path, checkpoint_lineage, load_checkpoint
 from storage.errors import VcfInputError
 from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write_report
-from storage.layout import RunLayout, vcf_stem
+from storage.layout import RunLayout, evaluation_dir
 from storage.lineage import check_checkpoint, provenance_tag
 from storage.prepared import PreparedData
 from storage.queries import match_context
@@ -219,8 +219,6 @@ def impute_vcf(
         exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
         untyped = 1.0 - float(target.typed.mean())
         warning = design_mismatch(cfg, prepared, target.typed)
-        if warning:
-            log.warning("%s: %s", checkpoint, warning)
         shape = (len(prepared.sites), len(target.samples), 2)
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
         _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
@@ -255,11 +253,6 @@ def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_v
     checkpoint = Path(checkpoint) if checkpoint else layout.variant(variant).latest_checkpoint()
     out_vcf = Path(out_vcf) if out_vcf else layout.imputed(Path(target_vcf), variant)
     return checkpoint, Path(target_vcf), out_vcf, Path(truth_vcf) if truth_vcf else None
-
-
-def evaluation_dir(out_vcf: Path) -> Path:
-    """Where the accuracy report of ``out_vcf`` goes: next to it, ``<name>.evaluation/``."""
-    return out_vcf.with_name(vcf_stem(out_vcf) + ".evaluation")
 
 
 def evaluate_imputed(run_dir: Path, truth_vcf: Path, imputed_vcf: Path) -> tuple[EvaluationReport, ReportFiles]:

@@ -243,7 +243,14 @@ def call_ploidy(alleles: np.ndarray) -> np.ndarray:
 
 def _check_genotypes(rec: cyvcf2.Variant, where: str) -> int:
     """Raise on unphased / non-diploid calls; return the number of calls with a missing allele."""
-    if "GT" not in rec.FORMAT:
+    return int((phased_diploid(rec, where, _FIX_PHASE) < 0).any(axis=1).sum())
+
+
+def phased_diploid(rec: cyvcf2.Variant, where: str, fix_phase: str) -> np.ndarray:
+    """The record's phased diploid alleles ``int16 [N, 2]`` (negative = missing); VcfInputError on a
+    record without GT, a non-diploid call or an unphased one (``fix_phase``: how to phase the file).
+    The one GT check of every VCF embrag reads (panel, target)."""
+    if "GT" not in rec.FORMAT:  # before rec.genotype, which raises a bare Exception without GT
         raise VcfInputError(
             f"{where}: the record has no GT field (FORMAT {':'.join(rec.FORMAT) or '.'}); "
             "provide phased genotypes (GT) for every record"
@@ -258,12 +265,11 @@ def _check_genotypes(rec: cyvcf2.Variant, where: str) -> int:
             "needs diploid phased calls: recode haploid/polyploid calls and write missing calls as '.|.'"
         )
     alleles = alleles[:, :2]
-    missing = (alleles < 0).any(axis=1)
     unphased = ~phased & ~(alleles < 0).all(axis=1)  # an all-missing './.' carries no phase
     if unphased.any():
         i = int(np.flatnonzero(unphased)[0])
-        raise VcfInputError(f"{where}: sample #{i + 1} has an unphased genotype ('/'); {_FIX_PHASE}")
-    return int(missing.sum())
+        raise VcfInputError(f"{where}: sample #{i + 1} has an unphased genotype ('/'); {fix_phase}")
+    return alleles
 
 
 def _write_kept(src: Path, dst: Path, undeclared: list[str]) -> None:

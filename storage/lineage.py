@@ -34,14 +34,11 @@ from storage.layout import RunLayout
 from storage.prepared import PreparedData
 
 LINEAGE_FORMAT_VERSION = 1
-LINEAGE_FILE = "lineage.json"
 PREPARED_SECTIONS = ("split", "window")  # + "simulate" when the inputs are the run's simulation
 # Trained artifacts depend on every section but the simulation (which reaches them only through the
 # prepared data, digested separately) and where the work runs (``distributed``: the same bytes on any
 # cluster); a section added to RunConfig is covered without a change here.
 VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("simulate", "distributed"))
-# What a forced re-prepare sets aside besides the variants: everything derived from them.
-DERIVED = ("prefect-results", "compare", "imputed", "mlflow.db", "mlartifacts")
 
 
 def variant_names() -> tuple[str, ...]:
@@ -85,17 +82,17 @@ def _changes(diff: list[str]) -> str:
 
 
 def variant_record(layout: RunLayout, variant: str) -> Path:
-    return layout.variant(variant).root / LINEAGE_FILE
+    return layout.variant(variant).lineage
 
 
-def _has_artifacts(folder: Path) -> bool:
-    return (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+def _has_artifacts(layout: RunLayout, variant: str) -> bool:
+    checkpoints = layout.variant(variant).checkpoints
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
 def trained_variants(layout: RunLayout) -> list[str]:
     """Variants of the run directory that hold artifacts (a lineage record or checkpoints)."""
-    return [v for v in variant_names()
-            if variant_record(layout, v).exists() or _has_artifacts(layout.variant(v).root)]
+    return [v for v in variant_names() if variant_record(layout, v).exists() or _has_artifacts(layout, v)]
 
 
 def check_variant(layout: RunLayout, cfg: RunConfig, prepared: PreparedData) -> None:
@@ -104,9 +101,9 @@ def check_variant(layout: RunLayout, cfg: RunConfig, prepared: PreparedData) -> 
     path = variant_record(layout, variant)
     here = layout.variant(variant).root
     if not path.exists():
-        if _has_artifacts(here):
+        if _has_artifacts(layout, variant):
             raise LineageError(
-                f"{here}: checkpoints without a lineage record ({LINEAGE_FILE}): made by an older embrag or copied "
+                f"{here}: checkpoints without a lineage record ({path.name}): made by an older embrag or copied "
                 f"in, so the data they were trained on is unknown; move {here} away and train again, or use a new "
                 "run dir")
         return
@@ -171,7 +168,7 @@ def check_config(layout: RunLayout, cfg: RunConfig, *, prepared_too: bool = True
                 raise LineageError(
                     f"{layout.variant(variant).root} was trained with {_changes(diff)} ({path}), and config.json is "
                     f"shared by every variant of {layout.root}; undo the change, or use a new run dir for new settings")
-    if prepared_too and (layout.prepared / "zarr.json").exists():
+    if prepared_too and layout.is_prepared():
         check_prepared(layout, cfg, PreparedData(layout.prepared))
 
 
@@ -201,15 +198,15 @@ def provenance_tag(checkpoint: Path, prepared: PreparedData) -> str:
 
 def set_aside(layout: RunLayout) -> Path | None:
     """Move the trained variants and everything derived from them to ``superseded/<time>/``."""
-    names = [*trained_variants(layout), *(d for d in DERIVED if (layout.root / d).exists())]
-    if not names:
+    moving = [*(layout.variant(v).root for v in trained_variants(layout)), *(p for p in layout.derived() if p.exists())]
+    if not moving:
         return None
-    dest = layout.root / "superseded" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    dest = layout.superseded()
     dest.mkdir(parents=True)
-    for name in names:
-        os.replace(layout.root / name, dest / name)
+    for path in moving:
+        os.replace(path, dest / path.name)
         for suffix in ("-wal", "-shm"):  # SQLite's companions travel with mlflow.db
-            side = layout.root / f"{name}{suffix}"
+            side = path.with_name(path.name + suffix)
             if side.exists():
                 os.replace(side, dest / side.name)
     return dest

@@ -124,7 +124,7 @@ def _input_digests(inputs: dict[str, Path]) -> dict[str, str]:
 
 def _cached(layout: RunLayout, key: str) -> PrepareSummary | None:
     """The summary of the prepared store when it is intact and was made from the same inputs and settings."""
-    if not (layout.prepared / "zarr.json").exists():
+    if not layout.is_prepared():
         return None
     try:
         verify_store(layout.prepared, "", deep=True)  # every byte: a cache hit must not keep a damaged chunk

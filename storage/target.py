@@ -23,7 +23,7 @@ import numpy as np
 
 from storage.errors import VcfInputError
 from storage.evaluate import normalise_contig
-from storage.ingest import _open, _records, call_ploidy, check_gt_header, skip_reason
+from storage.ingest import _open, _records, check_gt_header, phased_diploid, skip_reason
 from storage.prepared import PreparedData
 
 _AMBIGUOUS = ({"A", "T"}, {"C", "G"})
@@ -66,21 +66,8 @@ def site_key(contig: str, pos: int, ref: str, alt: str) -> tuple[str, int, str, 
 
 
 def _alleles(rec, where: str, path: Path) -> np.ndarray:
-    """Phased diploid alleles ``int8 [N, 2]`` (-1 missing); VcfInputError otherwise."""
-    if "GT" not in rec.FORMAT:  # before rec.genotype, which raises a bare Exception without GT
-        raise VcfInputError(f"{where}: the record has no GT field; provide phased genotypes (GT) for every record")
-    gt = rec.genotype.array()  # int16 [N, max ploidy + 1], last column = phased flag
-    alleles, phased = gt[:, :-1], gt[:, -1].astype(bool)
-    ploidy = call_ploidy(alleles)
-    if (ploidy != 2).any():
-        i = int(np.flatnonzero(ploidy != 2)[0])
-        raise VcfInputError(f"{where}: sample #{i + 1} has a non-diploid call (ploidy {ploidy[i]}); embrag needs "
-                            "diploid phased calls (missing as '.|.')")
-    alleles = alleles[:, :2]
-    unphased = ~phased & ~(alleles < 0).all(axis=1)  # an all-missing './.' carries no phase
-    if unphased.any():
-        i = int(np.flatnonzero(unphased)[0])
-        raise VcfInputError(f"{where}: sample #{i + 1} has an unphased genotype ('/'); {_fix_phase(path)}")
+    """Phased diploid alleles ``int8 [N, 2]`` (-1 missing); VcfInputError otherwise (the ingest check)."""
+    alleles = phased_diploid(rec, where, _fix_phase(path))
     return np.where(alleles < 0, -1, alleles).astype(np.int8)
 
 

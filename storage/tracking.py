@@ -59,11 +59,12 @@ from mlflow.tracking import MlflowClient
 import embrag
 from embrag.config import RunConfig
 from storage import comparison, mlflow_ui
-from storage.atomic import write_json
 from storage.checkpoints import copy_calibration, copy_checkpoint
-from storage.layout import RunLayout
+from storage.epoch_inputs import index_folder
+from storage.index_files import index_paths
+from storage.layout import RunLayout, index_name
 from storage.prepared import PreparedData, store_digest
-from storage.training import VariantRun, checkpoint_path, epoch_row, index_dir
+from storage.variant import VariantRun
 
 EXPERIMENT = "embrag"
 # The tag and value MLflow 3.17.2's UI reads (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in its bundle).
@@ -342,16 +343,9 @@ def log_prepared_input(tracker: Tracker, run_id: str, prepared: PreparedData) ->
     tracker.client.set_tag(run_id, "embrag.prepared_sha256", sha)
 
 
-def record_epoch(run: VariantRun, run_id: str, prep: dict, metrics: dict, reencode: dict) -> dict:
-    """Persist the epoch's summary row beside its metrics and log it to MLflow (once per epoch).
-
-    The row is the validation metrics (which include the training summary: the mask and embedding
-    versions in force at the end of training), the epoch-start plan (refresh reason, index build
-    time) and the re-encode time. Returns the logged ``name -> float`` metrics.
-    """
-    epoch = int(metrics["epoch"])
-    row = epoch_row(prep, metrics, reencode)
-    write_json(run.paths.epoch_metrics(epoch).with_suffix(".summary.json"), row)  # what run_epochs writes
+def record_epoch(run: VariantRun, run_id: str, row: dict) -> dict:
+    """Log the epoch's row (:func:`storage.training.finish_epoch`) to MLflow, once per epoch; returns
+    the logged ``name -> float`` metrics."""
     Tracker(run.layout).log_epoch(run_id, row)
     return epoch_metrics(row)
 
@@ -361,23 +355,24 @@ def finish_variant_run(run: VariantRun, run_id: str, history: list[dict]) -> dic
     times, last index manifests and learning curves; then FINISHED (its end time kept if it was)."""
     tracker = Tracker(run.layout)
     client = tracker.client
-    info: dict = {"run_id": run_id, "last_checkpoint": str(checkpoint_path(run, int(history[-1]["epoch"])))
+    info: dict = {"run_id": run_id, "last_checkpoint": str(run.paths.checkpoint(int(history[-1]["epoch"])))
                   if history else None}
     if history:
         top = history[_best_index(history)]
         best = int(top["epoch"])
-        best_ckpt = copy_checkpoint(checkpoint_path(run, best), run.paths.best_checkpoint)  # with its manifest
-        copy_calibration(checkpoint_path(run, best), best_ckpt)
+        best_ckpt = copy_checkpoint(run.paths.checkpoint(best), run.paths.best_checkpoint)  # with its manifest
+        copy_calibration(run.paths.checkpoint(best), best_ckpt)
         client.log_batch(run_id, tags=[RunTag("embrag.best_epoch", str(best)),
                                        RunTag("embrag.best_val_f1", str(top.get("val_f1")))])
         info |= log_model(tracker, run, run_id, best, best_ckpt)
         _log_totals(tracker, run_id, history)
         last = history[-1]
         if run.variant != "none":
-            folder = index_dir(run, "train", int(last["mask_version"]), int(last["embedding_version"]))
-            for path in [folder / "complete.json", *sorted(folder.glob("w*.json"))[:MAX_MANIFESTS]]:
+            folder = index_folder(run, int(last["mask_version"]), int(last["embedding_version"]))
+            manifests = [index_paths(folder, index_name(w, run.index_kind))[1] for w in range(MAX_MANIFESTS)]
+            for path in [run.paths.index_done(folder), *(p for p in manifests if p.exists())]:
                 client.log_artifact(run_id, str(path), f"index/{folder.name}")
-        plot = comparison.plot_curves({run.variant: history}, run.paths.root / "plots" / "learning-curves.png",
+        plot = comparison.plot_curves({run.variant: history}, run.paths.learning_curves,
                                       title=f"{run.variant} learning curves")
         client.log_artifact(run_id, str(plot))  # at the root: MLflow's compare page shows only root files
         info |= {"best_epoch": best, "best_checkpoint": str(best_ckpt), "plot": str(plot)}
@@ -447,9 +442,8 @@ def log_comparison(layout: RunLayout, parent_run_id: str, histories: dict[str, l
                    run_ids: dict[str, str]) -> tuple[list[dict], list[Path]]:
     """Comparison table (TSV + markdown) and curves in ``<run_dir>/compare/``, logged on the parent run;
     returns the table's rows and the files."""
-    out = layout.root / "compare"
     rows = [comparison.summary_row(v, h, run_ids.get(v)) for v, h in histories.items()]
-    files = [*comparison.write_table(rows, out), comparison.plot_curves(histories, out / "learning-curves.png")]
+    files = [*comparison.write_table(rows, *layout.compare_table), comparison.plot_curves(histories, layout.compare_curves)]
     tracker = Tracker(layout)
     for path in files:
         tracker.client.log_artifact(parent_run_id, str(path), "compare")

@@ -21,7 +21,8 @@ from embrag.config import RunConfig
 from storage.atomic import read_json, write_json
 from storage.layout import RunLayout
 from storage.lineage import check_config
-from storage.training import VariantRun
+from storage.run_config import read_config
+from storage.variant import VariantRun
 
 # 0 by default: a failure surfaces at once (tests, and a rerun redoes only the failed stage anyway).
 RETRIES = int(os.environ.get("EMBRAG_TASK_RETRIES", "0"))
@@ -39,7 +40,7 @@ LIVE: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False, "retr
 
 
 def results_dir(run_dir: str | Path) -> Path:
-    return RunLayout(Path(run_dir)).root / "prefect-results"
+    return RunLayout(Path(run_dir)).prefect_results
 
 
 def bind(task: Task, run_dir: str | Path) -> Task:
@@ -87,7 +88,7 @@ def fault_point(run_dir: str, stage: str, epoch: int | None = None) -> None:
         want, _, seconds = rest.partition(":")
         if name != stage or (want not in ("", "*") and epoch is not None and int(want) != epoch):
             continue
-        marker = RunLayout(Path(run_dir)).root / ".faults" / f"{var.lower()}-{stage}-{epoch}"
+        marker = RunLayout(Path(run_dir)).fault_marker(f"{var.lower()}-{stage}-{epoch}")
         if marker.exists():
             continue
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +108,7 @@ def resolve_config(run_dir: str, config_path: str | None = None, variant: str | 
     and V18); ``variant`` then selects the model variant of the returned config.
     """
     layout = RunLayout(Path(run_dir))
-    path = Path(config_path) if config_path else layout.config
-    if config_path and not path.exists():
-        raise FileNotFoundError(f"{path}: config file not found")
-    cfg = RunConfig.from_dict(read_json(path)) if path.exists() else RunConfig()
+    cfg = read_config(layout.root, Path(config_path) if config_path else None)
     check_config(layout, cfg, prepared_too=not preparing)  # before config.json changes, never after
     if not layout.config.exists() or read_json(layout.config) != cfg.to_dict():
         write_json(layout.config, cfg.to_dict())

@@ -34,5 +34,5 @@ def prepare_task(run_dir: str, config: dict, panel_vcf: str, study_vcf: str, tes
 @task(name="prepared", **LIVE)
 def prepared_summary_task(run_dir: str) -> dict | None:
     """The summary of ``<run_dir>/data/prepared.zarr`` if it exists, else None (nothing prepared)."""
-    path = RunLayout(Path(run_dir)).prepared
-    return PreparedData(path).attrs.get("summary") if (path / "zarr.json").exists() else None
+    layout = RunLayout(Path(run_dir))
+    return PreparedData(layout.prepared).attrs.get("summary") if layout.is_prepared() else None

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from storage import tracking
 from storage.comparison import TABLE_NAME
 from storage.layout import RunLayout
+from storage.training import finish_epoch
 from tasks._common import LIVE, run_config, variant_run
 
 
@@ -21,10 +22,11 @@ def start_run_task(run_dir: str, config: dict, parent_run_id: str | None, flow_r
 
 
 @task(name="track-epoch", task_run_name="track-epoch-{epoch}", **LIVE)
-def record_epoch_task(run_dir: str, config: dict, run_id: str, epoch: int, prep: dict, metrics: dict,
-                      reencode: dict) -> dict:
-    """Persist and log the epoch row (skipped in MLflow when already logged); returns its metrics."""
-    return tracking.record_epoch(variant_run(run_dir, config), run_id, prep, metrics, reencode)
+def record_epoch_task(run_dir: str, config: dict, run_id: str, epoch: int, embeddings: dict, indexes: dict,
+                      metrics: dict, reencode: dict) -> dict:
+    """Write the epoch's row and log it (skipped in MLflow when already logged); returns its metrics."""
+    run = variant_run(run_dir, config)
+    return tracking.record_epoch(run, run_id, finish_epoch(run, epoch, embeddings, indexes, metrics, reencode))
 
 
 @task(name="track-finish", **LIVE)

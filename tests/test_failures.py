@@ -130,8 +130,8 @@ def test_d1_artifacts_of_other_prepared_data_are_refused_by_resume_and_impute(ru
     _swap_prepared(run_dir, other)
     before = snapshot(run_dir)
     out = tmp_path / "x.vcf.gz"
-    for argv, fix in ((["resume", run_dir, "--variant", "v18"], "train in a new run dir"),
-                      (["resume", run_dir, "--epochs", "1"], "train in a new run dir"),
+    for argv, fix in ((["resume", "--run-dir", run_dir, "--variant", "v18"], "train in a new run dir"),
+                      (["resume", "--run-dir", run_dir, "--epochs", "1"], "train in a new run dir"),
                       (["impute", "--run-dir", run_dir, "--out", out], "impute with the run dir the model was trained in")):
         rc, _, err = cli(capsys, *argv)
         line = error_line(err, argv[0])
@@ -211,7 +211,8 @@ def test_d3_a_damaged_embeddings_store_is_refused_and_re_encoded(run_dir):
     from embrag.config import RunConfig
     from storage.embeddings import EmbeddingStore, is_complete
     from storage.errors import IntegrityError
-    from storage.training import VariantRun, reencode_after_epoch
+    from storage.training import reencode_after_epoch
+    from storage.variant import VariantRun
 
     store = RunLayout(run_dir).variant("v18").embeddings(2)  # made after epoch 1
     chunk = store / "complete" / "c" / "0" / "0" / "0" / "0"
@@ -245,7 +246,7 @@ def test_d4_a_hand_edited_config_json_is_refused_by_resume(run_dir, capsys):
     config["train"]["lr"] = 0.05
     (run_dir / "config.json").write_text(json.dumps(config))
     before = snapshot(run_dir)
-    rc, _, err = cli(capsys, "resume", run_dir)
+    rc, _, err = cli(capsys, "resume", "--run-dir", run_dir)
     assert rc == 2 and "train.lr=0.001 (now 0.05)" in error_line(err, "resume")
     assert snapshot(run_dir) == before
 
@@ -270,7 +271,7 @@ def test_d9_a_bad_variant_is_refused_before_any_path_is_built(run_dir, capsys, m
     shutil.move(run_dir, work / "run")
     monkeypatch.chdir(work)
     before = snapshot(tmp_path)
-    for argv in (["train", "--run-dir", "run", "--no-prefect"], ["resume", "run"], ["impute", "--run-dir", "run"]):
+    for argv in (["train", "--run-dir", "run", "--no-prefect"], ["resume", "--run-dir", "run"], ["impute", "--run-dir", "run"]):
         rc, _, err = cli(capsys, *argv, "--variant", "../../../ESCAPED")
         assert rc == 2 and "--variant '../../../ESCAPED': expected one of v17, v18, none" in error_line(err, argv[0])
     assert snapshot(tmp_path) == before and not (tmp_path / "ESCAPED").exists()
@@ -323,17 +324,17 @@ def test_d10_corrupt_markers_are_named_with_the_fix_or_rewritten(run_dir, capsys
     good = json.loads(summary.read_text())
     summary.write_text('{"epoch": 1, "train_lo')
     before = snapshot(run_dir)
-    rc, _, err = cli(capsys, "resume", run_dir)
+    rc, _, err = cli(capsys, "resume", "--run-dir", run_dir)
     line = error_line(err, "resume")
     assert rc == 2 and f"{summary}: not valid JSON" in line and "delete it and rerun" in line
     assert snapshot(run_dir) == before
     summary.unlink()  # the fix the message gives
-    assert cli(capsys, "resume", run_dir)[0] == 0
+    assert cli(capsys, "resume", "--run-dir", run_dir)[0] == 0
     assert {k: v for k, v in json.loads(summary.read_text()).items() if "seconds" not in k} == \
            {k: v for k, v in good.items() if "seconds" not in k}
 
     (run_dir / "config.json").write_text("{")
-    rc, _, err = cli(capsys, "resume", run_dir)
+    rc, _, err = cli(capsys, "resume", "--run-dir", run_dir)
     assert rc == 2 and f"{run_dir / 'config.json'}: not valid JSON" in error_line(err, "resume")
 
 
@@ -361,7 +362,7 @@ def test_d11_a_refused_prepare_leaves_the_run_dir_as_it_was(prepared_template, t
 
 def test_d13_resume_of_a_finished_run_changes_nothing(run_dir, capsys):
     before = snapshot(run_dir)
-    rc, out, err = cli(capsys, "resume", run_dir)
+    rc, out, err = cli(capsys, "resume", "--run-dir", run_dir)
     assert rc == 0, err
     assert "[v18] epoch 1 (2 of 2):" in out
     assert snapshot(run_dir) == before  # the pruned e0000 store is not re-encoded
@@ -385,8 +386,8 @@ def test_d13_a_full_or_read_only_disk_is_one_line(run_dir, capsys, monkeypatch, 
 
 
 def test_d13_a_truncated_masks_file_names_the_file_and_the_fix(run_dir):
+    from storage.epoch_inputs import read_masks
     from storage.errors import IntegrityError
-    from storage.training import read_masks
 
     masks = RunLayout(run_dir).variant("v18").val_masks
     masks.write_bytes(masks.read_bytes()[:200])
@@ -434,7 +435,7 @@ def test_d14_a_run_dir_in_use_is_refused_with_the_holders_pid(run_dir, capsys):
     holder = _hold(f"acquire(locks.run_lock_file({str(run_dir)!r}), 'embrag train', 'run dir')")
     try:
         before = snapshot(run_dir)
-        for argv in (["train", "--run-dir", run_dir, "--no-prefect"], ["resume", run_dir], ["prepare", "--run-dir", run_dir]):
+        for argv in (["train", "--run-dir", run_dir, "--no-prefect"], ["resume", "--run-dir", run_dir], ["prepare", "--run-dir", run_dir]):
             rc, _, err = cli(capsys, *argv)
             line = error_line(err, argv[0])
             assert rc == 2 and f"is in use by PID {holder.pid} (embrag train, since" in line and "kill" in line
@@ -442,7 +443,7 @@ def test_d14_a_run_dir_in_use_is_refused_with_the_holders_pid(run_dir, capsys):
     finally:
         holder.kill()
         holder.wait()
-    assert cli(capsys, "resume", run_dir)[0] == 0  # the kernel dropped the dead holder's lock
+    assert cli(capsys, "resume", "--run-dir", run_dir)[0] == 0  # the kernel dropped the dead holder's lock
 
 
 def test_d14_an_output_file_in_use_is_refused(run_dir, capsys, tmp_path):

@@ -164,19 +164,22 @@ def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_
 
     rerun = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)  # the marker: fails once
     assert rerun.is_completed()
-    stages = {f"{stage}-{e}" for stage in ("refresh", "train", "validate", "reencode") for e in (0, 1)}
+    reencode_1 = "embed-v2-w0-18"  # the re-encode after epoch 1: embedding version 2, one partition of 18 windows
+    stages = {f"{stage}-{e}" for stage in ("refresh", "train", "validate") for e in (0, 1)} | {reencode_1}
     states = _task_states(rerun.state_details.flow_run_id, expect=stages)
-    for name in ("refresh-0", "train-0", "validate-0", "reencode-0", "refresh-1"):
+    for name in ("refresh-0", "train-0", "validate-0", "refresh-1"):
         assert states[name] == "Cached", (name, states)
-    for name in ("train-1", "validate-1", "reencode-1"):
+    for name in ("train-1", "validate-1", reencode_1):
         assert states[name] == "Completed", (name, states)
+    assert not [n for n in states if n.startswith(("embed-v0-", "embed-v1-"))]  # found complete: nothing planned
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     _assert_same(_final_metrics(tiny_run_dir), _final_metrics(reference[0]))
 
     ended = _mlflow_run(tiny_run_dir, "v18")[1].info.end_time
     again = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
-    assert {s for n, s in _task_states(again.state_details.flow_run_id, expect=stages).items()
-            if not n.startswith(("track", "publish"))} == {"Cached"}
+    planned = ("track", "publish", "embed-plan", "embed-finish", "index-plan", "index-finish")  # live: they only look
+    states = _task_states(again.state_details.flow_run_id, expect=stages - {reencode_1})
+    assert {n: s for n, s in states.items() if not n.startswith(planned) and s != "Cached"} == {}
     client, run = _mlflow_run(tiny_run_dir, "v18")
     assert run.info.status == "FINISHED"
     assert run.info.end_time == ended  # nothing new trained: the run's duration is not stretched
@@ -295,9 +298,9 @@ def test_dask_partitions_write_the_same_bytes_as_the_default_runner(reference, t
     state = train_flow.with_options(task_runner=runner)(run_dir=str(tiny_run_dir), variant="v18", partitions=3,
                                                         return_state=True)
     assert state.is_completed()
-    states = _task_states(state.state_details.flow_run_id, expect={"reencode-1"})
+    states = _task_states(state.state_details.flow_run_id, expect={"embed-finish-v2"})
     assert sum(n.startswith("embed-v") for n in states) == 3 * 3  # e0000 at epoch 0, e0001 and e0002 after each
-    assert sum(n.startswith("index-train") for n in states) == 3 * 2
+    assert sum(n.startswith("index-m") for n in states) == 3 * 2  # mask versions 0 and 1
 
     ref, got = (RunLayout(d).variant("v18").root for d in (reference[0], tiny_run_dir))
     hashes = [{str(p.relative_to(root)): json.loads(p.read_text())["manifest"]["faiss_sha256"]
@@ -391,14 +394,14 @@ def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
     vcf = RunLayout(run_dir).vcf_dir
     out = tmp_path / "imputed.vcf.gz"
     result = CliRunner().invoke(app, [
-        "impute", "--panel", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
-        "--target", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth", str(vcf / "test.vcf.gz")])
+        "impute", "--run-dir", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
+        "--target-vcf", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth-vcf", str(vcf / "test.vcf.gz")])
     assert result.exit_code == 0, result.output
     assert "samples (v17, k=16 neighbours" in result.output and "r2_mean_site" in result.output and out.exists()
     assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()
 
 
-def test_cli_train_ends_with_the_mlflow_link_of_the_run_dir(reference):
+def test_cli_train_ends_with_the_mlflow_link_the_checkpoint_and_the_next_command(reference):
     from typer.testing import CliRunner
 
     from embrag_cli.main import app
@@ -406,7 +409,11 @@ def test_cli_train_ends_with_the_mlflow_link_of_the_run_dir(reference):
     run_dir = reference[0]
     result = CliRunner().invoke(app, ["train", "--run-dir", str(run_dir), "--variant", "v18"])  # all cached
     assert result.exit_code == 0, result.output
-    *_, start, url = result.output.strip().splitlines()
+    *_, start, url, checkpoint, command = result.output.strip().splitlines()
+    last = RunLayout(run_dir).variant("v18").checkpoint(1)
+    assert checkpoint == f"checkpoint: {last}"
+    assert command == (f"next: embrag impute --run-dir {run_dir} --model {last} --target-vcf TARGET.vcf.gz "
+                       "[--truth-vcf TRUTH.vcf.gz]")
     ids = [_mlflow_run(run_dir, v)[1].info.run_id for v in ("v17", "v18")]
     assert start.strip().startswith("start the MLflow UI: ") and "ui --backend-store-uri sqlite:///" in start
     assert url.strip().startswith("http://127.0.0.1:5000/#/compare-runs?runs=")

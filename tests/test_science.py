@@ -31,7 +31,8 @@ def panel_only_run(tmp_path_factory):
 
 
 def _final(layout, cfg, variant):
-    from storage.training import VariantRun, run_epochs
+    from storage.training import run_epochs
+    from storage.variant import VariantRun
 
     return run_epochs(VariantRun(layout, cfg.replace(model__variant=variant)))[-1]
 

@@ -107,3 +107,47 @@ def test_batch_targets_leave_out_alleles_without_donor():
     assert not target[0, 3] and target[1, 3] and target[0, [0, 1, 2, 4]].all()
     assert (batch_tensors(data, np.array([0]), torch.device("cpu"))["tokens"].numpy() == MASK).all()
     assert VOCAB_SIZE > ALT
+
+
+def _one_step(grad_clip: float) -> float:
+    """How far one training step moves the weights, with ``grad_clip`` (0 = no clipping)."""
+    from embrag.config import TrainConfig
+    from embrag.epoch import train_epoch
+    from embrag.optim import build_optimizer, build_scheduler, make_scaler
+
+    torch.manual_seed(0)
+    model = build_model(_cfg("v17", False))
+    panel = np.full((4, L), REF, np.uint8)
+    panel[:2, 5] = ALT
+    mask = np.zeros(L, bool)
+    mask[5] = True
+
+    class Source:
+        n_windows, n_query_haplotypes = 1, 4
+
+        def window(self, w: int) -> WindowData:
+            data = _window("v17", panel, mask, model)
+            data.query_tokens = panel.copy()
+            return data
+
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=grad_clip, batch_size=4, epochs=1)
+    opt = build_optimizer(model, cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_epoch(model, opt, build_scheduler(opt, cfg, 1), make_scaler(torch.device("cpu")), Source(),
+                model_cfg=model.cfg, cfg=cfg, epoch=0, rare_maf=0.05, device=torch.device("cpu"))
+    return sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_grad_clip_zero_means_no_clipping_in_the_training_loop():
+    """Kills: the loop clipping to max norm 0 (every gradient zeroed, no weight moves) when grad_clip = 0;
+    the one step is ``optim.clip_and_step``."""
+    assert _one_step(0.0) > 0  # no weight decay: only a gradient moves a weight
+    assert _one_step(1.0) > 0
+
+
+def test_a_negative_grad_clip_is_refused():
+    from embrag.config import TrainConfig
+    from embrag.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="grad_clip must be >= 0"):
+        TrainConfig(grad_clip=-1.0)

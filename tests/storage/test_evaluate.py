@@ -246,3 +246,26 @@ def test_dosages_on_sites_keeps_order_and_fills_absent_sites_constant(truth, tmp
     truth_m = evaluate.truth_on_sites(path, keys, SAMPLES[::-1])
     np.testing.assert_array_equal(truth_m[:, :2], np.where((gt < 0).any(-1), -1, gt.sum(-1))[[7, 3]].T[::-1])
     assert (truth_m[:, 3] == -1).all()  # a key the truth lacks: missing
+
+
+def test_cli_evaluate_writes_beside_the_imputed_vcf_and_prints_the_legend_once(truth, tmp_path, monkeypatch):
+    """Kills: `embrag evaluate` writing ./evaluation into whatever directory it was started from."""
+    from typer.testing import CliRunner
+
+    from embrag_cli.main import app
+
+    path, sites, gt, _ = truth
+    typed = np.zeros(M, bool)
+    typed[::10] = True
+    (tmp_path / "out").mkdir()
+    imputed = tmp_path / "out" / "imp.vcf.gz"
+    write_imputed(imputed, sites, np.clip(gt, 0, 1).transpose(1, 2, 0).astype(float), typed, gt.transpose(1, 2, 0))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(app, ["evaluate", "--truth-vcf", str(path), "--imputed-vcf", str(imputed),
+                                      "--panel-vcf", str(path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "imp.evaluation" / "evaluation.json").exists()
+    assert not list(cwd.iterdir())
+    assert result.output.count("r2_aggregate: squared Pearson") == 1

@@ -20,7 +20,8 @@ from storage.layout import RunLayout
 from storage.prepare import prepare
 from storage.prepared import PreparedData
 from storage.simulate import simulate
-from storage.training import VariantRun, run_epochs
+from storage.training import run_epochs
+from storage.variant import VariantRun
 
 CFG = RunConfig().replace(
     simulate__n_panel=30, simulate__n_study=16, simulate__n_test=6, simulate__length=100_000, simulate__array_every=3,

@@ -19,20 +19,14 @@ from embrag.impute import window_data
 from embrag.model import build_model
 from storage.checkpoints import load_checkpoint
 from storage.embeddings import EmbeddingStore
+from storage.epoch_inputs import prepare_epoch_inputs, read_site_mask
+from storage.epoch_plan import read_plan
 from storage.impute import _window_inputs, target_context
 from storage.layout import RunLayout
 from storage.queries import query_set
 from storage.target import exclude_rows, read_target
-from storage.training import (
-    VariantRun,
-    _source,
-    checkpoint_path,
-    prepare_epoch_inputs,
-    read_site_mask,
-    run_epochs,
-    validate_epoch,
-    validation_inputs,
-)
+from storage.training import StoreSource, run_epochs, validate_epoch, validation_inputs
+from storage.variant import VariantRun
 
 
 @pytest.fixture
@@ -44,7 +38,7 @@ def run_dir(tiny_prepared_fixture, tmp_path):
 
 def _init_model(run: VariantRun) -> torch.nn.Module:
     model = build_model(run.cfg.model)
-    model.load_state_dict(load_checkpoint(checkpoint_path(run, -1))["model"])
+    model.load_state_dict(load_checkpoint(run.paths.checkpoint(-1))["model"])
     return model.eval()
 
 
@@ -52,7 +46,7 @@ def test_panel_queries_never_retrieve_their_own_sample(run_dir):
     layout, cfg = run_dir
     run = VariantRun(layout, cfg)
     prepare_epoch_inputs(run, 0)
-    source = _source(run, 0, 0, 0)
+    source = StoreSource(run, read_plan(run, 0))
     queries = source.queries
     assert len(queries.panel_rows) > 0 and queries.n_study > 0  # both kinds of query
     own_sample = queries.exclude_rows
@@ -90,7 +84,7 @@ def test_training_validation_and_imputation_pick_the_same_neighbours(run_dir, tm
     run = VariantRun(layout, cfg.replace(model__variant=variant))
     prepare_epoch_inputs(run, 0)
     model = _init_model(run)  # the weights the epoch-0 index and embeddings were encoded with
-    source = _source(run, 0, 0, 0)
+    source = StoreSource(run, read_plan(run, 0))
     queries = source.queries
     site_mask = read_site_mask(run.paths.masks(0))
     val_inputs, _ = validation_inputs(run, queries, site_mask)  # the validation path over the same queries
@@ -124,7 +118,7 @@ def test_reencoded_embeddings_come_from_the_current_weights(run_dir):
     run = VariantRun(layout, cfg.replace(train__epochs=1))
     run_epochs(run)
     after = build_model(run.cfg.model)
-    after.load_state_dict(load_checkpoint(checkpoint_path(run, 0))["model"])
+    after.load_state_dict(load_checkpoint(run.paths.checkpoint(0))["model"])
     af, position, _ = run.prepared.window_features(0)
     want = after.embedding.table(torch.as_tensor(af), torch.as_tensor(position)).numpy()
     got = EmbeddingStore(run.paths.embeddings(1)).window_table(0)

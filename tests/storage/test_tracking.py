@@ -17,7 +17,7 @@ from storage.integrity import file_manifest, write_file_manifest
 from storage.layout import RunLayout
 from storage.prepared import store_digest
 from storage.tracking import Tracker, epoch_metrics
-from storage.training import VariantRun
+from storage.variant import VariantRun
 
 
 def _row(epoch: int, **extra) -> dict:

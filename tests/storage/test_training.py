@@ -9,16 +9,11 @@ import torch
 from embrag.constants import MASK
 from storage.atomic import read_json
 from storage.checkpoints import load_checkpoint
+from storage.epoch_inputs import prepare_epoch_inputs, read_masks
 from storage.index_files import read_index
 from storage.layout import RunLayout
-from storage.training import (
-    VariantRun,
-    checkpoint_path,
-    prepare_epoch_inputs,
-    read_masks,
-    run_epochs,
-    train_one_epoch,
-)
+from storage.training import run_epochs, train_one_epoch
+from storage.variant import VariantRun
 
 
 def _copy(tiny_prepared_fixture, tmp_path, name="run"):
@@ -45,8 +40,8 @@ def test_resume_equals_uninterrupted(tiny_prepared_fixture, tmp_path, variant):
 
     assert again[-1]["val_loss"] == full[-1]["val_loss"]
     assert again[-1]["val_f1"] == full[-1]["val_f1"] or (np.isnan(again[-1]["val_f1"]) and np.isnan(full[-1]["val_f1"]))
-    a = load_checkpoint(checkpoint_path(VariantRun(straight, cfg), 1))
-    b = load_checkpoint(checkpoint_path(VariantRun(resumed, cfg), 1))
+    a = load_checkpoint(VariantRun(straight, cfg).paths.checkpoint(1))
+    b = load_checkpoint(VariantRun(resumed, cfg).paths.checkpoint(1))
     assert _state_dicts_equal(a["model"], b["model"])
     assert a["step"] == b["step"] and a["refresh"] == b["refresh"]
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
@@ -57,11 +52,11 @@ def test_stages_are_idempotent(tiny_prepared_fixture, tmp_path):
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     run = VariantRun(layout, cfg.replace(train__epochs=1))
     run_epochs(run)
-    ckpt = checkpoint_path(run, 0)
+    ckpt = run.paths.checkpoint(0)
     before = ckpt.stat().st_mtime_ns
     first = train_one_epoch(run, 0)
     assert ckpt.stat().st_mtime_ns == before  # found, not recomputed
-    assert first == read_json(run.paths.root / "metrics" / "train-000.json")
+    assert first == read_json(run.paths.train_metrics(0))
     assert not list(layout.root.rglob("*.tmp-*"))  # nothing half-written left behind
 
 
@@ -70,7 +65,7 @@ def test_option_b_refreshes_inside_epoch(tiny_prepared_fixture, tmp_path):
     cfg = cfg.replace(refresh__policy="batches", refresh__every=3, train__epochs=1, train__max_train_batches=8)
     run = VariantRun(layout, cfg)
     (row,) = run_epochs(run)
-    summary = read_json(run.paths.root / "metrics" / "train-000.json")
+    summary = read_json(run.paths.train_metrics(0))
     assert [r["step"] for r in summary["refreshes"]] == [3, 6]
     assert [r["mask_version"] for r in summary["refreshes"]] == [1, 2]
     assert row["mask_version"] == 2
