@@ -57,7 +57,7 @@ def _np_state() -> list:
 
 
 def _fix(path: Path) -> str:
-    return (f"delete it and {path.name}.manifest.json and rerun its epoch (`embrag resume <run-dir> --variant V`); "
+    return (f"delete it and {path.name}.manifest.json and rerun its epoch (`embrag resume --run-dir <run-dir> --variant V`); "
             "a checkpoint copied from elsewhere must come with its manifest")
 
 

@@ -199,6 +199,8 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[d
     history = []
     for epoch in range(epochs if epochs is not None else run.cfg.train.epochs):
         done = run.paths.epoch_summary(epoch)
+        if done.exists() and not run.paths.checkpoint(epoch).exists():
+            done.unlink()  # its checkpoint was deleted (the fix of an integrity error): the epoch is redone
         if done.exists():  # written last: a finished epoch is not redone (its embeddings may be pruned)
             row = read_json(done)
         else:

@@ -178,6 +178,22 @@ def test_d2_a_damaged_checkpoint_is_refused(run_dir, capsys, tmp_path, damage, m
     assert snapshot(run_dir) == before and not out.exists()
 
 
+def test_d2_following_the_fix_retrains_the_epoch_and_imputes_with_it(run_dir, capsys, tmp_path):
+    ckpt = RunLayout(run_dir).variant("v18").checkpoint(1)
+    good = ckpt.read_bytes()
+    _flip_tensor_bytes(ckpt)
+    ckpt.unlink()  # the fix the error prints: delete the checkpoint and its manifest, resume
+    Path(f"{ckpt}.manifest.json").unlink()
+    rc, _, err = cli(capsys, "resume", "--run-dir", run_dir, "--variant", "v18")
+    assert rc == 0, err
+    assert ckpt.read_bytes() == good  # the epoch was trained again, not skipped for its old summary
+    out = tmp_path / "x.vcf.gz"
+    rc, _, err = cli(capsys, "impute", "--run-dir", run_dir, "--out", out)
+    assert rc == 0, err
+    with gzip.open(out, "rt") as f:
+        assert "epoch-001.pt" in next(line for line in f if line.startswith("##source"))
+
+
 def test_d3_d10_a_damaged_prepared_store_is_refused_and_prepare_rebuilds_it(run_dir, capsys, tmp_path):
     prepared = RunLayout(run_dir).prepared
     chunk = prepared / "tokens" / "panel" / "c" / "0" / "0" / "0"
