@@ -58,13 +58,16 @@ def _stage(name: str, point: Path) -> None:
         summary = prepare(layout, cfg, panel_vcf=sim / "panel.vcf.gz")  # the panel alone, as a Beagle user
         write_json(point / "sites.json", {"n_sites": summary.n_sites, "n_windows": summary.n_windows})
         return
-    from storage.training import VariantRun, prepare_epoch_inputs, run_epochs
+    from storage.epoch_inputs import prepare_epoch_inputs
+    from storage.training import run_epochs
+    from storage.variant import VariantRun
 
     run = VariantRun(layout, cfg)
     if name == "epoch":
         write_json(point / "epoch.json", run_epochs(run, epochs=1)[0])
     elif name == "refresh":
-        write_json(point / "refresh.json", prepare_epoch_inputs(run, 1))
+        embeddings, indexes = prepare_epoch_inputs(run, 1)
+        write_json(point / "refresh.json", {"embeddings": embeddings, "indexes": indexes})
     elif name == "impute":
         from storage.impute import impute_vcf
 
