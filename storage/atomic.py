@@ -44,15 +44,19 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def read_json(path: Path) -> Any:
-    """The JSON document at ``path``; IntegrityError naming the file when it is not valid JSON."""
+REWRITE_FIX = "delete it and rerun the command, which rewrites it"
+
+
+def read_json(path: Path, fix: str = REWRITE_FIX) -> Any:
+    """The JSON document at ``path``; IntegrityError naming the file and ``fix`` when it is not valid JSON
+    (the default fix holds for markers a stage rewrites; records it cannot rewrite pass their own)."""
     path = Path(path)
     raw = path.read_bytes()
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{path}: not valid JSON ({e}; {len(raw)} bytes): the file is corrupt or was cut short; "
-                             "delete it and rerun the command, which rewrites it") from e
+                             f"{fix}") from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

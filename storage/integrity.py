@@ -51,7 +51,7 @@ def _read_manifest(artifact: Path, kind: str, fix: str) -> dict[str, Any]:
     if not path.exists():
         raise IntegrityError(f"{artifact}: no integrity manifest ({path.name}); it was never completed or was "
                              f"written by an older embrag; {fix}")
-    doc = read_json(path)
+    doc = read_json(path, fix)  # a manifest is not rewritten by rerunning: the artifact's own fix holds
     version = doc.get("format_version") if isinstance(doc, dict) else None
     if version != MANIFEST_FORMAT_VERSION or doc.get("kind") != kind:
         raise IntegrityError(f"{path}: unknown manifest (format_version {version!r}, kind {doc.get('kind')!r}; this "

@@ -41,6 +41,11 @@ PREPARED_SECTIONS = ("split", "window")  # + "simulate" when the inputs are the 
 VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("simulate", "distributed"))
 
 
+def _lost_record(here: Path) -> str:
+    """The fix for a damaged lineage record: nothing can rebuild what the artifacts were made from."""
+    return f"what {here} was trained on is unknown now; move {here} away and train again, or use a new run dir"
+
+
 def variant_names() -> tuple[str, ...]:
     return tuple(choices(ModelConfig, "variant"))
 
@@ -107,7 +112,7 @@ def check_variant(layout: RunLayout, cfg: RunConfig, prepared: PreparedData) -> 
                 f"in, so the data they were trained on is unknown; move {here} away and train again, or use a new "
                 "run dir")
         return
-    recorded = read_json(path)
+    recorded = read_json(path, _lost_record(here))
     if recorded.get("prepared") != prepared.digest:
         raise LineageError(
             f"{here} was trained on prepared data {str(recorded.get('prepared'))[:12]} ({path}) but "
@@ -163,7 +168,7 @@ def check_config(layout: RunLayout, cfg: RunConfig, *, prepared_too: bool = True
             if not path.exists():
                 continue  # reported by check_variant when the variant is used
             want = sections(cfg.replace(model__variant=variant), VARIANT_SECTIONS)
-            diff = differences(read_json(path).get("config", {}), want)
+            diff = differences(read_json(path, _lost_record(layout.variant(variant).root)).get("config", {}), want)
             if diff:
                 raise LineageError(
                     f"{layout.variant(variant).root} was trained with {_changes(diff)} ({path}), and config.json is "

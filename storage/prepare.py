@@ -180,8 +180,14 @@ neither changes a byte of the result."""
     with _staging(layout) as staging:
         ingested = {name: ingest_cached(vcf, layout.genotypes(name), staging, digests[name])
                     for name, vcf in inputs.items()}
-        m = match_roles(ingested["panel"][0], ingested["study"][0] if study_vcf else None,
-                        ingested["test"][0] if test_vcf else None, cfg.split)
+        try:
+            m = match_roles(ingested["panel"][0], ingested["study"][0] if study_vcf else None,
+                            ingested["test"][0] if test_vcf else None, cfg.split)
+        except VcfInputError as e:  # name the user's VCFs, not stores in a staging folder that is about to go
+            message = str(e)
+            for name, vcf in inputs.items():
+                message = message.replace(str(ingested[name][0]), str(vcf))
+            raise VcfInputError(message) from None
         panel_queries = _panel_queries(m.sample_ids["panel"], cfg)
         windows = make_windows(m.sites.contig, cfg.window)
         summary = PrepareSummary(

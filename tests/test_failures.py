@@ -354,6 +354,21 @@ def test_d10_corrupt_markers_are_named_with_the_fix_or_rewritten(run_dir, capsys
     assert rc == 2 and f"{run_dir / 'config.json'}: not valid JSON" in error_line(err, "resume")
 
 
+@pytest.mark.parametrize("record, command, fix", [
+    (lambda layout: layout.variant("v18").root / "lineage.json", "resume", "move"),  # nothing rewrites what it was made from
+    (lambda layout: Path(f"{layout.variant('v18').checkpoint(1)}.manifest.json"), "impute", "rerun its epoch"),
+])
+def test_d10_a_corrupt_record_that_no_rerun_rewrites_gives_its_own_fix(run_dir, capsys, tmp_path, record, command, fix):
+    path = record(RunLayout(run_dir))
+    path.write_text('{"prepa')
+    before = snapshot(run_dir)
+    extra = ["--out", tmp_path / "x.vcf.gz"] if command == "impute" else []
+    rc, _, err = cli(capsys, command, "--run-dir", run_dir, *extra)
+    line = error_line(err, command)
+    assert rc == 2 and f"{path}: not valid JSON" in line and fix in line and "which rewrites it" not in line
+    assert snapshot(run_dir) == before
+
+
 # -- D11 a refused prepare ------------------------------------------------------------------------------------
 
 
@@ -369,7 +384,7 @@ def test_d11_a_refused_prepare_leaves_the_run_dir_as_it_was(prepared_template, t
     before = snapshot(root)
     rc, _, err = cli(capsys, "prepare", "--run-dir", root, "--panel", vcf / "panel.vcf.gz", "--study", study)
     line = error_line(err, "prepare")
-    assert rc == 2 and "no sites in common" in line and "moved_study.vcz" not in line
+    assert rc == 2 and "no sites in common" in line and str(study) in line and ".staging-" not in line
     assert snapshot(root) == before  # the study .vcz and its stamp were staged, never moved in
 
 
