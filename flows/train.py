@@ -89,19 +89,19 @@ def window_stages_flow(run_dir: str, config: dict, epoch: int, when: str, partit
 
 def _encode(run_dir: str, config: dict, epoch: int, when: str, partitions: int) -> dict:
     plan = embed_plan_task(run_dir, config, epoch, when, partitions)
-    parts = []
-    if plan.partitions:
-        starts, stops = zip(*plan.partitions, strict=True)
-        parts = bind(embed_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
-                                                       list(starts), list(stops)).result()
-    return embed_finish_task(run_dir, config, plan, parts)
+    return _run_plan(run_dir, config, plan, embed_partition_task, embed_finish_task)
 
 
 def _index(run_dir: str, config: dict, epoch: int, partitions: int) -> dict:
     plan = index_plan_task(run_dir, config, epoch, partitions)
+    return _run_plan(run_dir, config, plan, index_partition_task, index_finish_task)
+
+
+def _run_plan(run_dir: str, config: dict, plan, partition_task, finish_task) -> dict:
+    """A per-window stage's plan -> its partitions mapped over the task runner -> commit."""
     parts = []
     if plan.partitions:
         starts, stops = zip(*plan.partitions, strict=True)
-        parts = bind(index_partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
-                                                       list(starts), list(stops)).result()
-    return index_finish_task(run_dir, config, plan, parts)
+        parts = bind(partition_task, run_dir).map(unmapped(run_dir), unmapped(config), unmapped(plan),
+                                                  list(starts), list(stops)).result()
+    return finish_task(run_dir, config, plan, parts)
