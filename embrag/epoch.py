@@ -20,6 +20,7 @@ import torch
 from embrag.config import ModelConfig, RetrievalConfig, TrainConfig
 from embrag.constants import ALT, REF
 from embrag.loss import masked_loss
+from embrag.lshmm import window_prior
 from embrag.metrics import f1_from_counts
 from embrag.model import reference_alleles
 from embrag.neighbours import MatchContext, Neighbours, select_neighbours
@@ -123,13 +124,14 @@ def batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> d
     }
 
 
-def retrieve(data: WindowData, rows: np.ndarray, k: int) -> Neighbours:
+def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False) -> Neighbours:
     """The K neighbours of query ``rows`` and their match evidence (``embrag.neighbours``).
 
     The index (query and panel masked alike) proposes ``retrieval.candidates`` rows, ties in the
     window's seeded order; ``select_neighbours`` adds the PBWT's longest matches at the window edges
     and ranks all of them by the run through the window centre. Without a match context (no
-    typed-site evidence) the index order stands and there is no evidence.
+    typed-site evidence) the index order stands and there is no evidence. ``prior``: also the whole
+    panel's Li-Stephens P(ALT) at every window site (``embrag.lshmm``), for the copy head.
     """
     exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
     fetch = max(data.retrieval.candidates, k)
@@ -137,11 +139,17 @@ def retrieve(data: WindowData, rows: np.ndarray, k: int) -> Neighbours:
         _, cands = data.index.search(data.query_tokens[rows], fetch, exclude_rows=exclude, tie_seed=data.seed)
     else:
         cands = np.full((len(rows), 1), -1, np.int64)
-    if data.match is None:
-        return Neighbours(cands[:, :k], None)
+    if data.match is None:  # no typed-site evidence: the HMM's prior is the panel frequency
+        af = np.broadcast_to(data.af.astype(np.float32), (len(rows), len(data.af))).copy() if prior else None
+        return Neighbours(cands[:, :k], None, af)
     r = data.retrieval
-    return select_neighbours(data.match, data.window, data.query_ids[rows], cands, k, radius=r.pbwt_radius,
-                             seed=data.seed, exclude_rows=exclude, rank=r.rank, run_unit=r.run_unit)
+    nb = select_neighbours(data.match, data.window, data.query_ids[rows], cands, k, radius=r.pbwt_radius,
+                           seed=data.seed, exclude_rows=exclude, rank=r.rank, run_unit=r.run_unit)
+    if not prior:
+        return nb
+    hmm = window_prior(data.match, data.window, data.query_ids[rows], data.panel_tokens, data.af,
+                       exclude_rows=exclude, ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank)  # (B, L)
+    return Neighbours(nb.rows, nb.runs, hmm)
 
 
 def forward_batch(
@@ -156,7 +164,9 @@ def forward_batch(
     assert data.index is None or np.array_equal(data.index.mask, data.mask), (
         f"window {data.window}: the index mask differs from the model-input mask")
     t0 = time.perf_counter()
-    nb = retrieve(data, rows, cfg.k) if neighbours is None else neighbours
+    nb = retrieve(data, rows, cfg.k, prior=cfg.hmm_prior) if neighbours is None else neighbours
+    assert not (cfg.hmm_prior and cfg.copy_head) or nb.prior is not None, "the model's HMM prior was not retrieved"
+    hmm = None if nb.prior is None or not cfg.hmm_prior else torch.as_tensor(nb.prior, device=device)  # (B, L)
     hits = nb.rows  # (B, K)
     valid = torch.as_tensor(hits >= 0, device=device)
     safe = np.where(hits >= 0, hits, 0)
@@ -165,7 +175,7 @@ def forward_batch(
     retrieval_ms = (time.perf_counter() - t0) * 1e3
     args = (batch["tokens"], batch["af"], batch["position"], batch["pad"])
     if cfg.variant == "v17":
-        return model(*args, ref_tokens, valid, evidence), retrieval_ms
+        return model(*args, ref_tokens, valid, evidence, hmm), retrieval_ms
     if live:  # re-embed the retrieved complete tokens with the current layer, with grad
         ref = model.embed_references(ref_tokens, batch["af"], batch["position"])  # (B, K, L, D)
     else:
@@ -173,7 +183,7 @@ def forward_batch(
         block = data.reference_rows(safe.ravel())  # (B*K, L, D)
         ref = torch.as_tensor(block, device=device).float().view(*safe.shape, *block.shape[1:])  # (B, K, L, D)
         retrieval_ms += (time.perf_counter() - t1) * 1e3
-    return model(*args, ref, valid, reference_alleles(ref_tokens), evidence), retrieval_ms
+    return model(*args, ref, valid, reference_alleles(ref_tokens), evidence, hmm), retrieval_ms
 
 
 class _Counts:

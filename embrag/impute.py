@@ -116,7 +116,8 @@ def impute_window(
     for lo in range(0, len(model_tokens), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
         batch = _batch(model_tokens[rows], inp, device)
-        nb = retrieve(data, rows, model.cfg.k) if data.index is not None or data.match is not None else None
+        nb = (retrieve(data, rows, model.cfg.k, prior=model.cfg.hmm_prior)
+              if data.index is not None or data.match is not None else None)
         if fast is not None:
             logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb, inp.panel_tokens, device))
         else:
@@ -140,14 +141,16 @@ def _tabulated(model: torch.nn.Module, kind: str | None, inp: WindowInputs, devi
 
 
 def _neighbour_tensors(nb: Neighbours | None, panel_tokens: np.ndarray, device: torch.device):
-    """``(ref_tokens [B, K, L], valid [B, K], evidence [B, K, L, 5])`` of retrieved neighbours (Nones
-    without retrieval); an invalid neighbour (row -1) carries row 0's tokens and is masked by ``valid``."""
+    """``(ref_tokens [B, K, L], valid [B, K], evidence [B, K, L, 5], hmm [B, L])`` of retrieved
+    neighbours (Nones without retrieval); an invalid neighbour (row -1) carries row 0's tokens and is
+    masked by ``valid``."""
     if nb is None:
-        return None, None, None
+        return None, None, None, None
     safe = np.where(nb.rows >= 0, nb.rows, 0)  # (B, K)
     evidence = None if nb.runs is None else torch.as_tensor(nb.runs.features(), device=device)
+    hmm = None if nb.prior is None else torch.as_tensor(nb.prior, device=device)
     return (torch.as_tensor(panel_tokens[safe], dtype=torch.long, device=device),
-            torch.as_tensor(nb.rows >= 0, device=device), evidence)
+            torch.as_tensor(nb.rows >= 0, device=device), evidence, hmm)
 
 
 def _batch(tokens: np.ndarray, inp: WindowInputs, device: torch.device) -> dict[str, torch.Tensor]:

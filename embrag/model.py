@@ -157,7 +157,7 @@ class _ImputationModel(nn.Module):
         self.fusion = RetrievalFusion(cfg) if retrieval else None
         self.encoder = Encoder(cfg)
         self.head = AlleleHead(cfg)
-        self.copy = CopyHead(cfg.copy_power) if retrieval and cfg.copy_head else None
+        self.copy = CopyHead(cfg.copy_power, hmm=cfg.hmm_prior) if retrieval and cfg.copy_head else None
         # The copy logit enters the residual stream (V18: before the encoder; V17: after it).
         self.prior_in = nn.Linear(2, cfg.dim) if self.copy is not None else None
         _init_weights(self, cfg.layers)
@@ -167,18 +167,24 @@ class _ImputationModel(nn.Module):
             nn.init.zeros_(self.copy.reweight[2].weight)  # _init_weights redrew it
 
     def _prior(self, ref_alt: torch.Tensor | None, valid: torch.Tensor | None, evidence: torch.Tensor | None,
-               af: torch.Tensor) -> torch.Tensor | None:
+               af: torch.Tensor, hmm: torch.Tensor | None = None) -> torch.Tensor | None:
         """Copy logit ``[B, L]`` (None without a copy head). Without any valid neighbour the copy is the
-        panel AF; without match evidence every valid neighbour weighs the same (runs of 0)."""
+        panel AF; without match evidence every valid neighbour weighs the same (runs of 0). ``hmm [B, L]``:
+        the Li-Stephens P(ALT) of a model with ``hmm_prior`` (the panel AF stands in without retrieval)."""
         if self.copy is None:
             return None
+        if self.copy.blend is not None and hmm is None:
+            assert ref_alt is None, "a model with the HMM prior needs retrieve(..., prior=True) neighbours"
+            hmm = af
+        if self.copy.blend is None:
+            hmm = None
         if ref_alt is None:
             ref_alt = af.new_zeros(af.shape[0], 0, af.shape[1])  # (B, 0, L): no neighbour
         if valid is None:
             valid = torch.ones(ref_alt.shape[:2], dtype=torch.bool, device=ref_alt.device)
         if evidence is None:
             evidence = ref_alt.new_zeros(*ref_alt.shape, N_RUNS)
-        return self.copy(ref_alt, valid, evidence, af)
+        return self.copy(ref_alt, valid, evidence, af, hmm)
 
     def _check_inputs(
         self, tokens: torch.Tensor, af: torch.Tensor, position: torch.Tensor, pad: torch.Tensor
@@ -223,14 +229,16 @@ class V18Model(_ImputationModel):
         ref_valid: torch.Tensor | None = None,
         ref_alt: torch.Tensor | None = None,
         evidence: torch.Tensor | None = None,
+        hmm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> ALT logits ``[B, L]``. ``ref_embeddings [B, K, L, D]`` float, ``ref_valid [B, K]`` bool,
-        ``ref_alt [B, K, L]`` (``reference_alleles``), ``evidence [B, K, L, 5]`` match runs."""
+        ``ref_alt [B, K, L]`` (``reference_alleles``), ``evidence [B, K, L, 5]`` match runs, ``hmm [B, L]``
+        the Li-Stephens P(ALT) (``cfg.hmm_prior``)."""
         self._check_inputs(tokens, af, position, pad)
         x = self.embedding(tokens, af, position)  # (B, L, D)
         assert self.copy is None or ref_embeddings is None or ref_alt is not None, (
             "the copy head needs the neighbours' alleles: pass ref_alt (reference_alleles of their tokens)")
-        prior = self._prior(ref_alt if ref_embeddings is not None else None, ref_valid, evidence, af)  # (B, L)
+        prior = self._prior(ref_alt if ref_embeddings is not None else None, ref_valid, evidence, af, hmm)  # (B, L)
         if self.fusion is not None and ref_embeddings is not None:
             x = self.fusion(
                 x, ref_embeddings.to(x.dtype), ref_valid, af, observed_sites(tokens, pad), evidence
@@ -253,12 +261,14 @@ class V17Model(_ImputationModel):
         ref_tokens: torch.Tensor | None = None,
         ref_valid: torch.Tensor | None = None,
         evidence: torch.Tensor | None = None,
+        hmm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> ALT logits ``[B, L]``. ``ref_tokens [B, K, L]`` long, ``ref_valid [B, K]`` bool,
-        ``evidence [B, K, L, 5]`` match runs."""
+        ``evidence [B, K, L, 5]`` match runs, ``hmm [B, L]`` the Li-Stephens P(ALT) (``cfg.hmm_prior``)."""
         self._check_inputs(tokens, af, position, pad)
         b, length = tokens.shape
-        prior = self._prior(None if ref_tokens is None else reference_alleles(ref_tokens), ref_valid, evidence, af)
+        prior = self._prior(None if ref_tokens is None else reference_alleles(ref_tokens), ref_valid, evidence, af,
+                            hmm)
         h = self.encoder(self.embedding(tokens, af, position), pad)  # (B, L, D)
         if prior is not None:
             h = h + self.prior_in(prior_features(prior).to(h.dtype))  # late fusion of the copy

@@ -238,7 +238,8 @@ def _slot_runs(ctx: MatchContext, w: int, queries: np.ndarray, cands: np.ndarray
 @dataclass(frozen=True, eq=False)
 class Neighbours:
     rows: np.ndarray  # int64 (Q, K) panel rows, -1 where fewer were found
-    runs: MatchRuns  # (Q, K, L) evidence of each neighbour
+    runs: MatchRuns | None  # (Q, K, L) evidence of each neighbour
+    prior: np.ndarray | None = None  # float32 (Q, L): the whole panel's Li-Stephens P(ALT) (embrag.lshmm)
 
 
 def select_neighbours(

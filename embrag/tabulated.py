@@ -67,10 +67,12 @@ class TabulatedV18:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, pad: torch.Tensor, ref_tokens: torch.Tensor | None,
-               valid: torch.Tensor | None, evidence: torch.Tensor | None) -> torch.Tensor:
+               valid: torch.Tensor | None, evidence: torch.Tensor | None, hmm: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """ALT logits ``[B, L]``: ``tokens [B, L]`` (model input, MASK at hidden sites), ``pad [B, L]``
         (True = real site), ``ref_tokens [B, K, L]`` complete tokens of the neighbours (None: no
-        retrieval), ``valid [B, K]``, ``evidence [B, K, L, 5]`` raw match runs."""
+        retrieval), ``valid [B, K]``, ``evidence [B, K, L, 5]`` raw match runs, ``hmm [B, L]`` the
+        Li-Stephens P(ALT) (models with ``hmm_prior``)."""
         m = self.model
         tokens = tokens.long()
         b, length = tokens.shape
@@ -78,7 +80,7 @@ class TabulatedV18:
         vocab, d = self.table.shape[1:]
         x = self.table.view(-1, d)[self.sites * vocab + tokens]  # (B, L, D) == embedding(tokens) in eval mode
         ref_alt = None if ref_tokens is None else reference_alleles(ref_tokens)
-        prior = m._prior(ref_alt, valid, evidence, af)  # (B, L) copy logit, or None
+        prior = m._prior(ref_alt, valid, evidence, af, hmm)  # (B, L) copy logit, or None
         if m.fusion is not None and ref_tokens is not None:
             x = self._fuse(x, tokens, ref_tokens.long(), valid, evidence, observed_sites(tokens, pad))
         if prior is not None:

@@ -19,7 +19,7 @@ L = 10
 
 def _cfg(variant: str, copy_head: bool) -> ModelConfig:
     return ModelConfig(variant=variant, dim=16, layers=1, heads=2, ff_mult=2, dropout=0.0, max_len=L, af_features=4,
-                       k=1, copy_head=copy_head)
+                       k=1, copy_head=copy_head, hmm_prior=False)  # the neighbours' copy must show them
 
 
 def _window(variant: str, panel: np.ndarray, mask: np.ndarray, model) -> WindowData:

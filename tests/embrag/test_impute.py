@@ -108,7 +108,8 @@ def test_v18_reference_embeddings_come_from_the_table(rng):
         ref = model.embed_references(ref_tokens, af.expand(b, L), pos.expand(b, L))  # (B, K, L, D)
         logits = model(torch.as_tensor(_model_tokens(inp.target_tokens, inp.mask), dtype=torch.long),
                        af.expand(b, L), pos.expand(b, L), torch.as_tensor(inp.real).expand(b, L), ref,
-                       torch.ones(b, K, dtype=torch.bool), reference_alleles(ref_tokens))
+                       torch.ones(b, K, dtype=torch.bool), reference_alleles(ref_tokens), None,
+                       af.expand(b, L))  # no match context: the HMM prior is the panel AF
     np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), atol=1e-5)
 
 

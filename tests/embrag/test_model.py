@@ -16,7 +16,8 @@ from embrag.model import (
 )
 
 L, K = 16, 3
-TINY = ModelConfig(dim=32, layers=2, heads=4, ff_mult=2, dropout=0.0, max_len=L, af_features=8, k=K)
+# hmm_prior off: these tests are about the neighbours reaching the output (the prior has its own tests)
+TINY = ModelConfig(dim=32, layers=2, heads=4, ff_mult=2, dropout=0.0, max_len=L, af_features=8, k=K, hmm_prior=False)
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +52,13 @@ def _batch(b=4, length=L, k=K, n_pad=4, seed=0):
 
 
 def _run(model, tokens, af, position, pad, ref_tokens, valid, ref_embeddings=None, evidence=None):
+    hmm = af if model.cfg.hmm_prior and ref_tokens is not None else None  # the HMM prior's stand-in
     if isinstance(model, V17Model):
-        return model(tokens, af, position, pad, ref_tokens, valid, evidence)
+        return model(tokens, af, position, pad, ref_tokens, valid, evidence, hmm)
     if ref_embeddings is None and ref_tokens is not None:
         ref_embeddings = model.embed_references(ref_tokens, af, position)
     ref_alt = None if ref_tokens is None else reference_alleles(ref_tokens)
-    return model(tokens, af, position, pad, ref_embeddings, valid, ref_alt, evidence)
+    return model(tokens, af, position, pad, ref_embeddings, valid, ref_alt, evidence, hmm)
 
 
 # --- padding -----------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def _batch(rng, n: int, vocab_tokens=(REF, ALT, MISSING)):
             torch.as_tensor(valid), torch.as_tensor(evidence))
 
 
-@pytest.mark.parametrize("options", [{}, {"match_features": False}, {"copy_head": False}, {"heads": 1}])
+@pytest.mark.parametrize("options", [{}, {"match_features": False}, {"copy_head": False}, {"heads": 1},
+                                     {"hmm_prior": False}])
 @pytest.mark.parametrize("seed", range(3))
 def test_tabulated_logits_equal_the_model_forward(options, seed):
     cfg = ModelConfig(**{"variant": "v18", "dim": 16, "layers": 2, "heads": 4, "ff_mult": 2, "max_len": L,
@@ -61,10 +62,11 @@ def test_tabulated_logits_equal_the_model_forward(options, seed):
     pad = (tokens != PAD)
     b = len(tokens)
     sites = torch.arange(L)
+    hmm = torch.rand(b, L, generator=torch.Generator().manual_seed(seed)) if cfg.hmm_prior else None  # (B, L)
     with torch.no_grad():
         expected = model(tokens, af.expand(b, L), position.expand(b, L), pad, table[sites, refs], valid,
-                         reference_alleles(refs), evidence)  # (B, L)
-    got = TabulatedV18(model, table, af).logits(tokens, pad, refs, valid, evidence)
+                         reference_alleles(refs), evidence, hmm)  # (B, L)
+    got = TabulatedV18(model, table, af).logits(tokens, pad, refs, valid, evidence, hmm)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 

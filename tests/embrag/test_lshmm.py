@@ -1,0 +1,127 @@
+"""The Li-Stephens prior against the slow, obviously correct versions: every copying path enumerated,
+and the interpolation as a loop; then the window wrapper on a real PBWT context."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embrag import lshmm
+from embrag.config import WindowConfig
+from embrag.constants import ALT, REF
+from embrag.neighbours import build_context
+from embrag.windows import make_windows
+
+
+def _brute_posteriors(chain: lshmm.Chain, ne: float, eps: float) -> np.ndarray:
+    """P(state h at t | data) by summing the probability of every path over the allowed haplotypes."""
+    q, t = chain.query.shape
+    h = chain.panel.shape[0]
+    out = np.zeros((q, h, t))
+    for i in range(q):
+        states = np.flatnonzero(chain.allowed[i])
+        n = len(states)
+        rho = 1 - np.exp(-0.04 * ne * np.diff(chain.cm) / n)
+        for path in itertools.product(states, repeat=t):
+            p = 1.0 / n
+            for j, s in enumerate(path):
+                a, b = chain.query[i, j], chain.panel[s, j]
+                p *= 1 - eps if (a == 2 or b == 2 or a == b) else eps
+                if j:
+                    p *= (1 - rho[j - 1]) * (path[j - 1] == s) + rho[j - 1] / n
+            for j, s in enumerate(path):
+                out[i, s, j] += p
+        out[i] /= out[i].sum(0, keepdims=True)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 4), st.integers(1, 4), st.sampled_from([1e3, 3e4]))
+def test_forward_backward_equals_the_sum_over_every_path(seed, h, t, ne):
+    rng = np.random.default_rng(seed)
+    allowed = rng.random((2, h)) < 0.8
+    allowed[:, 0] = True  # at least one state
+    chain = lshmm.Chain(rng.integers(0, 3, (2, t)).astype(np.uint8), rng.integers(0, 3, (h, t)).astype(np.uint8),
+                        allowed, np.sort(rng.random(t)) * 0.2)
+    got = lshmm.state_posteriors(chain, ne=ne, eps=0.01)
+    np.testing.assert_allclose(got, _brute_posteriors(chain, ne=ne, eps=0.01), atol=1e-9)
+    assert (got[~np.broadcast_to(allowed[:, :, None], got.shape)] == 0).all()  # a forbidden state never copied
+
+
+def test_interpolation_equals_a_loop_between_flanking_typed_sites():
+    rng = np.random.default_rng(3)
+    post = rng.random((2, 5, 4))
+    post /= post.sum(1, keepdims=True)
+    cm = np.array([0.1, 0.2, 0.2, 0.5])  # two typed sites at one position
+    site_cm = np.array([0.0, 0.1, 0.15, 0.2, 0.3, 0.5, 0.9])
+    alt = rng.integers(0, 2, (5, len(site_cm))).astype(float)
+    got = lshmm.alt_probability(post, cm, site_cm, alt)
+    for s, x in enumerate(site_cm):
+        if x <= cm[0]:
+            p = post[:, :, 0]
+        elif x >= cm[-1]:
+            p = post[:, :, -1]
+        else:
+            r = int(np.argmax(cm >= x))
+            l_ = int(np.flatnonzero(cm <= x)[-1])
+            w = 1.0 if cm[r] == cm[l_] else (cm[r] - x) / (cm[r] - cm[l_])
+            p = w * post[:, :, l_] + (1 - w) * post[:, :, r]
+        np.testing.assert_allclose(got[:, s], p @ alt[:, s], atol=1e-12)
+
+
+def _context(panel: np.ndarray, query: np.ndarray, typed: np.ndarray, size: int):
+    """A one-contig PBWT context over ``typed`` sites of ``panel (H, S)`` + ``query (Q, S)`` (0/1)."""
+    n_sites = panel.shape[1]
+    contig = np.array(["1"] * n_sites)
+    windows = make_windows(contig, WindowConfig(size=size, overlap=0))
+    alleles = np.vstack([panel, query])[:, typed].astype(np.uint8)
+    ctx = build_context(alleles, len(panel), typed, contig, np.arange(1, n_sites + 1) * 5_000, windows, size)
+    return ctx, windows
+
+
+def test_a_query_copying_one_haplotype_gets_its_alleles_and_never_its_own():
+    """A target identical to panel row 3 takes row 3's alleles at untyped sites (ne small: 12 haplotypes
+    switch rarely 15 kb apart); a panel query whose
+    own rows are excluded never gets them (its private ALT is not predicted)."""
+    rng = np.random.default_rng(0)
+    panel = rng.integers(0, 2, (12, 60)).astype(np.uint8)
+    typed = np.arange(0, 60, 3)
+    query = panel[3:4].copy()
+    ctx, windows = _context(panel, query, typed, 20)
+    tokens = lambda w: np.where(panel[:, windows.start[w]:windows.stop[w]] == 1, ALT, REF).astype(np.uint8)  # noqa: E731
+    af = lambda w: (panel[:, windows.start[w]:windows.stop[w]] == 1).mean(0)  # noqa: E731
+    for w in range(len(windows)):
+        p = lshmm.window_prior(ctx, w, np.array([12]), tokens(w), af(w), exclude_rows=None, ne=100, eps=1e-3, flank=8)
+        np.testing.assert_allclose(p[0], panel[3, windows.start[w]:windows.stop[w]], atol=5e-3)
+    # panel row 5 as a query with its "sample" (rows 4, 5) excluded; row 5 alone carries ALT at site 31
+    panel[:, 31] = 0
+    panel[5, 31] = 1
+    ctx, windows = _context(panel, query, typed, 20)
+    w = int(np.searchsorted(windows.stop, 31, side="right"))
+    p = lshmm.window_prior(ctx, w, np.array([5]), tokens(w), af(w), exclude_rows=np.array([[4, 5]]), ne=100,
+                           eps=1e-3, flank=8)
+    assert p[0, 31 - windows.start[w]] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_long_flank_equals_the_whole_contig_chain():
+    """Flank beyond the contig = the chain over every typed site (no window edge effects)."""
+    rng = np.random.default_rng(1)
+    panel = rng.integers(0, 2, (10, 48)).astype(np.uint8)
+    query = panel[[2, 7]] ^ (rng.random((2, 48)) < 0.05)
+    typed = np.arange(0, 48, 4)
+    ctx, windows = _context(panel, query.astype(np.uint8), typed, 16)
+    chain = lshmm.Chain(ctx.alleles[[10, 11]], ctx.alleles[:10], np.ones((2, 10), bool),
+                        ctx.typed_position * lshmm.CM_PER_BP)
+    post = lshmm.state_posteriors(chain, 3e4, 1e-3)
+    site_cm = np.arange(1, 49) * 5_000 * lshmm.CM_PER_BP
+    full = lshmm.alt_probability(post, chain.cm, site_cm, panel.astype(float))
+    for w in range(len(windows)):
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        got = lshmm.window_prior(ctx, w, np.array([10, 11]), tokens, panel[:, lo:hi].mean(0), exclude_rows=None,
+                                 ne=3e4, eps=1e-3, flank=100)
+        np.testing.assert_allclose(got, full[:, lo:hi], atol=1e-6)
