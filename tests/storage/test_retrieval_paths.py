@@ -50,13 +50,23 @@ def test_panel_queries_never_retrieve_their_own_sample(run_dir):
     queries = source.queries
     assert len(queries.panel_rows) > 0 and queries.n_study > 0  # both kinds of query
     own_sample = queries.exclude_rows
+    n_private = 0
     for w in range(source.n_windows):
         data = source.window(w)
         rows = np.arange(len(queries))
-        nb = retrieve(data, rows, cfg.model.k)
+        nb = retrieve(data, rows, cfg.model.k, prior=True)
         assert (nb.rows < 2 * len(run.prepared.sample_ids("panel"))).all()
         assert not (nb.rows[:, :, None] == own_sample[:, None, :]).any()
         assert (nb.rows >= 0).all()  # enough references for everyone
+        # the HMM prior copies no haplotype of the query's own sample either: where that sample holds
+        # every panel ALT, P(ALT) is exactly 0
+        alt = data.panel_tokens == ALT  # (Hp, L)
+        own = np.where(own_sample >= 0, own_sample, 0)  # (Q, E)
+        own_alt = (alt[own] & (own_sample >= 0)[..., None]).sum(1)  # (Q, L)
+        private = (own_alt == alt.sum(0)[None, :]) & (own_alt > 0)  # (Q, L)
+        n_private += int(private.sum())
+        assert (nb.prior[private] == 0).all(), f"window {w}: the prior copied the query's own sample"
+    assert n_private > 0  # the check above ran
 
 
 def _target_vcf(run: VariantRun, sample: str, typed: np.ndarray, path):
@@ -105,11 +115,15 @@ def test_training_validation_and_imputation_pick_the_same_neighbours(run_dir, tm
         seed = data_t.seed  # the same tie order (training draws one per epoch; the others are fixed)
         data_v = window_data(model, run.index_kind, dataclasses.replace(val_inputs(w), seed=seed), device)
         data_i = window_data(model, run.index_kind, dataclasses.replace(imp_inputs(w), seed=seed), device)
-        a, b = retrieve(data_t, rows, cfg.model.k), retrieve(data_v, rows, cfg.model.k)
-        c = retrieve(data_i, np.array([0, 1]), cfg.model.k)
+        a, b = retrieve(data_t, rows, cfg.model.k, prior=True), retrieve(data_v, rows, cfg.model.k, prior=True)
+        c = retrieve(data_i, np.array([0, 1]), cfg.model.k, prior=True)
         np.testing.assert_array_equal(a.rows, b.rows, err_msg=f"training vs validation, window {w}")
         np.testing.assert_array_equal(a.rows, c.rows, err_msg=f"training vs imputation, window {w}")
         np.testing.assert_array_equal(a.runs.features(), c.runs.features())
+        # the Li-Stephens prior: the same chain (typed sites, own sample excluded) on every path
+        np.testing.assert_allclose(a.prior, b.prior, atol=1e-6, err_msg=f"HMM prior, validation, window {w}")
+        np.testing.assert_allclose(a.prior, c.prior, atol=1e-6, err_msg=f"HMM prior, imputation, window {w}")
+        assert a.prior.shape == (2, data_t.mask.shape[0]) and ((a.prior >= 0) & (a.prior <= 1)).all()
 
 
 def test_reencoded_embeddings_come_from_the_current_weights(run_dir):
