@@ -74,8 +74,9 @@ ABLATION: tuple[tuple[str, dict], ...] = (  # (label, a folder name too; overrid
     ("a1-tie-break-only", _SEED),
     ("a2-cross-window-ranking", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16}),
     ("a3-k16", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16, "model__k": 16}),
-    ("a4-match-evidence", {"mask__design": "random"}),
-    ("a5-array-design", {}),
+    ("a4-match-evidence", {"mask__design": "random", "model__hmm_prior": False}),
+    ("a5-array-design", {"model__hmm_prior": False}),
+    ("a6-hmm-prior", {}),
 )
 
 

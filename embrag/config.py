@@ -159,6 +159,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         _require(self.copy_power > 0, f"ModelConfig.copy_power must be > 0, got {self.copy_power}")
 
+    @property
+    def uses_hmm(self) -> bool:
+        """The model's copy head takes the Li-Stephens prior (so retrieval must compute it)."""
+        return self.hmm_prior and self.copy_head and self.variant != "none"
+
 
 @dataclass(frozen=True)
 class IndexConfig:

@@ -164,9 +164,9 @@ def forward_batch(
     assert data.index is None or np.array_equal(data.index.mask, data.mask), (
         f"window {data.window}: the index mask differs from the model-input mask")
     t0 = time.perf_counter()
-    nb = retrieve(data, rows, cfg.k, prior=cfg.hmm_prior) if neighbours is None else neighbours
-    assert not (cfg.hmm_prior and cfg.copy_head) or nb.prior is not None, "the model's HMM prior was not retrieved"
-    hmm = None if nb.prior is None or not cfg.hmm_prior else torch.as_tensor(nb.prior, device=device)  # (B, L)
+    nb = retrieve(data, rows, cfg.k, prior=cfg.uses_hmm) if neighbours is None else neighbours
+    assert not cfg.uses_hmm or nb.prior is not None, "the model's HMM prior was not retrieved"
+    hmm = torch.as_tensor(nb.prior, device=device) if cfg.uses_hmm else None  # (B, L)
     hits = nb.rows  # (B, K)
     valid = torch.as_tensor(hits >= 0, device=device)
     safe = np.where(hits >= 0, hits, 0)

@@ -116,7 +116,7 @@ def impute_window(
     for lo in range(0, len(model_tokens), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
         batch = _batch(model_tokens[rows], inp, device)
-        nb = (retrieve(data, rows, model.cfg.k, prior=model.cfg.hmm_prior)
+        nb = (retrieve(data, rows, model.cfg.k, prior=model.cfg.uses_hmm)
               if data.index is not None or data.match is not None else None)
         if fast is not None:
             logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb, inp.panel_tokens, device))
