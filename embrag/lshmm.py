@@ -121,9 +121,8 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     b0, b1 = g.block
     if b1 <= b0:
         return np.broadcast_to(af.astype(np.float32), (len(queries), length)).copy()
+    # never empty: a window beyond the contig's last (first) typed site still gets the flank before (after) it
     lo, hi = max(b0, g.first_typed - flank), min(b1, g.stop_typed + flank)
-    if hi <= lo:  # the window lies beyond the contig's typed sites on one side: take the nearest
-        lo, hi = (max(b0, hi - flank), hi) if g.first_typed >= b1 else (lo, min(b1, lo + flank))
     cm = ctx.typed_position[lo:hi] * CM_PER_BP  # (T,)
     panel = ctx.alleles[: ctx.n_panel, lo:hi]  # (H, T)
     site_alt = panel_alt(token_alleles(panel_tokens), af)  # (H, L)
