@@ -107,30 +107,59 @@ def allowed_rows(queries: np.ndarray, n_panel: int, exclude_rows: np.ndarray | N
 
 CELLS_PER_CHUNK = 1 << 22  # queries x panel x chain sites per forward-backward (float64: ~100 MB of posteriors)
 CM_PER_BP = 1e-6  # without a genetic map: 1 cM/Mb (``ne`` is chosen on validation and absorbs the rate)
+BLOCK = 8  # consecutive windows share one chain: imputation runs it once per block, not once per window
 
 
 def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: np.ndarray, af: np.ndarray, *,
                  exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int) -> np.ndarray:
     """HMM P(ALT) ``float32 (Q, L)`` at every slot of window ``w`` for ``queries (Q,)`` (sequence ids in
-    ``ctx``). The chain: the window's typed sites and ``flank`` more on each side (within the contig);
-    ``panel_tokens (Hp, L)`` are the window's complete panel tokens; ``af (L,)`` stands in for an
-    unknown panel allele. Without a typed site on the contig the prior is ``af``."""
+    ``ctx``); ``panel_tokens (Hp, L)`` are the window's complete panel tokens, ``af (L,)`` stands in
+    for an unknown panel allele. Without a typed site on the contig the prior is ``af``.
+
+    The chain runs over the typed sites of window ``w``'s block (``BLOCK`` consecutive windows of its
+    contig) and ``flank`` more on each side. It depends on the block, not on who asks, so training
+    (one window at a time), validation and imputation (window after window) get the same prior; the
+    block's posteriors are kept in ``ctx.prior_cache`` for the next window of the same queries.
+    """
     g = ctx.geometry[w]
     queries = np.asarray(queries, np.int64)
-    length = len(g.position)
+    if g.block[1] <= g.block[0]:
+        return np.broadcast_to(af.astype(np.float32), (len(queries), len(g.position))).copy()
+    post, first = _block_posteriors(ctx, w, queries, exclude_rows, ne, eps, flank)  # (Q, H, m)
+    # the typed sites that flank the window's slots, within the block's columns
+    lo = max(g.block[0], g.first_typed - 1) - first
+    hi = min(g.block[1], g.stop_typed + 1) - first
+    cm = ctx.typed_position[first + lo: first + hi] * CM_PER_BP
+    site_alt = panel_alt(token_alleles(panel_tokens), af)  # (H, L)
+    return alt_probability(post[:, :, lo:hi], cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
+
+
+def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_rows: np.ndarray | None, ne: float,
+                      eps: float, flank: int) -> tuple[np.ndarray, int]:
+    """State posteriors ``float32 (Q, H, m)`` at the typed columns ``first .. first + m - 1`` that flank
+    any slot of window ``w``'s block, from the block's chain (cached for the same queries)."""
+    g = ctx.geometry[w]
     b0, b1 = g.block
-    if b1 <= b0:
-        return np.broadcast_to(af.astype(np.float32), (len(queries), length)).copy()
-    # never empty: a window beyond the contig's last (first) typed site still gets the flank before (after) it
-    lo, hi = max(b0, g.first_typed - flank), min(b1, g.stop_typed + flank)
+    start = w - w % BLOCK
+    members = [ctx.geometry[v] for v in range(start, min(len(ctx.geometry), start + BLOCK))
+               if ctx.geometry[v].block == g.block]
+    first_typed = min(m.first_typed for m in members)
+    stop_typed = max(m.stop_typed for m in members)
+    lo, hi = max(b0, first_typed - flank), min(b1, stop_typed + flank)  # never empty on a contig with typed sites
+    first, stop = max(b0, first_typed - 1), min(b1, stop_typed + 1)  # the columns any slot of the block needs
+    excl = None if exclude_rows is None else np.asarray(exclude_rows, np.int64)
+    key = (start, g.block, lo, hi, ne, eps, queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
+    hit = ctx.prior_cache.get("block")
+    if hit is not None and hit[0] == key:
+        return hit[1], first
     cm = ctx.typed_position[lo:hi] * CM_PER_BP  # (T,)
     panel = ctx.alleles[: ctx.n_panel, lo:hi]  # (H, T)
-    site_alt = panel_alt(token_alleles(panel_tokens), af)  # (H, L)
-    allowed = allowed_rows(queries, ctx.n_panel, exclude_rows)  # (Q, H)
-    out = np.empty((len(queries), length), np.float32)
+    allowed = allowed_rows(queries, ctx.n_panel, excl)  # (Q, H)
+    out = np.empty((len(queries), ctx.n_panel, stop - first), np.float32)
     step = max(1, CELLS_PER_CHUNK // max(1, ctx.n_panel * (hi - lo)))
     for s in range(0, len(queries), step):
         part = slice(s, s + step)
         post = state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps)
-        out[part] = alt_probability(post, cm, g.position * CM_PER_BP, site_alt)
-    return out
+        out[part] = post[:, :, first - lo: stop - lo]
+    ctx.prior_cache["block"] = (key, out)
+    return out, first

@@ -22,7 +22,7 @@ haplotypes); only panel rows are ever returned. numpy only.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,6 +68,8 @@ class MatchContext:
     forward: Mapping[tuple[int, int], PbwtState]  # (contig block, typed column) -> order by the sites before it
     backward: Mapping[tuple[int, int], PbwtState]  # order by the typed sites from it on
     geometry: tuple[WindowGeometry, ...]  # per window
+    # the last block of Li-Stephens posteriors (embrag.lshmm): consecutive windows of one batch reuse it
+    prior_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_sequences(self) -> int:

@@ -126,3 +126,30 @@ def test_a_long_flank_equals_the_whole_contig_chain():
         got = lshmm.window_prior(ctx, w, np.array([10, 11]), tokens, panel[:, lo:hi].mean(0), exclude_rows=None,
                                  ne=3e4, eps=1e-3, flank=100)
         np.testing.assert_allclose(got, full[:, lo:hi], atol=1e-6)
+
+
+def test_the_prior_does_not_depend_on_the_batch_or_on_what_was_cached():
+    """A query's prior is the same asked alone or in a batch, cold or after its block's cache was
+    filled by another window (training asks window by window in random order, imputation in turn).
+    Kills: a cache keyed without the queries (checked by mutation)."""
+    rng = np.random.default_rng(4)
+    panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
+    query = panel[[3, 9, 12]] ^ (rng.random((3, 120)) < 0.05)
+    ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
+    assert len(windows) > lshmm.BLOCK  # two blocks
+
+    def prior(w, queries, cold):
+        if cold:
+            ctx.prior_cache.clear()
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6)
+
+    for w in (0, 5, lshmm.BLOCK + 1, len(windows) - 1):
+        alone = prior(w, [17], cold=True)
+        np.testing.assert_allclose(prior(w, [16, 17, 18], cold=True)[1:2], alone, atol=1e-6)
+        prior(w - w % lshmm.BLOCK, [16, 17], cold=True)  # fill the cache from the block's first window
+        np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # other queries: recomputed
+        prior(w - w % lshmm.BLOCK, [17], cold=True)
+        np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # same queries: the cache
