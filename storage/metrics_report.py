@@ -9,13 +9,14 @@ epoch, and not only after imputation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from embrag.constants import RARE_MAF
-from embrag.metrics import alt_f1, bin_metrics, dosage_r2, gp_from_hap_dosage, site_stats
+from embrag.metrics import alt_f1, bin_metrics, dosage_r2, estimated_r2_hap, gp_from_hap_dosage, site_stats
 from embrag.tokens import alleles_from_tokens
 from storage.prepared import PreparedData
 
@@ -79,7 +80,8 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
     """Flat ``val_*`` metrics of the masked, owned validation sites.
 
     Per panel-MAF bin (and ``all``): ``val_r2`` (aggregate), ``val_r2site`` (mean per-site r2, a
-    constant dosage = 0), ``val_nconst`` (such sites), ``val_iqs``, ``val_nrd``, ``val_nsites``.
+    constant dosage = 0), ``val_nconst`` (such sites), ``val_iqs``, ``val_nrd``, ``val_nsites``,
+    ``val_estemp`` (Pearson of the INFO R2 the imputed VCF would carry and the empirical r2).
     ``val_rare_alt_f1``: ALT-class F1 of the haplotype calls at sites whose panel ALT frequency is
     below ``rare_maf``. Not "MAF below": where ALT is the common allele (AF > 0.95) calling ALT for
     everyone scores near 1, and those sites' many ALT calls would hide a collapse at the others.
@@ -91,13 +93,17 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
         return {}
     maf = prepared.sites.maf[v.site]
     out: dict[str, float] = {}
-    for row in bin_metrics(site_stats(v.dosage, v.truth, gp_from_hap_dosage(v.hap_prob)), maf):
+    stats = site_stats(v.dosage, v.truth, gp_from_hap_dosage(v.hap_prob))
+    # the estimate the imputed VCF writes (INFO R2, from haplotype dosages), so its calibration is measured
+    stats = dataclasses.replace(stats, est_r2=estimated_r2_hap(v.prob.reshape(-1, 2, v.prob.shape[1])))
+    for row in bin_metrics(stats, maf):
         out[f"{prefix}_r2_{row.bin}"] = row.r2_aggregate
         out[f"{prefix}_r2site_{row.bin}"] = row.r2_mean_site
         out[f"{prefix}_nconst_{row.bin}"] = float(row.n_constant)
         out[f"{prefix}_iqs_{row.bin}"] = row.iqs_mean
         out[f"{prefix}_nrd_{row.bin}"] = row.nrd
         out[f"{prefix}_nsites_{row.bin}"] = float(row.n_sites)
+        out[f"{prefix}_estemp_{row.bin}"] = row.est_emp_pearson  # Pearson(INFO R2, empirical r2): calibration
     out[f"{prefix}_rare_alt_f1"] = alt_f1_at(v, prepared.sites.af[v.site] < rare_maf)
     if prefix == "val":
         baseline = np.broadcast_to(2 * prepared.sites.af[v.site], v.dosage.shape)

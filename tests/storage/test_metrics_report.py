@@ -84,3 +84,21 @@ def test_panel_frequency_model_shows_its_collapse(val_case):
 def test_no_predictions_no_metrics(val_case):
     prepared, masks, _ = val_case
     assert validation_report(prepared, {}, masks, truth=_val_tokens(prepared)) == {}
+
+
+def test_estimated_r2_that_knows_which_sites_it_got_right_is_calibrated(val_case):
+    """The truth at every other site and the panel frequency (a constant dosage) at the rest: the INFO
+    R2 written from these predictions is 1 where r2 is 1 and 0 where it is 0, so val_estemp_all is 1;
+    swapping which sites get the truth keeps it 1, a noisy half lowers it. Kills: the calibration
+    metric read from the wrong predictions, or from the truth."""
+    prepared, masks, truth = val_case
+    af = {w: np.broadcast_to(np.pad(prepared.sites.af[slice(*prepared.window_sites(w))].astype(np.float64),
+                                    (0, prepared.window_size - np.diff(prepared.window_sites(w))[0])), t.shape)
+          for w, t in truth.items()}
+    mixed = {w: np.where((np.arange(t.shape[1]) % 2 == 0)[None, :], t, af[w]) for w, t in truth.items()}
+    out = validation_report(prepared, mixed, masks, truth=_val_tokens(prepared))
+    assert out["val_estemp_all"] == pytest.approx(1.0, abs=1e-6)
+    rng = np.random.default_rng(0)
+    noisy = {w: np.clip(t + rng.normal(0, 0.6, t.shape) * (np.arange(t.shape[1]) % 2 == 1), 0, 1)
+             for w, t in mixed.items()}  # confident but wrong at the other half: R2 no longer tracks r2
+    assert validation_report(prepared, noisy, masks, truth=_val_tokens(prepared))["val_estemp_all"] < 0.9
