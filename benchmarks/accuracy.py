@@ -39,7 +39,7 @@ from embrag.config import SimulateConfig
 from storage.atomic import read_json
 from storage.simulate import MANIFEST, simulate
 
-TOOLS = ("embrag", "beagle", "minimac4", "vote", "copy-top1")
+TOOLS = ("embrag", "beagle", "minimac4", "vote", "copy-top1", "li-stephens")
 DEFAULT_MODELS = "OutOfAfrica_3G09:CEU,OutOfAfrica_3G09:YRI"
 
 
@@ -76,7 +76,7 @@ def simulate_cached(cfg: SimulateConfig, out: Path) -> tuple[PublicSim, SealedTr
 
 def make_tools(names: list[str], args: argparse.Namespace) -> list:
     made = {"beagle": contenders.Beagle, "minimac4": contenders.Minimac4, "vote": contenders.Vote,
-            "copy-top1": contenders.top1}
+            "copy-top1": contenders.top1, "li-stephens": contenders.LiStephens}
     out = []
     for name in names:
         if name == "embrag" and args.ablation:

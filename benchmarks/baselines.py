@@ -1,5 +1,6 @@
-"""Imputation without a model, the bars a trained model must clear: copy the top-1 neighbour, and the
-match-weighted vote of the K neighbours.
+"""Imputation without a model, the bars a trained model must clear: copy the top-1 neighbour, the
+match-weighted vote of the K neighbours, and the Li-Stephens HMM over the whole panel that embrag's
+copy head starts from (``embrag.lshmm``; one chain over every typed site, positions at 1 cM/Mb).
 
 For every gap between consecutive typed sites, the neighbours of a target haplotype are the panel
 haplotypes with the longest run of matching typed sites around the gap (``gap_neighbours``; today
@@ -12,6 +13,7 @@ Every choice (K, power, unit) is made on a validation target with ``tune``; neve
 
     .venv/bin/python benchmarks/baselines.py --panel P.vcf.gz --target phased.vcf.gz --out out.vcf.gz \\
         --k 32 --power 4 --unit bp
+    .venv/bin/python benchmarks/baselines.py --panel P.vcf.gz --target phased.vcf.gz --out out.vcf.gz --hmm-ne 3e4
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 
 from benchmarks.haplotypes import Haplotypes, read_haplotypes
+from embrag import lshmm
 from embrag.constants import ALT, MISSING, REF
 from embrag.matching import match_runs, top_matches
 from embrag.metrics import dosage_r2
 from storage.vcf_out import ImputedVcfWriter
 
 UNITS = ("sites", "bp")
+GRID_NE = (1e4, 3e4, 1e5, 3e5)
+HMM_EPS = 1e-3
 GRID_K = (8, 16, 32, 64)
 GRID_POWER = (1.0, 2.0, 4.0, 8.0)
 
@@ -159,6 +164,39 @@ def impute(panel: Haplotypes, query: Query, choice: VoteChoice, seed: int = 0) -
     return prob
 
 
+def hmm_impute(panel: Haplotypes, query: Query, ne: float, eps: float = HMM_EPS) -> np.ndarray:
+    """ALT probability ``(Ht, S)``: the whole panel's Li-Stephens HMM over every typed site (never a
+    query's own haplotypes) at untyped sites, the target's own calls at typed ones."""
+    if (panel.alleles < 0).any():
+        raise ValueError("the panel has missing calls; the baselines need a complete (imputed) reference panel")
+    alleles = panel.alleles.astype(np.uint8)  # (Hp, S)
+    n_panel = alleles.shape[0]
+    cm = panel.position * lshmm.CM_PER_BP
+    typed_cm = cm[query.typed]
+    allowed = lshmm.allowed_rows(np.full(len(query.alleles), n_panel), n_panel, query.exclude_rows)  # (Ht, Hp)
+    obs = np.where(query.alleles < 0, 2, query.alleles).astype(np.uint8)  # (Ht, St)
+    prob = np.empty((len(obs), alleles.shape[1]))
+    for i in range(len(obs)):  # one haplotype at a time: the interpolation is (Hp, S) per haplotype
+        post = lshmm.state_posteriors(lshmm.Chain(obs[i:i + 1], alleles[:, query.typed], allowed[i:i + 1],
+                                                  typed_cm), ne, eps)  # (1, Hp, St)
+        prob[i] = lshmm.alt_probability(post, typed_cm, cm, alleles)[0]
+    prob[:, query.typed] = np.where(query.alleles >= 0, query.alleles, 0.5)
+    return prob
+
+
+def tune_hmm(panel: Haplotypes, val_target: Haplotypes, val_truth: np.ndarray, *, nes=GRID_NE
+             ) -> tuple[float, list[dict]]:
+    """The HMM's ``ne`` with the best validation mean per-site r2 (as ``tune``), and every score."""
+    query = align(panel, val_target, "validation target")
+    af = (panel.alleles == 1).mean(axis=0)
+    maf = np.minimum(af, 1 - af)
+    sites = np.flatnonzero((query.gap_of_site >= 0) & (maf > 0))
+    scores = [{"ne": ne, "val_r2site": validation_score(hmm_impute(panel, query, ne), val_truth, maf, sites)}
+              for ne in nes]
+    best = max(range(len(scores)), key=lambda i: (np.nan_to_num(scores[i]["val_r2site"], nan=-1.0), -i))
+    return scores[best]["ne"], scores
+
+
 def write_imputed(path: Path, panel: Haplotypes, target: Haplotypes, query: Query, prob: np.ndarray, source: str) -> None:
     typed = np.zeros(len(panel.keys), bool)
     typed[query.typed] = True
@@ -209,14 +247,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--panel", type=Path, required=True)
     p.add_argument("--target", type=Path, required=True, help="phased target VCF (typed sites only)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--k", type=int, required=True)
-    p.add_argument("--power", type=float, required=True)
-    p.add_argument("--unit", choices=UNITS, required=True)
+    p.add_argument("--k", type=int, help="the vote: neighbours")
+    p.add_argument("--power", type=float, help="the vote: weight = run ** power")
+    p.add_argument("--unit", choices=UNITS, help="the vote: runs in typed sites or bp")
+    p.add_argument("--hmm-ne", type=float, help="instead of the vote: the Li-Stephens HMM with this ne")
     p.add_argument("--seed", type=int, default=0, help="tie order")
     args = p.parse_args(argv)
+    if args.hmm_ne is None and None in (args.k, args.power, args.unit):
+        p.error("give --k, --power and --unit (the vote), or --hmm-ne (the HMM)")
     panel, target = read_haplotypes(args.panel), read_haplotypes(args.target)
-    choice = VoteChoice(args.k, args.power, args.unit)
     query = align(panel, target, str(args.target))
+    if args.hmm_ne is not None:
+        prob = hmm_impute(panel, query, args.hmm_ne)
+        write_imputed(args.out, panel, target, query, prob, f"embrag-benchmark li-stephens ne={args.hmm_ne:g}")
+        return
+    choice = VoteChoice(args.k, args.power, args.unit)
     prob = impute(panel, query, choice, seed=args.seed)
     write_imputed(args.out, panel, target, query, prob, f"embrag-benchmark vote {asdict(choice)}")
 

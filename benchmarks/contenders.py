@@ -1,6 +1,6 @@
 """The tools the benchmark compares, behind one interface (``benchmarks.protocol.Tool``): Beagle 5.4,
-minimac4, and the two baselines without a model (top-1 copy, match-weighted vote). embrag itself is
-in ``benchmarks/embrag_tool.py``.
+minimac4, and the baselines without a model (top-1 copy, match-weighted vote, the Li-Stephens HMM
+embrag's copy head starts from). embrag itself is in ``benchmarks/embrag_tool.py``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,32 @@ class Vote:
         setup = Cost(**choice["tune_cost"]) + inputs.prephase_cost
         label = f"K={choice['k']}, power={choice['power']:g}, runs in {choice['unit']} (chosen on validation)"
         return ToolRun(vcf, cost, setup, note=label if self.ks != (1,) else f"runs in {choice['unit']} (validation)")
+
+
+class LiStephens:
+    """The whole panel's Li-Stephens HMM (embrag's prior without the model); ``ne`` chosen on validation."""
+
+    name = "li-stephens"
+
+    def tune(self, inputs: Inputs, work: Path) -> dict:
+        with in_process_cost() as cost:
+            panel = read_haplotypes(inputs.panel_vcf)
+            truth = read_haplotypes(inputs.val.truth_vcf, inputs.val.samples)
+            val_target = read_haplotypes(inputs.val.target_phased, inputs.val.samples)
+            ne, scores = baselines.tune_hmm(panel, val_target, truth.genotypes())
+        return {"ne": ne, "validation": scores, "tune_cost": asdict(cost[0])}
+
+    def impute(self, inputs: Inputs, choice: dict, work: Path) -> ToolRun:
+        out = work / "imputed.vcf.gz"
+        args = ["--hmm-ne", str(choice["ne"])]
+
+        def make():
+            return out, tools.measure([sys.executable, BASELINES_SCRIPT, "--panel", inputs.panel_vcf, "--target",
+                                       inputs.target_phased, "--out", out, *args], work / "run.log", 1)
+
+        vcf, cost = tools.cached_run(work / "done.json", make, key=args)
+        setup = Cost(**choice["tune_cost"]) + inputs.prephase_cost
+        return ToolRun(vcf, cost, setup, note=f"ne={choice['ne']:g}, 1 cM/Mb (chosen on validation)")
 
 
 def top1() -> Vote:

@@ -197,6 +197,38 @@ def test_the_vote_is_tuned_on_validation_queries_that_never_see_themselves(sim, 
     assert choice["validation"][0]["val_r2site"] < 0.99
 
 
+def test_the_hmm_baseline_is_tuned_on_validation_and_never_copies_the_query(sim, tmp_path):
+    """The Li-Stephens baseline: its ne comes from the validation grid, a validation query never copies
+    its own haplotypes (with them it would score ~1), and its probabilities are the library chain's."""
+    public, _ = sim
+    inputs = protocol.build_inputs(public, tmp_path / "inputs", val_samples=6, seed=1, true_phase=True, threads=1)
+    choice = contenders.LiStephens().tune(inputs, tmp_path / "hmm")
+    assert choice["ne"] in baselines.GRID_NE and len(choice["validation"]) == len(baselines.GRID_NE)
+    assert max(s["val_r2site"] for s in choice["validation"]) < 0.99
+    panel = read_haplotypes(inputs.panel_vcf)
+    val = read_haplotypes(inputs.val.target_phased, inputs.val.samples)
+    query = baselines.align(panel, val)
+    prob = baselines.hmm_impute(panel, query, 3e4)
+    n_private = 0
+    for i, own in enumerate(query.exclude_rows):  # sites where only the query's own sample carries ALT
+        private = (((panel.alleles[own] == 1).sum(0) == (panel.alleles == 1).sum(0))
+                   & (panel.alleles[own] == 1).any(0) & (query.gap_of_site >= 0))
+        assert (prob[i, private] == 0).all()
+        n_private += int(private.sum())
+    assert n_private > 0
+    # haplotype 1 alone through the library chain (the loop over haplotypes keeps rows apart)
+    from embrag import lshmm
+
+    cm = panel.position * lshmm.CM_PER_BP
+    obs = np.where(query.alleles[1:2] < 0, 2, query.alleles[1:2]).astype(np.uint8)
+    allowed = lshmm.allowed_rows(np.array([len(panel.alleles)]), len(panel.alleles), query.exclude_rows[1:2])
+    post = lshmm.state_posteriors(lshmm.Chain(obs, panel.alleles[:, query.typed].astype(np.uint8), allowed,
+                                              cm[query.typed]), 3e4, baselines.HMM_EPS)
+    want = lshmm.alt_probability(post, cm[query.typed], cm, panel.alleles.astype(float))[0]
+    untyped = query.gap_of_site >= 0
+    np.testing.assert_allclose(prob[1, untyped], want[untyped], atol=1e-12)
+
+
 # --------------------------------------------------------------------------------- the report
 
 
