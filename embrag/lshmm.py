@@ -28,7 +28,7 @@ import numpy as np
 
 from embrag.neighbours import MatchContext, token_alleles
 
-_TINY = 1e-300
+_TINY = 1e-30  # floor of a normaliser, representable in float32
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,30 +41,32 @@ class Chain:
     cm: np.ndarray  # float64 (T,) genetic position, non-decreasing
 
 
-def state_posteriors(chain: Chain, ne: float, eps: float) -> np.ndarray:
-    """``float64 (Q, H, T)``: P(query copies haplotype h at typed site t | all typed sites)."""
+def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64) -> np.ndarray:
+    """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites).
+    (Imputation and training use float32: the chain is renormalised at every site.)"""
     q, t = chain.query.shape
     h = chain.panel.shape[0]
     assert chain.panel.shape == (h, t) and chain.allowed.shape == (q, h) and chain.cm.shape == (t,)
-    allowed = chain.allowed.astype(np.float64)  # (Q, H)
+    allowed = chain.allowed.astype(dtype)  # (Q, H)
     n = np.maximum(allowed.sum(1, keepdims=True), 1.0)  # (Q, 1)
-    rho = 1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)  # (Q, T-1)
+    uniform = allowed / n  # (Q, H): where a switch lands
+    rho = (1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)).astype(dtype)  # (Q, T-1)
     qa, pa = chain.query[:, None, :], chain.panel[None, :, :]  # (Q, 1, T), (1, H, T)
-    emit = np.where((qa == 2) | (pa == 2) | (qa == pa), 1.0 - eps, eps) * allowed[:, :, None]  # (Q, H, T)
-    post = np.empty((q, h, t))
-    a = emit[:, :, 0] / n  # (Q, H) forward, normalised per site
+    emit = np.where((qa == 2) | (pa == 2) | (qa == pa), dtype(1.0 - eps), dtype(eps)) * allowed[:, :, None]
+    post = np.empty((q, h, t), dtype)  # (Q, H, T)
+    a = emit[:, :, 0] * uniform  # (Q, H) forward, normalised per site
     a /= np.maximum(a.sum(1, keepdims=True), _TINY)
     post[:, :, 0] = a
     for j in range(1, t):
         r = rho[:, j - 1: j]  # (Q, 1)
-        a = emit[:, :, j] * ((1.0 - r) * a + r * allowed / n)
+        a = emit[:, :, j] * ((1.0 - r) * a + r * uniform)
         a /= np.maximum(a.sum(1, keepdims=True), _TINY)
         post[:, :, j] = a
     b = allowed.copy()  # (Q, H) backward, normalised per site
     for j in range(t - 2, -1, -1):
         r = rho[:, j: j + 1]
         eb = emit[:, :, j + 1] * b
-        b = (1.0 - r) * eb + r * eb.sum(1, keepdims=True) / n * allowed
+        b = (1.0 - r) * eb + r * eb.sum(1, keepdims=True) * uniform
         b /= np.maximum(b.sum(1, keepdims=True), _TINY)
         post[:, :, j] *= b
     post /= np.maximum(post.sum(1, keepdims=True), _TINY)
@@ -81,9 +83,12 @@ def alt_probability(post: np.ndarray, cm: np.ndarray, site_cm: np.ndarray, site_
     left = np.clip(np.searchsorted(cm, site_cm, side="right") - 1, 0, t - 1)  # (S,) last typed at/before
     span = cm[right] - cm[left]
     w_left = np.where(span > 0, (cm[right] - site_cm) / np.where(span > 0, span, 1.0), 1.0)  # (S,)
-    alt = site_alt.astype(np.float64)  # (H, S)
-    pl = np.einsum("qhs,hs->qs", post[:, :, left], alt)  # (Q, S)
-    pr = np.einsum("qhs,hs->qs", post[:, :, right], alt)
+    alt = site_alt.astype(post.dtype)  # (H, S)
+    pl, pr = np.empty((post.shape[0], len(site_cm))), np.empty((post.shape[0], len(site_cm)))  # (Q, S)
+    for side, out in ((left, pl), (right, pr)):
+        for c in np.unique(side):  # one product per typed column: the sites it flanks
+            sel = np.flatnonzero(side == c)
+            out[:, sel] = post[:, :, c] @ alt[:, sel]  # (Q, H) @ (H, m)
     return np.clip(w_left * pl + (1.0 - w_left) * pr, 0.0, 1.0)
 
 
@@ -105,7 +110,7 @@ def allowed_rows(queries: np.ndarray, n_panel: int, exclude_rows: np.ndarray | N
     return ok
 
 
-CELLS_PER_CHUNK = 1 << 22  # queries x panel x chain sites per forward-backward (float64: ~100 MB of posteriors)
+CELLS_PER_CHUNK = 1 << 22  # queries x panel x chain sites per forward-backward (float32: ~50 MB of posteriors)
 CM_PER_BP = 1e-6  # without a genetic map: 1 cM/Mb (``ne`` is chosen on validation and absorbs the rate)
 BLOCK = 8  # consecutive windows share one chain: imputation runs it once per block, not once per window
 
@@ -159,7 +164,8 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
     step = max(1, CELLS_PER_CHUNK // max(1, ctx.n_panel * (hi - lo)))
     for s in range(0, len(queries), step):
         part = slice(s, s + step)
-        post = state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps)
+        post = state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps,
+                                np.float32)
         out[part] = post[:, :, first - lo: stop - lo]
     ctx.prior_cache["block"] = (key, out)
     return out, first
