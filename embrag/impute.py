@@ -100,7 +100,8 @@ def impute_window(
     table), None (no retrieval). Neighbours: ``embrag.epoch.retrieve`` with the model's k, as in
     training. ``temperature`` divides the logits (calibration fitted on validation). ``baselines``:
     when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
-    (``embrag.neighbours.copy_top1`` / ``copy_vote``), ``(Ht, L)`` each.
+    (``embrag.neighbours.copy_top1`` / ``copy_vote``), and the model's Li-Stephens prior alone,
+    ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each.
     """
     device = torch.device(device)
     model.eval()
@@ -128,6 +129,8 @@ def impute_window(
             refs, valid = inp.panel_tokens[np.maximum(nb.rows, 0)], nb.rows >= 0  # (B, K, L), (B, K)
             baselines["top1"][rows] = copy_top1(refs, valid, nb.runs, inp.af)
             baselines["vote"][rows] = copy_vote(refs, valid, nb.runs, inp.af)
+            if nb.prior is not None:
+                baselines.setdefault("hmm", np.full(out.shape, np.nan, np.float32))[rows] = nb.prior
     return out
 
 

@@ -30,7 +30,7 @@ class Validation:
     result: EpochResult  # loss, ALT F1 overall / rare / common, timing; predictions {window: (Hq, L)}
     logits: np.ndarray  # (n,) model logits at every scored site (calibration)
     labels: np.ndarray  # (n,) 0/1 truth at those sites
-    baselines: dict[str, dict[int, np.ndarray]]  # "top1" / "vote" -> predictions like result.predictions
+    baselines: dict[str, dict[int, np.ndarray]]  # "top1" / "vote" / "hmm" -> predictions like result.predictions
 
 
 def validation_windows(n_windows: int, n_queries: int, batch_size: int, max_batches: int | None) -> np.ndarray:
@@ -54,7 +54,7 @@ def validate(
     imputation inputs (target tokens may be the complete tokens: the mask hides what is scored).
     """
     counts, losses, logits_all, labels_all, predictions = _Counts(), [], [], [], {}
-    copies: dict[str, dict[int, np.ndarray]] = {"top1": {}, "vote": {}}
+    copies: dict[str, dict[int, np.ndarray]] = {}
     t0 = time.perf_counter()
     memory = PeakMemory(device)
     n_masked = 0
@@ -76,7 +76,7 @@ def validate(
         labels_all.append(y)
         predictions[int(w)] = np.where(target, probs, np.nan).astype(np.float32)
         for name, p_copy in extra.items():  # the same neighbours, copied without a model
-            copies[name][int(w)] = np.where(target, p_copy, np.nan).astype(np.float32)
+            copies.setdefault(name, {})[int(w)] = np.where(target, p_copy, np.nan).astype(np.float32)
         n_masked += int(target.sum())
     total = sum(n for _, n in losses)
     f1, rare_f1, common_f1 = counts.f1s()

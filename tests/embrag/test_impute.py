@@ -222,3 +222,18 @@ def test_tabulated_window_equals_the_forward_batch_path(variant, rng, monkeypatc
     slow = impute_window(model, inp, index_kind=kind)
     assert calls  # the second run took forward_batch
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_the_prior_baseline_is_the_whole_panel_hmm_of_the_targets(variant, rng):
+    """Validation's ``val_hmm`` baseline is the model's own Li-Stephens prior for these targets, on
+    their own rows. Kills: the prior of other rows, or of another window."""
+    from embrag.lshmm import window_prior
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=8))
+    extra: dict[str, np.ndarray] = {}
+    impute_window(_model(variant), inp, index_kind=index_kind(variant, "compact"), batch_size=3, baselines=extra)
+    want = window_prior(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, exclude_rows=None,
+                        ne=inp.retrieval.hmm_ne, eps=inp.retrieval.hmm_eps, flank=inp.retrieval.hmm_flank)
+    np.testing.assert_allclose(extra["hmm"], want, atol=1e-6)
+    assert set(extra) == {"top1", "vote", "hmm"}
