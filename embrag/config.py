@@ -196,12 +196,16 @@ class RetrievalConfig:
     hmm_ne: float = 30_000.0
     hmm_eps: float = 1e-3
     hmm_flank: int = 64
+    # 0: every panel haplotype is a state; else at most this many per query, the positional-BWT
+    # neighbours at the window edges (for large panels; Beagle's imp-states default is 1,600)
+    hmm_states: int = 0
 
     def __post_init__(self) -> None:
         _require(self.candidates >= 1 and self.pbwt_radius >= 0, f"retrieval.candidates must be >= 1 and "
                  f"pbwt_radius >= 0, got {self.candidates}, {self.pbwt_radius}")
         _require(self.hmm_ne > 0 and 0 < self.hmm_eps < 0.5 and self.hmm_flank >= 1, f"retrieval.hmm_ne must be "
                  f"> 0, hmm_eps in (0, 0.5) and hmm_flank >= 1, got {self.hmm_ne}, {self.hmm_eps}, {self.hmm_flank}")
+        _require(self.hmm_states >= 0, f"retrieval.hmm_states must be >= 0 (0: the whole panel), got {self.hmm_states}")
         _require(self.rank in ("match", "index") and self.run_unit in ("sites", "bp"), f"retrieval.rank must be "
                  f"'match' or 'index' and run_unit 'sites' or 'bp', got {self.rank!r}, {self.run_unit!r}")
 

@@ -36,7 +36,7 @@ class Chain:
     """One stretch of typed sites: what the HMM observes."""
 
     query: np.ndarray  # uint8 (Q, T): 0/1, 2 = unknown (matches anything)
-    panel: np.ndarray  # uint8 (H, T): the panel's alleles at those sites, 2 = unknown
+    panel: np.ndarray  # uint8 (H, T), or (Q, H, T) states of each query: the alleles there, 2 = unknown
     allowed: np.ndarray  # bool (Q, H): haplotypes a query may copy (not its own sample)
     cm: np.ndarray  # float64 (T,) genetic position, non-decreasing
 
@@ -45,13 +45,14 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
     """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites).
     (Imputation and training use float32: the chain is renormalised at every site.)"""
     q, t = chain.query.shape
-    h = chain.panel.shape[0]
-    assert chain.panel.shape == (h, t) and chain.allowed.shape == (q, h) and chain.cm.shape == (t,)
+    h = chain.panel.shape[-2]
+    assert chain.panel.shape in ((h, t), (q, h, t)) and chain.allowed.shape == (q, h) and chain.cm.shape == (t,)
     allowed = chain.allowed.astype(dtype)  # (Q, H)
     n = np.maximum(allowed.sum(1, keepdims=True), 1.0)  # (Q, 1)
     uniform = allowed / n  # (Q, H): where a switch lands
     rho = (1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)).astype(dtype)  # (Q, T-1)
-    qa, pa = chain.query[:, None, :], chain.panel[None, :, :]  # (Q, 1, T), (1, H, T)
+    qa = chain.query[:, None, :]  # (Q, 1, T)
+    pa = chain.panel[None, :, :] if chain.panel.ndim == 2 else chain.panel  # (1 or Q, H, T)
     emit = np.where((qa == 2) | (pa == 2) | (qa == pa), dtype(1.0 - eps), dtype(eps)) * allowed[:, :, None]
     post = np.empty((q, h, t), dtype)  # (Q, H, T)
     a = emit[:, :, 0] * uniform  # (Q, H) forward, normalised per site
@@ -77,7 +78,8 @@ def alt_probability(post: np.ndarray, cm: np.ndarray, site_cm: np.ndarray, site_
     """``float64 (Q, S)`` P(ALT) at sites ``site_cm (S,)`` from the posteriors ``post (Q, H, T)`` at
     typed positions ``cm (T,)``: the two flanking typed sites' posteriors interpolated linearly in
     position (beyond the first / last typed site: that site's), times ``site_alt (H, S)`` (the
-    panel's alleles, ALT 1, REF 0, unknown: the site's panel frequency)."""
+    panel's alleles, ALT 1, REF 0, unknown: the site's panel frequency; ``(Q, H, S)`` when each query
+    has its own states)."""
     t = len(cm)
     right = np.clip(np.searchsorted(cm, site_cm, side="left"), 0, t - 1)  # (S,) first typed at/after
     left = np.clip(np.searchsorted(cm, site_cm, side="right") - 1, 0, t - 1)  # (S,) last typed at/before
@@ -88,7 +90,10 @@ def alt_probability(post: np.ndarray, cm: np.ndarray, site_cm: np.ndarray, site_
     for side, out in ((left, pl), (right, pr)):
         for c in np.unique(side):  # one product per typed column: the sites it flanks
             sel = np.flatnonzero(side == c)
-            out[:, sel] = post[:, :, c] @ alt[:, sel]  # (Q, H) @ (H, m)
+            if alt.ndim == 2:
+                out[:, sel] = post[:, :, c] @ alt[:, sel]  # (Q, H) @ (H, m)
+            else:
+                out[:, sel] = np.einsum("qh,qhm->qm", post[:, :, c], alt[:, :, sel])
     return np.clip(w_left * pl + (1.0 - w_left) * pr, 0.0, 1.0)
 
 
@@ -116,7 +121,7 @@ BLOCK = 8  # consecutive windows share one chain: imputation runs it once per bl
 
 
 def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: np.ndarray, af: np.ndarray, *,
-                 exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int) -> np.ndarray:
+                 exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int, states: int = 0) -> np.ndarray:
     """HMM P(ALT) ``float32 (Q, L)`` at every slot of window ``w`` for ``queries (Q,)`` (sequence ids in
     ``ctx``); ``panel_tokens (Hp, L)`` are the window's complete panel tokens, ``af (L,)`` stands in
     for an unknown panel allele. Without a typed site on the contig the prior is ``af``.
@@ -125,24 +130,31 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     contig) and ``flank`` more on each side. It depends on the block, not on who asks, so training
     (one window at a time), validation and imputation (window after window) get the same prior; the
     block's posteriors are kept in ``ctx.prior_cache`` for the next window of the same queries.
+
+    ``states``: 0 = every panel haplotype is a state; else at most that many per query, the
+    positional-BWT neighbours at the block's window edges (the longest matches into and out of each
+    window), as Beagle bounds its state space for large panels.
     """
     g = ctx.geometry[w]
     queries = np.asarray(queries, np.int64)
     if g.block[1] <= g.block[0]:
         return np.broadcast_to(af.astype(np.float32), (len(queries), len(g.position))).copy()
-    post, first = _block_posteriors(ctx, w, queries, exclude_rows, ne, eps, flank)  # (Q, H, m)
+    post, first, rows = _block_posteriors(ctx, w, queries, exclude_rows, ne, eps, flank, states)  # (Q, H, m)
     # the typed sites that flank the window's slots, within the block's columns
     lo = max(g.block[0], g.first_typed - 1) - first
     hi = min(g.block[1], g.stop_typed + 1) - first
     cm = ctx.typed_position[first + lo: first + hi] * CM_PER_BP
-    site_alt = panel_alt(token_alleles(panel_tokens), af)  # (H, L)
+    site_alt = panel_alt(token_alleles(panel_tokens), af)  # (Hp, L)
+    if rows is not None:
+        site_alt = site_alt[np.maximum(rows, 0)]  # (Q, H, L); a padding state has posterior 0
     return alt_probability(post[:, :, lo:hi], cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
 
 
 def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_rows: np.ndarray | None, ne: float,
-                      eps: float, flank: int) -> tuple[np.ndarray, int]:
+                      eps: float, flank: int, states: int) -> tuple[np.ndarray, int, np.ndarray | None]:
     """State posteriors ``float32 (Q, H, m)`` at the typed columns ``first .. first + m - 1`` that flank
-    any slot of window ``w``'s block, from the block's chain (cached for the same queries)."""
+    any slot of window ``w``'s block, from the block's chain (cached for the same queries), and the
+    panel row of each state ``(Q, H)`` (-1: padding) when they are a selection, else None."""
     g = ctx.geometry[w]
     b0, b1 = g.block
     start = w - w % BLOCK
@@ -153,19 +165,43 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
     lo, hi = max(b0, first_typed - flank), min(b1, stop_typed + flank)  # never empty on a contig with typed sites
     first, stop = max(b0, first_typed - 1), min(b1, stop_typed + 1)  # the columns any slot of the block needs
     excl = None if exclude_rows is None else np.asarray(exclude_rows, np.int64)
-    key = (start, g.block, lo, hi, ne, eps, queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
+    key = (start, g.block, lo, hi, ne, eps, states, queries.tobytes(),
+           None if excl is None else (excl.shape, excl.tobytes()))
     hit = ctx.prior_cache.get("block")
     if hit is not None and hit[0] == key:
-        return hit[1], first
+        return hit[1], first, hit[2]
     cm = ctx.typed_position[lo:hi] * CM_PER_BP  # (T,)
-    panel = ctx.alleles[: ctx.n_panel, lo:hi]  # (H, T)
-    allowed = allowed_rows(queries, ctx.n_panel, excl)  # (Q, H)
-    out = np.empty((len(queries), ctx.n_panel, stop - first), np.float32)
-    step = max(1, CELLS_PER_CHUNK // max(1, ctx.n_panel * (hi - lo)))
+    allowed = allowed_rows(queries, ctx.n_panel, excl)  # (Q, Hp)
+    rows = None
+    if 0 < states < ctx.n_panel:
+        rows = _pbwt_states(ctx, members, queries, states)  # (Q, H)
+        allowed = np.take_along_axis(allowed, np.maximum(rows, 0), axis=1) & (rows >= 0)  # (Q, H)
+    n_states = allowed.shape[1]
+    out = np.empty((len(queries), n_states, stop - first), np.float32)
+    step = max(1, CELLS_PER_CHUNK // max(1, n_states * (hi - lo)))
     for s in range(0, len(queries), step):
         part = slice(s, s + step)
+        panel = (ctx.alleles[: ctx.n_panel, lo:hi] if rows is None
+                 else ctx.alleles[np.maximum(rows[part], 0), lo:hi])  # (Hp, T) or (q, H, T)
         post = state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps,
                                 np.float32)
         out[part] = post[:, :, first - lo: stop - lo]
-    ctx.prior_cache["block"] = (key, out)
-    return out, first
+    ctx.prior_cache["block"] = (key, out, rows)
+    return out, first, rows
+
+
+def _pbwt_states(ctx: MatchContext, members: list, queries: np.ndarray, states: int) -> np.ndarray:
+    """``int64 (Q, states)`` panel rows, -1 padded: each query's positional-BWT neighbours at the
+    entry and exit of every window of the block, nearest first, without repeats."""
+    b0 = members[0].block[0]
+    edges = [ctx.forward[(b0, m.first_typed)] for m in members] + [ctx.backward[(b0, m.stop_typed)] for m in members]
+    radius = max(1, -(-states // (2 * len(edges))))  # ceil: each edge gives 2 * radius
+    near = np.stack([e.nearest(queries, radius) for e in edges], axis=2)  # (Q, 2R, E)
+    # rank by distance in the order (the nearest of every edge first), then keep each row once
+    cand = near[:, np.argsort(np.abs(np.arange(2 * radius) - radius + 0.5), kind="stable")].reshape(len(queries), -1)
+    out = np.full((len(queries), states), -1, np.int64)
+    for i, row in enumerate(cand):
+        valid = row[row >= 0]
+        uniq = valid[np.sort(np.unique(valid, return_index=True)[1])]  # first occurrence order
+        out[i, : min(states, len(uniq))] = uniq[:states]
+    return out

@@ -153,3 +153,41 @@ def test_the_prior_does_not_depend_on_the_batch_or_on_what_was_cached():
         np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # other queries: recomputed
         prior(w - w % lshmm.BLOCK, [17], cold=True)
         np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # same queries: the cache
+
+
+def test_per_query_states_equal_the_full_chain_restricted_to_them():
+    """A chain over each query's own subset of haplotypes ``(Q, H, T)`` equals the chain over the whole
+    panel with every other haplotype forbidden."""
+    rng = np.random.default_rng(5)
+    panel = rng.integers(0, 2, (9, 12)).astype(np.uint8)
+    query = rng.integers(0, 3, (3, 12)).astype(np.uint8)
+    cm = np.sort(rng.random(12)) * 0.3
+    rows = np.array([[0, 4, 7, -1], [8, 2, 3, 5], [1, 1, 6, -1]])  # -1: padding; a repeat is two states
+    rows[2, 1] = -1
+    allowed = rows >= 0
+    per_query = lshmm.state_posteriors(lshmm.Chain(query, panel[np.maximum(rows, 0)], allowed, cm), 3e4, 1e-2)
+    for i in range(3):
+        only = np.zeros((1, 9), bool)
+        only[0, rows[i][rows[i] >= 0]] = True
+        full = lshmm.state_posteriors(lshmm.Chain(query[i:i + 1], panel, only, cm), 3e4, 1e-2)[0]  # (9, T)
+        np.testing.assert_allclose(per_query[i][allowed[i]], full[rows[i][allowed[i]]], atol=1e-12)
+        assert (per_query[i][~allowed[i]] == 0).all()
+
+
+def test_a_state_cap_keeps_the_haplotype_the_target_copies():
+    """With 6 of 40 haplotypes as states, a target identical to row 17 still gets row 17's alleles
+    (its PBWT neighbours are the longest matches). Kills: states taken in row order."""
+    rng = np.random.default_rng(6)
+    panel = rng.integers(0, 2, (40, 80)).astype(np.uint8)
+    query = panel[17:18].copy()
+    ctx, windows = _context(panel, query, np.arange(0, 80, 3), 20)
+
+    def prior(w, states):
+        ctx.prior_cache.clear()
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        return lshmm.window_prior(ctx, w, np.array([40]), tokens, panel[:, lo:hi].mean(0), exclude_rows=None,
+                                  ne=100, eps=1e-3, flank=8, states=states)
+
+    for w in range(len(windows)):
+        np.testing.assert_allclose(prior(w, 6)[0], panel[17, windows.start[w]:windows.stop[w]], atol=5e-3)
