@@ -78,8 +78,7 @@ def alt_probability(post: np.ndarray, cm: np.ndarray, site_cm: np.ndarray, site_
     """``float64 (Q, S)`` P(ALT) at sites ``site_cm (S,)`` from the posteriors ``post (Q, H, T)`` at
     typed positions ``cm (T,)``: the two flanking typed sites' posteriors interpolated linearly in
     position (beyond the first / last typed site: that site's), times ``site_alt (H, S)`` (the
-    panel's alleles, ALT 1, REF 0, unknown: the site's panel frequency; ``(Q, H, S)`` when each query
-    has its own states)."""
+    panel's alleles, ALT 1, REF 0, unknown: the site's panel frequency)."""
     t = len(cm)
     right = np.clip(np.searchsorted(cm, site_cm, side="left"), 0, t - 1)  # (S,) first typed at/after
     left = np.clip(np.searchsorted(cm, site_cm, side="right") - 1, 0, t - 1)  # (S,) last typed at/before
@@ -90,10 +89,7 @@ def alt_probability(post: np.ndarray, cm: np.ndarray, site_cm: np.ndarray, site_
     for side, out in ((left, pl), (right, pr)):
         for c in np.unique(side):  # one product per typed column: the sites it flanks
             sel = np.flatnonzero(side == c)
-            if alt.ndim == 2:
-                out[:, sel] = post[:, :, c] @ alt[:, sel]  # (Q, H) @ (H, m)
-            else:
-                out[:, sel] = np.einsum("qh,qhm->qm", post[:, :, c], alt[:, :, sel])
+            out[:, sel] = post[:, :, c] @ alt[:, sel]  # (Q, H) @ (H, m)
     return np.clip(w_left * pl + (1.0 - w_left) * pr, 0.0, 1.0)
 
 
@@ -144,10 +140,14 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     lo = max(g.block[0], g.first_typed - 1) - first
     hi = min(g.block[1], g.stop_typed + 1) - first
     cm = ctx.typed_position[first + lo: first + hi] * CM_PER_BP
+    post = post[:, :, lo:hi]  # (Q, H, m)
+    if rows is not None:  # selected states back onto the panel's rows: one shared product per column
+        full = np.zeros((len(queries), ctx.n_panel, post.shape[2]), post.dtype)  # (Q, Hp, m)
+        qi, si = np.nonzero(rows >= 0)
+        full[qi, rows[qi, si]] = post[qi, si]
+        post = full
     site_alt = panel_alt(token_alleles(panel_tokens), af)  # (Hp, L)
-    if rows is not None:
-        site_alt = site_alt[np.maximum(rows, 0)]  # (Q, H, L); a padding state has posterior 0
-    return alt_probability(post[:, :, lo:hi], cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
+    return alt_probability(post, cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
 
 
 def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_rows: np.ndarray | None, ne: float,
