@@ -196,9 +196,11 @@ class RetrievalConfig:
     hmm_ne: float = 30_000.0
     hmm_eps: float = 1e-3
     hmm_flank: int = 64
-    # 0: every panel haplotype is a state; else at most this many per query, the positional-BWT
-    # neighbours at the window edges (for large panels; Beagle's imp-states default is 1,600)
-    hmm_states: int = 0
+    # at most this many states per query, the positional-BWT neighbours at the window edges, as
+    # Beagle's imp-states (default 1,600): a panel up to that size is used whole; 0 = always whole.
+    # At 5,000 haplotypes it halves the prior's cost (benchmarks/hmm_cost.py); its accuracy there
+    # is not yet measured.
+    hmm_states: int = 1600
 
     def __post_init__(self) -> None:
         _require(self.candidates >= 1 and self.pbwt_radius >= 0, f"retrieval.candidates must be >= 1 and "
