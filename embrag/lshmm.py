@@ -15,9 +15,10 @@ Positions are bp at 1 cM/Mb unless a genetic map is given (``ne`` is chosen on v
 absorbs the rate). An untyped site takes the state posterior interpolated linearly in position
 between its two flanking typed sites (Beagle does the same), then the panel's alleles there.
 
-Per window the chain runs over the window's typed sites plus ``flank`` typed sites on each side, so
-cost and memory are O(queries x panel x (window + 2 flank)) whatever the contig length.
-numpy only.
+The chain runs over the typed sites of a block of ``BLOCK`` windows plus ``flank`` typed sites on
+each side, so cost and memory are O(queries x states x (block + 2 flank)) whatever the contig
+length; the states are the whole panel, or at most ``states`` positional-BWT neighbours per query
+for large panels. numpy only.
 """
 
 from __future__ import annotations
