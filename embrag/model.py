@@ -173,11 +173,11 @@ class _ImputationModel(nn.Module):
         the Li-Stephens P(ALT) of a model with ``hmm_prior`` (the panel AF stands in without retrieval)."""
         if self.copy is None:
             return None
-        if self.copy.blend is not None and hmm is None:
-            assert ref_alt is None, "a model with the HMM prior needs retrieve(..., prior=True) neighbours"
-            hmm = af
         if self.copy.blend is None:
-            hmm = None
+            hmm = None  # the vote-only head has no use for it
+        elif hmm is None:
+            assert ref_alt is None, "a model with the HMM prior needs retrieve(..., prior=True) neighbours"
+            hmm = af  # no retrieval: the HMM without observations is the panel frequency
         if ref_alt is None:
             ref_alt = af.new_zeros(af.shape[0], 0, af.shape[1])  # (B, 0, L): no neighbour
         if valid is None:
