@@ -129,6 +129,30 @@ class SiteEmbedding(nn.Module):
             self.train(was_training)
         return out.transpose(0, 1).contiguous()  # (L, V, D)
 
+    @torch.no_grad()
+    def query_tables(self, af: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``[B, L, VOCAB_SIZE, D]``: one eval-mode ``table`` per row of ``af [B, L]`` / ``position [B, L]``.
+
+        The embeddings of a query's references at the query's own AF (``embrag.epoch.query_af``): the
+        site part is computed once per row and added to every token, so it costs B tables, not B*K
+        embedded haplotypes. No dropout, no grad, whatever the module's mode (like ``table``).
+        """
+        assert af.dim() == 2 and af.shape == position.shape, "af and position must be [B, L]"
+        x = self.site_features(af, position)[:, :, None, :] + self.token.weight  # (B, L, V, D)
+        x = self.norm(x)
+        keep = torch.ones(VOCAB_SIZE, dtype=x.dtype, device=x.device)
+        keep[PAD] = 0.0  # PAD is "no site": exactly zero
+        return x * keep[:, None]  # (B, L, V, D)
+
+
+def lookup_query_tables(tables: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, K, L, D]`` embeddings of ``tokens [B, K, L]``, row b from its own table ``tables[b]`` (``[B, L, V, D]``)."""
+    b, k, length = tokens.shape
+    assert tables.shape[:2] == (b, length), f"tables {tuple(tables.shape)} vs tokens {tuple(tokens.shape)}"
+    rows = torch.arange(b, device=tables.device)[:, None, None]  # (B, 1, 1)
+    sites = torch.arange(length, device=tables.device)[None, None, :]  # (1, 1, L)
+    return tables[rows, sites, tokens.to(tables.device).long()]  # (B, K, L, D)
+
 
 def lookup_table(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Gather ``[N, L, D]`` embeddings of ``tokens [N, L]`` from a ``[L, V, D]`` table (eval-mode embedding)."""
@@ -139,4 +163,4 @@ def lookup_table(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return table[sites, tokens]  # (N, L, D)
 
 
-__all__ = ["SiteEmbedding", "af_scalar_features", "lookup_table", "POSITION_FEATURES"]
+__all__ = ["SiteEmbedding", "af_scalar_features", "lookup_query_tables", "lookup_table", "POSITION_FEATURES"]

@@ -19,6 +19,7 @@ import torch
 
 from embrag.config import ModelConfig, RetrievalConfig, TrainConfig
 from embrag.constants import ALT, REF
+from embrag.embedding import lookup_query_tables
 from embrag.loss import masked_loss
 from embrag.lshmm import window_prior
 from embrag.metrics import f1_from_counts
@@ -42,6 +43,9 @@ class WindowData:
     panel_tokens: np.ndarray  # (Hp, L) uint8, complete
     # rows (N,) -> (N, L, D) complete reference embeddings (V18 "store" mode, or the table lookup)
     reference_rows: Callable[[np.ndarray], np.ndarray] | None = None
+    # V18: the embedding layer of the references' version; when given, a query's references are
+    # embedded at the query's own AF (``query_af``) from it, instead of ``reference_rows``
+    embedding: torch.nn.Module | None = None
     exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve (its own sample)
     match: MatchContext | None = None  # PBWT evidence over this mask's typed sites (None: index order only)
     query_ids: np.ndarray | None = None  # (Hq,) sequence ids of the query rows in ``match``
@@ -86,6 +90,16 @@ def batch_plan(n_windows: int, n_haps: int, batch_size: int, *, seed: int, epoch
     return plan
 
 
+def own_counts(panel: np.ndarray, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(own_alt, own_ref)`` int ``(B, L)``: ALT / REF alleles of each query's own panel rows
+    (``exclude (B, E)``, -1 padded); zeros without exclusions."""
+    if exclude is None:
+        return np.zeros((1, panel.shape[1]), np.int64), np.zeros((1, panel.shape[1]), np.int64)
+    ok = exclude >= 0  # (B, E)
+    own = panel[np.where(ok, exclude, 0)]  # (B, E, L)
+    return ((own == ALT) & ok[..., None]).sum(1), ((own == REF) & ok[..., None]).sum(1)  # (B, L) each
+
+
 def has_donor(query: np.ndarray, panel: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
     """``bool (B, L)``: the query's allele is carried by a panel haplotype it may retrieve.
 
@@ -95,14 +109,27 @@ def has_donor(query: np.ndarray, panel: np.ndarray, exclude: np.ndarray | None) 
     leave those pairs out of the loss and the scores.
     """
     alt, ref = (panel == ALT).sum(0), (panel == REF).sum(0)  # (L,)
-    own_alt = own_ref = 0
-    if exclude is not None:
-        ok = exclude >= 0  # (B, E)
-        own = panel[np.where(ok, exclude, 0)]  # (B, E, L)
-        own_alt = ((own == ALT) & ok[..., None]).sum(1)  # (B, L)
-        own_ref = ((own == REF) & ok[..., None]).sum(1)
+    own_alt, own_ref = own_counts(panel, exclude)  # (B, L)
     donors = np.where(query == ALT, alt - own_alt, np.where(query == REF, ref - own_ref, 1))  # (B, L)
     return donors > 0
+
+
+def query_af(af: np.ndarray, panel: np.ndarray, exclude: np.ndarray | None, n: int) -> np.ndarray:
+    """``float32 (B, L)``: each query's panel ALT frequency WITHOUT its own sample (``af`` where it has none).
+
+    Why: the panel AF counts a panel query's own alleles, which no reference it may retrieve shows.
+    Trained on that, the model learnt that a site at AF 1/N never carries the query's ALT (its carriers
+    are exactly the queries without a donor, left out by ``has_donor``) and imputed real carriers of
+    panel singletons at half the dosage of its own prior. Leave-one-sample-out, a panel query and the
+    rest of the panel are what a target and its panel are. ``n`` rows (a batch without exclusions).
+    """
+    own_alt, own_ref = own_counts(panel, exclude)  # (B, L)
+    if exclude is None:
+        return np.broadcast_to(af.astype(np.float32), (n, len(af))).copy()
+    alt, called = (panel == ALT).sum(0), (panel == ALT).sum(0) + (panel == REF).sum(0)  # (L,)
+    rest = called - own_alt - own_ref  # (B, L)
+    loo = (alt - own_alt) / np.maximum(rest, 1)
+    return np.where(own_alt + own_ref > 0, loo, af[None, :]).astype(np.float32)  # (B, L)
 
 
 def batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -118,7 +145,7 @@ def batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> d
         "tokens": torch.as_tensor(masked, dtype=torch.long, device=device),
         "labels": torch.as_tensor(complete == ALT, dtype=torch.float32, device=device),
         "target": torch.as_tensor(target, device=device),
-        "af": torch.as_tensor(np.broadcast_to(data.af, (b, len(data.af))).copy(), device=device),
+        "af": torch.as_tensor(query_af(data.af, data.panel_tokens, exclude, b), device=device),
         "position": torch.as_tensor(np.broadcast_to(data.position, (b, len(data.af))).copy(), device=device),
         "pad": torch.as_tensor(np.broadcast_to(data.real, (b, len(data.af))).copy(), device=device),
     }
@@ -140,7 +167,7 @@ def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False)
     else:
         cands = np.full((len(rows), 1), -1, np.int64)
     if data.match is None:  # no typed-site evidence: the HMM's prior is the panel frequency
-        af = np.broadcast_to(data.af.astype(np.float32), (len(rows), len(data.af))).copy() if prior else None
+        af = query_af(data.af, data.panel_tokens, exclude, len(rows)) if prior else None  # (B, L)
         return Neighbours(cands[:, :k], None, af)
     r = data.retrieval
     nb = select_neighbours(data.match, data.window, data.query_ids[rows], cands, k, radius=r.pbwt_radius,
@@ -179,6 +206,11 @@ def forward_batch(
         return model(*args, ref_tokens, valid, evidence, hmm), retrieval_ms
     if live:  # re-embed the retrieved complete tokens with the current layer, with grad
         ref = model.embed_references(ref_tokens, batch["af"], batch["position"])  # (B, K, L, D)
+    elif data.embedding is not None:  # the version's layer, at each query's own AF (no grad)
+        t1 = time.perf_counter()
+        tables = data.embedding.query_tables(batch["af"], batch["position"])  # (B, L, V, D)
+        ref = lookup_query_tables(tables, ref_tokens)  # (B, K, L, D)
+        retrieval_ms += (time.perf_counter() - t1) * 1e3
     else:
         t1 = time.perf_counter()
         block = data.reference_rows(safe.ravel())  # (B*K, L, D)

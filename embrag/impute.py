@@ -29,7 +29,7 @@ import torch
 
 from embrag.config import RetrievalConfig
 from embrag.constants import MASK, MISSING
-from embrag.epoch import WindowData, forward_batch, retrieve
+from embrag.epoch import WindowData, forward_batch, query_af, retrieve
 from embrag.neighbours import MatchContext, Neighbours, copy_top1, copy_vote
 from embrag.progress import progress
 from embrag.retrieval import build_index
@@ -84,7 +84,7 @@ def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, dev
     return WindowData(
         window=inp.window, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af,
         position=inp.position, real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens,
-        reference_rows=refs, exclude_rows=inp.exclude_rows, match=inp.match if kind is not None else None,
+        reference_rows=refs, embedding=model.embedding if table_np is not None else None, exclude_rows=inp.exclude_rows, match=inp.match if kind is not None else None,
         query_ids=inp.query_ids, retrieval=inp.retrieval, seed=inp.seed,
     )
 
@@ -110,13 +110,14 @@ def impute_window(
         raise ValueError(f"target {inp.target_tokens.shape} / panel {inp.panel_tokens.shape} must be [H, {length}]")
     data = window_data(model, index_kind, inp, device)
     model_tokens = _model_tokens(inp.target_tokens, inp.mask)  # (Ht, L)
-    fast = _tabulated(model, index_kind, inp, device)
+    # The tables share one AF per window: panel queries (validation) have their own (``query_af``).
+    fast = _tabulated(model, index_kind, inp, device) if inp.exclude_rows is None else None
     out = np.empty(model_tokens.shape, np.float32)
     if baselines is not None:
         baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32))
     for lo in range(0, len(model_tokens), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
-        batch = _batch(model_tokens[rows], inp, device)
+        batch = _batch(model_tokens[rows], inp, rows, device)
         nb = (retrieve(data, rows, model.cfg.k, prior=model.cfg.uses_hmm)
               if data.index is not None or data.match is not None else None)
         if fast is not None:
@@ -156,14 +157,17 @@ def _neighbour_tensors(nb: Neighbours | None, panel_tokens: np.ndarray, device: 
             torch.as_tensor(nb.rows >= 0, device=device), evidence, hmm)
 
 
-def _batch(tokens: np.ndarray, inp: WindowInputs, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(tokens: np.ndarray, inp: WindowInputs, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs of target ``rows``; a panel query (validation) sees the AF without its own sample."""
     b, length = tokens.shape
 
-    def rows(x: np.ndarray) -> torch.Tensor:
+    def each(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.broadcast_to(x, (b, length)).copy(), device=device)  # (B, L)
 
-    return {"tokens": torch.as_tensor(tokens, dtype=torch.long, device=device), "af": rows(inp.af),
-            "position": rows(inp.position), "pad": rows(inp.real)}
+    exclude = None if inp.exclude_rows is None else inp.exclude_rows[rows]
+    af = query_af(inp.af, inp.panel_tokens, exclude, b)  # (B, L)
+    return {"tokens": torch.as_tensor(tokens, dtype=torch.long, device=device), "af": torch.as_tensor(af, device=device),
+            "position": each(inp.position), "pad": each(inp.real)}
 
 
 def iter_owned(
