@@ -4,7 +4,7 @@ import torch
 
 from embrag.config import ModelConfig
 from embrag.constants import ALT, MASK, MISSING, PAD, REF, VOCAB_SIZE
-from embrag.embedding import SiteEmbedding, lookup_table
+from embrag.embedding import SiteEmbedding, lookup_query_tables, lookup_table
 
 CFG = ModelConfig(dim=32, heads=4, max_len=16, af_features=8, dropout=0.1)
 L = 16
@@ -132,3 +132,18 @@ def test_no_position_norm_variant_is_also_exact():
     torch.testing.assert_close(
         lookup_table(emb.table(af[0], position[0]), tokens), emb(tokens, af, position), atol=1e-6, rtol=0
     )
+
+
+def test_query_tables_are_the_eval_forward_of_each_row():
+    """Kills: the norm or the PAD zeroing left out of the per-row tables, or rows sharing one AF."""
+    torch.manual_seed(0)
+    emb = SiteEmbedding(ModelConfig(dim=16, af_features=4, max_len=12, dropout=0.3)).train()
+    b, k, length = 3, 5, 12
+    af, position = torch.rand(b, length), torch.rand(b, length)
+    tokens = torch.randint(0, VOCAB_SIZE, (b, k, length))
+    got = lookup_query_tables(emb.query_tables(af, position), tokens)  # (B, K, L, D)
+    assert emb.training  # the mode is left alone
+    emb.eval()
+    with torch.no_grad():
+        want = torch.stack([emb(tokens[i], af[i].expand(k, length), position[i].expand(k, length)) for i in range(b)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from embrag.config import ModelConfig
-from embrag.constants import ALT, MASK, REF, VOCAB_SIZE
-from embrag.epoch import WindowData, _Counts, batch_tensors, forward_batch, has_donor
+from embrag.constants import ALT, MASK, MISSING, REF, VOCAB_SIZE
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embrag.epoch import WindowData, _Counts, batch_tensors, forward_batch, has_donor, query_af
 from embrag.impute import _reference_rows
 from embrag.metrics import alt_f1
 from embrag.model import build_model
@@ -107,6 +110,65 @@ def test_batch_targets_leave_out_alleles_without_donor():
     assert not target[0, 3] and target[1, 3] and target[0, [0, 1, 2, 4]].all()
     assert (batch_tensors(data, np.array([0]), torch.device("cpu"))["tokens"].numpy() == MASK).all()
     assert VOCAB_SIZE > ALT
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 6), st.integers(1, 8))
+def test_query_af_is_the_panel_frequency_without_the_query_s_sample(seed, n_samples, length):
+    """Against the slow way: delete the sample's rows, count called alleles. Kills: subtracting only the
+    ALT alleles, dividing by the whole panel, or the panel AF for a panel query."""
+    rng = np.random.default_rng(seed)
+    panel = rng.choice(np.array([REF, ALT, MISSING], np.uint8), size=(2 * n_samples, length), p=[0.6, 0.3, 0.1])
+    called = np.isin(panel, (REF, ALT)).sum(0)
+    af = ((panel == ALT).sum(0) / np.maximum(called, 1)).astype(np.float32)
+    exclude = np.array([[2 * s, 2 * s + 1] for s in range(n_samples)] + [[-1, -1]])  # the last: a study query
+    got = query_af(af, panel, exclude, len(exclude))
+    for q, own in enumerate(exclude):
+        rest = np.delete(panel, own[own >= 0], axis=0)
+        n = np.isin(rest, (REF, ALT)).sum(0)
+        own_called = np.isin(panel[own[own >= 0]], (REF, ALT)).sum(0)
+        want = np.where(own_called > 0, (rest == ALT).sum(0) / np.maximum(n, 1), af)
+        np.testing.assert_allclose(got[q], want, atol=1e-6)
+    np.testing.assert_array_equal(query_af(af, panel, None, 3), np.broadcast_to(af, (3, length)))
+
+
+def test_a_carrier_of_a_panel_doubleton_trains_at_the_singleton_frequency():
+    """The allele a target shares with ONE panel haplotype must appear as a training positive at AF
+    1/N: a panel query carrying a doubleton sees the other copy, at its leave-one-sample-out AF."""
+    panel = np.full((6, L), REF, np.uint8)
+    panel[[0, 4], 3] = ALT  # sample 0 and sample 2 carry it
+    data = WindowData(window=0, query_tokens=panel[[0, 2]], af=np.full(L, 1 / 3, np.float32),
+                      position=np.zeros(L, np.float32), real=np.ones(L, bool), mask=np.ones(L, bool), index=None,
+                      panel_tokens=panel, exclude_rows=np.array([[0, 1], [2, 3]]))
+    batch = batch_tensors(data, np.array([0, 1]), torch.device("cpu"))
+    assert batch["target"][0, 3] and batch["labels"][0, 3] == 1  # a positive...
+    assert batch["af"][0, 3].item() == pytest.approx(1 / 4)  # ...at AF 1/N of the panel it copies from
+    assert batch["af"][1, 3].item() == pytest.approx(2 / 4)  # a non-carrier sees both copies
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_store_references_are_embedded_at_each_query_s_own_af(seed):
+    """V18 with the version's layer: the same logits as re-embedding the references live (eval mode) at
+    the batch's per-query AF. Kills: the references' tables at the window's panel AF."""
+    torch.manual_seed(seed)
+    model = build_model(_cfg("v18", True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # nonzero corrections, so the references matter
+    rng = np.random.default_rng(seed)
+    panel = rng.choice(np.array([REF, ALT], np.uint8), size=(8, L), p=[0.7, 0.3])
+    mask = np.zeros(L, bool)
+    mask[4:] = True
+    data = _window("v18", panel, mask, model)
+    data.query_tokens, data.exclude_rows = panel[[0, 2, 4]], np.array([[0, 1], [2, 3], [4, 5]])
+    data.embedding = model.embedding
+    rows = np.arange(3)
+    batch = batch_tensors(data, rows, torch.device("cpu"))
+    assert not torch.allclose(batch["af"][0], batch["af"][1])  # each query its own AF
+    with torch.no_grad():
+        store, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=torch.device("cpu"))
+        live, _ = forward_batch(model, model.cfg, data, rows, batch, live=True, device=torch.device("cpu"))
+    torch.testing.assert_close(store, live, atol=1e-5, rtol=1e-5)
 
 
 def _one_step(grad_clip: float) -> float:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import embrag.validate
-from embrag.constants import ALT
-from embrag.epoch import retrieve
-from embrag.impute import window_data
+from embrag.constants import ALT, REF
+from embrag.epoch import batch_tensors, forward_batch, retrieve
+from embrag.impute import _batch, _model_tokens, window_data
 from embrag.model import build_model
 from storage.checkpoints import load_checkpoint
 from storage.embeddings import EmbeddingStore
@@ -168,3 +168,56 @@ def test_queries_are_split_between_training_and_validation(run_dir):
     train, val = query_set(prepared, "train"), query_set(prepared, "val")
     assert not set(train.panel_rows // 2) & set(val.panel_rows // 2)
     assert len(train.panel_rows) + len(val.panel_rows) == 2 * len(prepared.sample_ids("panel"))
+
+
+def test_training_validation_and_imputation_give_the_model_the_same_inputs(run_dir, tmp_path):
+    """A panel sample imputed as a target, validated, or trained on: the same leave-one-sample-out AF
+    and the same logits (V18 references embedded at that AF). Kills: a path feeding the panel AF (with
+    the query's own alleles), the store's fp16 references at the panel AF, or ``query_tables`` at the
+    window AF."""
+    layout, cfg = run_dir
+    run = VariantRun(layout, cfg)
+    prepare_epoch_inputs(run, 0)
+    model = _init_model(run)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-like model: the zero-initialised corrections would hide the references
+        for name, p in model.named_parameters():
+            if not name.startswith("embedding."):  # the layer of embedding version 0 stays the stored one
+                p.add_(0.2 * torch.randn_like(p))
+    source = StoreSource(run, read_plan(run, 0))
+    queries = source.queries
+    site_mask = read_site_mask(run.paths.masks(0))
+    val_inputs, _ = validation_inputs(run, queries, site_mask)
+    sample_index = int(queries.panel_rows[0] // 2)
+    target = _target_vcf(run, run.prepared.sample_ids("panel")[sample_index], ~site_mask, tmp_path / "target.vcf")
+    (tmp_path / "work").mkdir()
+    tgt, gt = read_target(target, run.prepared, tmp_path / "work")
+    exclude = exclude_rows(tgt.samples, run.prepared, True, target)
+    imp_inputs = _window_inputs(run.prepared, run.cfg, gt, tgt.typed, 0, 1, exclude,
+                                target_context(run.prepared, gt, tgt.typed, 0, 1))
+    rows = np.flatnonzero(queries.panel_rows // 2 == sample_index)
+    device = torch.device("cpu")
+    n_changed = 0
+    for w in range(source.n_windows):
+        data_t = source.window(w)
+        inp_v, inp_i = (dataclasses.replace(f(w), seed=data_t.seed) for f in (val_inputs, imp_inputs))
+        data_v, data_i = (window_data(model, run.index_kind, inp, device) for inp in (inp_v, inp_i))
+        batch_t = batch_tensors(data_t, rows, device)
+        batch_v = _batch(_model_tokens(inp_v.target_tokens[rows], inp_v.mask), inp_v, rows, device)
+        batch_i = _batch(_model_tokens(inp_i.target_tokens, inp_i.mask), inp_i, np.array([0, 1]), device)
+        # the AF of the panel without the sample's two haplotypes, counted the slow way
+        rest = np.delete(data_t.panel_tokens, [2 * sample_index, 2 * sample_index + 1], axis=0)
+        alt, called = (rest == ALT).sum(0), np.isin(rest, (ALT, REF)).sum(0)
+        loo = np.where(data_t.real, alt / np.maximum(called, 1), 0.0)
+        for name, batch in (("training", batch_t), ("validation", batch_v), ("imputation", batch_i)):
+            np.testing.assert_allclose(batch["af"].numpy(), np.broadcast_to(loo, (2, len(loo))), atol=1e-6,
+                                       err_msg=f"{name} AF, window {w}")
+        n_changed += int((np.abs(loo - data_t.af) > 1e-6).sum())
+        logits = []
+        for data, batch, r in ((data_t, batch_t, rows), (data_v, batch_v, rows), (data_i, batch_i, np.array([0, 1]))):
+            nb = retrieve(data, r, cfg.model.k, prior=True)
+            logits.append(forward_batch(model, run.cfg.model, data, r, batch, live=False, device=device,
+                                        neighbours=nb)[0].detach().numpy())
+        np.testing.assert_allclose(logits[0], logits[1], atol=1e-5, err_msg=f"training vs validation, window {w}")
+        np.testing.assert_allclose(logits[0], logits[2], atol=1e-5, err_msg=f"training vs imputation, window {w}")
+    assert n_changed > 0  # the sample's own alleles moved the AF somewhere
