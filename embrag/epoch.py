@@ -41,10 +41,8 @@ class WindowData:
     mask: np.ndarray  # (L,) bool, True = hidden (the same mask as the index)
     index: WindowIndex | None  # None for the no-retrieval model
     panel_tokens: np.ndarray  # (Hp, L) uint8, complete
-    # rows (N,) -> (N, L, D) complete reference embeddings (V18 "store" mode, or the table lookup)
-    reference_rows: Callable[[np.ndarray], np.ndarray] | None = None
-    # V18: the embedding layer of the references' version; when given, a query's references are
-    # embedded at the query's own AF (``query_af``) from it, instead of ``reference_rows``
+    # V18 (not live): the embedding layer of the references' version (training: the checkpoint that
+    # encoded it; imputation: the model's own); a query's references are embedded at its own AF
     embedding: torch.nn.Module | None = None
     exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve (its own sample)
     match: MatchContext | None = None  # PBWT evidence over this mask's typed sites (None: index order only)
@@ -206,15 +204,11 @@ def forward_batch(
         return model(*args, ref_tokens, valid, evidence, hmm), retrieval_ms
     if live:  # re-embed the retrieved complete tokens with the current layer, with grad
         ref = model.embed_references(ref_tokens, batch["af"], batch["position"])  # (B, K, L, D)
-    elif data.embedding is not None:  # the version's layer, at each query's own AF (no grad)
+    else:  # the version's layer at each query's own AF (no grad): a table per query, not per reference
+        assert data.embedding is not None, "V18 needs the embedding layer of its references' version"
         t1 = time.perf_counter()
         tables = data.embedding.query_tables(batch["af"], batch["position"])  # (B, L, V, D)
         ref = lookup_query_tables(tables, ref_tokens)  # (B, K, L, D)
-        retrieval_ms += (time.perf_counter() - t1) * 1e3
-    else:
-        t1 = time.perf_counter()
-        block = data.reference_rows(safe.ravel())  # (B*K, L, D)
-        ref = torch.as_tensor(block, device=device).float().view(*safe.shape, *block.shape[1:])  # (B, K, L, D)
         retrieval_ms += (time.perf_counter() - t1) * 1e3
     return model(*args, ref, valid, reference_alleles(ref_tokens), evidence, hmm), retrieval_ms
 

@@ -65,14 +65,8 @@ def _search_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[None, :], np.uint8(MASK), tokens)
 
 
-def _reference_rows(table: np.ndarray, panel_tokens: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """rows ``(N,)`` -> complete embeddings ``(N, L, D)``: ``table[site, token]`` (position-wise layer)."""
-    sites = np.arange(table.shape[0])[None, :]  # (1, L)
-    return lambda rows: table[sites, panel_tokens[rows]]  # (N, L, D)
-
-
 def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> WindowData:
-    """Index + reference lookup of one window from the model's own weights (fp32 table, eval mode)."""
+    """Index and reference embeddings of one window from the model's own weights (fp32, eval mode)."""
     table_np, index = None, None
     if kind is not None and kind != "token":
         table = model.embedding.table(torch.as_tensor(inp.af, device=device),
@@ -80,12 +74,11 @@ def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, dev
         table_np = table.float().cpu().numpy()
     if kind is not None:
         index = build_index(kind, inp.panel_tokens, inp.mask, table_np)
-    refs = _reference_rows(table_np, inp.panel_tokens) if table_np is not None else None
     return WindowData(
         window=inp.window, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af,
         position=inp.position, real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens,
-        reference_rows=refs, embedding=model.embedding if table_np is not None else None, exclude_rows=inp.exclude_rows, match=inp.match if kind is not None else None,
-        query_ids=inp.query_ids, retrieval=inp.retrieval, seed=inp.seed,
+        embedding=model.embedding if table_np is not None else None, exclude_rows=inp.exclude_rows,
+        match=inp.match if kind is not None else None, query_ids=inp.query_ids, retrieval=inp.retrieval, seed=inp.seed,
     )
 
 

@@ -27,7 +27,6 @@ from embrag.refresh import batch_due, bump_mask
 from embrag.validate import fit_temperature, validate, validation_windows
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
-from storage.embeddings import EmbeddingStore
 from storage.epoch_inputs import (
     build_indexes,
     encode_embeddings,
@@ -54,7 +53,6 @@ class StoreSource:
         self.n_windows = len(run.prepared.windows)
         self.n_query_haplotypes = len(self.queries)
         ev = plan.embedding_version
-        self.store = EmbeddingStore(run.paths.embeddings(ev)) if run.uses_embeddings else None
         # The layer that encoded version ev (after epoch ev - 1): references at each query's own AF.
         self.embedding = run.model(ev - 1).embedding.eval() if run.uses_embeddings else None
         self.set_mask_version(plan.mask_version, ev)
@@ -79,7 +77,7 @@ class StoreSource:
         return WindowData(
             window=w, query_tokens=self.queries.tokens(p, w), af=af, position=position, real=real,
             mask=self.masks[w], index=index, panel_tokens=panel,
-            reference_rows=self.store.references(w) if self.store is not None else None, embedding=self.embedding,
+            embedding=self.embedding,
             exclude_rows=self.queries.exclude_rows, match=self.match, query_ids=self.queries.ids,
             retrieval=self.run.cfg.retrieval, seed=tie_seed(self.run.cfg.retrieval.seed, self.epoch, w),
         )

@@ -231,10 +231,10 @@ def test_d3_a_damaged_embeddings_store_is_refused_and_re_encoded(run_dir):
     from storage.variant import VariantRun
 
     store = RunLayout(run_dir).variant("v18").embeddings(2)  # made after epoch 1
-    chunk = store / "complete" / "c" / "0" / "0" / "0" / "0"
+    chunk = store / "table" / "c" / "0" / "0" / "0" / "0"
     original = chunk.read_bytes()
     chunk.unlink()
-    with pytest.raises(IntegrityError, match=rf"{store}: complete/c/0/0/0/0 is missing.*delete {store} and rerun"):
+    with pytest.raises(IntegrityError, match=rf"{store}: table/c/0/0/0/0 is missing.*delete {store} and rerun"):
         EmbeddingStore(store)
     assert not is_complete(store)
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))

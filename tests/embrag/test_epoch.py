@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from embrag.config import ModelConfig
-from embrag.constants import ALT, MASK, MISSING, REF, VOCAB_SIZE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embrag.config import ModelConfig
+from embrag.constants import ALT, MASK, MISSING, REF, VOCAB_SIZE
 from embrag.epoch import WindowData, _Counts, batch_tensors, forward_batch, has_donor, query_af
-from embrag.impute import _reference_rows
 from embrag.metrics import alt_f1
 from embrag.model import build_model
 from embrag.retrieval import build_index
@@ -32,7 +30,7 @@ def _window(variant: str, panel: np.ndarray, mask: np.ndarray, model) -> WindowD
     table = model.embedding.table(torch.as_tensor(af), torch.as_tensor(position)).numpy()
     index = build_index(kind, panel, mask, None if kind == "token" else table)
     return WindowData(window=0, query_tokens=panel[:1].copy(), af=af, position=position, real=np.ones(L, bool),
-                      mask=mask, index=index, panel_tokens=panel, reference_rows=_reference_rows(table, panel))
+                      mask=mask, index=index, panel_tokens=panel, embedding=model.embedding)
 
 
 @pytest.mark.parametrize("copy_head", [False, True])
@@ -161,7 +159,6 @@ def test_store_references_are_embedded_at_each_query_s_own_af(seed):
     mask[4:] = True
     data = _window("v18", panel, mask, model)
     data.query_tokens, data.exclude_rows = panel[[0, 2, 4]], np.array([[0, 1], [2, 3], [4, 5]])
-    data.embedding = model.embedding
     rows = np.arange(3)
     batch = batch_tensors(data, rows, torch.device("cpu"))
     assert not torch.allclose(batch["af"][0], batch["af"][1])  # each query its own AF
