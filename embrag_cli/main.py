@@ -10,6 +10,7 @@ the settings agree with the artifacts already there (``storage.lineage.check_con
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -179,6 +180,12 @@ def train(
     _check_variant(variant)
     cfg = load_config(run_dir, config, set_).replace(model__variant=variant)
     _need_prepared(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: data parallel
+        if prefect:
+            raise typer.BadParameter("under torchrun, train with --no-prefect (one process per device; "
+                                     "rank 0 writes the run's files)", param_hint="--prefect")
+        _train_parallel(run_dir, cfg)
+        return
     with _lock(run_dir, "train"):
         path = _save_config(run_dir, cfg.replace(model__variant="v18"))
         if prefect:
@@ -191,6 +198,24 @@ def train(
     _print_next(run_dir, variant)
 
 
+def _train_parallel(run_dir: Path, cfg) -> None:
+    """``embrag train --no-prefect`` in each of torchrun's processes (``storage.distributed``): rank 0
+    holds the run directory's lock and writes; every rank trains its share of each batch."""
+    from storage.distributed import barrier, finish, init_from_env, is_writer
+
+    init_from_env()
+    try:
+        with _lock(run_dir, "train") if is_writer() else contextlib.nullcontext():
+            if is_writer():
+                _save_config(run_dir, cfg.replace(model__variant="v18"))
+            barrier()
+            _train_local(run_dir, cfg)
+        if is_writer():
+            _print_next(run_dir, cfg.model.variant)
+    finally:
+        finish()
+
+
 def _print_next(run_dir: Path, variant: str) -> None:
     """Where the model is, and the command that uses it."""
     from storage.layout import RunLayout
@@ -201,13 +226,22 @@ def _print_next(run_dir: Path, variant: str) -> None:
 
 
 def _train_local(run_dir: Path, cfg, epochs: int | None = None) -> list[dict]:
+    from storage.distributed import barrier, is_writer
     from storage.layout import RunLayout
     from storage.training import run_epochs
     from storage.variant import VariantRun
 
-    run = VariantRun(RunLayout(run_dir), cfg)  # refuses artifacts of other data or settings (storage.lineage)
+    # refuses artifacts of other data or settings (storage.lineage); rank 0 first, it may record them
+    run = VariantRun(RunLayout(run_dir), cfg) if is_writer() else None
+    barrier()
+    run = run or VariantRun(RunLayout(run_dir), cfg)
     n_epochs = epochs if epochs is not None else cfg.train.epochs
-    return run_epochs(run, epochs, on_epoch=lambda row: typer.echo(_epoch_line(cfg.model.variant, row, n_epochs)))
+
+    def echo(row: dict) -> None:
+        if is_writer():
+            typer.echo(_epoch_line(cfg.model.variant, row, n_epochs))
+
+    return run_epochs(run, epochs, on_epoch=echo)
 
 
 def _epoch_line(variant: str, row: dict, n_epochs: int) -> str:

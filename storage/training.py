@@ -27,6 +27,7 @@ from embrag.refresh import batch_due, bump_mask
 from embrag.validate import fit_temperature, validate, validation_windows
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
+from storage.distributed import barrier, is_writer, world_size
 from storage.epoch_inputs import (
     build_indexes,
     encode_embeddings,
@@ -97,9 +98,12 @@ def train_one_epoch(run: VariantRun, epoch: int) -> dict:
         if not batch_due(run.cfg.refresh, batches_done):
             return None
         t0 = time.perf_counter()
-        t.state = bump_mask(t.state)
-        write_masks(run, t.state.mask_version, t.state.level)
-        built = build_indexes(run, t.state.mask_version, t.state.embedding_version)
+        t.state = bump_mask(t.state)  # every rank: the same state
+        built = {"seconds": 0.0}
+        if is_writer():
+            write_masks(run, t.state.mask_version, t.state.level)
+            built = build_indexes(run, t.state.mask_version, t.state.embedding_version)
+        barrier()  # data parallel: the other ranks read what rank 0 wrote
         source.set_mask_version(t.state.mask_version, t.state.embedding_version)
         return {"step": t.step + batches_done, "mask_version": t.state.mask_version,
                 "index_build_seconds": built["seconds"], "seconds": time.perf_counter() - t0}
@@ -109,11 +113,12 @@ def train_one_epoch(run: VariantRun, epoch: int) -> dict:
         epoch=epoch, rare_maf=run.cfg.mask.rare_maf, device=run.device, after_batch=after_batch,
     )
     t.epoch, t.step = epoch, t.step + result.n_batches
-    save_trainable(run, t, out)
     summary = {**result.metrics("train"), "epoch": epoch, "step": t.step, "mask_version": t.state.mask_version,
                "level": t.state.level, "mask_rate": train_rate(run.cfg.mask, t.state.level),
                "embedding_version": t.state.embedding_version, "refreshes": result.refreshes}
-    write_json(summary_path, summary)
+    if is_writer():  # data parallel: the ranks hold the same weights; one writes them
+        save_trainable(run, t, out)
+        write_json(summary_path, summary)
     return summary
 
 
@@ -203,6 +208,8 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[d
             done.unlink()  # its checkpoint was deleted (the fix of an integrity error): the epoch is redone
         if done.exists():  # written last: a finished epoch is not redone (its embeddings may be pruned)
             row = read_json(done)
+        elif world_size() > 1:
+            row = _parallel_epoch(run, epoch)
         else:
             embeddings, indexes = prepare_epoch_inputs(run, epoch)
             train_one_epoch(run, epoch)
@@ -212,3 +219,18 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[d
         if on_epoch is not None:
             on_epoch(row)
     return history
+
+
+def _parallel_epoch(run: VariantRun, epoch: int) -> dict:
+    """One epoch under ``torchrun`` (:mod:`storage.distributed`): rank 0 writes the inputs, every rank
+    trains its share of each batch, rank 0 validates, re-encodes and writes the row."""
+    if is_writer():
+        inputs = prepare_epoch_inputs(run, epoch)
+    barrier()
+    train_one_epoch(run, epoch)
+    barrier()
+    if is_writer():
+        metrics = validate_epoch(run, epoch)
+        finish_epoch(run, epoch, *inputs, metrics, reencode_after_epoch(run, epoch))
+    barrier()
+    return read_json(run.paths.epoch_summary(epoch))
