@@ -143,6 +143,8 @@ def prepare(
     test: Annotated[Path | None, typer.Option("--test-vcf", "--test", help="Held-out test VCF")] = None,
     force: Annotated[bool, typer.Option(
         help="Prepare other inputs or settings even though variants are trained: they move to superseded/")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Threads writing runs of windows at once (same bytes; "
+                                                     "memory grows with it)")] = 1,
 ) -> None:
     """Ingest VCFs into Zarr, harmonise sites and roles, cut windows and tokens (a panel alone is enough:
     its samples are then the training and validation queries, never retrieving their own haplotypes)."""
@@ -158,7 +160,8 @@ def prepare(
         if panel is None:  # the run's simulation: reused when made with these settings, refused when not
             sim = simulated_inputs(cfg.simulate, layout.vcf_dir)
             panel, study, test = sim.panel_vcf, sim.study_vcf, sim.test_vcf
-        summary = run_prepare(layout, cfg, panel_vcf=panel, study_vcf=study, test_vcf=test, force=force)
+        summary = run_prepare(layout, cfg, panel_vcf=panel, study_vcf=study, test_vcf=test, force=force,
+                              workers=workers)
         _save_config(run_dir, cfg, variants_too=False)  # after success: config.json describes the prepared data
     _print_prepare(summary)
 

@@ -18,6 +18,7 @@ from storage.layout import RunLayout
 from storage.prepare import _panel_queries, prepare
 from storage.prepared import PREPARED_FORMAT_VERSION, _array, window_runs
 from storage.simulate import simulate
+from tests.conftest import TINY
 from tests.storage.conftest import tiny_config
 
 
@@ -106,3 +107,22 @@ def test_window_runs_cover_every_window_once():
         assert [w for w0, w1 in runs for w in range(w0, w1)] == list(range(len(windows)))
         for w0, w1 in runs:
             assert w1 - w0 == 1 or windows.stop[w1 - 1] - windows.start[w0] <= max_sites
+
+
+def test_the_cli_hands_its_workers_to_prepare(tmp_path, monkeypatch):
+    """Kills: `embrag prepare --workers N` dropping N (the threads would never run)."""
+    import storage.prepare
+    from embrag_cli.main import run
+
+    real, seen = storage.prepare.prepare, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage.prepare, "prepare", spy)
+    (tmp_path / "run").mkdir()
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k.replace('__', '.')}={v}")]
+    with pytest.raises(SystemExit) as done:
+        run(["prepare", "--run-dir", str(tmp_path / "run"), "--workers", "3", *sets])
+    assert done.value.code == 0 and seen == [3]
