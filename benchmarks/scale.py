@@ -1,8 +1,9 @@
 """How embrag's stages grow with the region and the panel (issue 13), beside Beagle 5.4.
 
 For each simulated region (``--mb``) and panel size (``--haps``, haplotypes = 2 x samples): prepare
--> one epoch capped at ``--batches`` training batches -> refresh (the next epoch's masks, complete
-embeddings and indexes) -> impute ``--samples`` array-typed target samples; Beagle 5.4 imputes the
+-> one epoch capped at ``--batches`` training batches -> refresh (the next epoch's masks, embedding
+tables and indexes; with the disk of one embedding version beside the ``[W, H, L, D]`` fp16 store of
+complete embeddings it replaced) -> impute ``--samples`` array-typed target samples; Beagle 5.4 imputes the
 same phased target from the same panel and genetic map. Every stage runs in its own measured child
 process (CPU = user + sys, peak RSS; ``benchmarks.tools.measure``). Printed: one row per point, then
 the log-log slope of each stage's CPU seconds against sites (at each panel size) and against
@@ -67,7 +68,11 @@ def _stage(name: str, point: Path) -> None:
         write_json(point / "epoch.json", run_epochs(run, epochs=1)[0])
     elif name == "refresh":
         embeddings, indexes = prepare_epoch_inputs(run, 1)
-        write_json(point / "refresh.json", {"embeddings": embeddings, "indexes": indexes})
+        p = run.prepared  # disk of one embedding version, and of the [W, H, L, D] fp16 store it replaced
+        version = sum(f.stat().st_size for f in Path(embeddings["path"]).rglob("*") if f.is_file())
+        complete = len(p.windows) * p.n_haplotypes("panel") * p.window_size * cfg.model.dim * 2
+        write_json(point / "refresh.json", {"embeddings": embeddings, "indexes": indexes,
+                                            "version_bytes": version, "complete_store_bytes": complete})
     elif name == "impute":
         from storage.impute import impute_vcf
 
@@ -96,7 +101,9 @@ def run_point(work: Path, mb: float, haps: int, samples: int, batches: int) -> d
     sim = point / "sim"
     _, costs["beagle"] = tools.beagle(sim / "test_array.vcf.gz", sim / "panel.vcf.gz", sim / "genetic_map.map",
                                       point / "beagle", 1)
+    refresh = read_json(point / "refresh.json")
     return {"mb": mb, "haps": haps, "samples": samples, **read_json(point / "sites.json"),
+            "version_mb": refresh["version_bytes"] / 1e6, "complete_store_mb": refresh["complete_store_bytes"] / 1e6,
             **{k: asdict(c) for k, c in costs.items()}}
 
 
@@ -121,12 +128,14 @@ def fits(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["Mb", "haps", "sites"] + [f"{s} cpu s / MB" for s in (*STAGES, "beagle")] + ["impute/beagle cpu"]
+    head = (["Mb", "haps", "sites"] + [f"{s} cpu s / MB" for s in (*STAGES, "beagle")]
+            + ["impute/beagle cpu", "embedding version MB (complete store MB)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['mb']:g}", str(r["haps"]), str(r["n_sites"])]
         cells += [f"{r[s]['cpu_s']:.1f} / {r[s]['peak_mb']:.0f}" for s in (*STAGES, "beagle")]
         cells.append(f"{r['impute']['cpu_s'] / r['beagle']['cpu_s']:.2f}")
+        cells.append(f"{r['version_mb']:.1f} ({r['complete_store_mb']:.0f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ from benchmarks.scale import STAGES, fits, slope, table
 
 
 def _row(mb: float, haps: int, sites: int, cpu) -> dict:
-    return {"mb": mb, "haps": haps, "samples": 5, "n_sites": sites, "n_windows": 1,
+    return {"mb": mb, "haps": haps, "samples": 5, "n_sites": sites, "n_windows": 1, "version_mb": 0.5,
+            "complete_store_mb": 80.0,
             **{s: {"wall_s": 1.0, "cpu_s": cpu(sites, haps, s), "peak_mb": 100.0, "threads": 1}
                for s in (*STAGES, "beagle")}}
 
@@ -33,4 +34,4 @@ def test_slopes_recover_power_laws_per_stage():
 def test_one_point_has_no_slope_and_the_table_shows_the_beagle_ratio():
     assert math.isnan(slope([1.0], [2.0])) and fits([_row(1, 800, 2000, lambda s, h, st: 2.0)]) == []
     row = _row(1, 800, 2000, lambda s, h, stage: 6.0 if stage == "impute" else 3.0)
-    assert table([row]).splitlines()[-1].endswith("| 2.00 |")
+    assert table([row]).splitlines()[-1].endswith("| 2.00 | 0.5 (80) |")
