@@ -121,9 +121,9 @@ def query_af(af: np.ndarray, panel: np.ndarray, exclude: np.ndarray | None, n: i
     panel singletons at half the dosage of its own prior. Leave-one-sample-out, a panel query and the
     rest of the panel are what a target and its panel are. ``n`` rows (a batch without exclusions).
     """
-    own_alt, own_ref = own_counts(panel, exclude)  # (B, L)
     if exclude is None:
         return np.broadcast_to(af.astype(np.float32), (n, len(af))).copy()
+    own_alt, own_ref = own_counts(panel, exclude)  # (B, L)
     alt, called = (panel == ALT).sum(0), (panel == ALT).sum(0) + (panel == REF).sum(0)  # (L,)
     rest = called - own_alt - own_ref  # (B, L)
     loo = (alt - own_alt) / np.maximum(rest, 1)
