@@ -223,6 +223,8 @@ class TrainConfig:
     grad_accum: int = 1
     focal_gamma: float = 0.0  # 0 = plain cross-entropy
     seed: int = 0
+    # "store": references embedded by the stored embedding version's layer (refreshed each epoch, no grad);
+    # "live": by the current layer, with grad
     reference_embeddings: Literal["store", "live"] = "store"
     max_train_batches: int | None = None  # cap per epoch (demo / tests)
     max_val_batches: int | None = None
