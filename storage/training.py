@@ -27,7 +27,7 @@ from embrag.refresh import batch_due, bump_mask
 from embrag.validate import fit_temperature, validate, validation_windows
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
-from storage.distributed import barrier, is_writer, world_size
+from storage.distributed import barrier, is_writer
 from storage.epoch_inputs import (
     build_indexes,
     encode_embeddings,
@@ -204,26 +204,21 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[d
     history = []
     for epoch in range(epochs if epochs is not None else run.cfg.train.epochs):
         done = run.paths.epoch_summary(epoch)
-        if done.exists() and not run.paths.checkpoint(epoch).exists():
+        if is_writer() and done.exists() and not run.paths.checkpoint(epoch).exists():
             done.unlink()  # its checkpoint was deleted (the fix of an integrity error): the epoch is redone
-        if done.exists():  # written last: a finished epoch is not redone (its embeddings may be pruned)
-            row = read_json(done)
-        elif world_size() > 1:
-            row = _parallel_epoch(run, epoch)
-        else:
-            embeddings, indexes = prepare_epoch_inputs(run, epoch)
-            train_one_epoch(run, epoch)
-            metrics = validate_epoch(run, epoch)
-            row = finish_epoch(run, epoch, embeddings, indexes, metrics, reencode_after_epoch(run, epoch))
+        barrier()  # data parallel: every rank sees the same answer below
+        # written last: a finished epoch is not redone (its embeddings may be pruned)
+        row = read_json(done) if done.exists() else _epoch(run, epoch)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
     return history
 
 
-def _parallel_epoch(run: VariantRun, epoch: int) -> dict:
-    """One epoch under ``torchrun`` (:mod:`storage.distributed`): rank 0 writes the inputs, every rank
-    trains its share of each batch, rank 0 validates, re-encodes and writes the row."""
+def _epoch(run: VariantRun, epoch: int) -> dict:
+    """One epoch's stages. Under ``torchrun`` (:mod:`storage.distributed`) rank 0 writes the inputs,
+    every rank trains its share of each batch, rank 0 validates, re-encodes and writes the row; in one
+    process the barriers do nothing."""
     if is_writer():
         inputs = prepare_epoch_inputs(run, epoch)
     barrier()
