@@ -321,17 +321,24 @@ def test_default_paths_does_not_load_the_simulator_when_every_path_is_given(tmp_
     assert out.strip() == "[]"
 
 
-def test_set_threads_sets_torch_and_faiss_and_refuses_zero():
+def test_set_threads_sets_torch_faiss_and_blas_and_refuses_zero():
     import faiss
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from storage.impute import set_threads
 
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    def blas() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads(), max(blas())
     try:
+        threadpool_limits(limits=2, user_api="blas")  # numpy's OpenBLAS spins a second thread unless told
         set_threads(1)
         assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        assert blas() and set(blas()) == {1}, threadpool_info()
         with pytest.raises(ValueError, match="threads"):
             set_threads(0)
     finally:
         torch.set_num_threads(before[0])
         faiss.omp_set_num_threads(before[1])
+        threadpool_limits(limits=before[2], user_api="blas")
