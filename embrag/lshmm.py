@@ -134,7 +134,7 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     The chain runs over the typed sites of window ``w``'s block (``BLOCK`` consecutive windows of its
     contig) and ``flank`` more on each side. It depends on the block, not on who asks, so training
     (one window at a time), validation and imputation (window after window) get the same prior; the
-    block's posteriors are kept in ``ctx.prior_cache`` for the next window of the same queries.
+    block's posteriors are kept in ``ctx.prior_cache``, per batch of queries, for the block's next window.
 
     ``states``: 0 = every panel haplotype is a state; else at most that many per query, the
     positional-BWT neighbours at the block's window edges (the longest matches into and out of each
@@ -174,11 +174,18 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
     lo, hi = max(b0, first_typed - flank), min(b1, stop_typed + flank)  # never empty on a contig with typed sites
     first, stop = max(b0, first_typed - 1), min(b1, stop_typed + 1)  # the columns any slot of the block needs
     excl = None if exclude_rows is None else np.asarray(exclude_rows, np.int64)
-    key = (start, g.block, lo, hi, ne, eps, states, queries.tobytes(),
-           None if excl is None else (excl.shape, excl.tobytes()))
-    hit = ctx.prior_cache.get("block")
-    if hit is not None and hit[0] == key:
-        return hit[1], first, hit[2]
+    # One entry per batch of queries, for the current block only: imputation goes window by window,
+    # a batch at a time, so every batch comes back at the block's next window (one entry per block
+    # recomputed the chain for every batch at every window: 9.1 -> 21.9 CPU s with 4 batches).
+    block_key = (start, g.block, lo, hi, ne, eps, states)
+    key = (queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
+    cache = ctx.prior_cache
+    if cache.get("block") != block_key:
+        cache.clear()
+        cache["block"] = block_key
+    hit = cache.get(key)
+    if hit is not None:
+        return hit[0], first, hit[1]
     cm = ctx.typed_position[lo:hi] * CM_PER_BP  # (T,)
     allowed = allowed_rows(queries, ctx.n_panel, excl)  # (Q, Hp)
     rows = None
@@ -196,7 +203,7 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
                                 np.float32)
         out[:, part] = post.transpose(2, 0, 1)[first - lo: stop - lo]
     out = out.transpose(1, 2, 0)  # (Q, H, m) view: a column is one contiguous (Q, H) slab
-    ctx.prior_cache["block"] = (key, out, rows)
+    cache[key] = (out, rows)
     return out, first, rows
 
 

@@ -68,7 +68,7 @@ class MatchContext:
     forward: Mapping[tuple[int, int], PbwtState]  # (contig block, typed column) -> order by the sites before it
     backward: Mapping[tuple[int, int], PbwtState]  # order by the typed sites from it on
     geometry: tuple[WindowGeometry, ...]  # per window
-    # the last block of Li-Stephens posteriors (embrag.lshmm): consecutive windows of one batch reuse it
+    # the current block's Li-Stephens posteriors per batch of queries (embrag.lshmm): its next windows reuse them
     prior_cache: dict = field(default_factory=dict, repr=False)
 
     @property

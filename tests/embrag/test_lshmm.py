@@ -155,6 +155,34 @@ def test_the_prior_does_not_depend_on_the_batch_or_on_what_was_cached():
         np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # same queries: the cache
 
 
+def test_batches_taking_turns_run_the_chain_once_per_block_each(monkeypatch):
+    """Imputation asks window by window, a batch of queries at a time: each batch's chain runs once per
+    block, not once per window, its priors equal a cold call's, and a new block drops the old entries.
+    Kills: one cache entry for all batches (every batch recomputed at every window), no eviction."""
+    rng = np.random.default_rng(7)
+    panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
+    query = panel[[3, 9, 12, 5]] ^ (rng.random((4, 120)) < 0.05)
+    ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
+    assert len(windows) > lshmm.BLOCK  # two blocks
+    runs = []
+    real = lshmm.state_posteriors
+    monkeypatch.setattr(lshmm, "state_posteriors", lambda chain, *a, **k: runs.append(1) or real(chain, *a, **k))
+
+    def prior(w, queries):
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6)
+
+    batches = ([16, 17], [18, 19])
+    warm = {(w, i): prior(w, b) for w in range(len(windows)) for i, b in enumerate(batches)}
+    assert len(runs) == 2 * 2  # two batches x two blocks
+    assert len([k for k in ctx.prior_cache if k != "block"]) == 2  # the last block's entries only
+    for (w, i), got in warm.items():
+        ctx.prior_cache.clear()
+        np.testing.assert_allclose(got, prior(w, batches[i]), atol=1e-6)
+
+
 def test_per_query_states_equal_the_full_chain_restricted_to_them():
     """A chain over each query's own subset of haplotypes ``(Q, H, T)`` equals the chain over the whole
     panel with every other haplotype forbidden."""
