@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from embrag.config import WindowConfig
+from embrag.config import RetrievalConfig, WindowConfig
 from embrag.constants import ALT, PAD, REF
 from embrag.lshmm import window_prior
 from embrag.neighbours import build_context
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--typed-every", type=int, default=18, help="one typed site in this many (~200/Mb)")
     p.add_argument("--targets", type=int, default=100, help="target haplotypes (imputation batch)")
     p.add_argument("--batch", type=int, default=32, help="training batch")
+    p.add_argument("--block", type=int, default=RetrievalConfig().hmm_block, help="windows per chain")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     size = 64
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             for w in range(len(windows)):
                 lo = windows.start[w]
                 window_prior(ctx, w, queries, tokens[:, lo:lo + size], af[lo:lo + size], exclude_rows=None, ne=3e4, eps=1e-3,
-                             flank=64, states=states)
+                             flank=64, states=states, block=args.block)
             impute = time.process_time() - c0
             c0, draws = time.process_time(), 10
             for w in rng.choice(len(windows), draws):
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 lo = windows.start[w]
                 window_prior(ctx, int(w), rng.choice(n, args.batch, replace=False), tokens[:, lo:lo + size],
                              af[lo:lo + size],
-                             exclude_rows=None, ne=3e4, eps=1e-3, flank=64, states=states)
+                             exclude_rows=None, ne=3e4, eps=1e-3, flank=64, states=states, block=args.block)
             print(f"{n:>10}  {states:>6}  {impute:>12.2f}  {(time.process_time() - c0) / draws:>17.3f}", flush=True)
 
 

@@ -57,7 +57,7 @@ def main() -> None:
             if len(sites) == 0:
                 continue
             pr = window_prior(ctx, w, inp.query_ids, inp.panel_tokens, inp.af, exclude_rows=None, ne=r.hmm_ne,
-                              eps=r.hmm_eps, flank=r.hmm_flank, states=states)  # (Ht, L)
+                              eps=r.hmm_eps, flank=r.hmm_flank, states=states, block=r.hmm_block)  # (Ht, L)
             probs[sites] = pr[:, slot[sites]].T
         cpu = time.process_time() - t
         res[states] = probs

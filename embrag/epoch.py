@@ -174,7 +174,7 @@ def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False)
         return nb
     hmm = window_prior(data.match, data.window, data.query_ids[rows], data.panel_tokens, data.af,
                        exclude_rows=exclude, ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank,
-                       states=r.hmm_states)  # (B, L)
+                       states=r.hmm_states, block=r.hmm_block)  # (B, L)
     return Neighbours(nb.rows, nb.runs, hmm)
 
 

@@ -15,8 +15,8 @@ Positions are bp at 1 cM/Mb unless a genetic map is given (``ne`` is chosen on v
 absorbs the rate). An untyped site takes the state posterior interpolated linearly in position
 between its two flanking typed sites (Beagle does the same), then the panel's alleles there.
 
-The chain runs over the typed sites of a block of ``BLOCK`` windows plus ``flank`` typed sites on
-each side, so cost and memory are O(queries x states x (block + 2 flank)) whatever the contig
+The chain runs over a block of windows holding ``RetrievalConfig.hmm_block`` typed sites, plus ``flank``
+typed sites on each side, so cost and memory are O(queries x states x (block + 2 flank)) whatever the contig
 length; the states are the whole panel, or at most ``states`` positional-BWT neighbours per query
 for large panels. numpy only.
 """
@@ -122,17 +122,22 @@ def allowed_rows(queries: np.ndarray, n_panel: int, exclude_rows: np.ndarray | N
 
 CELLS_PER_CHUNK = 1 << 22  # queries x panel x chain sites per forward-backward (float32: ~50 MB of posteriors)
 CM_PER_BP = 1e-6  # without a genetic map: 1 cM/Mb (``ne`` is chosen on validation and absorbs the rate)
-BLOCK = 8  # consecutive windows share one chain: imputation runs it once per block, not once per window
+# Posteriors kept for the current block, all batches together: 500 target samples (imputation's
+# chunk) x 1,600 states x the block's ~258 typed columns is 1.65 GB; beyond it, batches recompute.
+PRIOR_CACHE_BYTES = 2 << 30
+BLOCK = 256  # typed sites per chain (plus its flanks) in this module's API; runs take ``RetrievalConfig.hmm_block``
 
 
 def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: np.ndarray, af: np.ndarray, *,
-                 exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int, states: int = 0) -> np.ndarray:
+                 exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int, states: int = 0,
+                 block: int = BLOCK) -> np.ndarray:
     """HMM P(ALT) ``float32 (Q, L)`` at every slot of window ``w`` for ``queries (Q,)`` (sequence ids in
     ``ctx``); ``panel_tokens (Hp, L)`` are the window's complete panel tokens, ``af (L,)`` stands in
     for an unknown panel allele. Without a typed site on the contig the prior is ``af``.
 
-    The chain runs over the typed sites of window ``w``'s block (``BLOCK`` consecutive windows of its
-    contig) and ``flank`` more on each side. It depends on the block, not on who asks, so training
+    The chain runs over the typed sites of window ``w``'s block and ``flank`` more on each side: the
+    windows of its contig whose first typed site falls in the same run of ``block`` typed sites
+    (:func:`block_windows`). It depends on the block, not on who asks, so training
     (one window at a time), validation and imputation (window after window) get the same prior; the
     block's posteriors are kept in ``ctx.prior_cache``, per batch of queries, for the block's next window.
 
@@ -144,7 +149,7 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     queries = np.asarray(queries, np.int64)
     if g.block[1] <= g.block[0]:
         return np.broadcast_to(af.astype(np.float32), (len(queries), len(g.position))).copy()
-    post, first, rows = _block_posteriors(ctx, w, queries, exclude_rows, ne, eps, flank, states)  # (Q, H, m)
+    post, first, rows = _block_posteriors(ctx, w, queries, exclude_rows, ne, eps, flank, states, block)  # (Q, H, m)
     # the typed sites that flank the window's slots, within the block's columns
     lo = max(g.block[0], g.first_typed - 1) - first
     hi = min(g.block[1], g.stop_typed + 1) - first
@@ -159,16 +164,24 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     return alt_probability(post, cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
 
 
+def block_windows(ctx: MatchContext, w: int, block: int) -> tuple[int, int]:
+    """Windows ``[start, end)`` that share window ``w``'s chain: those of its contig whose first typed
+    site is in the same run of ``block`` typed sites (counted from the contig's first). In typed sites,
+    not windows, so a block holds the same evidence at array density and under dense training masks."""
+    run = (ctx.first_typed - ctx.contig_start) // block  # (W,)
+    same = np.flatnonzero((ctx.contig_start == ctx.contig_start[w]) & (run == run[w]))  # contiguous
+    return int(same[0]), int(same[-1]) + 1
+
+
 def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_rows: np.ndarray | None, ne: float,
-                      eps: float, flank: int, states: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+                      eps: float, flank: int, states: int, block: int) -> tuple[np.ndarray, int, np.ndarray | None]:
     """State posteriors ``float32 (Q, H, m)`` at the typed columns ``first .. first + m - 1`` that flank
     any slot of window ``w``'s block, from the block's chain (cached for the same queries), and the
     panel row of each state ``(Q, H)`` (-1: padding) when they are a selection, else None."""
     g = ctx.geometry[w]
     b0, b1 = g.block
-    start = w - w % BLOCK
-    members = [ctx.geometry[v] for v in range(start, min(len(ctx.geometry), start + BLOCK))
-               if ctx.geometry[v].block == g.block]
+    start, end = block_windows(ctx, w, block)
+    members = ctx.geometry[start:end]
     first_typed = min(m.first_typed for m in members)
     stop_typed = max(m.stop_typed for m in members)
     lo, hi = max(b0, first_typed - flank), min(b1, stop_typed + flank)  # never empty on a contig with typed sites
@@ -177,7 +190,7 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
     # One entry per batch of queries, for the current block only: imputation goes window by window,
     # a batch at a time, so every batch comes back at the block's next window (one entry per block
     # recomputed the chain for every batch at every window: 9.1 -> 21.9 CPU s with 4 batches).
-    block_key = (start, g.block, lo, hi, ne, eps, states)
+    block_key = (start, block, g.block, lo, hi, ne, eps, states)
     key = (queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
     cache = ctx.prior_cache
     if cache.get("block") != block_key:
@@ -203,7 +216,9 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
                                 np.float32)
         out[:, part] = post.transpose(2, 0, 1)[first - lo: stop - lo]
     out = out.transpose(1, 2, 0)  # (Q, H, m) view: a column is one contiguous (Q, H) slab
-    cache[key] = (out, rows)
+    held = sum(v[0].nbytes for k, v in cache.items() if k != "block")
+    if held + out.nbytes <= PRIOR_CACHE_BYTES:  # beyond it the batch's chain is recomputed at each window
+        cache[key] = (out, rows)
     return out, first, rows
 
 

@@ -40,9 +40,16 @@ def tie_seed(base: int, epoch: int, w: int) -> int:
     return int(np.random.SeedSequence([base, epoch + 1, w]).generate_state(1)[0])
 
 
+_ALLELE_OF_TOKEN = np.full(256, 2, np.uint8)
+_ALLELE_OF_TOKEN[[REF, ALT]] = [0, 1]
+
+
 def token_alleles(tokens: np.ndarray) -> np.ndarray:
-    """Tokens -> alleles ``uint8``: REF 0, ALT 1, anything else (MISSING, MASK, PAD) 2 = unknown."""
-    return np.where(tokens == REF, 0, np.where(tokens == ALT, 1, 2)).astype(np.uint8)
+    """Tokens -> alleles ``uint8``: REF 0, ALT 1, anything else (MISSING, MASK, PAD) 2 = unknown.
+
+    A table lookup, one byte per entry: ``np.where`` built int64 temporaries, 16 bytes per entry,
+    which made the peak of an epoch at 20 Mb x 5,000 haplotypes 5.5 GB."""
+    return _ALLELE_OF_TOKEN[np.asarray(tokens, np.uint8)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +75,8 @@ class MatchContext:
     forward: Mapping[tuple[int, int], PbwtState]  # (contig block, typed column) -> order by the sites before it
     backward: Mapping[tuple[int, int], PbwtState]  # order by the typed sites from it on
     geometry: tuple[WindowGeometry, ...]  # per window
+    first_typed: np.ndarray  # int64 (W,) geometry[w].first_typed, as an array (embrag.lshmm's blocks)
+    contig_start: np.ndarray  # int64 (W,) geometry[w].block[0]: the first typed index of the window's contig
     # the current block's Li-Stephens posteriors per batch of queries (embrag.lshmm): its next windows reuse them
     prior_cache: dict = field(default_factory=dict, repr=False)
 
@@ -90,20 +99,23 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
     if alleles.ndim != 2 or alleles.shape[1] != len(typed_sites) or not 0 < n_panel <= alleles.shape[0]:
         raise ValueError(f"alleles {alleles.shape} must be [N >= n_panel={n_panel}, St={len(typed_sites)}]")
     site_position = np.asarray(site_position, np.int64)
-    typed_contig = np.asarray(site_contig)[typed_sites]
+    site_contig = np.asarray(site_contig)
+    typed_contig = site_contig[typed_sites]
+    per_contig = {}  # contig -> (typed index range, first and last site position): once, not per window
+    for name in np.unique(np.asarray(windows.contig)):
+        in_contig, sites = np.flatnonzero(typed_contig == name), np.flatnonzero(site_contig == name)
+        per_contig[name] = ((int(in_contig[0]), int(in_contig[-1]) + 1) if len(in_contig) else (0, 0),
+                            (int(site_position[sites[0]]), int(site_position[sites[-1]])))
     geometry, entries, exits = [], {}, {}
     for lo, hi, name in zip(windows.start, windows.stop, windows.contig, strict=True):
-        in_contig = np.flatnonzero(typed_contig == name)
-        block = (int(in_contig[0]), int(in_contig[-1]) + 1) if len(in_contig) else (0, 0)
+        block, span = per_contig[name]
         first, stop = np.searchsorted(typed_sites, [lo, hi])
-        if not len(in_contig):  # no typed site on this contig: empty ranges at the block start
+        if block == (0, 0):  # no typed site on this contig: empty ranges at the block start
             first = stop = block[0]
-        contig_sites = np.flatnonzero(np.asarray(site_contig) == name)
         position = np.full(size, site_position[hi - 1], np.int64)
         position[: hi - lo] = site_position[lo:hi]
         geometry.append(WindowGeometry(
-            int(first), int(stop), block, typed_sites[first:stop] - lo, position, int(hi - lo),
-            (int(site_position[contig_sites[0]]), int(site_position[contig_sites[-1]])),
+            int(first), int(stop), block, typed_sites[first:stop] - lo, position, int(hi - lo), span,
         ))
         if block[1] > block[0]:  # a contig without typed sites has no PBWT: its runs are 0
             entries.setdefault(block, set()).add(int(first) - block[0])
@@ -119,7 +131,9 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
             else:
                 store = sweep(alleles[:, b0:b1], sorted(columns), forward=fwd, n_reference=n_panel)
             states.add(b0, store)
-    return MatchContext(n_panel, alleles, site_position[typed_sites], forward, backward, tuple(geometry))
+    return MatchContext(n_panel, alleles, site_position[typed_sites], forward, backward, tuple(geometry),
+                        np.array([g.first_typed for g in geometry], np.int64),
+                        np.array([g.block[0] for g in geometry], np.int64))
 
 
 STATE_BUDGET_BYTES = 1 << 29  # above this (states once queried), contexts keep a block of windows at a time

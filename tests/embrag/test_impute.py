@@ -234,6 +234,7 @@ def test_the_prior_baseline_is_the_whole_panel_hmm_of_the_targets(variant, rng):
     extra: dict[str, np.ndarray] = {}
     impute_window(_model(variant), inp, index_kind=index_kind(variant, "compact"), batch_size=3, baselines=extra)
     want = window_prior(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, exclude_rows=None,
-                        ne=inp.retrieval.hmm_ne, eps=inp.retrieval.hmm_eps, flank=inp.retrieval.hmm_flank)
+                        ne=inp.retrieval.hmm_ne, eps=inp.retrieval.hmm_eps, flank=inp.retrieval.hmm_flank,
+                        block=inp.retrieval.hmm_block)
     np.testing.assert_allclose(extra["hmm"], want, atol=1e-6)
     assert set(extra) == {"top1", "vote", "hmm"}

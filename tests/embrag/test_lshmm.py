@@ -136,7 +136,7 @@ def test_the_prior_does_not_depend_on_the_batch_or_on_what_was_cached():
     panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
     query = panel[[3, 9, 12]] ^ (rng.random((3, 120)) < 0.05)
     ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
-    assert len(windows) > lshmm.BLOCK  # two blocks
+    block = 12  # typed sites: 30 on the contig, 3 blocks of ~4 windows
 
     def prior(w, queries, cold):
         if cold:
@@ -144,14 +144,16 @@ def test_the_prior_does_not_depend_on_the_batch_or_on_what_was_cached():
         lo, hi = windows.start[w], windows.stop[w]
         tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
         return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
-                                  exclude_rows=None, ne=300, eps=1e-3, flank=6)
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6, block=block)
 
-    for w in (0, 5, lshmm.BLOCK + 1, len(windows) - 1):
+    assert len({lshmm.block_windows(ctx, w, block) for w in range(len(windows))}) == 3
+    for w in (0, 5, 6, len(windows) - 1):
+        start = lshmm.block_windows(ctx, w, block)[0]
         alone = prior(w, [17], cold=True)
         np.testing.assert_allclose(prior(w, [16, 17, 18], cold=True)[1:2], alone, atol=1e-6)
-        prior(w - w % lshmm.BLOCK, [16, 17], cold=True)  # fill the cache from the block's first window
+        prior(start, [16, 17], cold=True)  # fill the cache from the block's first window
         np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # other queries: recomputed
-        prior(w - w % lshmm.BLOCK, [17], cold=True)
+        prior(start, [17], cold=True)
         np.testing.assert_allclose(prior(w, [17], cold=False), alone, atol=1e-6)  # same queries: the cache
 
 
@@ -163,7 +165,8 @@ def test_batches_taking_turns_run_the_chain_once_per_block_each(monkeypatch):
     panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
     query = panel[[3, 9, 12, 5]] ^ (rng.random((4, 120)) < 0.05)
     ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
-    assert len(windows) > lshmm.BLOCK  # two blocks
+    block = 16  # typed sites: 30 on the contig, two blocks
+    assert len({lshmm.block_windows(ctx, w, block) for w in range(len(windows))}) == 2
     runs = []
     real = lshmm.state_posteriors
     monkeypatch.setattr(lshmm, "state_posteriors", lambda chain, *a, **k: runs.append(1) or real(chain, *a, **k))
@@ -172,7 +175,7 @@ def test_batches_taking_turns_run_the_chain_once_per_block_each(monkeypatch):
         lo, hi = windows.start[w], windows.stop[w]
         tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
         return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
-                                  exclude_rows=None, ne=300, eps=1e-3, flank=6)
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6, block=block)
 
     batches = ([16, 17], [18, 19])
     warm = {(w, i): prior(w, b) for w in range(len(windows)) for i, b in enumerate(batches)}
@@ -181,6 +184,28 @@ def test_batches_taking_turns_run_the_chain_once_per_block_each(monkeypatch):
     for (w, i), got in warm.items():
         ctx.prior_cache.clear()
         np.testing.assert_allclose(got, prior(w, batches[i]), atol=1e-6)
+
+
+def test_a_full_prior_cache_recomputes_instead_of_growing(monkeypatch):
+    """Past ``PRIOR_CACHE_BYTES`` a batch's block is not kept: the same priors, the cache within budget."""
+    rng = np.random.default_rng(8)
+    panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
+    query = panel[[3, 9, 12, 5]] ^ (rng.random((4, 120)) < 0.05)
+    ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
+
+    def prior(w, queries):
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6)
+
+    cold = {(w, i): prior(w, b) for w in range(3) for i, b in enumerate(([16, 17], [18, 19]))}
+    one = next(v[0].nbytes for k, v in ctx.prior_cache.items() if k != "block")
+    ctx.prior_cache.clear()
+    monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", one)  # room for one batch's block
+    for (w, i), want in cold.items():
+        np.testing.assert_allclose(prior(w, ([16, 17], [18, 19])[i]), want, atol=1e-6)
+        assert sum(v[0].nbytes for k, v in ctx.prior_cache.items() if k != "block") <= one
 
 
 def test_per_query_states_equal_the_full_chain_restricted_to_them():
@@ -219,3 +244,56 @@ def test_a_state_cap_keeps_the_haplotype_the_target_copies():
 
     for w in range(len(windows)):
         np.testing.assert_allclose(prior(w, 6)[0], panel[17, windows.start[w]:windows.stop[w]], atol=5e-3)
+
+
+def test_retrieve_runs_the_chain_over_the_configured_block():
+    """``embrag.epoch.retrieve`` (training, validation and imputation) takes ``retrieval.hmm_block``:
+    its prior is ``window_prior`` with that block, which differs from another block's somewhere.
+    Kills: retrieve not passing the block (the module default would stand)."""
+    from embrag.config import RetrievalConfig
+    from embrag.epoch import WindowData, retrieve
+
+    rng = np.random.default_rng(9)
+    panel = rng.integers(0, 2, (16, 200)).astype(np.uint8)
+    query = panel[[3, 9]] ^ (rng.random((2, 200)) < 0.05)
+    ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 200, 4), 10)
+    assert len(windows) >= 16
+    differ = 0
+    for w in range(len(windows)):
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        af = panel[:, lo:hi].mean(0).astype(np.float32)
+        mask = np.ones(hi - lo, bool)
+        r = RetrievalConfig(hmm_block=3, hmm_flank=2)
+        data = WindowData(window=w, query_tokens=tokens[:2], af=af, position=np.linspace(0, 1, hi - lo), real=mask,
+                          mask=mask, index=None, panel_tokens=tokens, match=ctx, query_ids=np.array([16, 17]),
+                          retrieval=r)
+        ctx.prior_cache.clear()
+        got = retrieve(data, np.array([0, 1]), 2, prior=True).prior
+        kw = dict(exclude_rows=None, ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank, states=r.hmm_states)
+        ctx.prior_cache.clear()
+        np.testing.assert_allclose(got, lshmm.window_prior(ctx, w, np.array([16, 17]), tokens, af, block=3, **kw),
+                                   atol=1e-6)
+        ctx.prior_cache.clear()
+        differ += not np.allclose(got, lshmm.window_prior(ctx, w, np.array([16, 17]), tokens, af, block=8, **kw),
+                                  atol=1e-4)
+    assert differ > 0
+
+
+@pytest.mark.parametrize("block", [1, 5, 13, 1000])
+def test_blocks_partition_each_contig_by_runs_of_typed_sites(block):
+    """``block_windows``: contiguous, never across a contig, every window in exactly its own block, and
+    a block's windows start within one run of ``block`` typed sites of their contig (a loop oracle)."""
+    rng = np.random.default_rng(block)
+    contig = np.array(["1"] * 70 + ["2"] * 50)
+    typed = np.sort(rng.choice(120, 40, replace=False))
+    windows = make_windows(contig, WindowConfig(size=8, overlap=2))
+    alleles = rng.integers(0, 2, (6, len(typed))).astype(np.uint8)
+    ctx = build_context(alleles, 6, typed, contig, np.arange(1, 121) * 1000, windows, 8)
+    for w in range(len(windows)):
+        start, end = lshmm.block_windows(ctx, w, block)
+        assert start <= w < end
+        g = ctx.geometry[w]
+        want = [v for v in range(len(windows)) if ctx.geometry[v].block == g.block
+                and (ctx.geometry[v].first_typed - g.block[0]) // block == (g.first_typed - g.block[0]) // block]
+        assert list(range(start, end)) == want

@@ -164,3 +164,14 @@ def test_blocked_context_selects_as_the_eager_one(monkeypatch):
         b = select_neighbours(blocked, int(w), queries, cands, 5, radius=3, seed=1)
         np.testing.assert_array_equal(a.rows, b.rows)
         np.testing.assert_array_equal(a.runs.features(), b.runs.features())
+
+
+def test_token_alleles_maps_every_token_byte_like_the_definition():
+    """REF -> 0, ALT -> 1, every other byte (MISSING, MASK, PAD, anything) -> 2, as uint8 of the same shape."""
+    from embrag.constants import ALT, REF
+    from embrag.neighbours import token_alleles
+
+    tokens = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    got = token_alleles(tokens)
+    assert got.dtype == np.uint8 and got.shape == tokens.shape
+    np.testing.assert_array_equal(got, np.where(tokens == REF, 0, np.where(tokens == ALT, 1, 2)))
