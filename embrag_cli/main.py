@@ -358,7 +358,7 @@ def impute(
     allow_panel_overlap: Annotated[bool, typer.Option(
         help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
     sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
-    threads: Annotated[int | None, typer.Option(help="torch and FAISS threads (default: one per core)")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads of torch, FAISS and the BLAS libraries (default: one per core)")] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""

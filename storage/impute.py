@@ -198,8 +198,8 @@ def impute_vcf(
     ``out_vcf`` (.vcf.gz + .tbi) is written atomically; typed sites keep their GT (flag TYPED),
     the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. Neighbours are chosen as in
     training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
-    with the temperature validation fitted for this checkpoint. ``threads``: torch and FAISS threads
-    of this process (default: theirs, one per core).
+    with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
+    BLAS libraries' threads of this process (default: theirs, one per core).
     """
     t0 = time.perf_counter()
     checkpoint, target_vcf, out_vcf = Path(checkpoint), Path(target_vcf), Path(out_vcf)
