@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--typed-every", type=int, default=18, help="one typed site in this many (~200/Mb)")
     p.add_argument("--targets", type=int, default=100, help="target haplotypes (imputation batch)")
     p.add_argument("--batch", type=int, default=32, help="training batch")
-    p.add_argument("--block", type=int, default=RetrievalConfig().hmm_block, help="windows per chain")
+    p.add_argument("--block", type=int, default=RetrievalConfig().hmm_block, help="typed sites per chain")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     size = 64

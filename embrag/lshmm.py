@@ -169,7 +169,7 @@ def block_windows(ctx: MatchContext, w: int, block: int) -> tuple[int, int]:
     site is in the same run of ``block`` typed sites (counted from the contig's first). In typed sites,
     not windows, so a block holds the same evidence at array density and under dense training masks."""
     run = (ctx.first_typed - ctx.contig_start) // block  # (W,)
-    same = np.flatnonzero((ctx.contig_start == ctx.contig_start[w]) & (run == run[w]))  # contiguous
+    same = np.flatnonzero((ctx.contig_id == ctx.contig_id[w]) & (run == run[w]))  # contiguous
     return int(same[0]), int(same[-1]) + 1
 
 

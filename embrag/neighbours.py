@@ -49,7 +49,10 @@ def token_alleles(tokens: np.ndarray) -> np.ndarray:
 
     A table lookup, one byte per entry: ``np.where`` built int64 temporaries, 16 bytes per entry,
     which made the peak of an epoch at 20 Mb x 5,000 haplotypes 5.5 GB."""
-    return _ALLELE_OF_TOKEN[np.asarray(tokens, np.uint8)]
+    tokens = np.asarray(tokens)
+    if tokens.dtype == np.uint8:
+        return _ALLELE_OF_TOKEN[tokens]
+    return np.where(tokens == REF, 0, np.where(tokens == ALT, 1, 2)).astype(np.uint8)  # other dtypes: no cast
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +80,7 @@ class MatchContext:
     geometry: tuple[WindowGeometry, ...]  # per window
     first_typed: np.ndarray  # int64 (W,) geometry[w].first_typed, as an array (embrag.lshmm's blocks)
     contig_start: np.ndarray  # int64 (W,) geometry[w].block[0]: the first typed index of the window's contig
+    contig_id: np.ndarray  # int64 (W,) the window's contig (contig_start is 0 for an untyped contig too)
     # the current block's Li-Stephens posteriors per batch of queries (embrag.lshmm): its next windows reuse them
     prior_cache: dict = field(default_factory=dict, repr=False)
 
@@ -133,7 +137,8 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
             states.add(b0, store)
     return MatchContext(n_panel, alleles, site_position[typed_sites], forward, backward, tuple(geometry),
                         np.array([g.first_typed for g in geometry], np.int64),
-                        np.array([g.block[0] for g in geometry], np.int64))
+                        np.array([g.block[0] for g in geometry], np.int64),
+                        np.unique(np.asarray(windows.contig), return_inverse=True)[1].astype(np.int64).ravel())
 
 
 STATE_BUDGET_BYTES = 1 << 29  # above this (states once queried), contexts keep a block of windows at a time

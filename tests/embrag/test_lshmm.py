@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from embrag import lshmm
 from embrag.config import WindowConfig
-from embrag.constants import ALT, REF
+from embrag.constants import ALT, PAD, REF
 from embrag.neighbours import build_context
 from embrag.windows import make_windows
 
@@ -199,7 +199,11 @@ def test_a_full_prior_cache_recomputes_instead_of_growing(monkeypatch):
         return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
                                   exclude_rows=None, ne=300, eps=1e-3, flank=6)
 
-    cold = {(w, i): prior(w, b) for w in range(3) for i, b in enumerate(([16, 17], [18, 19]))}
+    cold = {}
+    for w in range(3):
+        for i, b in enumerate(([16, 17], [18, 19])):
+            ctx.prior_cache.clear()
+            cold[(w, i)] = prior(w, b)
     one = next(v[0].nbytes for k, v in ctx.prior_cache.items() if k != "block")
     ctx.prior_cache.clear()
     monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", one)  # room for one batch's block
@@ -280,13 +284,18 @@ def test_retrieve_runs_the_chain_over_the_configured_block():
     assert differ > 0
 
 
+@pytest.mark.parametrize("untyped", [None, "1", "2"])
 @pytest.mark.parametrize("block", [1, 5, 13, 1000])
-def test_blocks_partition_each_contig_by_runs_of_typed_sites(block):
+def test_blocks_partition_each_contig_by_runs_of_typed_sites(block, untyped):
     """``block_windows``: contiguous, never across a contig, every window in exactly its own block, and
-    a block's windows start within one run of ``block`` typed sites of their contig (a loop oracle)."""
+    a block's windows start within one run of ``block`` typed sites of their contig (a loop oracle),
+    also when a contig has no typed site (a target without that contig). Kills: blocks told apart by
+    the contig's first typed index (0 for an untyped contig and for the first typed one alike)."""
     rng = np.random.default_rng(block)
     contig = np.array(["1"] * 70 + ["2"] * 50)
     typed = np.sort(rng.choice(120, 40, replace=False))
+    if untyped is not None:
+        typed = typed[contig[typed] != untyped]
     windows = make_windows(contig, WindowConfig(size=8, overlap=2))
     alleles = rng.integers(0, 2, (6, len(typed))).astype(np.uint8)
     ctx = build_context(alleles, 6, typed, contig, np.arange(1, 121) * 1000, windows, 8)
@@ -294,6 +303,29 @@ def test_blocks_partition_each_contig_by_runs_of_typed_sites(block):
         start, end = lshmm.block_windows(ctx, w, block)
         assert start <= w < end
         g = ctx.geometry[w]
-        want = [v for v in range(len(windows)) if ctx.geometry[v].block == g.block
+        want = [v for v in range(len(windows)) if windows.contig[v] == windows.contig[w]
                 and (ctx.geometry[v].first_typed - g.block[0]) // block == (g.first_typed - g.block[0]) // block]
         assert list(range(start, end)) == want
+
+
+def test_a_target_without_one_contig_gets_capped_priors_on_the_other():
+    """Contig "2" untyped, the state cap on: every window of contig "1" gets its prior (contig "2" the
+    AF). Kills: contig "2"'s windows joining contig "1"'s block (a KeyError in the PBWT states)."""
+    rng = np.random.default_rng(3)
+    contig = np.array(["1"] * 60 + ["2"] * 40)
+    panel = rng.integers(0, 2, (12, 100)).astype(np.uint8)
+    typed = np.arange(0, 60, 2)
+    windows = make_windows(contig, WindowConfig(size=8, overlap=0))
+    alleles = np.vstack([panel, panel[[4]]])[:, typed]
+    ctx = build_context(alleles, 12, typed, contig, np.arange(1, 101) * 1000, windows, 8)
+    for w in range(len(windows)):
+        lo, hi = windows.start[w], windows.stop[w]
+        pad = 8 - (hi - lo)  # a window's slots are padded to its size, as prepared windows are
+        tokens = np.pad(np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8), ((0, 0), (0, pad)),
+                        constant_values=PAD)
+        af = np.pad(panel[:, lo:hi].mean(0).astype(np.float32), (0, pad))
+        p = lshmm.window_prior(ctx, w, np.array([12]), tokens, af, exclude_rows=None, ne=100, eps=1e-3, flank=4,
+                               states=4, block=6)
+        assert p.shape == (1, 8) and np.isfinite(p).all()
+        if windows.contig[w] == "2":
+            np.testing.assert_allclose(p[0], af, atol=1e-6)

@@ -175,3 +175,5 @@ def test_token_alleles_maps_every_token_byte_like_the_definition():
     got = token_alleles(tokens)
     assert got.dtype == np.uint8 and got.shape == tokens.shape
     np.testing.assert_array_equal(got, np.where(tokens == REF, 0, np.where(tokens == ALT, 1, 2)))
+    wide = np.array([REF, ALT, REF + 256, ALT + 256, -1], np.int64)  # no silent uint8 wrap-around
+    np.testing.assert_array_equal(token_alleles(wide), [0, 1, 2, 2, 2])
