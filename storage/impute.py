@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embrag import lshmm
 from embrag.config import RunConfig
 from embrag.constants import PAD
 from embrag.impute import WindowInputs, iter_owned
@@ -116,6 +117,23 @@ def target_context(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: 
     """PBWT context over the target's typed sites: panel rows, then the haplotypes of samples ``a:b``."""
     target = token_alleles(haplotype_tokens(np.asarray(gt[np.flatnonzero(typed), a:b])))  # (2c, St)
     return match_context(prepared, typed, target)
+
+
+def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sample_chunk: int) -> int:
+    """At most ``sample_chunk`` target samples whose Li-Stephens posteriors over one block fit
+    ``lshmm.PRIOR_CACHE_BYTES``: past it, a batch recomputes its block's chain at every window.
+
+    A block's columns are its ``hmm_block`` typed sites plus those of one more window and the two
+    that flank them; a haplotype holds ``states`` posteriors per column (float32)."""
+    if not cfg.model.uses_hmm:
+        return sample_chunk
+    n_panel = prepared.n_haplotypes("panel")
+    states = n_panel if cfg.retrieval.hmm_states == 0 else min(n_panel, cfg.retrieval.hmm_states)
+    counts = np.concatenate([[0], np.cumsum(typed, dtype=np.int64)])  # (S + 1,)
+    w = prepared.windows
+    per_window = int((counts[w.stop] - counts[w.start]).max(initial=0))
+    per_sample = 2 * states * (cfg.retrieval.hmm_block + per_window + 2) * 4
+    return max(1, min(sample_chunk, lshmm.PRIOR_CACHE_BYTES // per_sample))
 
 
 def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: Target,
@@ -228,8 +246,12 @@ def impute_vcf(
         warning = design_mismatch(cfg, prepared, target.typed)
         shape = (len(prepared.sites), len(target.samples), 2)
         probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
+        chunk = prior_chunk(cfg, prepared, target.typed, sample_chunk)
+        if chunk < sample_chunk:
+            log.info("imputing %d samples at a time (not %d): one block of the prior's posteriors fits "
+                     "lshmm.PRIOR_CACHE_BYTES", chunk, sample_chunk)
         _impute_chunks(model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
-                       sample_chunk=sample_chunk, device=dev, temperature=temperature)
+                       sample_chunk=chunk, device=dev, temperature=temperature)
         written = _write_vcf(out_vcf, prepared, target, gt, probs,
                              f"embrag {cfg.model.variant} {checkpoint.name} {provenance_tag(checkpoint, prepared)}")
         del gt, probs  # release the memmaps before their files go

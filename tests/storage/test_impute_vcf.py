@@ -276,6 +276,26 @@ def test_sample_chunks_do_not_change_output(run):
     assert _body(small) == _body(large) == _body(run["out"])
 
 
+def test_the_sample_chunk_shrinks_to_fit_the_prior_cache(run, monkeypatch):
+    """``prior_chunk``: the most samples whose block of posteriors (states x (hmm_block + the most typed
+    sites of a window + 2) float32 per haplotype) fits ``PRIOR_CACHE_BYTES``, never more than asked,
+    at least 1. Kills: a chunk that ignores the budget (a batch's chain recomputed at every window)."""
+    from embrag import lshmm
+    from storage.impute import prior_chunk
+
+    p, cfg = run["prepared"], CFG
+    typed = np.zeros(len(p.sites), bool)
+    typed[::3] = True
+    per_window = max(int(typed[a:b].sum()) for a, b in zip(p.windows.start, p.windows.stop, strict=True))
+    states = min(p.n_haplotypes("panel"), cfg.retrieval.hmm_states) or p.n_haplotypes("panel")
+    per_sample = 2 * states * (cfg.retrieval.hmm_block + per_window + 2) * 4
+    assert prior_chunk(cfg, p, typed, 500) == 500  # the default budget holds this tiny panel
+    monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", 3 * per_sample + 1)
+    assert prior_chunk(cfg, p, typed, 500) == 3 and prior_chunk(cfg, p, typed, 2) == 2
+    monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", 1)
+    assert prior_chunk(cfg, p, typed, 500) == 1  # (chunks do not change the output: the test above)
+
+
 def test_evaluate_runs_on_imputed_output(run):
     sim = run["sim"]
     report = evaluate_vcfs(sim.test_vcf, run["out"], sim.panel_vcf)
