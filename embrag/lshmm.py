@@ -125,12 +125,11 @@ CM_PER_BP = 1e-6  # without a genetic map: 1 cM/Mb (``ne`` is chosen on validati
 # Posteriors kept for the current block, all batches together: 500 target samples (imputation's
 # chunk) x 1,600 states x the block's ~258 typed columns is 1.65 GB; beyond it, batches recompute.
 PRIOR_CACHE_BYTES = 2 << 30
-BLOCK = 256  # typed sites per chain (plus its flanks) in this module's API; runs take ``RetrievalConfig.hmm_block``
 
 
 def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: np.ndarray, af: np.ndarray, *,
-                 exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int, states: int = 0,
-                 block: int = BLOCK) -> np.ndarray:
+                 exclude_rows: np.ndarray | None, ne: float, eps: float, flank: int, block: int,
+                 states: int = 0) -> np.ndarray:
     """HMM P(ALT) ``float32 (Q, L)`` at every slot of window ``w`` for ``queries (Q,)`` (sequence ids in
     ``ctx``); ``panel_tokens (Hp, L)`` are the window's complete panel tokens, ``af (L,)`` stands in
     for an unknown panel allele. Without a typed site on the contig the prior is ``af``.
@@ -162,6 +161,14 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
         post = full
     site_alt = panel_alt(token_alleles(panel_tokens), af)  # (Hp, L)
     return alt_probability(post, cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
+
+
+def cached_bytes_per_query(n_panel: int, states: int, block: int, window_typed: int) -> int:
+    """Bytes one query's posteriors take in ``ctx.prior_cache``: float32 per state and column, the
+    columns being a block's ``block`` typed sites, those of one more window (``window_typed``: the most
+    in any window) and the two that flank them; ``states`` as in :func:`window_prior`."""
+    n_states = states if 0 < states < n_panel else n_panel
+    return n_states * (block + window_typed + 2) * 4
 
 
 def block_windows(ctx: MatchContext, w: int, block: int) -> tuple[int, int]:

@@ -105,8 +105,9 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
     site_position = np.asarray(site_position, np.int64)
     site_contig = np.asarray(site_contig)
     typed_contig = site_contig[typed_sites]
+    names, contig_id = np.unique(np.asarray(windows.contig), return_inverse=True)
     per_contig = {}  # contig -> (typed index range, first and last site position): once, not per window
-    for name in np.unique(np.asarray(windows.contig)):
+    for name in names:
         in_contig, sites = np.flatnonzero(typed_contig == name), np.flatnonzero(site_contig == name)
         per_contig[name] = ((int(in_contig[0]), int(in_contig[-1]) + 1) if len(in_contig) else (0, 0),
                             (int(site_position[sites[0]]), int(site_position[sites[-1]])))
@@ -138,7 +139,7 @@ def build_context(alleles: np.ndarray, n_panel: int, typed_sites: np.ndarray, si
     return MatchContext(n_panel, alleles, site_position[typed_sites], forward, backward, tuple(geometry),
                         np.array([g.first_typed for g in geometry], np.int64),
                         np.array([g.block[0] for g in geometry], np.int64),
-                        np.unique(np.asarray(windows.contig), return_inverse=True)[1].astype(np.int64).ravel())
+                        contig_id.astype(np.int64).ravel())
 
 
 STATE_BUDGET_BYTES = 1 << 29  # above this (states once queried), contexts keep a block of windows at a time

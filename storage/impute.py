@@ -123,16 +123,13 @@ def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sampl
     """At most ``sample_chunk`` target samples whose Li-Stephens posteriors over one block fit
     ``lshmm.PRIOR_CACHE_BYTES``: past it, a batch recomputes its block's chain at every window.
 
-    A block's columns are its ``hmm_block`` typed sites plus those of one more window and the two
-    that flank them; a haplotype holds ``states`` posteriors per column (float32)."""
+    A sample is two queries of ``lshmm.cached_bytes_per_query``."""
     if not cfg.model.uses_hmm:
         return sample_chunk
-    n_panel = prepared.n_haplotypes("panel")
-    states = n_panel if cfg.retrieval.hmm_states == 0 else min(n_panel, cfg.retrieval.hmm_states)
     counts = np.concatenate([[0], np.cumsum(typed, dtype=np.int64)])  # (S + 1,)
-    w = prepared.windows
+    w, r = prepared.windows, cfg.retrieval
     per_window = int((counts[w.stop] - counts[w.start]).max(initial=0))
-    per_sample = 2 * states * (cfg.retrieval.hmm_block + per_window + 2) * 4
+    per_sample = 2 * lshmm.cached_bytes_per_query(prepared.n_haplotypes("panel"), r.hmm_states, r.hmm_block, per_window)
     return max(1, min(sample_chunk, lshmm.PRIOR_CACHE_BYTES // per_sample))
 
 

@@ -73,6 +73,9 @@ def test_interpolation_equals_a_loop_between_flanking_typed_sites():
         np.testing.assert_allclose(got[:, s], p @ alt[:, s], atol=1e-12)
 
 
+WHOLE = 10_000  # typed sites per chain: one block per test contig
+
+
 def _context(panel: np.ndarray, query: np.ndarray, typed: np.ndarray, size: int):
     """A one-contig PBWT context over ``typed`` sites of ``panel (H, S)`` + ``query (Q, S)`` (0/1)."""
     n_sites = panel.shape[1]
@@ -95,7 +98,7 @@ def test_a_query_copying_one_haplotype_gets_its_alleles_and_never_its_own():
     tokens = lambda w: np.where(panel[:, windows.start[w]:windows.stop[w]] == 1, ALT, REF).astype(np.uint8)  # noqa: E731
     af = lambda w: (panel[:, windows.start[w]:windows.stop[w]] == 1).mean(0)  # noqa: E731
     for w in range(len(windows)):
-        p = lshmm.window_prior(ctx, w, np.array([12]), tokens(w), af(w), exclude_rows=None, ne=100, eps=1e-3, flank=8)
+        p = lshmm.window_prior(ctx, w, np.array([12]), tokens(w), af(w), exclude_rows=None, ne=100, eps=1e-3, flank=8, block=WHOLE)
         np.testing.assert_allclose(p[0], panel[3, windows.start[w]:windows.stop[w]], atol=5e-3)
     # panel row 5 as a query with its "sample" (rows 4, 5) excluded; row 5 alone carries ALT at site 31
     panel[:, 31] = 0
@@ -103,7 +106,7 @@ def test_a_query_copying_one_haplotype_gets_its_alleles_and_never_its_own():
     ctx, windows = _context(panel, query, typed, 20)
     w = int(np.searchsorted(windows.stop, 31, side="right"))
     p = lshmm.window_prior(ctx, w, np.array([5]), tokens(w), af(w), exclude_rows=np.array([[4, 5]]), ne=100,
-                           eps=1e-3, flank=8)
+                           eps=1e-3, flank=8, block=WHOLE)
     assert p[0, 31 - windows.start[w]] == pytest.approx(0.0, abs=1e-9)
 
 
@@ -124,7 +127,7 @@ def test_a_long_flank_equals_the_whole_contig_chain():
         lo, hi = windows.start[w], windows.stop[w]
         tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
         got = lshmm.window_prior(ctx, w, np.array([10, 11]), tokens, panel[:, lo:hi].mean(0), exclude_rows=None,
-                                 ne=3e4, eps=1e-3, flank=100)
+                                 ne=3e4, eps=1e-3, flank=100, block=WHOLE)
         np.testing.assert_allclose(got, full[:, lo:hi], atol=1e-6)
 
 
@@ -197,7 +200,7 @@ def test_a_full_prior_cache_recomputes_instead_of_growing(monkeypatch):
         lo, hi = windows.start[w], windows.stop[w]
         tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
         return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
-                                  exclude_rows=None, ne=300, eps=1e-3, flank=6)
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6, block=WHOLE)
 
     cold = {}
     for w in range(3):
@@ -244,7 +247,7 @@ def test_a_state_cap_keeps_the_haplotype_the_target_copies():
         lo, hi = windows.start[w], windows.stop[w]
         tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
         return lshmm.window_prior(ctx, w, np.array([40]), tokens, panel[:, lo:hi].mean(0), exclude_rows=None,
-                                  ne=100, eps=1e-3, flank=8, states=states)
+                                  ne=100, eps=1e-3, flank=8, states=states, block=WHOLE)
 
     for w in range(len(windows)):
         np.testing.assert_allclose(prior(w, 6)[0], panel[17, windows.start[w]:windows.stop[w]], atol=5e-3)
