@@ -44,11 +44,27 @@ DEFAULT_MODELS = "OutOfAfrica_3G09:CEU,OutOfAfrica_3G09:YRI"
 
 
 def parse_seeds(text: str) -> list[int]:
-    """"3" -> seeds 1, 2, 3; "1,4,7" -> those seeds."""
-    parts = [int(x) for x in text.split(",") if x.strip()]
+    """"3" -> seeds 1, 2, 3; "1,4,7" -> those seeds; "11," -> seed 11 alone (a comma makes it a list)."""
+    try:
+        parts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parts = []
     if not parts or any(p < 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"--seeds takes a count (e.g. 3) or a list (e.g. 1,4,7), got {text!r}")
-    return list(range(1, parts[0] + 1)) if len(parts) == 1 else parts
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (e.g. 3), a list (e.g. 1,4,7) or one seed with a "
+                                         f"comma (e.g. 11,), got {text!r}")
+    return list(dict.fromkeys(parts)) if "," in text else list(range(1, parts[0] + 1))
+
+
+def parse_ablation(text: str) -> list[tuple[str, dict]]:
+    """"all" -> every row of ``ABLATION``; "a1,a5" -> the rows whose labels start with those ids, in table order."""
+    if text.strip() == "all":
+        return list(ABLATION)
+    wanted = [x.strip() for x in text.split(",") if x.strip()]
+    ids = [label.split("-")[0] for label, _ in ABLATION]
+    unknown = sorted(set(wanted) - set(ids))
+    if not wanted or unknown:
+        raise argparse.ArgumentTypeError(f"--ablation-rows takes 'all' or row ids out of {','.join(ids)}, got {text!r}")
+    return [row for row, i in zip(ABLATION, ids, strict=True) if i in wanted]
 
 
 def parse_models(text: str) -> list[tuple[str, str]]:
@@ -80,7 +96,7 @@ def make_tools(names: list[str], args: argparse.Namespace) -> list:
     out = []
     for name in names:
         if name == "embrag" and args.ablation:
-            out += [Embrag("v18", args.train_minutes, label=label, overrides=o) for label, o in ABLATION]
+            out += [Embrag("v18", args.train_minutes, label=label, overrides=o) for label, o in args.ablation_rows]
         elif name == "embrag":
             out += [Embrag(variant, args.train_minutes) for variant in args.variants.split(",")]
         else:
@@ -105,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
-    p.add_argument("--seeds", type=parse_seeds, default="3", help="a count (seeds 1..N) or a list of seeds")
+    p.add_argument("--seeds", type=parse_seeds, default="3",
+                   help="a count (seeds 1..N) or a list of seeds (one seed: 11,)")
     p.add_argument("--models", type=parse_models, default=DEFAULT_MODELS, help="stdpopsim MODEL:POPULATION list")
     p.add_argument("--array-per-mb", type=float, default=200.0, help="array markers per Mb (common sites, jittered)")
     p.add_argument("--array-every", type=int, default=None, help="instead: every n-th common site (wins when set)")
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="v18", help="embrag variants (v18,v17)")
     p.add_argument("--ablation", action="store_true",
                    help="embrag V18 once per step of issue 10's ablation (benchmarks/embrag_tool.py ABLATION)")
+    p.add_argument("--ablation-rows", type=parse_ablation, default="all",
+                   help="with --ablation: 'all' or the rows to train, e.g. a1,a5 (a6 is the default model)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
     p.add_argument("--n-panel", type=int, default=400, help="reference panel samples simulated (every tool's panel)")
     p.add_argument("--n-test", type=int, default=50)

@@ -268,3 +268,30 @@ def test_ablation_rows_are_valid_configs_adding_one_step_each():
     assert (first.retrieval.rank, first.model.k, first.model.copy_head, first.mask.design) == ("index", 4, False, "random")
     assert len({label for label, _ in ABLATION}) == len(ABLATION)
     assert all(label.replace("-", "").isalnum() for label, _ in ABLATION)  # folder names
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_seeds_count_list_and_single_seed():
+    from benchmarks.accuracy import parse_seeds
+
+    assert parse_seeds("3") == [1, 2, 3]  # a count
+    assert parse_seeds("11,12,13") == [11, 12, 13]
+    assert parse_seeds("11,") == [11]  # one seed: a comma makes it a list, not seeds 1..11
+    assert parse_seeds("11,11") == [11]  # a seed listed twice runs once
+    for bad in ("0", "", "a,b", "3,-1"):
+        with pytest.raises(Exception, match="--seeds takes"):
+            parse_seeds(bad)
+
+
+def test_ablation_rows_select_in_table_order():
+    from benchmarks.accuracy import parse_ablation
+    from benchmarks.embrag_tool import ABLATION
+
+    assert parse_ablation("all") == list(ABLATION)
+    rows = parse_ablation("a5,a1")
+    assert [label for label, _ in rows] == [ABLATION[0][0], ABLATION[4][0]]
+    assert rows[0][1] == ABLATION[0][1]  # the row's overrides travel with it
+    with pytest.raises(Exception, match="a9"):
+        parse_ablation("a1,a9")
