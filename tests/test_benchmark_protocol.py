@@ -295,3 +295,22 @@ def test_ablation_rows_select_in_table_order():
     assert rows[0][1] == ABLATION[0][1]  # the row's overrides travel with it
     with pytest.raises(Exception, match="a9"):
         parse_ablation("a1,a9")
+
+
+def test_isotonic_split_pearson_sees_only_even_sites_and_recovers_a_monotone_estimate():
+    from benchmarks.calibration import isotonic_split_pearson
+    from embrag.metrics import pearson
+
+    rng = np.random.default_rng(0)
+    emp = rng.uniform(0, 1, 400)
+    est = emp**4  # monotone but far from linear: Pearson as written < 1, after the map ~1
+    assert pearson(est, emp) < 0.95
+    assert isotonic_split_pearson(est, emp) > 0.99
+    # the odd sites are scored: scrambling their estimates destroys the result
+    scrambled = est.copy()
+    scrambled[1::2] = rng.permutation(scrambled[1::2])
+    assert isotonic_split_pearson(scrambled, emp) < 0.3
+    # the even sites are the fit: reversed there, the best non-decreasing map is flat (no correlation left)
+    refit = emp.copy()
+    refit[0::2] = 1 - refit[0::2]
+    assert not isotonic_split_pearson(est, refit) > 0.3  # NaN: a constant map

@@ -1,0 +1,112 @@
+"""How well each tool's estimated r2 (embrag's INFO R2, Beagle's DR2) tracks the empirical r2, measured
+on the VALIDATION target of a finished accuracy replicate (issue 10, "Calibration"); the test truth is
+never opened.
+
+    .venv/bin/python benchmarks/calibration.py runs/bench-accuracy/OutOfAfrica_3G09-CEU/200per-mb/seed-11
+
+The replicate's validation target (held-out panel samples typed at the array's sites, pre-phased
+against the panel without them; ``benchmarks/protocol.py``) is imputed by embrag's chosen checkpoint
+(each sample denied its own panel haplotypes) and by Beagle 5.4 (the panel without the validation
+samples, the map). Both are scored on the untyped sites; printed per MAF bin: Pearson(estimated,
+empirical per-site r2) as written, and after a monotone (isotonic) map from estimated to empirical
+r2 fitted on the even sites and scored on the odd ones, i.e. what recalibrating the estimate alone
+could gain. ``calibration.png`` in ``<replicate>/calibration/`` plots estimated against empirical r2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import tools
+from benchmarks.protocol import CHOICES
+from benchmarks.scoring import SiteSet, row_sites, score_vcfs, site_set
+from embrag.constants import MAF_BIN_NAMES
+from embrag.metrics import ALL_BIN, SiteStats, pearson
+from storage.atomic import read_json
+
+ROWS = (*MAF_BIN_NAMES, ALL_BIN)
+
+
+def isotonic_split_pearson(est: np.ndarray, emp: np.ndarray) -> float:
+    """Pearson(map(est), emp) on the odd entries, ``map`` the isotonic fit of emp on est over the even ones.
+
+    An upper bound for what a monotone recalibration of the estimate could reach on unseen sites.
+    """
+    from scipy.optimize import isotonic_regression
+
+    even = np.arange(len(est)) % 2 == 0
+    if even.sum() < 2 or (~even).sum() < 2:
+        return float("nan")
+    order = np.argsort(est[even], kind="stable")
+    x, y = est[even][order], isotonic_regression(emp[even][order]).x  # non-decreasing in est
+    return pearson(np.interp(est[~even], x, y), emp[~even])  # constant beyond the fitted range
+
+
+def calibration_rows(stats: SiteStats, sites: SiteSet) -> dict[str, tuple[int, float, float]]:
+    """Per row of ``ROWS``: (scored sites, Pearson(est, emp), the isotonic split's Pearson)."""
+    out = {}
+    for name in ROWS:
+        sel = row_sites(sites, name) & stats.truth_varies  # the sites the accuracy table scores
+        est, emp = stats.est_r2[sel].astype(np.float64), stats.r2[sel].astype(np.float64)
+        out[name] = (int(sel.sum()), pearson(est, emp), isotonic_split_pearson(est, emp))
+    return out
+
+
+def plot(stats: dict[str, SiteStats], sites: SiteSet, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(stats), 4.5))
+    FigureCanvasAgg(fig)
+    sel_all = row_sites(sites, ALL_BIN)
+    for i, (tool, s) in enumerate(stats.items()):
+        ax = fig.add_subplot(1, len(stats), i + 1)
+        sel = sel_all & s.truth_varies
+        ax.scatter(s.est_r2[sel], s.r2[sel], s=4, alpha=0.3)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        ax.set_xlabel("estimated r² (INFO R2 / DR2)")
+        ax.set_ylabel("empirical per-site r²")
+        ax.set_title(f"{tool}: Pearson {pearson(s.est_r2[sel], s.r2[sel]):.3f}", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("replicate", type=Path, help="a finished replicate of benchmarks/accuracy.py (holds choices.json)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    rep = args.replicate
+    choice = read_json(rep / CHOICES)["embrag-v18"]
+    inputs, out = rep / "inputs", rep / "calibration"
+    val_unphased, val_truth = inputs / "val_array_unphased.vcf.gz", inputs / "val_truth.vcf.gz"
+    embrag_vcf = out / "embrag.vcf.gz"
+    if not embrag_vcf.exists():
+        from storage.impute import impute_vcf
+
+        impute_vcf(Path(choice["checkpoint"]), Path(choice["run_dir"]), inputs / "val_phasing" / "phased.vcf.gz",
+                   embrag_vcf, allow_panel_overlap=True, threads=args.threads)  # leave-sample-out
+    beagle_vcf, _ = tools.beagle(val_unphased, inputs / "panel_without_val.vcf.gz", rep / "sim" / "genetic_map.map",
+                                 out / "beagle", args.threads)
+    sites = site_set(rep / "sim" / "panel.vcf.gz", val_unphased, val_truth)
+    stats = score_vcfs(val_truth, sites, {"embrag-v18": embrag_vcf, "beagle-5.4": beagle_vcf})
+    print(f"{rep}: validation target, Pearson(estimated, empirical r2) as written / after an isotonic map "
+          "(fitted on even sites, scored on odd)")
+    for tool, s in stats.items():
+        rows = calibration_rows(s, sites)
+        print(f"{tool:12s} " + "  ".join(f"{name} (n={n}) {r:.3f} / {iso:.3f}" for name, (n, r, iso) in rows.items()))
+    plot(stats, sites, out / "calibration.png")
+    print(f"written: {out / 'calibration.png'}")
+
+
+if __name__ == "__main__":
+    main()
