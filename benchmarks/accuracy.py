@@ -4,6 +4,7 @@ demographies and seeds, one site set, uncertainty.
 
     .venv/bin/python benchmarks/accuracy.py [--seeds 3] [--models OutOfAfrica_3G09:CEU,OutOfAfrica_3G09:YRI]
         [--array-per-mb 200 | --array-every N] [--true-phase] [--threads 2] [--train-minutes 5] [--out DIR]
+        [--ablation [--ablation-rows a1,a5]]
 
 Per demography and seed (``benchmarks/protocol.py``): simulate a panel and 50 test samples on 1 Mb
 (stdpopsim, ``storage.simulate``; the array target about ``--array-per-mb`` common markers per Mb,
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=float, default=1e6, help="simulated bp")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from the score files on disk")
     args = p.parse_args(argv)
+    if args.ablation_rows != list(ABLATION) and not args.ablation:
+        p.error("--ablation-rows needs --ablation")
     names = [n.strip() for n in args.tools.split(",")]
     unknown = set(names) - set(TOOLS)
     if unknown:

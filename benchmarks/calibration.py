@@ -6,11 +6,17 @@ never opened.
 
 The replicate's validation target (held-out panel samples typed at the array's sites, pre-phased
 against the panel without them; ``benchmarks/protocol.py``) is imputed by embrag's chosen checkpoint
-(each sample denied its own panel haplotypes) and by Beagle 5.4 (the panel without the validation
-samples, the map). Both are scored on the untyped sites; printed per MAF bin: Pearson(estimated,
-empirical per-site r2) as written, and after a monotone (isotonic) map from estimated to empirical
-r2 fitted on the even sites and scored on the odd ones, i.e. what recalibrating the estimate alone
-could gain. ``calibration.png`` in ``<replicate>/calibration/`` plots estimated against empirical r2.
+(each sample denied its own panel haplotypes; the other validation samples stay references) and by
+Beagle 5.4 (the panel without the validation samples, the map). Both are scored on the untyped
+sites polymorphic in the panel WITHOUT the validation samples, binned by their MAF there: a site
+that only validation samples carry is one no donor can fill, and both tools' (0, 0) points there
+would inflate every Pearson. Printed per MAF bin: Pearson(estimated, empirical per-site r2) as
+written, and after a monotone (isotonic) map from estimated to empirical r2 fitted on the even sites
+and scored on the odd ones: an estimate of what recalibrating the estimate alone could gain
+(neighbouring sites are in LD, so the odd sites are not fully unseen). ``calibration.png`` in
+``<replicate>/calibration/`` plots estimated against empirical r2. Run it from the directory the
+accuracy benchmark ran in (``choices.json`` holds paths relative to it). Pre-phased replicates only
+(not ``--true-phase``).
 """
 
 from __future__ import annotations
@@ -37,15 +43,18 @@ ROWS = (*MAF_BIN_NAMES, ALL_BIN)
 def isotonic_split_pearson(est: np.ndarray, emp: np.ndarray) -> float:
     """Pearson(map(est), emp) on the odd entries, ``map`` the isotonic fit of emp on est over the even ones.
 
-    An upper bound for what a monotone recalibration of the estimate could reach on unseen sites.
+    What a monotone recalibration of the estimate could reach on other sites. Tied estimates (DR2 has
+    two decimals; many are 0) are one point of the fit, weighted by their count, so the map does not
+    depend on their order.
     """
     from scipy.optimize import isotonic_regression
 
     even = np.arange(len(est)) % 2 == 0
     if even.sum() < 2 or (~even).sum() < 2:
         return float("nan")
-    order = np.argsort(est[even], kind="stable")
-    x, y = est[even][order], isotonic_regression(emp[even][order]).x  # non-decreasing in est
+    x, group, count = np.unique(est[even], return_inverse=True, return_counts=True)  # sorted distinct estimates
+    mean_emp = np.bincount(group, weights=emp[even]) / count  # (len(x),)
+    y = isotonic_regression(mean_emp, weights=count.astype(np.float64)).x  # non-decreasing in est
     return pearson(np.interp(est[~even], x, y), emp[~even])  # constant beyond the fitted range
 
 
@@ -83,22 +92,34 @@ def plot(stats: dict[str, SiteStats], sites: SiteSet, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("replicate", type=Path, help="a finished replicate of benchmarks/accuracy.py (holds choices.json)")
+    p.add_argument("--tool", default="embrag-v18", help="the embrag entry of choices.json (e.g. embrag-v17)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     rep = args.replicate
-    choice = read_json(rep / CHOICES)["embrag-v18"]
+    choices = read_json(rep / CHOICES)
+    if args.tool not in choices:
+        p.error(f"{rep / CHOICES} has no {args.tool!r}; it has {sorted(choices)}")
+    choice = choices[args.tool]
     inputs, out = rep / "inputs", rep / "calibration"
     val_unphased, val_truth = inputs / "val_array_unphased.vcf.gz", inputs / "val_truth.vcf.gz"
-    embrag_vcf = out / "embrag.vcf.gz"
-    if not embrag_vcf.exists():
+    val_phased, reference = inputs / "val_phasing" / "phased.vcf.gz", inputs / "panel_without_val.vcf.gz"
+    if not (val_phased.exists() and reference.exists()):
+        p.error(f"{inputs} has no {val_phased.name} or {reference.name}: a --true-phase replicate, or not finished")
+    checkpoint, run_dir = Path(choice["checkpoint"]), Path(choice["run_dir"])
+    embrag_vcf = out / f"{args.tool}.vcf.gz"
+
+    def impute() -> tuple[Path, tools.Cost]:
         from storage.impute import impute_vcf
 
-        impute_vcf(Path(choice["checkpoint"]), Path(choice["run_dir"]), inputs / "val_phasing" / "phased.vcf.gz",
-                   embrag_vcf, allow_panel_overlap=True, threads=args.threads)  # leave-sample-out
-    beagle_vcf, _ = tools.beagle(val_unphased, inputs / "panel_without_val.vcf.gz", rep / "sim" / "genetic_map.map",
-                                 out / "beagle", args.threads)
-    sites = site_set(rep / "sim" / "panel.vcf.gz", val_unphased, val_truth)
-    stats = score_vcfs(val_truth, sites, {"embrag-v18": embrag_vcf, "beagle-5.4": beagle_vcf})
+        impute_vcf(checkpoint, run_dir, val_phased, embrag_vcf, allow_panel_overlap=True,
+                   threads=args.threads)  # leave-sample-out
+        return embrag_vcf, tools.ZERO
+
+    # keyed by the checkpoint: a retrained replicate is imputed again
+    embrag_vcf, _ = tools.cached_run(out / f"{args.tool}.done.json", impute, key=[str(checkpoint), str(run_dir)])
+    beagle_vcf, _ = tools.beagle(val_unphased, reference, rep / "sim" / "genetic_map.map", out / "beagle", args.threads)
+    sites = site_set(reference, val_unphased, val_truth)  # polymorphic = some allowed donor carries both alleles
+    stats = score_vcfs(val_truth, sites, {args.tool: embrag_vcf, "beagle-5.4": beagle_vcf})
     print(f"{rep}: validation target, Pearson(estimated, empirical r2) as written / after an isotonic map "
           "(fitted on even sites, scored on odd)")
     for tool, s in stats.items():

@@ -293,8 +293,30 @@ def test_ablation_rows_select_in_table_order():
     rows = parse_ablation("a5,a1")
     assert [label for label, _ in rows] == [ABLATION[0][0], ABLATION[4][0]]
     assert rows[0][1] == ABLATION[0][1]  # the row's overrides travel with it
-    with pytest.raises(Exception, match="a9"):
-        parse_ablation("a1,a9")
+    for bad in ("a1,a9", "", ","):  # an empty selection would train no embrag row at all
+        with pytest.raises(Exception, match="--ablation-rows takes"):
+            parse_ablation(bad)
+
+
+def test_ablation_rows_reach_the_tools_and_need_ablation(monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    made = []
+    real = accuracy.make_tools
+
+    def make_tools(names, args):  # record what main() would train, then stop before any simulation
+        made.extend(t.name for t in real(names, args))
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(accuracy, "check_installed", lambda *a: None)
+    monkeypatch.setattr(accuracy, "make_tools", make_tools)
+    with pytest.raises(SystemExit):
+        accuracy.main(["--ablation", "--ablation-rows", "a2,a4", "--tools", "embrag", "--seeds", "1,"])
+    assert made == ["embrag-v18-a2-cross-window-ranking", "embrag-v18-a4-match-evidence"]
+    made.clear()
+    with pytest.raises(SystemExit):  # without --ablation the rows would be silently ignored
+        accuracy.main(["--ablation-rows", "a2", "--tools", "embrag"])
+    assert made == []  # refused before any tool was made
 
 
 def test_isotonic_split_pearson_sees_only_even_sites_and_recovers_a_monotone_estimate():
@@ -313,4 +335,20 @@ def test_isotonic_split_pearson_sees_only_even_sites_and_recovers_a_monotone_est
     # the even sites are the fit: reversed there, the best non-decreasing map is flat (no correlation left)
     refit = emp.copy()
     refit[0::2] = 1 - refit[0::2]
-    assert not isotonic_split_pearson(est, refit) > 0.3  # NaN: a constant map
+    assert np.isnan(isotonic_split_pearson(est, refit))  # a constant map
+
+
+def test_isotonic_split_pearson_does_not_depend_on_the_order_of_tied_estimates():
+    from benchmarks.calibration import isotonic_split_pearson
+
+    rng = np.random.default_rng(1)
+    est = np.round(rng.uniform(0, 1, 600), 1)  # DR2-like: few distinct values, many ties
+    est[:200] = 0.0
+    emp = np.clip(est + rng.normal(0, 0.2, 600), 0, 1)
+    base = isotonic_split_pearson(est, emp)
+    # swap the empirical r2 of two even sites that share an estimate: same groups, another order
+    even_zero = np.flatnonzero((est == 0) & (np.arange(600) % 2 == 0))
+    i, j = even_zero[0], even_zero[-1]
+    swapped = emp.copy()
+    swapped[[i, j]] = swapped[[j, i]]
+    assert isotonic_split_pearson(est, swapped) == pytest.approx(base, abs=1e-12)
