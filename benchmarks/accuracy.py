@@ -97,7 +97,7 @@ def make_tools(names: list[str], args: argparse.Namespace) -> list:
     out = []
     for name in names:
         if name == "embrag" and args.ablation:
-            out += [Embrag("v18", args.train_minutes, label=label, overrides=o) for label, o in args.ablation_rows]
+            out += [Embrag("v18", args.train_minutes, label=label, overrides=o) for label, o in args.ablation_rows or ABLATION]
         elif name == "embrag":
             out += [Embrag(variant, args.train_minutes) for variant in args.variants.split(",")]
         else:
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="v18", help="embrag variants (v18,v17)")
     p.add_argument("--ablation", action="store_true",
                    help="embrag V18 once per step of issue 10's ablation (benchmarks/embrag_tool.py ABLATION)")
-    p.add_argument("--ablation-rows", type=parse_ablation, default="all",
-                   help="with --ablation: 'all' or the rows to train, e.g. a1,a5 (a6 is the default model)")
+    p.add_argument("--ablation-rows", type=parse_ablation, default=None,
+                   help="with --ablation: 'all' (default) or the rows to train, e.g. a1,a5 (a6 is the default model)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
     p.add_argument("--n-panel", type=int, default=400, help="reference panel samples simulated (every tool's panel)")
     p.add_argument("--n-test", type=int, default=50)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=float, default=1e6, help="simulated bp")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from the score files on disk")
     args = p.parse_args(argv)
-    if args.ablation_rows != list(ABLATION) and not args.ablation:
+    if args.ablation_rows is not None and not args.ablation:
         p.error("--ablation-rows needs --ablation")
     names = [n.strip() for n in args.tools.split(",")]
     unknown = set(names) - set(TOOLS)

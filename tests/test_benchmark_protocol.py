@@ -315,8 +315,11 @@ def test_ablation_rows_reach_the_tools_and_need_ablation(monkeypatch):
     assert made == ["embrag-v18-a2-cross-window-ranking", "embrag-v18-a4-match-evidence"]
     made.clear()
     with pytest.raises(SystemExit):  # without --ablation the rows would be silently ignored
-        accuracy.main(["--ablation-rows", "a2", "--tools", "embrag"])
+        accuracy.main(["--ablation-rows", "all", "--tools", "embrag"])
     assert made == []  # refused before any tool was made
+    with pytest.raises(SystemExit):  # --ablation alone: every row
+        accuracy.main(["--ablation", "--tools", "embrag", "--seeds", "1,"])
+    assert len(made) == len(accuracy.ABLATION)
 
 
 def test_isotonic_split_pearson_sees_only_even_sites_and_recovers_a_monotone_estimate():
