@@ -349,8 +349,12 @@ def demo(run_dir: RunDir = Path("runs/demo"), set_: SetOpt = None) -> None:
 
 @app.command()
 def impute(
-    target: Annotated[Path | None, typer.Option("--target-vcf", "--target", help="Phased target VCF/BCF (default: the simulated array samples)")] = None,
-    out: Annotated[Path | None, typer.Option(help="Imputed VCF to write, .vcf.gz + .tbi (default: <run-dir>/imputed/)")] = None,
+    target: Annotated[list[Path] | None, typer.Option("--target-vcf", "--target", help=(
+        "Phased target VCF/BCF (default: the simulated array samples); repeat it to impute several targets "
+        "with the model loaded once"))] = None,
+    out: Annotated[Path | None, typer.Option(help=(
+        "Imputed VCF to write, .vcf.gz + .tbi (default: <run-dir>/imputed/); with several targets, a folder "
+        "receiving <target>.<variant>.vcf.gz each"))] = None,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Prepared run: the panel and sites the model was trained on")] = Path("runs/demo"),
     model: Annotated[Path | None, typer.Option("--model", "--checkpoint", help="Checkpoint (default: last epoch of --variant)")] = None,
     variant: Annotated[str, typer.Option(help="v18 | v17 | none: whose last checkpoint, when --model is not given")] = "v18",
@@ -359,10 +363,17 @@ def impute(
         help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
     sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
     threads: Annotated[int | None, typer.Option(help="Threads of torch, FAISS and the BLAS libraries (default: one per core)")] = None,
-    prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow")] = False,
+    prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow (impute-many with several targets)")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
     _check_variant(variant)
+    if target and len(target) > 1:
+        if truth is not None:
+            raise typer.BadParameter("--truth scores one target; impute and score them one at a time",
+                                     param_hint="--truth-vcf")
+        _impute_many(target, out, run_dir, model, variant, allow_panel_overlap, sample_chunk, threads, prefect)
+        return
+    target = target[0] if target else None
     if prefect:
         from flows.impute import impute_flow
 
@@ -379,17 +390,47 @@ def impute(
         s = dataclasses.asdict(impute_vcf(model, run_dir, target, out, sample_chunk=sample_chunk,
                                           allow_panel_overlap=allow_panel_overlap, threads=threads))
         table = evaluate_imputed(run_dir, truth, out)[0].table() if truth else None
+    _print_imputed(s, warn=not prefect)  # the flow logged any warning already
+    if table:
+        typer.echo(table)
+        _print_legend()
+
+
+def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Path | None, variant: str,
+                 allow_panel_overlap: bool, sample_chunk: int, threads: int | None, prefect: bool) -> None:
+    """Several targets, one model load: outputs ``<out or run-dir/imputed>/<target>.<variant>.vcf.gz``."""
+    from storage.impute import many_outputs
+
+    outs = many_outputs(run_dir, variant, targets, out)
+    if prefect:
+        from flows.impute import impute_many_flow
+
+        summaries = impute_many_flow(run_dir=str(run_dir), target_vcfs=[str(t) for t in targets],
+                                     out_dir=out and str(out), variant=variant, checkpoint=model and str(model),
+                                     allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk,
+                                     threads=threads)
+    else:
+        import dataclasses
+
+        from storage.impute import default_paths, impute_many
+
+        checkpoint = default_paths(run_dir, variant, model, targets[0], outs[0], None)[0]
+        summaries = [dataclasses.asdict(s) for s in impute_many(
+            checkpoint, run_dir, list(zip(targets, outs, strict=True)), allow_panel_overlap=allow_panel_overlap,
+            sample_chunk=sample_chunk, threads=threads)]
+    for s in summaries:
+        _print_imputed(s, warn=not prefect)
+
+
+def _print_imputed(s: dict, *, warn: bool) -> None:
     typer.echo(f"imputed {s['n_samples']} samples ({s['variant']}, k={s['k']} neighbours, temperature "
                f"{s['temperature']:.2f}): {s['n_typed_sites']} typed + "
                f"{s['n_imputed_sites']} imputed sites -> {s['out_vcf']} ({s['seconds']:.1f} s)")
     typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
-    if s.get("warning") and not prefect:  # the flow logged it already
+    if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)
-    if table:
-        typer.echo(table)
-        _print_legend()
 
 
 def _print_legend() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from storage.impute import default_paths
+from storage.impute import default_paths, many_outputs
 from storage.layout import vcf_stem
 from tasks.impute import evaluate_task, impute_task
 from tasks.track import publish_links_task, track_imputation_task
@@ -46,3 +46,30 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
         "target": str(target), "truth": truth and str(truth), "accuracy table": evaluation.get("tsv"),
         "accuracy plot": evaluation.get("png")})
     return summary
+
+
+@flow(name="impute-many")
+def impute_many_flow(run_dir: str, target_vcfs: list[str], out_dir: str | None = None, variant: str = "v18",
+                     checkpoint: str | None = None, allow_panel_overlap: bool = False, sample_chunk: int = 500,
+                     threads: int | None = None) -> list[dict]:
+    """Impute several phased target VCFs with one checkpoint, loaded once (one ``impute`` task per target, in
+    order). Outputs: ``<out_dir>/<target>.<variant>.vcf.gz`` (default: ``<run_dir>/imputed/``)."""
+    logger = get_run_logger()
+    if not target_vcfs:
+        raise ValueError("impute-many needs at least one target VCF (target_vcfs)")
+    targets = [Path(t) for t in target_vcfs]
+    outs = many_outputs(Path(run_dir), variant, targets, out_dir and Path(out_dir))
+    missing = [str(t) for t in targets if not t.is_file()]
+    if missing:  # before the first target is imputed
+        raise FileNotFoundError(f"target VCF(s) not found: {', '.join(missing)}")
+    ckpt = default_paths(Path(run_dir), variant, checkpoint and Path(checkpoint), targets[0], outs[0], None)[0]
+    summaries = []
+    for target, out in zip(targets, outs, strict=True):
+        s = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads)
+        logger.info("imputed %d samples of %s -> %s in %.1f s", s["n_samples"], target, s["out_vcf"], s["seconds"])
+        if s["warning"]:
+            logger.warning("%s: %s", target, s["warning"])
+        summaries.append(s)
+    publish_links_task(run_dir, f"impute-many-{variant}", f"embrag impute {variant}: {len(targets)} targets", [], {
+        "checkpoint": str(ckpt), **{f"imputed {t.name}": s["out_vcf"] for t, s in zip(targets, summaries, strict=True)}})
+    return summaries

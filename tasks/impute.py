@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 from prefect import task
 
-from storage.impute import evaluate_imputed, impute_vcf
+from storage.impute import Imputer, evaluate_imputed
 from tasks._common import LIVE, fault_point
+
+
+@functools.lru_cache(maxsize=1)
+def _imputer(checkpoint: str, run_dir: str, threads: int | None, stamp: tuple[int, int]) -> Imputer:
+    """The process's loaded checkpoint: consecutive imputation tasks of one flow run (``impute-many``) share
+    it. ``stamp`` (mtime, size) keys a checkpoint rewritten in place, so it is loaded again."""
+    return Imputer(Path(checkpoint), Path(run_dir), threads=threads)
+
+
+def loaded_imputer(checkpoint: str, run_dir: str, threads: int | None) -> Imputer:
+    st = Path(checkpoint).stat()
+    return _imputer(str(Path(checkpoint).resolve()), str(Path(run_dir).resolve()), threads, (st.st_mtime_ns, st.st_size))
 
 
 # Not cached: the output VCF is the artifact, and a cached summary would skip rewriting it after it was
@@ -18,8 +31,12 @@ def impute_task(run_dir: str, checkpoint: str, target_vcf: str, out_vcf: str, al
                 sample_chunk: int = 500, threads: int | None = None) -> dict:
     """Impute every panel site of ``run_dir`` for the samples of ``target_vcf``; returns the summary."""
     fault_point(run_dir, "impute")
-    summary = impute_vcf(Path(checkpoint), Path(run_dir), Path(target_vcf), Path(out_vcf),
-                         allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, threads=threads)
+    if not Path(target_vcf).is_file():  # before loading the checkpoint
+        from storage.errors import VcfInputError
+
+        raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    summary = loaded_imputer(checkpoint, run_dir, threads).impute(
+        Path(target_vcf), Path(out_vcf), allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
     return dataclasses.asdict(summary)
 
 

@@ -478,3 +478,74 @@ def test_the_printed_link_shows_v17_and_v18_side_by_side_in_the_mlflow_ui(refere
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         log.close()
+
+
+def _vcf_body(path: Path) -> list[str]:
+    import gzip
+
+    with gzip.open(path, "rt") as f:
+        return [line for line in f if not line.startswith("#")]
+
+
+def _other_target(array: Path, out: Path) -> Path:
+    """Another target: the first two samples of ``array`` typed at every other site (so a state carried
+    from one target to the next would show)."""
+    import gzip
+
+    with gzip.open(array, "rt") as f:
+        lines = f.read().splitlines()
+    header = [line for line in lines if line.startswith("##")]
+    columns, body = next(line for line in lines if line.startswith("#CHROM")), [line for line in lines if line[0] != "#"]
+    keep = lambda line: "\t".join(line.split("\t")[:11])  # noqa: E731 - 9 fixed columns + 2 samples
+    text = "\n".join([*header, keep(columns), *(keep(line) for line in body[::2])]) + "\n"
+    plain = out.with_suffix("")  # .vcf
+    plain.write_text(text)
+    subprocess.run(["bcftools", "view", "-Oz", "-o", str(out), str(plain)], check=True)
+    return out
+
+
+def test_impute_many_flow_loads_the_checkpoint_once_and_equals_one_target_at_a_time(reference, tmp_path, monkeypatch):
+
+    import storage.impute as si
+    from flows.impute import impute_many_flow
+    from tasks.impute import _imputer
+
+    run_dir = reference[0]
+    array = RunLayout(run_dir).vcf_dir / "test_array.vcf.gz"
+    second = _other_target(array, tmp_path / "batch2.vcf.gz")
+    loads, real = [], si.load_model
+    monkeypatch.setattr(si, "load_model", lambda *a: loads.append(a) or real(*a))
+    _imputer.cache_clear()  # another test of this process may have loaded it
+    out_dir = tmp_path / "out"
+    summaries = impute_many_flow(run_dir=str(run_dir), target_vcfs=[str(array), str(second)], out_dir=str(out_dir))
+    assert len(loads) == 1  # one load for both targets
+    outs = [out_dir / "test_array.v18.vcf.gz", out_dir / "batch2.v18.vcf.gz"]
+    assert [s["out_vcf"] for s in summaries] == [str(o) for o in outs]
+    assert all(Path(f"{o}.tbi").exists() for o in outs)
+    ckpt = RunLayout(run_dir).variant("v18").latest_checkpoint()
+    for target, out, summary in zip((array, second), outs, summaries, strict=True):  # each as if imputed alone
+        alone = si.impute_vcf(ckpt, run_dir, target, tmp_path / f"alone-{target.name}")
+        assert _vcf_body(out) == _vcf_body(tmp_path / f"alone-{target.name}")
+        assert (alone.n_samples, alone.n_typed_sites) == (summary["n_samples"], summary["n_typed_sites"])
+    assert summaries[1]["n_samples"] == 2 and summaries[1]["n_typed_sites"] < summaries[0]["n_typed_sites"]
+
+
+def test_cli_impute_several_targets_into_a_folder_and_refuses_a_truth_for_them(reference, tmp_path):
+
+    from typer.testing import CliRunner
+
+    from embrag_cli.main import app
+
+    run_dir = reference[0]
+    vcf = RunLayout(run_dir).vcf_dir
+    second = tmp_path / "batch2.vcf.gz"
+    shutil.copy(vcf / "test_array.vcf.gz", second)
+    base = ["impute", "--run-dir", str(run_dir), "--target", str(vcf / "test_array.vcf.gz"), "--target", str(second)]
+    refused = CliRunner().invoke(app, [*base, "--truth", str(vcf / "test.vcf.gz")])
+    assert refused.exit_code != 0 and "--truth" in refused.output
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert sum(line.startswith("imputed ") for line in result.output.splitlines()) == 2
+    assert (tmp_path / "out" / "test_array.v18.vcf.gz").exists() and (tmp_path / "out" / "batch2.v18.vcf.gz").exists()
+    clash = CliRunner().invoke(app, [*base[:-2], "--target", str(vcf / "test_array.vcf.gz")])  # the same name twice
+    assert clash.exit_code != 0 and "same file name" in str(clash.exception)  # `run` prints it as one line

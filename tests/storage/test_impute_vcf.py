@@ -362,3 +362,18 @@ def test_set_threads_sets_torch_faiss_and_blas_and_refuses_zero():
         torch.set_num_threads(before[0])
         faiss.omp_set_num_threads(before[1])
         threadpool_limits(limits=before[2], user_api="blas")
+
+
+def test_impute_many_checks_every_target_before_loading_anything(run, tmp_path, monkeypatch):
+    import storage.impute as si
+
+    def no_load(*_):
+        raise AssertionError("the checkpoint was loaded before the targets were checked")
+
+    monkeypatch.setattr(si, "load_model", no_load)
+    array = run["sim"].test_array_vcf
+    with pytest.raises(VcfInputError, match="missing.vcf.gz: file not found"):
+        si.impute_many(run["ckpt"], run["root"], [(array, tmp_path / "a.vcf.gz"), (tmp_path / "missing.vcf.gz", tmp_path / "b.vcf.gz")])
+    with pytest.raises(ValueError, match="both write"):
+        si.impute_many(run["ckpt"], run["root"], [(array, tmp_path / "a.vcf.gz"), (array, tmp_path / "a.vcf.gz")])
+    assert not list(tmp_path.iterdir())  # nothing written
