@@ -4,8 +4,9 @@ import numpy as np
 import torch
 import zarr
 
+from embrag.constants import PAD, RESERVED_2, RESERVED_3
 from embrag.embedding import lookup_table
-from storage.embeddings import EmbeddingStore
+from storage.embeddings import STORED_TOKENS, EmbeddingStore
 from storage.epoch_inputs import encode_embeddings, plan_epoch
 from storage.layout import RunLayout
 from storage.variant import VariantRun
@@ -35,3 +36,26 @@ def test_store_holds_the_tables_of_the_current_layer_and_nothing_per_haplotype(t
     table = torch.as_tensor(store.window_table(w))
     np.testing.assert_allclose(lookup_table(table, tokens).numpy(), expected.numpy(), atol=1e-5)
     assert list(zarr.open_group(str(run.paths.embeddings(0)), mode="r").array_keys()) == ["table"]
+
+def test_store_keeps_the_rows_data_can_hold_and_gives_back_the_full_table(tiny_prepared_fixture, tmp_path):
+    """Stored: MISSING, MASK, REF, ALT of the layer's table ``(W, L, 4, D)``; read back: the full ``(L, V, D)``
+    with PAD zero and the reserved ids NaN. Kills: rows stored in another order, PAD not zero, the reserved
+    ids silently 0 (a key built from them would look real), a table read as 7 rows from a 4-row store."""
+    run = _run(tiny_prepared_fixture, tmp_path)
+    plan_epoch(run, 0)
+    encode_embeddings(run, 0, "start")
+    raw = zarr.open_group(str(run.paths.embeddings(0)), mode="r")["table"]
+    assert raw.shape[2] == len(STORED_TOKENS) == 4
+    model = run.model(-1).eval()
+    w = 1
+    af, pos, _ = run.prepared.window_features(w)
+    want = model.embedding.table(torch.as_tensor(af), torch.as_tensor(pos)).numpy()  # (L, V, D)
+    got = EmbeddingStore(run.paths.embeddings(0)).window_table(w)
+    assert got.shape == want.shape
+    for token in STORED_TOKENS:
+        np.testing.assert_allclose(got[:, token], want[:, token], atol=1e-6, err_msg=f"token {token}")
+    assert (got[:, PAD] == 0).all() and (want[:, PAD] == 0).all()
+    assert np.isnan(got[:, [RESERVED_2, RESERVED_3]]).all()
+    # what the index stage gathers: every panel token and MASK, nothing reserved
+    tokens = run.prepared.tokens("panel", w)
+    assert set(np.unique(tokens)) <= {PAD, *STORED_TOKENS}
