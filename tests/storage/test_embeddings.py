@@ -59,3 +59,11 @@ def test_store_keeps_the_rows_data_can_hold_and_gives_back_the_full_table(tiny_p
     # what the index stage gathers: every panel token and MASK, nothing reserved
     tokens = run.prepared.tokens("panel", w)
     assert set(np.unique(tokens)) <= {PAD, *STORED_TOKENS}
+
+
+def test_a_store_written_with_every_token_row_reads_as_it_is():
+    """Stores from before ``STORED_TOKENS`` hold all V rows: returned unchanged (not re-expanded into NaN)."""
+    full = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)  # (W, L, V, D)
+    store = EmbeddingStore.__new__(EmbeddingStore)  # the reading logic alone, without a sealed store on disk
+    store.table = full
+    np.testing.assert_array_equal(store.window_table(1), full[1])
