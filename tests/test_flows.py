@@ -396,7 +396,7 @@ def test_cli_impute_with_a_named_model_and_truth(reference, tmp_path):
         "impute", "--run-dir", str(run_dir), "--model", str(RunLayout(run_dir).variant("v17").checkpoint(1)),
         "--target-vcf", str(vcf / "test_array.vcf.gz"), "--out", str(out), "--truth-vcf", str(vcf / "test.vcf.gz")])
     assert result.exit_code == 0, result.output
-    assert "samples (v17, k=16 neighbours" in result.output and "r2_mean_site" in result.output and out.exists()
+    assert "samples (v17, k=4 neighbours" in result.output and "r2_mean_site" in result.output and out.exists()
     assert (tmp_path / "imputed.evaluation" / "accuracy_by_maf.tsv").exists()
 
 
