@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from embrag.config import RunConfig  # noqa: E402
 from storage.layout import RunLayout  # noqa: E402
 
-KS = (4, 16)  # neighbours per query: the old default and the current one
+KS = (16, 4)  # neighbours per query: the previous default and the current one (KS[-1], the targets' K)
 
 def ensure_prepared(run_dir: Path, cfg: RunConfig) -> None:
     from storage.prepare import prepare

@@ -96,9 +96,9 @@ class SiteCodec:
         book = np.array(table, dtype=np.float32)  # (L, V, D)
         book[mask] = table[mask, MASK][:, None, :]  # any token at a masked site embeds as MASK
         cols = np.arange(length * dim)
-        return SiteCodec(
-            np.arange(length), book, np.ones((length, VOCAB_SIZE), bool), cols, cols[:0], np.zeros(0, np.float32)
-        )
+        # a row the table does not hold (NaN: a stored version's reserved ids) is outside the alphabet
+        allowed = np.isfinite(book).all(axis=-1)  # (L, V)
+        return SiteCodec(np.arange(length), book, allowed, cols, cols[:0], np.zeros(0, np.float32))
 
     def lookup(self, tokens: np.ndarray, what: str) -> np.ndarray:
         """Rows into the flattened codebook ``intp [N, S]``; ValueError on a token outside a site's alphabet."""

@@ -5,7 +5,7 @@ Why: the embedding layer is position-wise, so a reference's complete embedding a
 reference at one site before mixing (LayerNorm, key/value projection, match projection) is
 therefore a function of ``(l, token)``, and a query-reference dot product at ``l`` a function of
 ``(l, query token, reference token)``. ``model.forward`` computes them per target haplotype x
-neighbour x site (K = 16 GEMMs of ``L x D x 3D`` per target haplotype); here they are ``[L, V, ...]``
+neighbour x site (K GEMMs of ``L x D x 3D`` per target haplotype); here they are ``[L, V, ...]``
 tables built once per window, and each target haplotype gathers from them. The values a neighbour
 contributes are summed per token first (``V`` terms instead of ``K``).
 

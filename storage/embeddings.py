@@ -4,8 +4,8 @@ The embedding layer is position-wise, so one window's whole behaviour is its tab
 (float32, used to encode index keys and queries of this version): the complete embedding of any
 panel haplotype is the lookup ``table[site, token]`` (:func:`embrag.embedding.lookup_table`).
 Stored are the rows of the tokens data can hold (``STORED_TOKENS``: MISSING, MASK, REF, ALT); PAD's
-row is zero by construction and the reserved ids never occur, so a version takes 4/7 of the full
-table (0.8 % instead of 1.4 % of the complete store at 800 haplotypes). No
+row is zero by construction and the reserved ids never occur: 0.92 % instead of 1.42 % of the raw
+complete store at 800 haplotypes (PAD's zero row compressed to almost nothing already). No
 complete panel embeddings ``[W, Hp, L, D]`` are stored (the prototype's store: ~1.5 TB at chr20
 with 5,000 haplotypes): V18 training embeds a query's references with the version's layer at the
 query's own leave-one-sample-out AF (``embrag.epoch.query_af``), which no stored copy at the panel
@@ -51,7 +51,10 @@ def create_arrays(root: zarr.Group, prepared: PreparedData, dim: int) -> None:
 
 def write_window(root: zarr.Group, prepared: PreparedData, embedding: torch.nn.Module, w: int) -> None:
     """Window ``w``'s table."""
-    root["table"][w] = window_table(prepared, embedding, w)[:, list(STORED_TOKENS)].cpu().numpy()  # (L, 4, D)
+    table = window_table(prepared, embedding, w)  # (L, V, D)
+    if root["table"].shape[2] != VOCAB_SIZE:  # a staging store begun before STORED_TOKENS holds every row
+        table = table[:, list(STORED_TOKENS)]  # (L, 4, D)
+    root["table"][w] = table.cpu().numpy()
 
 
 def seal(content: Path, prepared: PreparedData, *, target: Path) -> None:

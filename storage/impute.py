@@ -205,6 +205,17 @@ def read_temperature(checkpoint: Path) -> float:
     return float(read_json(path)["temperature"])
 
 
+def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1) -> None:
+    """What can be refused before a checkpoint is loaded: a missing target, an output that is the target,
+    chunk sizes below 1."""
+    if not target_vcf.is_file():
+        raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    if out_vcf.resolve() == target_vcf.resolve():
+        raise ValueError(f"{out_vcf}: the output would overwrite its own target; write it elsewhere")
+    if sample_chunk < 1 or batch_size < 1:
+        raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
+
+
 class Imputer:
     """A checkpoint loaded once against its prepared run, imputing any number of targets.
 
@@ -223,20 +234,18 @@ class Imputer:
         # same sites as trained on
         check_checkpoint(self.checkpoint, checkpoint_lineage(self.checkpoint), self.run_dir, self.prepared)
         self.model, self.cfg = load_model(self.checkpoint, self.device)
-        self.temperature = read_temperature(self.checkpoint)
         if self.cfg.window.size != self.prepared.window_size:
             raise ValueError(f"{self.checkpoint} was trained on windows of {self.cfg.window.size} sites, {self.run_dir} "
                              f"has {self.prepared.window_size}; use the run directory the model was trained on")
 
     def impute(self, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False, batch_size: int = 256,
                sample_chunk: int = 500) -> ImputeSummary:
-        """Impute every panel site for the samples of ``target_vcf`` into ``out_vcf`` (see ``impute_vcf``)."""
+        """Impute every panel site for the samples of ``target_vcf`` into ``out_vcf`` (see ``impute_vcf``).
+        ``seconds`` of the summary: this target (the checkpoint's loading is ``impute_vcf``'s)."""
         t0 = time.perf_counter()
         target_vcf, out_vcf = Path(target_vcf), Path(out_vcf)
-        if not target_vcf.is_file():
-            raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
-        if sample_chunk < 1 or batch_size < 1:
-            raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
+        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk)
+        temperature = read_temperature(self.checkpoint)  # per target: a calibration written since is used
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
@@ -254,7 +263,7 @@ class Imputer:
                 log.info("imputing %d samples at a time (not %d): one block of the prior's posteriors fits "
                          "lshmm.PRIOR_CACHE_BYTES", chunk, sample_chunk)
             _impute_chunks(self.model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
-                           sample_chunk=chunk, device=self.device, temperature=self.temperature)
+                           sample_chunk=chunk, device=self.device, temperature=temperature)
             written = _write_vcf(out_vcf, prepared, target, gt, probs,
                                  f"embrag {cfg.model.variant} {checkpoint.name} {provenance_tag(checkpoint, prepared)}")
             del gt, probs  # release the memmaps before their files go
@@ -262,7 +271,7 @@ class Imputer:
         n_typed = int(target.typed.sum())
         return ImputeSummary(
             out_vcf=str(out_vcf), variant=cfg.model.variant, retrieval=cfg.retrieval.rank, k=cfg.model.k,
-            temperature=self.temperature, n_samples=len(target.samples), n_panel_sites=written,
+            temperature=temperature, n_samples=len(target.samples), n_panel_sites=written,
             n_target_records=c["records"], n_typed_sites=n_typed, n_imputed_sites=written - n_typed,
             n_swapped=c["swapped"], n_ambiguous=c["ambiguous"], n_ambiguous_dropped=c["ambiguous_dropped"],
             n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
@@ -286,8 +295,7 @@ def impute_vcf(
     loading of the checkpoint too.
     """
     t0 = time.perf_counter()
-    if not Path(target_vcf).is_file():  # before loading anything
-        raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk)  # before loading anything
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     summary = imputer.impute(target_vcf, out_vcf, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
                              sample_chunk=sample_chunk)
@@ -303,9 +311,11 @@ def impute_many(checkpoint: Path, run_dir: Path, targets: list[tuple[Path, Path]
     if len(set(outs)) != len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
         raise ValueError(f"two targets would both write {dup}; give each its own output")
-    for target_vcf, _ in targets:
-        if not Path(target_vcf).is_file():
-            raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    for target_vcf, out_vcf in targets:
+        check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk)
+    inputs = {Path(t).resolve() for t, _ in targets}
+    if clash := inputs.intersection(outs):
+        raise ValueError(f"{clash.pop()} is a target and another target's output; write the outputs elsewhere")
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     return [imputer.impute(t, o, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
                            sample_chunk=sample_chunk) for t, o in targets]
@@ -331,11 +341,16 @@ def many_outputs(run_dir: Path, variant: str, targets: list[Path], out_dir: Path
     """Output of each of several targets: ``<out_dir>/<target>.<variant>.vcf.gz`` (default: the run's
     ``imputed/`` folder); refused when two targets share a name (one would overwrite the other)."""
     layout = RunLayout(Path(run_dir))
+    if out_dir is not None and (Path(out_dir).is_file() or Path(out_dir).name.endswith((".vcf", ".vcf.gz", ".bcf"))):
+        raise ValueError(f"{out_dir}: with several targets the output is a folder (each target gets "
+                         "<target>.<variant>.vcf.gz in it); pass a folder")
     outs = [layout.imputed(Path(t), variant) if out_dir is None else Path(out_dir) / layout.imputed(Path(t), variant).name
             for t in targets]
     if len(set(outs)) != len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
         raise ValueError(f"two targets would both write {dup} (same file name); rename one or impute them separately")
+    if clash := {Path(t).resolve() for t in targets}.intersection(o.resolve() for o in outs):
+        raise ValueError(f"{clash.pop()} is a target and another target's output; write the outputs elsewhere")
     return outs
 
 

@@ -8,20 +8,31 @@ from pathlib import Path
 
 from prefect import task
 
-from storage.impute import Imputer, evaluate_imputed
+from storage.impute import Imputer, check_target, evaluate_imputed, set_threads
+from storage.layout import RunLayout
 from tasks._common import LIVE, fault_point
 
 
 @functools.lru_cache(maxsize=1)
-def _imputer(checkpoint: str, run_dir: str, threads: int | None, stamp: tuple[int, int]) -> Imputer:
+def _imputer(checkpoint: str, run_dir: str, threads: int | None, stamp: tuple) -> Imputer:
     """The process's loaded checkpoint: consecutive imputation tasks of one flow run (``impute-many``) share
-    it. ``stamp`` (mtime, size) keys a checkpoint rewritten in place, so it is loaded again."""
+    it. ``stamp`` (inode, mtime, size of the checkpoint and of the prepared store's root) keys a checkpoint
+    or a prepared store rewritten in place, so it is loaded and checked again. One at a time (maxsize 1)."""
     return Imputer(Path(checkpoint), Path(run_dir), threads=threads)
 
 
 def loaded_imputer(checkpoint: str, run_dir: str, threads: int | None) -> Imputer:
-    st = Path(checkpoint).stat()
-    return _imputer(str(Path(checkpoint).resolve()), str(Path(run_dir).resolve()), threads, (st.st_mtime_ns, st.st_size))
+    """``Imputer(checkpoint, run_dir)``, reused while neither file changed."""
+    path, root = Path(checkpoint).resolve(), Path(run_dir).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found; pass an existing checkpoint file "
+                                "(<run_dir>/<variant>/checkpoints/epoch-NNN.pt)")
+    files = (path, RunLayout(root).prepared / "zarr.json")
+    stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (f.stat() for f in files if f.exists()))
+    imputer = _imputer(str(path), str(root), threads, stamp)
+    if threads is not None:
+        set_threads(threads)  # a cached imputer was built under this process's settings of then
+    return imputer
 
 
 # Not cached: the output VCF is the artifact, and a cached summary would skip rewriting it after it was
@@ -31,10 +42,7 @@ def impute_task(run_dir: str, checkpoint: str, target_vcf: str, out_vcf: str, al
                 sample_chunk: int = 500, threads: int | None = None) -> dict:
     """Impute every panel site of ``run_dir`` for the samples of ``target_vcf``; returns the summary."""
     fault_point(run_dir, "impute")
-    if not Path(target_vcf).is_file():  # before loading the checkpoint
-        from storage.errors import VcfInputError
-
-        raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
+    check_target(Path(target_vcf), Path(out_vcf), sample_chunk=sample_chunk)  # before loading the checkpoint
     summary = loaded_imputer(checkpoint, run_dir, threads).impute(
         Path(target_vcf), Path(out_vcf), allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk)
     return dataclasses.asdict(summary)

@@ -538,14 +538,14 @@ def test_cli_impute_several_targets_into_a_folder_and_refuses_a_truth_for_them(r
 
     run_dir = reference[0]
     vcf = RunLayout(run_dir).vcf_dir
-    second = tmp_path / "batch2.vcf.gz"
-    shutil.copy(vcf / "test_array.vcf.gz", second)
+    second = _other_target(vcf / "test_array.vcf.gz", tmp_path / "batch2.vcf.gz")  # 2 samples
     base = ["impute", "--run-dir", str(run_dir), "--target", str(vcf / "test_array.vcf.gz"), "--target", str(second)]
     refused = CliRunner().invoke(app, [*base, "--truth", str(vcf / "test.vcf.gz")])
     assert refused.exit_code != 0 and "--truth" in refused.output
     result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert sum(line.startswith("imputed ") for line in result.output.splitlines()) == 2
+    imputed = [line for line in result.output.splitlines() if line.startswith("imputed ")]
+    assert len(imputed) == 2 and imputed[1].startswith("imputed 2 samples") and not imputed[0].startswith("imputed 2 ")
     assert (tmp_path / "out" / "test_array.v18.vcf.gz").exists() and (tmp_path / "out" / "batch2.v18.vcf.gz").exists()
     clash = CliRunner().invoke(app, [*base[:-2], "--target", str(vcf / "test_array.vcf.gz")])  # the same name twice
     assert clash.exit_code != 0 and "same file name" in str(clash.exception)  # `run` prints it as one line

@@ -1,6 +1,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -67,3 +68,32 @@ def test_a_store_written_with_every_token_row_reads_as_it_is():
     store = EmbeddingStore.__new__(EmbeddingStore)  # the reading logic alone, without a sealed store on disk
     store.table = full
     np.testing.assert_array_equal(store.window_table(1), full[1])
+
+
+def test_a_flat_index_from_the_store_searches_like_one_from_the_layer_and_refuses_reserved_ids(
+        tiny_prepared_fixture, tmp_path):
+    """The store's NaN rows never reach FAISS: a flat index (every token allowed) built from the stored table
+    returns what one built from the layer's own table returns, and a query holding a reserved id is refused.
+    Kills: NaN keys or queries passed to FAISS (silent NaN distances), stored rows shuffled."""
+    from embrag.retrieval import build_index
+
+    run = _run(tiny_prepared_fixture, tmp_path)
+    plan_epoch(run, 0)
+    encode_embeddings(run, 0, "start")
+    model = run.model(-1).eval()
+    w = 2
+    af, pos, _ = run.prepared.window_features(w)
+    tokens = run.prepared.tokens("panel", w)  # (Hp, L)
+    mask = np.zeros(tokens.shape[1], bool)
+    mask[::3] = True
+    stored = EmbeddingStore(run.paths.embeddings(0)).window_table(w)
+    fresh = model.embedding.table(torch.as_tensor(af), torch.as_tensor(pos)).numpy()
+    queries = np.where(mask[None, :], np.uint8(4), tokens[:6])  # MASK at masked sites
+    a = build_index("flat", tokens, mask, stored).search(queries, 5)
+    b = build_index("flat", tokens, mask, fresh).search(queries, 5)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+    bad = queries.copy()
+    bad[0, np.flatnonzero(~mask)[0]] = RESERVED_2
+    with pytest.raises(ValueError):
+        build_index("flat", tokens, mask, stored).search(bad, 5)

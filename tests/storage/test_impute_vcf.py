@@ -377,3 +377,58 @@ def test_impute_many_checks_every_target_before_loading_anything(run, tmp_path, 
     with pytest.raises(ValueError, match="both write"):
         si.impute_many(run["ckpt"], run["root"], [(array, tmp_path / "a.vcf.gz"), (array, tmp_path / "a.vcf.gz")])
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_outputs_never_overwrite_a_target_and_several_targets_need_a_folder(run, tmp_path):
+    import storage.impute as si
+
+    array = run["sim"].test_array_vcf
+    with pytest.raises(ValueError, match="overwrite its own target"):
+        si.impute_vcf(run["ckpt"], run["root"], array, array)
+    other = tmp_path / "x.vcf.gz"
+    shutil.copy(array, other)
+    with pytest.raises(ValueError, match="a target and another target's output"):  # x's output is the 2nd target
+        si.impute_many(run["ckpt"], run["root"], [(array, other), (other, tmp_path / "y.vcf.gz")])
+    named = tmp_path / "x.v18.vcf.gz"  # what x.vcf.gz imputed into tmp_path would be called
+    shutil.copy(array, named)
+    with pytest.raises(ValueError, match="a target and another target's output"):
+        si.many_outputs(run["root"], "v18", [other, named], tmp_path)
+    for out in (other, tmp_path / "new.vcf.gz"):  # an existing file, or a name that is a VCF's
+        with pytest.raises(ValueError, match="pass a folder"):
+            si.many_outputs(run["root"], "v18", [array, other], out)
+    assert not (tmp_path / "new.vcf.gz").exists()
+    outs = si.many_outputs(run["root"], "v18", [array, other], tmp_path / "out")
+    assert outs == [tmp_path / "out" / f"{Path(array).name.split('.')[0]}.v18.vcf.gz", tmp_path / "out" / "x.v18.vcf.gz"]
+
+
+def test_the_task_reuses_a_loaded_checkpoint_until_it_changes(run, tmp_path, monkeypatch):
+    """Kills: a cache key without the checkpoint's stamp (a rewritten checkpoint not reloaded), no cache at all,
+    threads not applied on a cache hit."""
+    import os
+
+    import storage.impute as si
+    import tasks.impute as ti
+
+    loads, real = [], si.load_model
+    monkeypatch.setattr(si, "load_model", lambda *a: loads.append(a) or real(*a))
+    threads = []
+    monkeypatch.setattr(ti, "set_threads", threads.append)
+    ti._imputer.cache_clear()
+    array, ckpt = run["sim"].test_array_vcf, run["ckpt"]
+
+    def impute(name: str) -> None:
+        ti.impute_task.fn(str(run["root"]), str(ckpt), str(array), str(tmp_path / name), threads=1)
+
+    impute("a.vcf.gz")
+    impute("b.vcf.gz")
+    assert len(loads) == 1 and threads == [1, 1]
+    st = ckpt.stat()
+    try:
+        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # as if rewritten in place
+        impute("c.vcf.gz")
+    finally:
+        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert len(loads) == 2
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        ti.impute_task.fn(str(run["root"]), str(tmp_path / "missing.pt"), str(array), str(tmp_path / "d.vcf.gz"))
+    ti._imputer.cache_clear()
