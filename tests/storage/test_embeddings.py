@@ -97,3 +97,18 @@ def test_a_flat_index_from_the_store_searches_like_one_from_the_layer_and_refuse
     bad[0, np.flatnonzero(~mask)[0]] = RESERVED_2
     with pytest.raises(ValueError):
         build_index("flat", tokens, mask, stored).search(bad, 5)
+
+
+def test_a_staging_store_begun_with_every_row_is_finished_with_every_row(tiny_prepared_fixture, tmp_path):
+    """An encode interrupted before the 4-row layout resumes into its 7-row staging store (same checkpoint).
+    Kills: writing 4 rows into the 7-row array (a broadcast error mid-stage)."""
+    from embrag.model import build_model
+    from storage.embeddings import window_table, write_window
+
+    run = _run(tiny_prepared_fixture, tmp_path)
+    embedding = build_model(run.cfg.model).eval().embedding
+    p = run.prepared
+    root = zarr.open_group(str(tmp_path / "staging.zarr"), mode="w")
+    root.create_array("table", shape=(len(p.windows), p.window_size, 7, run.cfg.model.dim), dtype="float32")
+    write_window(root, p, embedding, 1)
+    np.testing.assert_array_equal(root["table"][1], window_table(p, embedding, 1).numpy())
