@@ -58,10 +58,7 @@ def impute_many_flow(run_dir: str, target_vcfs: list[str], out_dir: str | None =
     if not target_vcfs:
         raise ValueError("impute-many needs at least one target VCF (target_vcfs)")
     targets = [Path(t) for t in target_vcfs]
-    outs = many_outputs(Path(run_dir), variant, targets, out_dir and Path(out_dir))
-    missing = [str(t) for t in targets if not t.is_file()]
-    if missing:  # before the first target is imputed
-        raise FileNotFoundError(f"target VCF(s) not found: {', '.join(missing)}")
+    outs = many_outputs(Path(run_dir), variant, targets, out_dir and Path(out_dir))  # checks every target first
     ckpt = default_paths(Path(run_dir), variant, checkpoint and Path(checkpoint), targets[0], outs[0], None)[0]
     summaries = []
     for target, out in zip(targets, outs, strict=True):

@@ -216,6 +216,18 @@ def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample
         raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
 
 
+def check_targets(targets: list[Path], outs: list[Path], *, batch_size: int = 1, sample_chunk: int = 1) -> None:
+    """``check_target`` for each, and no output written twice or written over another target."""
+    for target_vcf, out_vcf in zip(targets, outs, strict=True):
+        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk)
+    resolved = [o.resolve() for o in outs]
+    if len(set(resolved)) != len(resolved):
+        dup = next(o for o in resolved if resolved.count(o) > 1)
+        raise ValueError(f"two targets would both write {dup} (same file name); rename one or impute them separately")
+    if clash := {t.resolve() for t in targets}.intersection(resolved):
+        raise ValueError(f"{clash.pop()} is a target and another target's output; write the outputs elsewhere")
+
+
 class Imputer:
     """A checkpoint loaded once against its prepared run, imputing any number of targets.
 
@@ -306,16 +318,9 @@ def impute_many(checkpoint: Path, run_dir: Path, targets: list[tuple[Path, Path]
                 batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
                 ) -> list[ImputeSummary]:
     """``impute_vcf`` for each ``(target_vcf, out_vcf)``, the checkpoint loaded once; every target is
-    checked to exist before the first is imputed, and no two write the same output."""
-    outs = [Path(o).resolve() for _, o in targets]
-    if len(set(outs)) != len(outs):
-        dup = next(o for o in outs if outs.count(o) > 1)
-        raise ValueError(f"two targets would both write {dup}; give each its own output")
-    for target_vcf, out_vcf in targets:
-        check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk)
-    inputs = {Path(t).resolve() for t, _ in targets}
-    if clash := inputs.intersection(outs):
-        raise ValueError(f"{clash.pop()} is a target and another target's output; write the outputs elsewhere")
+    checked (``check_targets``) before the first is imputed."""
+    check_targets([Path(t) for t, _ in targets], [Path(o) for _, o in targets], batch_size=batch_size,
+                  sample_chunk=sample_chunk)
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     return [imputer.impute(t, o, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
                            sample_chunk=sample_chunk) for t, o in targets]
@@ -339,18 +344,15 @@ def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_v
 
 def many_outputs(run_dir: Path, variant: str, targets: list[Path], out_dir: Path | None) -> list[Path]:
     """Output of each of several targets: ``<out_dir>/<target>.<variant>.vcf.gz`` (default: the run's
-    ``imputed/`` folder); refused when two targets share a name (one would overwrite the other)."""
+    ``imputed/`` folder), after ``check_targets`` (a missing target, a name two targets share, an
+    output that is another target)."""
     layout = RunLayout(Path(run_dir))
     if out_dir is not None and (Path(out_dir).is_file() or Path(out_dir).name.endswith((".vcf", ".vcf.gz", ".bcf"))):
         raise ValueError(f"{out_dir}: with several targets the output is a folder (each target gets "
                          "<target>.<variant>.vcf.gz in it); pass a folder")
     outs = [layout.imputed(Path(t), variant) if out_dir is None else Path(out_dir) / layout.imputed(Path(t), variant).name
             for t in targets]
-    if len(set(outs)) != len(outs):
-        dup = next(o for o in outs if outs.count(o) > 1)
-        raise ValueError(f"two targets would both write {dup} (same file name); rename one or impute them separately")
-    if clash := {Path(t).resolve() for t in targets}.intersection(o.resolve() for o in outs):
-        raise ValueError(f"{clash.pop()} is a target and another target's output; write the outputs elsewhere")
+    check_targets([Path(t) for t in targets], outs)
     return outs
 
 

@@ -397,6 +397,8 @@ def test_outputs_never_overwrite_a_target_and_several_targets_need_a_folder(run,
         with pytest.raises(ValueError, match="pass a folder"):
             si.many_outputs(run["root"], "v18", [array, other], out)
     assert not (tmp_path / "new.vcf.gz").exists()
+    with pytest.raises(VcfInputError, match="missing.vcf.gz: file not found"):  # the flow's check before imputing
+        si.many_outputs(run["root"], "v18", [array, tmp_path / "missing.vcf.gz"], tmp_path / "out")
     outs = si.many_outputs(run["root"], "v18", [array, other], tmp_path / "out")
     assert outs == [tmp_path / "out" / f"{Path(array).name.split('.')[0]}.v18.vcf.gz", tmp_path / "out" / "x.v18.vcf.gz"]
 
