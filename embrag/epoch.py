@@ -149,14 +149,28 @@ def batch_tensors(data: WindowData, rows: np.ndarray, device: torch.device) -> d
     }
 
 
-def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False) -> Neighbours:
+def batch_prior(data: WindowData, rows: np.ndarray) -> np.ndarray:
+    """The whole panel's Li-Stephens P(ALT) ``float32 (B, L)`` at every slot of ``data.window`` for query
+    ``rows`` (``embrag.lshmm.window_prior``); the panel frequency without typed-site evidence."""
+    exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
+    if data.match is None:
+        return query_af(data.af, data.panel_tokens, exclude, len(rows))  # (B, L)
+    r = data.retrieval
+    return window_prior(data.match, data.window, data.query_ids[rows], data.panel_tokens, data.af,
+                        exclude_rows=exclude, ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank,
+                        states=r.hmm_states, block=r.hmm_block)  # (B, L)
+
+
+def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False,
+             hmm: np.ndarray | None = None) -> Neighbours:
     """The K neighbours of query ``rows`` and their match evidence (``embrag.neighbours``).
 
     The index (query and panel masked alike) proposes ``retrieval.candidates`` rows, ties in the
     window's seeded order; ``select_neighbours`` adds the PBWT's longest matches at the window edges
     and ranks all of them by the run through the window centre. Without a match context (no
     typed-site evidence) the index order stands and there is no evidence. ``prior``: also the whole
-    panel's Li-Stephens P(ALT) at every window site (``embrag.lshmm``), for the copy head.
+    panel's Li-Stephens P(ALT) at every window site (:func:`batch_prior`), for the copy head; ``hmm
+    (B, L)``: that prior, already computed for these rows.
     """
     exclude = None if data.exclude_rows is None else data.exclude_rows[rows]
     fetch = max(data.retrieval.candidates, k)
@@ -164,18 +178,14 @@ def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False)
         _, cands = data.index.search(data.query_tokens[rows], fetch, exclude_rows=exclude, tie_seed=data.seed)
     else:
         cands = np.full((len(rows), 1), -1, np.int64)
+    if prior and hmm is None:
+        hmm = batch_prior(data, rows)  # (B, L)
     if data.match is None:  # no typed-site evidence: the HMM's prior is the panel frequency
-        af = query_af(data.af, data.panel_tokens, exclude, len(rows)) if prior else None  # (B, L)
-        return Neighbours(cands[:, :k], None, af)
+        return Neighbours(cands[:, :k], None, hmm if prior else None)
     r = data.retrieval
     nb = select_neighbours(data.match, data.window, data.query_ids[rows], cands, k, radius=r.pbwt_radius,
                            seed=data.seed, exclude_rows=exclude, rank=r.rank, run_unit=r.run_unit)
-    if not prior:
-        return nb
-    hmm = window_prior(data.match, data.window, data.query_ids[rows], data.panel_tokens, data.af,
-                       exclude_rows=exclude, ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank,
-                       states=r.hmm_states, block=r.hmm_block)  # (B, L)
-    return Neighbours(nb.rows, nb.runs, hmm)
+    return Neighbours(nb.rows, nb.runs, hmm) if prior else nb
 
 
 def forward_batch(

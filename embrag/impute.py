@@ -29,7 +29,7 @@ import torch
 
 from embrag.config import RetrievalConfig
 from embrag.constants import MASK, MISSING
-from embrag.epoch import WindowData, forward_batch, query_af, retrieve
+from embrag.epoch import WindowData, batch_prior, forward_batch, query_af, retrieve
 from embrag.neighbours import MatchContext, Neighbours, copy_top1, copy_vote
 from embrag.progress import progress
 from embrag.retrieval import build_index
@@ -86,6 +86,7 @@ def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, dev
 def impute_window(
     model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
     device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
@@ -94,7 +95,8 @@ def impute_window(
     training. ``temperature`` divides the logits (calibration fitted on validation). ``baselines``:
     when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
     (``embrag.neighbours.copy_top1`` / ``copy_vote``), and the model's Li-Stephens prior alone,
-    ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each.
+    ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each. ``counts``: when a dict, ``"rows"`` and
+    ``"decided"`` (rows the prior gate answered without the model) are added to.
     """
     device = torch.device(device)
     model.eval()
@@ -108,24 +110,56 @@ def impute_window(
     out = np.empty(model_tokens.shape, np.float32)
     if baselines is not None:
         baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32))
+    retrieves = data.index is not None or data.match is not None
+    uses_hmm = model.cfg.uses_hmm and retrieves
+    gate = model.cfg.prior_gate if uses_hmm and data.match is not None else 0.0
+    fill = (model_tokens == MASK) & inp.real[None, :]  # (Ht, L): the slots the model fills in
     for lo in range(0, len(model_tokens), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
-        batch = _batch(model_tokens[rows], inp, rows, device)
-        nb = (retrieve(data, rows, model.cfg.k, prior=model.cfg.uses_hmm)
-              if data.index is not None or data.match is not None else None)
-        if fast is not None:
-            logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb, inp.panel_tokens, device))
-        else:
-            logits, _ = forward_batch(model, model.cfg, data, rows, batch, live=False, device=device,
-                                      neighbours=nb)  # (B, L)
-        out[rows] = torch.sigmoid(logits.float() / temperature).cpu().numpy()
-        if baselines is not None and nb is not None and nb.runs is not None:
+        hmm = batch_prior(data, rows) if uses_hmm else None  # (B, L)
+        run = np.ones(len(rows), bool)  # (B,): rows the model imputes
+        if gate > 0:
+            run = ~prior_decides(hmm, fill[rows], gate)
+            out[rows[~run]] = _tempered(hmm[~run], temperature)
+        if counts is not None:
+            counts["rows"] = counts.get("rows", 0) + len(rows)
+            counts["decided"] = counts.get("decided", 0) + int((~run).sum())
+        # the no-model baselines (validation) copy the neighbours of every row, gated or not
+        wanted = rows if baselines is not None else rows[run]
+        nb = retrieve(data, wanted, model.cfg.k, prior=uses_hmm, hmm=None if hmm is None else hmm[wanted - lo]
+                      ) if retrieves and len(wanted) else None
+        if run.any():
+            sub = rows[run]
+            nb_run = nb if nb is None or len(wanted) == len(sub) else nb.subset(run)
+            batch = _batch(model_tokens[sub], inp, sub, device)
+            if fast is not None:
+                logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb_run, inp.panel_tokens,
+                                                                                        device))
+            else:
+                logits, _ = forward_batch(model, model.cfg, data, sub, batch, live=False, device=device,
+                                          neighbours=nb_run)  # (b, L)
+            out[sub] = torch.sigmoid(logits.float() / temperature).cpu().numpy()
+        if baselines is not None and nb is not None and nb.runs is not None:  # here nb is of every row
             refs, valid = inp.panel_tokens[np.maximum(nb.rows, 0)], nb.rows >= 0  # (B, K, L), (B, K)
             baselines["top1"][rows] = copy_top1(refs, valid, nb.runs, inp.af)
             baselines["vote"][rows] = copy_vote(refs, valid, nb.runs, inp.af)
             if nb.prior is not None:
                 baselines.setdefault("hmm", np.full(out.shape, np.nan, np.float32))[rows] = nb.prior
     return out
+
+
+def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarray:
+    """``bool (B,)``: rows whose prior P(ALT) ``(B, L)`` is within ``gate`` of 0 or 1 at every slot of
+    ``fill (B, L)`` (the model's gate, ``ModelConfig.prior_gate``)."""
+    sure = (prior <= gate) | (prior >= 1.0 - gate)  # (B, L)
+    return (sure | ~fill).all(axis=1)
+
+
+def _tempered(p: np.ndarray, temperature: float) -> np.ndarray:
+    """``sigmoid(logit(p) / temperature)``: the calibration the model's logits get, for gated rows too
+    (validation fits one temperature to every output)."""
+    q = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return (1.0 / (1.0 + np.exp(-(np.log(q) - np.log1p(-q)) / temperature))).astype(np.float32)
 
 
 def _tabulated(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> TabulatedV18 | None:
@@ -166,8 +200,10 @@ def _batch(tokens: np.ndarray, inp: WindowInputs, rows: np.ndarray, device: torc
 def iter_owned(
     model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
     index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu", temperature: float = 1.0,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS.
+    """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS (``counts``: as
+    :func:`impute_window`'s, over every window).
 
     Overlapping windows are merged by ``site_owner``: each site's probability comes from the one
     window where it lies farthest from an edge, so every site is yielded exactly once.
@@ -178,5 +214,5 @@ def iter_owned(
         if len(sites) == 0:
             continue
         probs = impute_window(model, window_inputs(w), index_kind=index_kind, batch_size=batch_size,
-                              device=device, temperature=temperature)
+                              device=device, temperature=temperature, counts=counts)
         yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)

@@ -263,6 +263,12 @@ class Neighbours:
     runs: MatchRuns | None  # (Q, K, L) evidence of each neighbour
     prior: np.ndarray | None = None  # float32 (Q, L): the whole panel's Li-Stephens P(ALT) (embrag.lshmm)
 
+    def subset(self, keep: np.ndarray) -> Neighbours:
+        """The queries ``keep`` (a boolean ``(Q,)`` or indices) of these neighbours."""
+        runs = None if self.runs is None else MatchRuns(*(a[keep] for a in (
+            self.runs.left_sites, self.runs.right_sites, self.runs.left_bp, self.runs.right_bp, self.runs.agree)))
+        return Neighbours(self.rows[keep], runs, None if self.prior is None else self.prior[keep])
+
 
 def select_neighbours(
     ctx: MatchContext, w: int, queries: np.ndarray, index_rows: np.ndarray, k: int, *, radius: int, seed: int,

@@ -429,6 +429,9 @@ def _print_imputed(s: dict, *, warn: bool) -> None:
     typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
+    if s.get("prior_decided"):
+        typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (model.prior_gate); "
+                   "the model imputed the rest")
     if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)
 

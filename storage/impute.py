@@ -66,6 +66,7 @@ class ImputeSummary:
     n_windows: int
     seconds: float
     untyped_fraction: float  # panel sites the target does not type
+    prior_decided: float  # haplotype-windows the prior answered without the model (model.prior_gate)
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
@@ -136,19 +137,23 @@ def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sampl
 
 def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: Target,
                    exclude: np.ndarray | None, probs: np.memmap, *, batch_size: int, sample_chunk: int,
-                   device: torch.device, temperature: float) -> None:
-    """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window."""
+                   device: torch.device, temperature: float) -> float:
+    """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window; the share of
+    haplotype-windows the prior gate answered without the model."""
     n = len(target.samples)
+    counts = {"rows": 0, "decided": 0}
     kind = index_kind(cfg.model.variant, cfg.index.kind)
     for a in range(0, n, sample_chunk):
         b = min(n, a + sample_chunk)
         match = target_context(prepared, gt, target.typed, a, b) if kind is not None else None
         inputs = _window_inputs(prepared, cfg, gt, target.typed, a, b, exclude, match)
         for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind,
-                                   batch_size=batch_size, device=device, temperature=temperature):  # p: (2c, m)
+                                   batch_size=batch_size, device=device, temperature=temperature,
+                                   counts=counts):  # p: (2c, m)
             q = np.rint(np.clip(p, 0.0, 1.0) * _Q).astype(np.uint16)  # (2c, m)
             probs[sites, a:b, :] = q.reshape(b - a, 2, -1).transpose(2, 0, 1)  # (m, c, 2)
         log.info("imputed samples %d-%d of %d", a, b, n)
+    return counts["decided"] / max(counts["rows"], 1)
 
 
 def _write_vcf(out_vcf: Path, prepared: PreparedData, target: Target, gt: np.memmap, probs: np.memmap,
@@ -274,8 +279,8 @@ class Imputer:
             if chunk < sample_chunk:
                 log.info("imputing %d samples at a time (not %d): one block of the prior's posteriors fits "
                          "lshmm.PRIOR_CACHE_BYTES", chunk, sample_chunk)
-            _impute_chunks(self.model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
-                           sample_chunk=chunk, device=self.device, temperature=temperature)
+            decided = _impute_chunks(self.model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
+                                     sample_chunk=chunk, device=self.device, temperature=temperature)
             written = _write_vcf(out_vcf, prepared, target, gt, probs,
                                  f"embrag {cfg.model.variant} {checkpoint.name} {provenance_tag(checkpoint, prepared)}")
             del gt, probs  # release the memmaps before their files go
@@ -289,6 +294,7 @@ class Imputer:
             n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
             n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
             n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped,
+            prior_decided=decided,
             warning=warning,
         )
 

@@ -70,6 +70,9 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], prefix: str =
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, name + ".")
+        elif key not in recorded:  # undoing cannot help: the artifacts predate the setting
+            out.append(f"{name} (not recorded: a setting added to embrag since these artifacts; now {_show(b)}; "
+                       "they need a new run dir)")
         elif a != b:
             out.append(f"{name}={_show(a)} (now {_show(b)})")
     return out

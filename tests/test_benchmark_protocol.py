@@ -258,12 +258,13 @@ def test_report_pools_sites_over_seeds_and_pairs_the_difference_to_beagle():
 
 def test_ablation_rows_are_valid_configs_adding_one_step_each():
     """Each ablation row must build (a typo'd field would only fail an hour into the benchmark), and
-    the last row must be exactly the default recipe of when the ablation was measured: today's with K = 16."""
+    the last row must be exactly the default recipe of when the ablation was measured: today's with K = 16
+    and no prior gate."""
     from benchmarks.embrag_tool import ABLATION
     from embrag.config import RunConfig
 
     configs = [RunConfig().replace(**overrides) for _, overrides in ABLATION]
-    assert configs[-1] == RunConfig().replace(model__k=16)  # the default model (then K = 16) is the last step
+    assert configs[-1] == RunConfig().replace(model__k=16, model__prior_gate=0.0)  # the default model then
     assert all(c.model.k == 16 for c in configs[2:])  # rows a3-a6 keep K = 16, so each adds one step
     first = configs[0]
     assert (first.retrieval.rank, first.model.k, first.model.copy_head, first.mask.design) == ("index", 4, False, "random")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embrag import epoch, retrieval
 from embrag.config import ModelConfig, WindowConfig
@@ -15,6 +17,7 @@ from embrag.impute import (
     _search_tokens,
     impute_window,
     iter_owned,
+    prior_decides,
 )
 from embrag.model import build_model, reference_alleles
 from embrag.neighbours import build_context, token_alleles
@@ -32,9 +35,11 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _model(variant: str, seed: int = 0) -> torch.nn.Module:
+def _model(variant: str, seed: int = 0, prior_gate: float = 0.0) -> torch.nn.Module:
+    """A tiny model; ``prior_gate`` 0 by default: these tests follow what the model does with every row."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(variant=variant, dim=16, layers=1, heads=2, ff_mult=2, dropout=0.1, max_len=L, af_features=4, k=K)
+    cfg = ModelConfig(variant=variant, dim=16, layers=1, heads=2, ff_mult=2, dropout=0.1, max_len=L, af_features=4, k=K,
+                      prior_gate=prior_gate)
     return build_model(cfg)
 
 
@@ -238,3 +243,90 @@ def test_the_prior_baseline_is_the_whole_panel_hmm_of_the_targets(variant, rng):
                         block=inp.retrieval.hmm_block)
     np.testing.assert_allclose(extra["hmm"], want, atol=1e-6)
     assert set(extra) == {"top1", "vote", "hmm"}
+
+
+# -- the prior gate (ModelConfig.prior_gate) ------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.001, 0.05, 0.2]))
+def test_prior_decides_is_every_filled_slot_within_the_gate(seed, gate):
+    """Against a loop. Kills: a strict inequality, an unfilled slot counted, any instead of all."""
+    rng = np.random.default_rng(seed)
+    prior = rng.choice(np.array([0.0, gate, 0.5 * gate, 0.3, 1 - gate, 1.0, 1 - 0.5 * gate], np.float32), (6, 5))
+    fill = rng.random((6, 5)) < 0.6
+    want = [all(not fill[i, j] or prior[i, j] <= gate or prior[i, j] >= 1 - gate for j in range(5)) for i in range(6)]
+    np.testing.assert_array_equal(prior_decides(prior, fill, gate), want)
+
+
+def _gate_between(inp: WindowInputs, model: torch.nn.Module) -> tuple[float, np.ndarray]:
+    """A gate that decides some target rows and not others, and the rows it decides (from the prior alone)."""
+    prior = _prior(inp)
+    fill = (_model_tokens(inp.target_tokens, inp.mask) == MASK) & inp.real[None, :]
+    doubt = np.where(fill, np.minimum(prior, 1 - prior), 0).max(axis=1)  # (Ht,): the least sure filled slot
+    gate = float(np.sort(doubt)[len(doubt) // 2])  # the median row is decided, the most doubtful ones not
+    assert 0 < gate < 0.5 and 0 < (doubt <= gate).sum() < len(doubt), doubt
+    return gate, doubt <= gate
+
+
+def _prior(inp: WindowInputs) -> np.ndarray:
+    from embrag.lshmm import window_prior
+
+    r = inp.retrieval
+    return window_prior(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, exclude_rows=None,
+                        ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank, block=r.hmm_block)  # (Ht, L)
+
+
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_gated_rows_take_the_calibrated_prior_and_the_others_the_model(variant, rng, monkeypatch):
+    """A decided row's output is the prior through the same temperature; every other row is exactly what
+    the model gives without a gate; the model and the retrieval never see a decided row. Kills: the gate
+    applied to the wrong rows, the temperature skipped for gated rows, the model run on them anyway."""
+    import dataclasses
+
+    import embrag.impute as imp
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    model = _model(variant, seed=5)
+    with torch.no_grad():
+        for p in model.parameters():  # a model that differs from its prior
+            p.add_(torch.randn_like(p) * 0.2)
+    kind = index_kind(variant, "compact")
+    ungated = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7)
+    gate, sure = _gate_between(inp, model)
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
+    seen = []
+    original = imp.retrieve
+    monkeypatch.setattr(imp, "retrieve", lambda data, rows, *a, **kw: seen.append(rows) or original(data, rows, *a, **kw))
+    gated = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7)
+    p = np.clip(_prior(inp).astype(np.float64), 1e-7, 1 - 1e-7)
+    calibrated = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / 1.7))
+    np.testing.assert_allclose(gated[sure], calibrated[sure], atol=1e-5)
+    np.testing.assert_allclose(gated[~sure], ungated[~sure], atol=1e-6)
+    assert not np.allclose(gated[sure], ungated[sure], atol=1e-3)  # the model would have said otherwise
+    assert sorted(np.concatenate(seen).tolist()) == np.flatnonzero(~sure).tolist()
+
+
+def test_the_gate_leaves_validation_baselines_whole(rng):
+    """Validation's no-model copies (top1, vote, hmm) cover every row whatever the gate. Kills: the
+    baselines computed for the model's rows only."""
+    import dataclasses
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    model = _model("v18", seed=5)
+    plain: dict[str, np.ndarray] = {}
+    impute_window(model, inp, index_kind="compact", batch_size=4, baselines=plain)
+    gate, _ = _gate_between(inp, model)
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
+    gated: dict[str, np.ndarray] = {}
+    impute_window(model, inp, index_kind="compact", batch_size=4, baselines=gated)
+    assert set(gated) == set(plain) == {"top1", "vote", "hmm"}
+    for name in plain:
+        assert not np.isnan(gated[name]).any(), name
+        np.testing.assert_allclose(gated[name], plain[name], atol=1e-6, err_msg=name)
+
+
+def test_prior_gate_is_checked():
+    for bad in (-0.01, 0.5, 0.7):
+        with pytest.raises(ValueError, match="prior_gate"):
+            ModelConfig(prior_gate=bad)

@@ -255,8 +255,12 @@ def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_p
         picks.append((args[2], got.rows))
         return got
 
+    import embrag.impute as imp
+
     monkeypatch.setattr(retrieval.WindowIndex, "search", search)
     monkeypatch.setattr(epoch, "select_neighbours", select)
+    # every row retrieves (as with model.prior_gate 0): a gated row never searches, so no exclusion to check
+    monkeypatch.setattr(imp, "prior_decides", lambda prior, fill, gate: np.zeros(len(prior), bool))
     s, _ = _impute(run, target, "overlap", allow_panel_overlap=True)
     assert s.n_panel_overlap == 1 and s.n_samples == 7
     assert searches and picks
@@ -434,3 +438,25 @@ def test_the_task_reuses_a_loaded_checkpoint_until_it_changes(run, tmp_path, mon
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ti.impute_task.fn(str(run["root"]), str(tmp_path / "missing.pt"), str(array), str(tmp_path / "d.vcf.gz"))
     ti._imputer.cache_clear()
+
+
+def test_the_summary_reports_the_share_the_prior_gate_answered(run, monkeypatch):
+    """``ImputeSummary.prior_decided`` is the share of haplotype-windows the prior answered without the model,
+    counted over every window and sample chunk. Kills: the count not passed down, a chunk's count lost,
+    the share inverted."""
+    import embrag.impute as imp
+
+    seen = [0, 0]
+    original = imp.prior_decides
+
+    def tally(prior, fill, gate):
+        decided = original(prior, fill, gate)
+        seen[0] += int(decided.sum())
+        seen[1] += len(decided)
+        return decided
+
+    monkeypatch.setattr(imp, "prior_decides", tally)
+    s, _ = _impute(run, run["sim"].test_array_vcf, "gate-count", sample_chunk=2, batch_size=3)
+    assert seen[1] == 2 * s.n_samples * s.n_windows  # every haplotype of every window went through the gate
+    assert 0 < seen[0] < seen[1]  # the tiny model's prior decides some, not all
+    assert s.prior_decided == pytest.approx(seen[0] / seen[1])

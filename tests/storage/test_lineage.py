@@ -64,3 +64,11 @@ def test_set_aside_moves_the_variants_and_what_was_derived_from_them(layout, tin
 
 def test_differences_are_listed_by_dotted_field():
     assert differences({"a": {"x": 1, "y": [1, 2]}}, {"a": {"x": 1, "y": [1, 3]}}) == ["a.y=[1,2] (now [1,3])"]
+
+
+def test_a_setting_added_since_the_record_is_named_as_such():
+    """A field embrag added after the artifacts were made cannot be undone by the user: the message says
+    so instead of ``=None``. Kills: a newer setting shown as a recorded None (an impossible fix)."""
+    (diff,) = differences({"m": {"x": 1}}, {"m": {"x": 1, "gate": 0.05}})
+    assert diff.startswith("m.gate (not recorded") and "now 0.05" in diff and "new run dir" in diff
+    assert differences({"m": {"x": 1, "old": 2}}, {"m": {"x": 1}}) == ["m.old=2 (now None)"]
