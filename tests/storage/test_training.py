@@ -104,3 +104,43 @@ def test_live_reference_embeddings_train_through_the_references(tiny_prepared_fi
     cfg = cfg.replace(train__reference_embeddings="live", train__epochs=1)
     (row,) = run_epochs(VariantRun(layout, cfg))
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+
+
+def test_undecided_loss_rows_train_only_what_the_gate_hands_to_the_model(tiny_prepared_fixture, tmp_path, monkeypatch):
+    """``train.loss_rows = "undecided"``: a training batch keeps exactly the queries whose prior is not within
+    ``model.prior_gate`` of 0 or 1 at every slot the model fills (checked against the prior computed again for
+    the rows dropped and kept), and only those reach the forward. Kills: the gate inverted, rows kept
+    by position instead of id, the full batch still forwarded."""
+    from embrag import epoch
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__loss_rows="undecided", train__epochs=1, model__prior_gate=0.2)
+    calls, forwarded = [], []
+    original_undecided, original_forward = epoch.undecided_rows, epoch.forward_batch
+
+    def undecided(data, rows, batch, model_cfg):
+        out = original_undecided(data, rows, batch, model_cfg)
+        calls.append((data, rows.copy(), out[0].copy()))
+        return out
+
+    def forward(model, model_cfg, data, rows, batch, **kw):
+        if model.training:
+            forwarded.append(rows.copy())
+            assert len(rows) == batch["tokens"].shape[0]
+        return original_forward(model, model_cfg, data, rows, batch, **kw)
+
+    monkeypatch.setattr(epoch, "undecided_rows", undecided)
+    monkeypatch.setattr(epoch, "forward_batch", forward)
+    (row,) = run_epochs(VariantRun(layout, cfg))
+    assert np.isfinite(row["val_loss"]) and calls
+    n_in, n_kept = sum(len(r) for _, r, _ in calls), sum(len(k) for _, _, k in calls)
+    assert 0 < n_kept < n_in  # the gate dropped some rows and kept some
+    for data, rows, kept in calls:
+        fill = lambda r: ((epoch.batch_tensors(data, r, torch.device("cpu"))["tokens"] == MASK).numpy()  # noqa: E731
+                          & data.real[None, :])
+        for part, decided in ((kept, False), (np.setdiff1d(rows, kept), True)):
+            if len(part):
+                hmm = epoch.batch_prior(data, part)
+                sure = (hmm <= 0.2) | (hmm >= 0.8) | ~fill(part)
+                assert (sure.all(axis=1) == decided).all()
+    assert [r.tolist() for r in forwarded] == [k.tolist() for _, _, k in calls if len(k)]
