@@ -249,9 +249,6 @@ class TrainConfig:
     max_train_batches: int | None = None  # cap per epoch (demo / tests)
     max_val_batches: int | None = None
     device: str = "auto"  # "auto" -> cuda when available, else cpu
-    # "undecided": only the queries the prior gate hands to the model at inference (model.prior_gate)
-    # enter the forward and the loss, so the model trains on the haplotypes it will be asked about
-    loss_rows: Literal["all", "undecided"] = "all"
 
     def __post_init__(self) -> None:
         if self.focal_gamma < 0 or self.focal_gamma > 2:
@@ -261,8 +258,6 @@ class TrainConfig:
         _require(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip", "warmup_steps"):
             _require(getattr(self, name) >= 0, f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.loss_rows in ("all", "undecided"), f"TrainConfig.loss_rows must be 'all' or 'undecided', "
-                 f"got {self.loss_rows!r}")
         for name in ("max_train_batches", "max_val_batches"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"TrainConfig.{name} must be >= 1 or null, got {value}")

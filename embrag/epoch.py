@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from embrag.config import ModelConfig, RetrievalConfig, TrainConfig
-from embrag.constants import ALT, MASK, REF
+from embrag.constants import ALT, REF
 from embrag.embedding import lookup_query_tables
 from embrag.loss import masked_loss
 from embrag.lshmm import window_prior
@@ -188,29 +188,6 @@ def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False,
     return Neighbours(nb.rows, nb.runs, hmm) if prior else nb
 
 
-def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarray:
-    """``bool (B,)``: rows whose prior P(ALT) ``(B, L)`` is within ``gate`` of 0 or 1 at every slot of
-    ``fill (B, L)`` (the model's gate, ``ModelConfig.prior_gate``; imputation's rule)."""
-    sure = (prior <= gate) | (prior >= 1.0 - gate)  # (B, L)
-    return (sure | ~fill).all(axis=1)
-
-
-def undecided_rows(data: WindowData, rows: np.ndarray, batch: dict[str, torch.Tensor], cfg: ModelConfig
-                   ) -> tuple[np.ndarray, dict[str, torch.Tensor], Neighbours | None]:
-    """The query ``rows`` the prior gate would hand to the model at inference, their batch tensors and
-    neighbours (``TrainConfig.loss_rows = "undecided"``): the prior decides the others, as
-    ``embrag.impute.impute_window`` does. Unchanged where the model has no gate or no typed-site evidence."""
-    if not (cfg.uses_hmm and cfg.prior_gate > 0 and data.match is not None):
-        return rows, batch, None
-    hmm = batch_prior(data, rows)  # (B, L)
-    fill = ((batch["tokens"] == MASK) & batch["pad"]).cpu().numpy()  # (B, L): the slots the model fills in
-    run = ~prior_decides(hmm, fill, cfg.prior_gate)  # (B,)
-    keep = torch.as_tensor(np.flatnonzero(run), device=batch["tokens"].device)
-    sub = {name: t.index_select(0, keep) for name, t in batch.items()}
-    nb = retrieve(data, rows[run], cfg.k, prior=True, hmm=hmm[run]) if run.any() else None
-    return rows[run], sub, nb
-
-
 def forward_batch(
     model: torch.nn.Module, cfg: ModelConfig, data: WindowData, rows: np.ndarray, batch: dict, *,
     live: bool, device: torch.device, neighbours: Neighbours | None = None,
@@ -324,15 +301,11 @@ def train_epoch(
             current, data, stale = w, source.window(w), False
         rows = np.array_split(batch_rows, world)[rank]  # data parallel: this process's share of the batch
         batch = batch_tensors(data, rows, device)
-        nb = None
-        if cfg.loss_rows == "undecided" and len(rows):
-            rows, batch, nb = undecided_rows(data, rows, batch, model_cfg)
         n_here = int(batch["target"].sum())
         n_all = int(_all_sum(n_here, world))
         if len(rows):
             with autocast(device):
-                logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live",
-                                           device=device, neighbours=nb)
+                logits, ms = forward_batch(model, model_cfg, data, rows, batch, live=cfg.reference_embeddings == "live", device=device)
                 loss = masked_loss(logits.float(), batch["labels"], batch["target"], cfg.focal_gamma)
                 # mean over this share's sites -> its part of the batch mean: summed over processes,
                 # the loss (and gradient) of one process with the whole batch; 1.0 without peers

@@ -29,7 +29,7 @@ import torch
 
 from embrag.config import RetrievalConfig
 from embrag.constants import MASK, MISSING
-from embrag.epoch import WindowData, batch_prior, forward_batch, prior_decides, query_af, retrieve
+from embrag.epoch import WindowData, batch_prior, forward_batch, query_af, retrieve
 from embrag.neighbours import MatchContext, Neighbours, copy_top1, copy_vote
 from embrag.progress import progress
 from embrag.retrieval import build_index
@@ -146,6 +146,13 @@ def impute_window(
             if nb.prior is not None:
                 baselines.setdefault("hmm", np.full(out.shape, np.nan, np.float32))[rows] = nb.prior
     return out
+
+
+def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarray:
+    """``bool (B,)``: rows whose prior P(ALT) ``(B, L)`` is within ``gate`` of 0 or 1 at every slot of
+    ``fill (B, L)`` (the model's gate, ``ModelConfig.prior_gate``)."""
+    sure = (prior <= gate) | (prior >= 1.0 - gate)  # (B, L)
+    return (sure | ~fill).all(axis=1)
 
 
 def _tempered(p: np.ndarray, temperature: float) -> np.ndarray:
