@@ -114,23 +114,31 @@ def impute_window(
     uses_hmm = model.cfg.uses_hmm and retrieves
     gate = model.cfg.prior_gate if uses_hmm and data.match is not None else 0.0
     fill = (model_tokens == MASK) & inp.real[None, :]  # (Ht, L): the slots the model fills in
-    for lo in range(0, len(model_tokens), batch_size):
-        rows = np.arange(lo, min(lo + batch_size, len(model_tokens)))
-        hmm = batch_prior(data, rows) if uses_hmm else None  # (B, L)
-        run = np.ones(len(rows), bool)  # (B,): rows the model imputes
+    n = len(model_tokens)
+    prior = np.empty(model_tokens.shape, np.float32) if uses_hmm else None  # (Ht, L)
+    run = np.ones(n, bool)  # (Ht,): rows the model imputes
+    for lo in range(0, n, batch_size):  # the prior's batches: its chain is cached per batch of queries
+        rows = np.arange(lo, min(lo + batch_size, n))
+        if uses_hmm:
+            prior[rows] = batch_prior(data, rows)  # (B, L)
         if gate > 0:
-            run = ~prior_decides(hmm, fill[rows], gate)
-            out[rows[~run]] = _tempered(hmm[~run], temperature)
-        if counts is not None:
-            counts["rows"] = counts.get("rows", 0) + len(rows)
-            counts["decided"] = counts.get("decided", 0) + int((~run).sum())
-        # the no-model baselines (validation) copy the neighbours of every row, gated or not
-        wanted = rows if baselines is not None else rows[run]
-        nb = retrieve(data, wanted, model.cfg.k, prior=uses_hmm, hmm=None if hmm is None else hmm[wanted - lo]
-                      ) if retrieves and len(wanted) else None
-        if run.any():
-            sub = rows[run]
-            nb_run = nb if nb is None or len(wanted) == len(sub) else nb.subset(run)
+            run[rows] = ~prior_decides(prior[rows], fill[rows], gate)
+    if gate > 0:
+        out[~run] = _tempered(prior[~run], temperature)
+    if counts is not None:
+        counts["rows"] = counts.get("rows", 0) + n
+        counts["decided"] = counts.get("decided", 0) + int((~run).sum())
+    # the model's batches: full ones of the rows it imputes (the no-model baselines of validation copy
+    # the neighbours of every row, gated or not)
+    todo = np.arange(n) if baselines is not None else np.flatnonzero(run)
+    for lo in range(0, len(todo), batch_size):
+        rows = todo[lo: lo + batch_size]
+        nb = retrieve(data, rows, model.cfg.k, prior=uses_hmm, hmm=None if prior is None else prior[rows]
+                      ) if retrieves else None
+        mine = run[rows]  # (B,)
+        if mine.any():
+            sub = rows[mine]
+            nb_run = nb if nb is None or mine.all() else nb.subset(mine)
             batch = _batch(model_tokens[sub], inp, sub, device)
             if fast is not None:
                 logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb_run, inp.panel_tokens,
