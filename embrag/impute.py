@@ -86,7 +86,7 @@ def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, dev
 def impute_window(
     model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
     device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
-    counts: dict[str, int] | None = None,
+    counts: dict[str, int] | None = None, prior_gate: float | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
@@ -96,7 +96,8 @@ def impute_window(
     when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
     (``embrag.neighbours.copy_top1`` / ``copy_vote``), and the model's Li-Stephens prior alone,
     ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each. ``counts``: when a dict, ``"rows"`` and
-    ``"decided"`` (rows the prior gate answered without the model) are added to.
+    ``"decided"`` (rows the prior gate answered without the model) are added to. ``prior_gate``: None =
+    the model's ``cfg.prior_gate``.
     """
     device = torch.device(device)
     model.eval()
@@ -112,7 +113,7 @@ def impute_window(
         baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32))
     retrieves = data.index is not None or data.match is not None
     uses_hmm = model.cfg.uses_hmm and retrieves
-    gate = model.cfg.prior_gate if uses_hmm and data.match is not None else 0.0
+    gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if uses_hmm and data.match is not None else 0.0
     fill = (model_tokens == MASK) & inp.real[None, :]  # (Ht, L): the slots the model fills in
     n = len(model_tokens)
     prior = np.empty(model_tokens.shape, np.float32) if uses_hmm else None  # (Ht, L)
@@ -208,7 +209,7 @@ def _batch(tokens: np.ndarray, inp: WindowInputs, rows: np.ndarray, device: torc
 def iter_owned(
     model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
     index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu", temperature: float = 1.0,
-    counts: dict[str, int] | None = None,
+    counts: dict[str, int] | None = None, prior_gate: float | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS (``counts``: as
     :func:`impute_window`'s, over every window).
@@ -222,5 +223,5 @@ def iter_owned(
         if len(sites) == 0:
             continue
         probs = impute_window(model, window_inputs(w), index_kind=index_kind, batch_size=batch_size,
-                              device=device, temperature=temperature, counts=counts)
+                              device=device, temperature=temperature, counts=counts, prior_gate=prior_gate)
         yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)

@@ -363,6 +363,9 @@ def impute(
         help="Allow target samples that are panel samples (their own panel rows are then never retrieved)")] = False,
     sample_chunk: Annotated[int, typer.Option(help="Target samples imputed at once (bounds memory)")] = 500,
     threads: Annotated[int | None, typer.Option(help="Threads of torch, FAISS and the BLAS libraries (default: one per core)")] = None,
+    prior_gate: Annotated[float | None, typer.Option(help=(
+        "Haplotypes whose Li-Stephens prior is within this of 0 or 1 at every site of a window take the prior "
+        "without the model (default: the checkpoint's model.prior_gate, 0.05; 0 = the model everywhere)"))] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow (impute-many with several targets)")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
@@ -371,7 +374,8 @@ def impute(
         if truth is not None:
             raise typer.BadParameter("--truth scores one target; impute and score them one at a time",
                                      param_hint="--truth-vcf")
-        _impute_many(target, out, run_dir, model, variant, allow_panel_overlap, sample_chunk, threads, prefect)
+        _impute_many(target, out, run_dir, model, variant, allow_panel_overlap, sample_chunk, threads, prefect,
+                     prior_gate)
         return
     target = target[0] if target else None
     if prefect:
@@ -379,7 +383,8 @@ def impute(
 
         s = impute_flow(run_dir=str(run_dir), variant=variant, checkpoint=model and str(model),
                         target_vcf=target and str(target), out_vcf=out and str(out), truth_vcf=truth and str(truth),
-                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, threads=threads)
+                        allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, threads=threads,
+                        prior_gate=prior_gate)
         table = s.get("evaluation", {}).get("table")
     else:
         import dataclasses
@@ -388,7 +393,8 @@ def impute(
 
         model, target, out, truth = default_paths(run_dir, variant, model, target, out, truth)
         s = dataclasses.asdict(impute_vcf(model, run_dir, target, out, sample_chunk=sample_chunk,
-                                          allow_panel_overlap=allow_panel_overlap, threads=threads))
+                                          allow_panel_overlap=allow_panel_overlap, threads=threads,
+                                          prior_gate=prior_gate))
         table = evaluate_imputed(run_dir, truth, out)[0].table() if truth else None
     _print_imputed(s, warn=not prefect)  # the flow logged any warning already
     if table:
@@ -397,7 +403,8 @@ def impute(
 
 
 def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Path | None, variant: str,
-                 allow_panel_overlap: bool, sample_chunk: int, threads: int | None, prefect: bool) -> None:
+                 allow_panel_overlap: bool, sample_chunk: int, threads: int | None, prefect: bool,
+                 prior_gate: float | None = None) -> None:
     """Several targets, one model load: outputs ``<out or run-dir/imputed>/<target>.<variant>.vcf.gz``."""
     from storage.impute import many_outputs
 
@@ -408,7 +415,7 @@ def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Pa
         summaries = impute_many_flow(run_dir=str(run_dir), target_vcfs=[str(t) for t in targets],
                                      out_dir=out and str(out), variant=variant, checkpoint=model and str(model),
                                      allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk,
-                                     threads=threads)
+                                     threads=threads, prior_gate=prior_gate)
     else:
         import dataclasses
 
@@ -417,7 +424,7 @@ def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Pa
         checkpoint = default_paths(run_dir, variant, model, targets[0], outs[0], None)[0]
         summaries = [dataclasses.asdict(s) for s in impute_many(
             checkpoint, run_dir, list(zip(targets, outs, strict=True)), allow_panel_overlap=allow_panel_overlap,
-            sample_chunk=sample_chunk, threads=threads)]
+            sample_chunk=sample_chunk, threads=threads, prior_gate=prior_gate)]
     for s in summaries:
         _print_imputed(s, warn=not prefect)
 
@@ -429,9 +436,9 @@ def _print_imputed(s: dict, *, warn: bool) -> None:
     typer.echo(f"  REF/ALT swapped (flipped) {s['n_swapped']}, strand-ambiguous kept {s['n_ambiguous']} / "
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
-    if s.get("prior_decided"):
-        typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (model.prior_gate); "
-                   "the model imputed the rest")
+    if s.get("prior_gate"):
+        typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (--prior-gate "
+                   f"{s['prior_gate']:g}); the model imputed the rest")
     if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)
 

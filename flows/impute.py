@@ -16,7 +16,7 @@ from tasks.track import publish_links_task, track_imputation_task
 @flow(name="impute")
 def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = None, target_vcf: str | None = None,
                 out_vcf: str | None = None, truth_vcf: str | None = None, allow_panel_overlap: bool = False,
-                sample_chunk: int = 500, threads: int | None = None) -> dict:
+                sample_chunk: int = 500, threads: int | None = None, prior_gate: float | None = None) -> dict:
     """Impute ``target_vcf`` at every panel site of ``run_dir``; score it when ``truth_vcf`` is given.
 
     With only ``run_dir`` (see ``storage.impute.default_paths``) it imputes the simulated array
@@ -26,7 +26,8 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
     ckpt, target, out, truth = default_paths(Path(run_dir), variant, checkpoint and Path(checkpoint),
                                              target_vcf and Path(target_vcf), out_vcf and Path(out_vcf),
                                              truth_vcf and Path(truth_vcf))
-    summary = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads)
+    summary = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads,
+                          prior_gate)
     logger.info("imputed %d samples: %d typed + %d imputed sites -> %s (swapped %d, strand-ambiguous kept %d / "
                 "dropped %d, absent from panel %d, panel-sample overlap %d) in %.1f s", summary["n_samples"],
                 summary["n_typed_sites"], summary["n_imputed_sites"], summary["out_vcf"], summary["n_swapped"],
@@ -51,7 +52,7 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
 @flow(name="impute-many")
 def impute_many_flow(run_dir: str, target_vcfs: list[str], out_dir: str | None = None, variant: str = "v18",
                      checkpoint: str | None = None, allow_panel_overlap: bool = False, sample_chunk: int = 500,
-                     threads: int | None = None) -> list[dict]:
+                     threads: int | None = None, prior_gate: float | None = None) -> list[dict]:
     """Impute several phased target VCFs with one checkpoint, loaded once (one ``impute`` task per target, in
     order). Outputs: ``<out_dir>/<target>.<variant>.vcf.gz`` (default: ``<run_dir>/imputed/``)."""
     logger = get_run_logger()
@@ -62,7 +63,8 @@ def impute_many_flow(run_dir: str, target_vcfs: list[str], out_dir: str | None =
     ckpt = default_paths(Path(run_dir), variant, checkpoint and Path(checkpoint), targets[0], outs[0], None)[0]
     summaries = []
     for target, out in zip(targets, outs, strict=True):
-        s = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads)
+        s = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads,
+                        prior_gate)
         logger.info("imputed %d samples of %s -> %s in %.1f s", s["n_samples"], target, s["out_vcf"], s["seconds"])
         if s["warning"]:
             logger.warning("%s: %s", target, s["warning"])

@@ -66,7 +66,8 @@ class ImputeSummary:
     n_windows: int
     seconds: float
     untyped_fraction: float  # panel sites the target does not type
-    prior_decided: float  # haplotype-windows the prior answered without the model (model.prior_gate)
+    prior_gate: float  # the gate used (the checkpoint's model.prior_gate unless overridden)
+    prior_decided: float  # haplotype-windows the prior answered without the model
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
@@ -137,7 +138,7 @@ def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sampl
 
 def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: Target,
                    exclude: np.ndarray | None, probs: np.memmap, *, batch_size: int, sample_chunk: int,
-                   device: torch.device, temperature: float) -> float:
+                   device: torch.device, temperature: float, prior_gate: float) -> float:
     """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window; the share of
     haplotype-windows the prior gate answered without the model."""
     n = len(target.samples)
@@ -149,7 +150,7 @@ def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap,
         inputs = _window_inputs(prepared, cfg, gt, target.typed, a, b, exclude, match)
         for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind,
                                    batch_size=batch_size, device=device, temperature=temperature,
-                                   counts=counts):  # p: (2c, m)
+                                   counts=counts, prior_gate=prior_gate):  # p: (2c, m)
             q = np.rint(np.clip(p, 0.0, 1.0) * _Q).astype(np.uint16)  # (2c, m)
             probs[sites, a:b, :] = q.reshape(b - a, 2, -1).transpose(2, 0, 1)  # (m, c, 2)
         log.info("imputed samples %d-%d of %d", a, b, n)
@@ -256,12 +257,13 @@ class Imputer:
                              f"has {self.prepared.window_size}; use the run directory the model was trained on")
 
     def impute(self, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False, batch_size: int = 256,
-               sample_chunk: int = 500) -> ImputeSummary:
+               sample_chunk: int = 500, prior_gate: float | None = None) -> ImputeSummary:
         """Impute every panel site for the samples of ``target_vcf`` into ``out_vcf`` (see ``impute_vcf``).
         ``seconds`` of the summary: this target (the checkpoint's loading is ``impute_vcf``'s)."""
         t0 = time.perf_counter()
         target_vcf, out_vcf = Path(target_vcf), Path(out_vcf)
         check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk)
+        gate = gate_of(self.cfg, prior_gate)
         temperature = read_temperature(self.checkpoint)  # per target: a calibration written since is used
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +282,8 @@ class Imputer:
                 log.info("imputing %d samples at a time (not %d): one block of the prior's posteriors fits "
                          "lshmm.PRIOR_CACHE_BYTES", chunk, sample_chunk)
             decided = _impute_chunks(self.model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
-                                     sample_chunk=chunk, device=self.device, temperature=temperature)
+                                     sample_chunk=chunk, device=self.device, temperature=temperature,
+                                     prior_gate=gate)
             written = _write_vcf(out_vcf, prepared, target, gt, probs,
                                  f"embrag {cfg.model.variant} {checkpoint.name} {provenance_tag(checkpoint, prepared)}")
             del gt, probs  # release the memmaps before their files go
@@ -294,14 +297,21 @@ class Imputer:
             n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
             n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
             n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped,
-            prior_decided=decided,
+            prior_gate=gate, prior_decided=decided,
             warning=warning,
         )
+
+
+def gate_of(cfg: RunConfig, prior_gate: float | None) -> float:
+    """The prior gate of an imputation: ``prior_gate`` when given (checked as the config checks it), else the
+    checkpoint's ``model.prior_gate``. Not part of the lineage: it changes no trained artifact."""
+    return (cfg.model if prior_gate is None else dataclasses.replace(cfg.model, prior_gate=prior_gate)).prior_gate
 
 
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
     batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
+    prior_gate: float | None = None,
 ) -> ImputeSummary:
     """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
 
@@ -309,27 +319,28 @@ def impute_vcf(
     the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. Neighbours are chosen as in
     training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
     with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
-    BLAS libraries' threads of this process (default: theirs, one per core). ``seconds`` counts the
-    loading of the checkpoint too.
+    BLAS libraries' threads of this process (default: theirs, one per core). ``prior_gate``: the
+    checkpoint's ``model.prior_gate`` unless given (0: the model imputes every haplotype). ``seconds``
+    counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()
     check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk)  # before loading anything
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     summary = imputer.impute(target_vcf, out_vcf, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
-                             sample_chunk=sample_chunk)
+                             sample_chunk=sample_chunk, prior_gate=prior_gate)
     return dataclasses.replace(summary, seconds=time.perf_counter() - t0)
 
 
 def impute_many(checkpoint: Path, run_dir: Path, targets: list[tuple[Path, Path]], *, allow_panel_overlap: bool = False,
                 batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
-                ) -> list[ImputeSummary]:
+                prior_gate: float | None = None) -> list[ImputeSummary]:
     """``impute_vcf`` for each ``(target_vcf, out_vcf)``, the checkpoint loaded once; every target is
     checked (``check_targets``) before the first is imputed."""
     check_targets([Path(t) for t, _ in targets], [Path(o) for _, o in targets], batch_size=batch_size,
                   sample_chunk=sample_chunk)
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     return [imputer.impute(t, o, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
-                           sample_chunk=sample_chunk) for t, o in targets]
+                           sample_chunk=sample_chunk, prior_gate=prior_gate) for t, o in targets]
 
 
 def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_vcf: Path | None,

@@ -39,6 +39,10 @@ PREPARED_SECTIONS = ("split", "window")  # + "simulate" when the inputs are the 
 # prepared data, digested separately) and where the work runs (``distributed``: the same bytes on any
 # cluster); a section added to RunConfig is covered without a change here.
 VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("simulate", "distributed"))
+# Settings of inference only, not of any artifact: the prior gate decides at validation and imputation which
+# haplotypes the model is asked about, never a weight, mask or index, so a run trained before it existed
+# resumes, and a checkpoint imputes with another gate (``embrag impute --prior-gate``).
+INFERENCE_ONLY = {"model": ("prior_gate",)}
 
 
 def _lost_record(here: Path) -> str:
@@ -51,9 +55,15 @@ def variant_names() -> tuple[str, ...]:
 
 
 def sections(cfg: RunConfig, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """The named config sections as JSON (what ``config.json`` holds for them)."""
+    """The named config sections as JSON (what ``config.json`` holds for them), without ``INFERENCE_ONLY``."""
     full = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as read back from JSON
-    return {name: full[name] for name in names}
+    return {name: {k: v for k, v in full[name].items() if k not in INFERENCE_ONLY.get(name, ())} for name in names}
+
+
+def _recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """A record's config sections without ``INFERENCE_ONLY`` (a record may hold them: written by a newer embrag)."""
+    return {name: {k: v for k, v in part.items() if k not in INFERENCE_ONLY.get(name, ())}
+            if isinstance(part, dict) else part for name, part in config.items()}
 
 
 def lineage_of(cfg: RunConfig, prepared: PreparedData) -> dict[str, Any]:
@@ -122,7 +132,7 @@ def check_variant(layout: RunLayout, cfg: RunConfig, prepared: PreparedData) -> 
             f"{layout.prepared} now holds {prepared.digest[:12]} (prepared again since): its checkpoints, masks and "
             f"indexes do not fit these sites; train in a new run dir, or run `embrag prepare --run-dir {layout.root} "
             "--force ...` to set the old variants aside")
-    diff = differences(recorded.get("config", {}), sections(cfg, VARIANT_SECTIONS))
+    diff = differences(_recorded(recorded.get("config", {})), sections(cfg, VARIANT_SECTIONS))
     if diff:
         raise LineageError(
             f"{here} was trained with {_changes(diff)} ({path}); its artifacts were made with the recorded "
@@ -171,7 +181,8 @@ def check_config(layout: RunLayout, cfg: RunConfig, *, prepared_too: bool = True
             if not path.exists():
                 continue  # reported by check_variant when the variant is used
             want = sections(cfg.replace(model__variant=variant), VARIANT_SECTIONS)
-            diff = differences(read_json(path, _lost_record(layout.variant(variant).root)).get("config", {}), want)
+            diff = differences(_recorded(read_json(path, _lost_record(layout.variant(variant).root)).get("config", {})),
+                               want)
             if diff:
                 raise LineageError(
                     f"{layout.variant(variant).root} was trained with {_changes(diff)} ({path}), and config.json is "

@@ -273,20 +273,24 @@ def _prior(inp: WindowInputs) -> np.ndarray:
     from embrag.lshmm import window_prior
 
     r = inp.retrieval
-    return window_prior(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, exclude_rows=None,
+    return window_prior(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, exclude_rows=inp.exclude_rows,
                         ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank, block=r.hmm_block)  # (Ht, L)
 
 
+@pytest.mark.parametrize("excluding", [False, True])
 @pytest.mark.parametrize("variant", ["v18", "v17"])
-def test_gated_rows_take_the_calibrated_prior_and_the_others_the_model(variant, rng, monkeypatch):
+def test_gated_rows_take_the_calibrated_prior_and_the_others_the_model(variant, excluding, rng, monkeypatch):
     """A decided row's output is the prior through the same temperature; every other row is exactly what
-    the model gives without a gate; the model and the retrieval never see a decided row. Kills: the gate
-    applied to the wrong rows, the temperature skipped for gated rows, the model run on them anyway."""
+    the model gives without a gate; the model and the retrieval never see a decided row. ``excluding``:
+    panel queries with their own rows excluded, as validation runs it (``forward_batch``, each row's own AF).
+    Kills: the gate applied to the wrong rows, the temperature skipped for gated rows, the model run on
+    them anyway, a model row given another row's AF or exclusions."""
     import dataclasses
 
     import embrag.impute as imp
 
-    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    exclude = np.stack([np.arange(10) * 2 + 1, np.full(10, -1)], axis=1) if excluding else None  # (Ht, 2)
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4, exclude=exclude))
     model = _model(variant, seed=5)
     with torch.no_grad():
         for p in model.parameters():  # a model that differs from its prior
@@ -299,6 +303,10 @@ def test_gated_rows_take_the_calibrated_prior_and_the_others_the_model(variant, 
     original = imp.retrieve
     monkeypatch.setattr(imp, "retrieve", lambda data, rows, *a, **kw: seen.append(rows) or original(data, rows, *a, **kw))
     gated = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7)
+    n_seen = len(seen)
+    validating = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7, baselines={})
+    np.testing.assert_allclose(validating, gated, atol=1e-6)  # validation (baselines: every row retrieved) alike
+    seen = seen[:n_seen]
     p = np.clip(_prior(inp).astype(np.float64), 1e-7, 1 - 1e-7)
     calibrated = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / 1.7))
     np.testing.assert_allclose(gated[sure], calibrated[sure], atol=1e-5)
@@ -330,3 +338,55 @@ def test_prior_gate_is_checked():
     for bad in (-0.01, 0.5, 0.7):
         with pytest.raises(ValueError, match="prior_gate"):
             ModelConfig(prior_gate=bad)
+
+
+def test_a_missing_call_is_a_slot_the_gate_must_be_sure_of(rng, monkeypatch):
+    """A typed site whose call is missing is filled in by the model (MASK), so the gate counts it: a row
+    sure everywhere but there goes to the model. Kills: the gate looking at untyped sites only."""
+    import dataclasses
+
+    import embrag.impute as imp
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=6, typed_every=4))
+    typed_slot = int(np.flatnonzero(inp.real & ~inp.mask)[1])
+    target = inp.target_tokens.copy()
+    target[2, typed_slot] = MISSING  # row 2 has one missing call
+    inp = dataclasses.replace(inp, target_tokens=target)
+    unsure_there = np.zeros((6, L), np.float32)
+    unsure_there[:, typed_slot] = 0.5  # the prior is sure everywhere but at that typed site
+    monkeypatch.setattr(imp, "batch_prior", lambda data, rows: unsure_there[rows])
+    seen = []
+    original = imp.retrieve
+    monkeypatch.setattr(imp, "retrieve", lambda data, rows, *a, **kw: seen.append(rows) or original(data, rows, *a, **kw))
+    model = _model("v18", prior_gate=0.05)
+    impute_window(model, inp, index_kind="compact")
+    assert np.concatenate(seen).tolist() == [2]
+
+
+def test_the_prior_runs_once_per_batch_whatever_the_gate(rng, monkeypatch):
+    """The gate reuses the prior it decided on: as many chains as batches, gated or not. Kills: the
+    prior recomputed for the rows the model imputes (a second chain per batch)."""
+    from embrag import lshmm
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    split, _ = _gate_between(inp, None)  # some rows decided, some not
+    chains = []
+    original = lshmm.state_posteriors
+    monkeypatch.setattr(lshmm, "state_posteriors", lambda *a, **kw: chains.append(1) or original(*a, **kw))
+    for gate in (0.0, split):
+        inp.match.prior_cache.clear()
+        chains.clear()
+        impute_window(_model("v18", prior_gate=gate), inp, index_kind="compact", batch_size=4)
+        assert len(chains) == 3, gate  # 10 rows in batches of 4
+
+
+def test_no_gate_without_typed_site_evidence(rng, monkeypatch):
+    """Without a match context the prior is the panel frequency, not a posterior: the model imputes every
+    row whatever the gate. Kills: the gate applied to the frequency."""
+    import embrag.impute as imp
+
+    inp = _inputs(rng, n_panel=30, n_target=6)  # no match context
+    monkeypatch.setattr(imp, "prior_decides", lambda *a: pytest.fail("gated without typed-site evidence"))
+    model = _model("v18", prior_gate=0.45)
+    np.testing.assert_allclose(impute_window(model, inp, index_kind="compact"),
+                               impute_window(_model("v18"), inp, index_kind="compact"), atol=1e-6)

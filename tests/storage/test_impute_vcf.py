@@ -460,3 +460,20 @@ def test_the_summary_reports_the_share_the_prior_gate_answered(run, monkeypatch)
     assert seen[1] == 2 * s.n_samples * s.n_windows  # every haplotype of every window went through the gate
     assert 0 < seen[0] < seen[1]  # the tiny model's prior decides some, not all
     assert s.prior_decided == pytest.approx(seen[0] / seen[1])
+
+
+def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
+    """``prior_gate`` of ``impute_vcf`` overrides the checkpoint's: 0 runs the model on every haplotype, a wider
+    gate decides more; out of range is refused before anything is written. Kills: the override ignored
+    (or applied only to the summary), an unchecked gate."""
+    target = run["sim"].test_array_vcf
+    s0, _ = _impute(run, target, "gate0", prior_gate=0.0)
+    s_default = run["summary"]
+    s_wide, _ = _impute(run, target, "gate-wide", prior_gate=0.3)
+    assert (s0.prior_gate, s0.prior_decided) == (0.0, 0.0)
+    assert s_default.prior_gate == CFG.model.prior_gate
+    assert s_wide.prior_gate == 0.3 and s_wide.prior_decided > s_default.prior_decided
+    out = run["root"] / "gate-bad.vcf.gz"
+    with pytest.raises(ValueError, match="prior_gate"):
+        impute_vcf(run["ckpt"], run["root"], target, out, prior_gate=0.5)
+    assert not out.exists()

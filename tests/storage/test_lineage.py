@@ -35,6 +35,23 @@ def test_a_variant_record_is_compared_field_by_field(layout, tiny_cfg):
         check_variant(layout, tiny_cfg, prepared)
 
 
+def test_the_inference_only_gate_is_no_part_of_the_lineage(layout, tiny_cfg):
+    """``model.prior_gate`` changes no artifact: another gate is accepted, and so is a record written before
+    the setting existed (or one that holds it). Kills: the gate recorded and compared like a trained setting."""
+    prepared = PreparedData(layout.prepared)
+    record_variant(layout, tiny_cfg, prepared)
+    path = layout.variant("v18").root / "lineage.json"
+    record = json.loads(path.read_text())
+    assert "prior_gate" not in record["config"]["model"] and "k" in record["config"]["model"]
+    check_variant(layout, tiny_cfg.replace(model__prior_gate=0.2), prepared)
+    check_config(layout, tiny_cfg.replace(model__prior_gate=0.0))
+    record["config"]["model"]["prior_gate"] = 0.3  # a record that holds it anyway
+    path.write_text(json.dumps(record))
+    check_variant(layout, tiny_cfg, prepared)
+    with pytest.raises(LineageError, match=r"model\.k=4 \(now 8\)"):  # the rest of the section still counts
+        check_variant(layout, tiny_cfg.replace(model__k=8), prepared)
+
+
 def test_checkpoints_without_a_record_are_of_unknown_origin(layout, tiny_cfg):
     (layout.variant("v18").root / "checkpoints").mkdir(parents=True)
     (layout.variant("v18").root / "checkpoints" / "epoch-000.pt").write_bytes(b"old")
