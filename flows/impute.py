@@ -29,17 +29,19 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
     summary = impute_task(run_dir, str(ckpt), str(target), str(out), allow_panel_overlap, sample_chunk, threads,
                           prior_gate)
     logger.info("imputed %d samples: %d typed + %d imputed sites -> %s (swapped %d, strand-ambiguous kept %d / "
-                "dropped %d, absent from panel %d, panel-sample overlap %d) in %.1f s", summary["n_samples"],
+                "dropped %d, absent from panel %d, panel-sample overlap %d) in %.1f s; the prior decided %.0f %% of "
+                "haplotype-windows (gate %g)", summary["n_samples"],
                 summary["n_typed_sites"], summary["n_imputed_sites"], summary["out_vcf"], summary["n_swapped"],
                 summary["n_ambiguous"], summary["n_ambiguous_dropped"], summary["n_absent"],
-                summary["n_panel_overlap"], summary["seconds"])
+                summary["n_panel_overlap"], summary["seconds"], 100 * summary["prior_decided"], summary["prior_gate"])
     if summary["warning"]:
         logger.warning("%s", summary["warning"])
     if truth is not None:
         summary["evaluation"] = evaluate_task(run_dir, str(truth), str(out))
         logger.info("accuracy against %s: %s", truth, summary["evaluation"]["tsv"])  # the caller prints the table
         summary["mlflow_run_id"] = track_imputation_task(run_dir, summary["variant"], vcf_stem(target),
-                                                         summary["evaluation"], summary["seconds"])
+                                                         summary["evaluation"], summary["seconds"],
+                                                         summary.get("prior_decided"))
     evaluation = summary.get("evaluation", {})
     run_ids = [summary["mlflow_run_id"]] if summary.get("mlflow_run_id") else []  # where the accuracy was logged
     publish_links_task(run_dir, f"impute-{summary['variant']}", f"embrag impute {summary['variant']}: {target}", run_ids, {

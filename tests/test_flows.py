@@ -371,6 +371,7 @@ def test_impute_flow_defaults_impute_and_score_the_array_samples(reference):
     client, run = _mlflow_run(run_dir, "v18")  # the accuracy lands on the variant's run, for the compare view
     assert summary["mlflow_run_id"] == run.info.run_id
     assert run.data.metrics["impute_test_array_seconds"] == pytest.approx(summary["seconds"])
+    assert run.data.metrics["impute_test_array_prior_decided"] == pytest.approx(summary["prior_decided"])
     assert "impute_test_array_nrd_all" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "imputation/test_array")} == {
         "imputation/test_array/accuracy_by_maf.tsv", "imputation/test_array/r2_by_maf.png",
