@@ -153,7 +153,7 @@ class ModelConfig:
     copy_power: float = 8.0  # the copy head starts as the (1 + run)^power vote (learned from there)
     hmm_prior: bool = True  # the copy head starts from the whole panel's Li-Stephens P(ALT) (embrag.lshmm)
     # Inference (validation and imputation alike): a target haplotype whose prior P(ALT) is within this of
-    # 0 or 1 at every site the window fills takes the prior as it is (temperature-calibrated), without
+    # 0 or 1 at every site the window fills takes the prior as it is (the temperature is the model's), without
     # retrieval or transformer (embrag.impute.prior_decides). 0 = the model runs everywhere. Only with
     # ``hmm_prior``. Chosen on the protocol's 6 validation targets (3 seeds x CEU, YRI, 200 markers/Mb,
     # the K = 4 checkpoints): gates 0.001 / 0.01 / 0.05 skip 53 / 73 / 83 % (CEU) and 70 / 85 / 90 % (YRI)

@@ -86,7 +86,7 @@ def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, dev
 def impute_window(
     model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
     device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
-    counts: dict[str, int] | None = None, prior_gate: float | None = None,
+    counts: dict[str, int] | None = None, prior_gate: float | None = None, gated: np.ndarray | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
@@ -97,7 +97,10 @@ def impute_window(
     (``embrag.neighbours.copy_top1`` / ``copy_vote``), and the model's Li-Stephens prior alone,
     ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each. ``counts``: when a dict, ``"rows"`` and
     ``"decided"`` (rows the prior gate answered without the model) are added to. ``prior_gate``: None =
-    the model's ``cfg.prior_gate``.
+    the model's ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
+
+    ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
+    (the HMM's own probability, which the model's temperature was not fitted on).
     """
     device = torch.device(device)
     model.eval()
@@ -125,7 +128,9 @@ def impute_window(
         if gate > 0:
             run[rows] = ~prior_decides(prior[rows], fill[rows], gate)
     if gate > 0:
-        out[~run] = _tempered(prior[~run], temperature)
+        out[~run] = prior[~run]
+    if gated is not None:
+        gated[:] = ~run
     if counts is not None:
         counts["rows"] = counts.get("rows", 0) + n
         counts["decided"] = counts.get("decided", 0) + int((~run).sum())
@@ -162,13 +167,6 @@ def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarra
     ``fill (B, L)`` (the model's gate, ``ModelConfig.prior_gate``)."""
     sure = (prior <= gate) | (prior >= 1.0 - gate)  # (B, L)
     return (sure | ~fill).all(axis=1)
-
-
-def _tempered(p: np.ndarray, temperature: float) -> np.ndarray:
-    """``sigmoid(logit(p) / temperature)``: the calibration the model's logits get, for gated rows too
-    (validation fits one temperature to every output)."""
-    q = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-    return (1.0 / (1.0 + np.exp(-(np.log(q) - np.log1p(-q)) / temperature))).astype(np.float32)
 
 
 def _tabulated(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> TabulatedV18 | None:

@@ -28,7 +28,7 @@ _EPS = 1e-6
 @dataclass(frozen=True)
 class Validation:
     result: EpochResult  # loss, ALT F1 overall / rare / common, timing; predictions {window: (Hq, L)}
-    logits: np.ndarray  # (n,) model logits at every scored site (calibration)
+    logits: np.ndarray  # (n,) model logits at the scored sites of the rows the model imputed (its calibration)
     labels: np.ndarray  # (n,) 0/1 truth at those sites
     baselines: dict[str, dict[int, np.ndarray]]  # "top1" / "vote" / "hmm" -> predictions like result.predictions
 
@@ -61,8 +61,9 @@ def validate(
     for w in progress(windows, "validate", unit="window"):
         inp = inputs(int(w))
         extra: dict[str, np.ndarray] = {}
+        gated = np.zeros(len(inp.target_tokens), bool)  # (Hq,): rows the prior gate answered
         probs = impute_window(model, inp, index_kind=index_kind, batch_size=batch_size, device=device,
-                              baselines=extra)  # (Hq, L)
+                              baselines=extra, gated=gated)  # (Hq, L)
         memory.sample()
         complete = truth(int(w))  # (Hq, L)
         target = (inp.mask[None, :] & inp.real[None, :] & ((complete == REF) | (complete == ALT))
@@ -72,8 +73,9 @@ def validate(
         losses.append((float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean()) if len(y) else 0.0, len(y)))
         rare = np.broadcast_to(np.minimum(inp.af, 1 - inp.af) < rare_maf, target.shape)
         counts.add(probs[target], y, rare[target])
-        logits_all.append(np.log(p) - np.log1p(-p))
-        labels_all.append(y)
+        mine = ~gated[np.nonzero(target)[0]]  # (n,): scored sites of the rows the model imputed
+        logits_all.append((np.log(p) - np.log1p(-p))[mine])  # the temperature calibrates the model, not the prior
+        labels_all.append(y[mine])
         predictions[int(w)] = np.where(target, probs, np.nan).astype(np.float32)
         for name, p_copy in extra.items():  # the same neighbours, copied without a model
             copies.setdefault(name, {})[int(w)] = np.where(target, p_copy, np.nan).astype(np.float32)

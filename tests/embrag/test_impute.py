@@ -279,11 +279,12 @@ def _prior(inp: WindowInputs) -> np.ndarray:
 
 @pytest.mark.parametrize("excluding", [False, True])
 @pytest.mark.parametrize("variant", ["v18", "v17"])
-def test_gated_rows_take_the_calibrated_prior_and_the_others_the_model(variant, excluding, rng, monkeypatch):
-    """A decided row's output is the prior through the same temperature; every other row is exactly what
-    the model gives without a gate; the model and the retrieval never see a decided row. ``excluding``:
-    panel queries with their own rows excluded, as validation runs it (``forward_batch``, each row's own AF).
-    Kills: the gate applied to the wrong rows, the temperature skipped for gated rows, the model run on
+def test_gated_rows_take_the_prior_and_the_others_the_calibrated_model(variant, excluding, rng, monkeypatch):
+    """A decided row's output is the prior's posterior as it is (the temperature calibrates the model's
+    logits); every other row is exactly what the model gives without a gate, temperature included; the model
+    and the retrieval never see a decided row; ``gated`` reports the decided rows. ``excluding``: panel
+    queries with their own rows excluded, as validation runs it (``forward_batch``, each row's own AF).
+    Kills: the gate applied to the wrong rows, the model's temperature put on the prior, the model run on
     them anyway, a model row given another row's AF or exclusions."""
     import dataclasses
 
@@ -302,14 +303,14 @@ def test_gated_rows_take_the_calibrated_prior_and_the_others_the_model(variant, 
     seen = []
     original = imp.retrieve
     monkeypatch.setattr(imp, "retrieve", lambda data, rows, *a, **kw: seen.append(rows) or original(data, rows, *a, **kw))
-    gated = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7)
+    reported = np.zeros(10, bool)
+    gated = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7, gated=reported)
+    np.testing.assert_array_equal(reported, sure)
     n_seen = len(seen)
     validating = impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.7, baselines={})
     np.testing.assert_allclose(validating, gated, atol=1e-6)  # validation (baselines: every row retrieved) alike
     seen = seen[:n_seen]
-    p = np.clip(_prior(inp).astype(np.float64), 1e-7, 1 - 1e-7)
-    calibrated = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / 1.7))
-    np.testing.assert_allclose(gated[sure], calibrated[sure], atol=1e-5)
+    np.testing.assert_allclose(gated[sure], _prior(inp)[sure], atol=1e-6)
     np.testing.assert_allclose(gated[~sure], ungated[~sure], atol=1e-6)
     assert not np.allclose(gated[sure], ungated[sure], atol=1e-3)  # the model would have said otherwise
     assert sorted(np.concatenate(seen).tolist()) == np.flatnonzero(~sure).tolist()
@@ -390,3 +391,28 @@ def test_no_gate_without_typed_site_evidence(rng, monkeypatch):
     model = _model("v18", prior_gate=0.45)
     np.testing.assert_allclose(impute_window(model, inp, index_kind="compact"),
                                impute_window(_model("v18"), inp, index_kind="compact"), atol=1e-6)
+
+
+def test_validation_fits_the_temperature_on_the_rows_the_model_imputed(rng):
+    """``Validation.logits`` / ``labels``: the scored sites of the rows the model imputed, never a gated row's
+    prior (the temperature is applied to the model's logits only). Kills: the fit fed the gated rows too."""
+    import dataclasses
+
+    from embrag.constants import ALT, REF
+    from embrag.validate import validate
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    complete = np.where(inp.mask[None, :] & inp.real[None, :],
+                        rng.choice(np.array([REF, ALT], np.uint8), inp.target_tokens.shape), inp.target_tokens)
+    model = _model("v18", seed=5)
+    gate, sure = _gate_between(inp, model)
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
+    v = validate(model, np.array([0]), lambda w: inp, lambda w: complete, index_kind="compact", rare_maf=0.05,
+                 batch_size=4, device=torch.device("cpu"))
+    probs = v.result.predictions[0]  # (Ht, L), NaN where not scored
+    scored = ~np.isnan(probs)
+    mine = scored & ~sure[:, None]
+    assert 0 < mine.sum() < scored.sum()
+    p = np.clip(probs[mine].astype(np.float64), 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose(v.logits, np.log(p) - np.log1p(-p), atol=1e-4)
+    np.testing.assert_array_equal(v.labels, (complete[mine] == ALT).astype(float))
