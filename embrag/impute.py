@@ -119,14 +119,7 @@ def impute_window(
     gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if uses_hmm and data.match is not None else 0.0
     fill = (model_tokens == MASK) & inp.real[None, :]  # (Ht, L): the slots the model fills in
     n = len(model_tokens)
-    prior = np.empty(model_tokens.shape, np.float32) if uses_hmm else None  # (Ht, L)
-    run = np.ones(n, bool)  # (Ht,): rows the model imputes
-    for lo in range(0, n, batch_size):  # the prior's batches: its chain is cached per batch of queries
-        rows = np.arange(lo, min(lo + batch_size, n))
-        if uses_hmm:
-            prior[rows] = batch_prior(data, rows)  # (B, L)
-        if gate > 0:
-            run[rows] = ~prior_decides(prior[rows], fill[rows], gate)
+    prior, run = _prior_and_gate(data, fill, batch_size, uses_hmm, gate)  # (Ht, L) or None, (Ht,)
     if gate > 0:
         out[~run] = prior[~run]
     if gated is not None:
@@ -167,6 +160,23 @@ def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarra
     ``fill (B, L)`` (the model's gate, ``ModelConfig.prior_gate``)."""
     sure = (prior <= gate) | (prior >= 1.0 - gate)  # (B, L)
     return (sure | ~fill).all(axis=1)
+
+
+def _prior_and_gate(data: WindowData, fill: np.ndarray, batch_size: int, uses_hmm: bool, gate: float
+                    ) -> tuple[np.ndarray | None, np.ndarray]:
+    """The prior ``float32 (Ht, L)`` of every row (None without one) and the rows the model imputes
+    ``bool (Ht,)``: all but those the gate decides. In the prior's batches: its chain is cached per batch
+    of queries, for the block's next window."""
+    n = len(fill)
+    prior = np.empty(fill.shape, np.float32) if uses_hmm else None  # (Ht, L)
+    run = np.ones(n, bool)  # (Ht,)
+    for lo in range(0, n, batch_size):
+        rows = np.arange(lo, min(lo + batch_size, n))
+        if uses_hmm:
+            prior[rows] = batch_prior(data, rows)  # (B, L)
+        if gate > 0:
+            run[rows] = ~prior_decides(prior[rows], fill[rows], gate)
+    return prior, run
 
 
 def _tabulated(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> TabulatedV18 | None:
