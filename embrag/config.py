@@ -159,7 +159,8 @@ class ModelConfig:
     # the K = 4 checkpoints): gates 0.001 / 0.01 / 0.05 skip 53 / 73 / 83 % (CEU) and 70 / 85 / 90 % (YRI)
     # of haplotype-windows, imputation CPU 12.8 -> 6.3 / 4.6 / 3.7 s (CEU), 14.4 -> 5.6 / 3.8 / 3.3 s (YRI),
     # mean per-site r2 within 0.001 of no gate in every MAF bin or above it (rarest bin CEU 0.858 ->
-    # 0.861, YRI 0.932 -> 0.933 at 0.05); Pearson(INFO R2, empirical r2) 0.607 -> 0.605 (CEU), 0.512 -> 0.505 (YRI).
+    # 0.861, YRI 0.932 -> 0.933 at 0.05); Pearson(INFO R2, empirical r2) 0.607 -> 0.605 (CEU), 0.512 -> 0.505 (YRI)
+    # with the temperature of then (0.609 / 0.524 once fitted on the model's rows only).
     # Wider gates (0.1 / 0.2 / 0.3 / 0.45: 87-98 % skipped) cost the CEU rarest bin 0.001-0.003 and did not
     # move the Pearson one way (CEU +0.007 to +0.018, YRI -0.014 to +0.002).
     prior_gate: float = 0.05

@@ -202,13 +202,24 @@ def design_mismatch(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray) -
             f"hiding at most {trained:.0%}; expect poorly calibrated dosages; {recipe}")
 
 
-def read_temperature(checkpoint: Path) -> float:
-    """Calibration of ``checkpoint`` fitted on validation (``storage.training.validate_epoch``); 1.0 if none."""
+def read_calibration(checkpoint: Path) -> tuple[float, float | None]:
+    """``(temperature, prior gate it was fitted under)`` of ``checkpoint``: ``(1.0, None)`` without a calibration,
+    gate None for one written before the gate was recorded."""
     path = calibration_path(checkpoint)
     if not path.exists():
         log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
-        return 1.0
-    return float(read_json(path)["temperature"])
+        return 1.0, None
+    record = read_json(path)
+    return float(record["temperature"]), record.get("prior_gate")
+
+
+def gate_mismatch(checkpoint: Path, fitted_under: float | None, gate: float) -> str | None:
+    """A warning when the temperature was fitted under another prior gate than the one imputing: it was fitted
+    on the haplotypes that gate handed to the model, so others get a temperature not fitted on them."""
+    if fitted_under is None or abs(fitted_under - gate) < 1e-12:
+        return None
+    return (f"{checkpoint.name}'s temperature was fitted with prior gate {fitted_under:g} (validation), this "
+            f"imputation uses {gate:g}: the model's dosages are calibrated for the haplotypes that gate let through")
 
 
 def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1) -> None:
@@ -264,7 +275,7 @@ class Imputer:
         target_vcf, out_vcf = Path(target_vcf), Path(out_vcf)
         check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk)
         gate = gate_of(self.cfg, prior_gate)
-        temperature = read_temperature(self.checkpoint)  # per target: a calibration written since is used
+        temperature, fitted_under = read_calibration(self.checkpoint)  # per target: one written since is used
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
@@ -274,7 +285,8 @@ class Imputer:
                                     "contig names, the genome build and REF/ALT against the panel")
             exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
             untyped = 1.0 - float(target.typed.mean())
-            warning = design_mismatch(cfg, prepared, target.typed)
+            warning = "; ".join(w for w in (design_mismatch(cfg, prepared, target.typed),
+                                            gate_mismatch(checkpoint, fitted_under, gate)) if w) or None
             shape = (len(prepared.sites), len(target.samples), 2)
             probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
             chunk = prior_chunk(cfg, prepared, target.typed, sample_chunk)
@@ -304,7 +316,7 @@ class Imputer:
 
 def gate_of(cfg: RunConfig, prior_gate: float | None) -> float:
     """The prior gate of an imputation: ``prior_gate`` when given (checked as the config checks it), else the
-    checkpoint's ``model.prior_gate``. Not part of the lineage: it changes no trained artifact."""
+    checkpoint's ``model.prior_gate``. Not part of the lineage: it changes no weight, mask or index."""
     return (cfg.model if prior_gate is None else dataclasses.replace(cfg.model, prior_gate=prior_gate)).prior_gate
 
 

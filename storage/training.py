@@ -157,9 +157,12 @@ def validate_epoch(run: VariantRun, epoch: int) -> dict:
     v = validate(model, windows, inputs, truth, index_kind=run.index_kind,
                  rare_maf=run.cfg.mask.rare_maf, batch_size=2 * t.batch_size, device=run.device)
     temperature = fit_temperature(v.logits, v.labels)
+    # the gate decides which rows the temperature was fitted on: recorded, so imputation can tell
+    gate = run.cfg.model.prior_gate
     write_json(calibration_path(run.paths.checkpoint(epoch)), {"temperature": temperature, "epoch": epoch,
-                                                                "n_sites": int(len(v.labels))})
-    metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature}
+                                                                "n_sites": int(len(v.labels)), "prior_gate": gate})
+    metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
+               "val_prior_gate": gate}
     metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))

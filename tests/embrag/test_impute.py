@@ -314,6 +314,10 @@ def test_gated_rows_take_the_prior_and_the_others_the_calibrated_model(variant, 
     np.testing.assert_allclose(gated[~sure], ungated[~sure], atol=1e-6)
     assert not np.allclose(gated[sure], ungated[sure], atol=1e-3)  # the model would have said otherwise
     assert sorted(np.concatenate(seen).tolist()) == np.flatnonzero(~sure).tolist()
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=0.0)
+    raw = np.clip(impute_window(model, inp, index_kind=kind, batch_size=4).astype(np.float64), 1e-7, 1 - 1e-7)
+    calibrated = 1 / (1 + np.exp(-(np.log(raw) - np.log1p(-raw)) / 1.7))  # the model's logits over T
+    np.testing.assert_allclose(gated[~sure], calibrated[~sure], atol=1e-5)
 
 
 def test_the_gate_leaves_validation_baselines_whole(rng):

@@ -472,6 +472,9 @@ def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
     s_wide, _ = _impute(run, target, "gate-wide", prior_gate=0.3)
     assert (s0.prior_gate, s0.prior_decided) == (0.0, 0.0)
     assert s_default.prior_gate == CFG.model.prior_gate
+    # the temperature was fitted on the rows the checkpoint's gate let through (recorded with it): another gate warns
+    assert "fitted with prior gate 0.05" in s0.warning and "imputation uses 0" in s0.warning
+    assert "prior gate" not in (s_default.warning or "")
     assert s_wide.prior_gate == 0.3 and s_wide.prior_decided > s_default.prior_decided
     out = run["root"] / "gate-bad.vcf.gz"
     with pytest.raises(ValueError, match="prior_gate"):
