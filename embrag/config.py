@@ -25,6 +25,12 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_prior_gate(gate: float) -> float:
+    """``ModelConfig.prior_gate``'s range, [0, 0.5), also for a gate given at imputation."""
+    _require(0 <= gate < 0.5, f"ModelConfig.prior_gate must be in [0, 0.5), got {gate}")
+    return gate
+
+
 @dataclass(frozen=True)
 class SimulateConfig:
     """msprime/stdpopsim simulation of a human-like panel, study cohort and test set."""
@@ -173,7 +179,7 @@ class ModelConfig:
         if self.dim % self.heads:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         _require(self.copy_power > 0, f"ModelConfig.copy_power must be > 0, got {self.copy_power}")
-        _require(0 <= self.prior_gate < 0.5, f"ModelConfig.prior_gate must be in [0, 0.5), got {self.prior_gate}")
+        check_prior_gate(self.prior_gate)
 
     @property
     def uses_hmm(self) -> bool:

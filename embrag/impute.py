@@ -86,7 +86,7 @@ def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, dev
 def impute_window(
     model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
     device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
-    counts: dict[str, int] | None = None, prior_gate: float | None = None, gated: np.ndarray | None = None,
+    prior_gate: float | None = None, gated: np.ndarray | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
@@ -95,9 +95,8 @@ def impute_window(
     training. ``temperature`` divides the logits (calibration fitted on validation). ``baselines``:
     when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
     (``embrag.neighbours.copy_top1`` / ``copy_vote``), and the model's Li-Stephens prior alone,
-    ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each. ``counts``: when a dict, ``"rows"`` and
-    ``"decided"`` (rows the prior gate answered without the model) are added to. ``prior_gate``: None =
-    the model's ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
+    ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each. ``prior_gate``: None = the model's
+    ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
 
     ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
     (the HMM's own probability, which the model's temperature was not fitted on).
@@ -124,9 +123,6 @@ def impute_window(
         out[~run] = prior[~run]
     if gated is not None:
         gated[:] = ~run
-    if counts is not None:
-        counts["rows"] = counts.get("rows", 0) + n
-        counts["decided"] = counts.get("decided", 0) + int((~run).sum())
     # the model's batches: full ones of the rows it imputes (the no-model baselines of validation copy
     # the neighbours of every row, gated or not)
     todo = np.arange(n) if baselines is not None else np.flatnonzero(run)
@@ -219,8 +215,8 @@ def iter_owned(
     index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu", temperature: float = 1.0,
     counts: dict[str, int] | None = None, prior_gate: float | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS (``counts``: as
-    :func:`impute_window`'s, over every window).
+    """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS. ``counts``: when a
+    dict, ``"rows"`` (haplotype-windows) and ``"decided"`` (those the prior gate answered) are added to.
 
     Overlapping windows are merged by ``site_owner``: each site's probability comes from the one
     window where it lies farthest from an edge, so every site is yielded exactly once.
@@ -230,6 +226,11 @@ def iter_owned(
         sites = np.flatnonzero(owner == w)  # (m,)
         if len(sites) == 0:
             continue
-        probs = impute_window(model, window_inputs(w), index_kind=index_kind, batch_size=batch_size,
-                              device=device, temperature=temperature, counts=counts, prior_gate=prior_gate)
+        inp = window_inputs(w)
+        gated = np.zeros(len(inp.target_tokens), bool)  # (Ht,)
+        probs = impute_window(model, inp, index_kind=index_kind, batch_size=batch_size, device=device,
+                              temperature=temperature, prior_gate=prior_gate, gated=gated)
+        if counts is not None:
+            counts["rows"] = counts.get("rows", 0) + len(gated)
+            counts["decided"] = counts.get("decided", 0) + int(gated.sum())
         yield sites, probs[:, slot[sites]]  # (m,), (Ht, m)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from embrag import lshmm
-from embrag.config import RunConfig
+from embrag.config import RunConfig, check_prior_gate
 from embrag.constants import PAD
 from embrag.impute import WindowInputs, iter_owned
 from embrag.model import build_model, resolve_device
@@ -222,9 +222,12 @@ def gate_mismatch(checkpoint: Path, fitted_under: float | None, gate: float) -> 
             f"imputation uses {gate:g}: the model's dosages are calibrated for the haplotypes that gate let through")
 
 
-def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1) -> None:
+def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1,
+                 prior_gate: float | None = None) -> None:
     """What can be refused before a checkpoint is loaded: a missing target, an output that is the target,
-    chunk sizes below 1."""
+    chunk sizes below 1, a prior gate out of range."""
+    if prior_gate is not None:
+        check_prior_gate(prior_gate)
     if not target_vcf.is_file():
         raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
     if out_vcf.resolve() == target_vcf.resolve():
@@ -233,10 +236,11 @@ def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample
         raise ValueError(f"sample_chunk and batch_size must be >= 1, got {sample_chunk}, {batch_size}")
 
 
-def check_targets(targets: list[Path], outs: list[Path], *, batch_size: int = 1, sample_chunk: int = 1) -> None:
+def check_targets(targets: list[Path], outs: list[Path], *, batch_size: int = 1, sample_chunk: int = 1,
+                  prior_gate: float | None = None) -> None:
     """``check_target`` for each, and no output written twice or written over another target."""
     for target_vcf, out_vcf in zip(targets, outs, strict=True):
-        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk)
+        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate)
     resolved = [o.resolve() for o in outs]
     if len(set(resolved)) != len(resolved):
         dup = next(o for o in resolved if resolved.count(o) > 1)
@@ -273,8 +277,8 @@ class Imputer:
         ``seconds`` of the summary: this target (the checkpoint's loading is ``impute_vcf``'s)."""
         t0 = time.perf_counter()
         target_vcf, out_vcf = Path(target_vcf), Path(out_vcf)
-        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk)
-        gate = gate_of(self.cfg, prior_gate)
+        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate)
+        gate = self.cfg.model.prior_gate if prior_gate is None else prior_gate
         temperature, fitted_under = read_calibration(self.checkpoint)  # per target: one written since is used
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
@@ -314,12 +318,6 @@ class Imputer:
         )
 
 
-def gate_of(cfg: RunConfig, prior_gate: float | None) -> float:
-    """The prior gate of an imputation: ``prior_gate`` when given (checked as the config checks it), else the
-    checkpoint's ``model.prior_gate``. Not part of the lineage: it changes no weight, mask or index."""
-    return (cfg.model if prior_gate is None else dataclasses.replace(cfg.model, prior_gate=prior_gate)).prior_gate
-
-
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
     batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
@@ -336,7 +334,8 @@ def impute_vcf(
     counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()
-    check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk)  # before loading anything
+    check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk,
+                 prior_gate=prior_gate)  # before loading anything
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     summary = imputer.impute(target_vcf, out_vcf, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
                              sample_chunk=sample_chunk, prior_gate=prior_gate)
@@ -349,7 +348,7 @@ def impute_many(checkpoint: Path, run_dir: Path, targets: list[tuple[Path, Path]
     """``impute_vcf`` for each ``(target_vcf, out_vcf)``, the checkpoint loaded once; every target is
     checked (``check_targets``) before the first is imputed."""
     check_targets([Path(t) for t, _ in targets], [Path(o) for _, o in targets], batch_size=batch_size,
-                  sample_chunk=sample_chunk)
+                  sample_chunk=sample_chunk, prior_gate=prior_gate)
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     return [imputer.impute(t, o, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
                            sample_chunk=sample_chunk, prior_gate=prior_gate) for t, o in targets]

@@ -59,11 +59,11 @@ def variant_names() -> tuple[str, ...]:
 def sections(cfg: RunConfig, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """The named config sections as JSON (what ``config.json`` holds for them), without ``INFERENCE_ONLY``."""
     full = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as read back from JSON
-    return {name: {k: v for k, v in full[name].items() if k not in INFERENCE_ONLY.get(name, ())} for name in names}
+    return _recorded({name: full[name] for name in names})
 
 
 def _recorded(config: dict[str, Any]) -> dict[str, Any]:
-    """A record's config sections without ``INFERENCE_ONLY`` (a record may hold them: written by a newer embrag)."""
+    """Config sections without ``INFERENCE_ONLY`` (a record may hold them: written by a newer embrag)."""
     return {name: {k: v for k, v in part.items() if k not in INFERENCE_ONLY.get(name, ())}
             if isinstance(part, dict) else part for name, part in config.items()}
 

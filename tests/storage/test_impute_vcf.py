@@ -464,8 +464,8 @@ def test_the_summary_reports_the_share_the_prior_gate_answered(run, monkeypatch)
 
 def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
     """``prior_gate`` of ``impute_vcf`` overrides the checkpoint's: 0 runs the model on every haplotype, a wider
-    gate decides more; out of range is refused before anything is written. Kills: the override ignored
-    (or applied only to the summary), an unchecked gate."""
+    gate decides more; out of range is refused before the checkpoint is loaded. Kills: the override ignored
+    (or applied only to the summary), an unchecked gate, a gate checked only after loading."""
     target = run["sim"].test_array_vcf
     s0, _ = _impute(run, target, "gate0", prior_gate=0.0)
     s_default = run["summary"]
@@ -477,6 +477,12 @@ def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
     assert "prior gate" not in (s_default.warning or "")
     assert s_wide.prior_gate == 0.3 and s_wide.prior_decided > s_default.prior_decided
     out = run["root"] / "gate-bad.vcf.gz"
-    with pytest.raises(ValueError, match="prior_gate"):
-        impute_vcf(run["ckpt"], run["root"], target, out, prior_gate=0.5)
+    import storage.impute as si
+
+    with pytest.MonkeyPatch.context() as mp:  # refused before the checkpoint is even loaded
+        mp.setattr(si, "load_model", lambda *a, **kw: pytest.fail("loaded the checkpoint for a gate out of range"))
+        with pytest.raises(ValueError, match="prior_gate"):
+            impute_vcf(run["ckpt"], run["root"], target, out, prior_gate=0.5)
+        with pytest.raises(ValueError, match="prior_gate"):
+            si.impute_many(run["ckpt"], run["root"], [(target, out)], prior_gate=-0.1)
     assert not out.exists()
