@@ -42,9 +42,15 @@ class Chain:
     cm: np.ndarray  # float64 (T,) genetic position, non-decreasing
 
 
-def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64) -> np.ndarray:
+def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64, *,
+                     keep: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites).
     (Imputation and training use float32: the chain is renormalised at every site.)
+
+    ``keep = (a, b)``: only sites ``a .. b-1`` are wanted (the others are flank: evidence, not output);
+    they are written to ``out (b - a, Q, H)`` (allocated when None; each ``(Q, H)`` slab contiguous, e.g.
+    a batch's rows of a larger site-major cache) and ``out`` is returned as it is, site-major. The
+    flank's forward values are not kept and the backward stops at ``a``: the same numbers, less work.
 
     Site-major inside (a view of ``(T, Q, H)`` is returned): every step reads and writes one
     contiguous ``(Q, H)`` slab, in place — 1.6x faster than the ``(Q, H, T)`` layout's strided
@@ -55,6 +61,11 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
     q, t = chain.query.shape
     h = chain.panel.shape[-2]
     assert chain.panel.shape in ((h, t), (q, h, t)) and chain.allowed.shape == (q, h) and chain.cm.shape == (t,)
+    a0, b0 = (0, t) if keep is None else keep
+    assert 0 <= a0 < b0 <= t
+    if out is None:
+        out = np.empty((b0 - a0, q, h), dtype)  # (K, Q, H)
+    assert out.shape == (b0 - a0, q, h) and out.dtype == dtype
     n = np.maximum(chain.allowed.sum(1, keepdims=True), 1).astype(dtype)  # (Q, 1)
     rho = (1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)).astype(dtype)  # (Q, T-1)
     stay, land = 1.0 - rho, rho / n  # (Q, T-1): keep the state; the mass landing on each allowed state
@@ -65,20 +76,26 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
         if len(banned[0]):
             slab[banned] = 0.0
 
-    post = np.empty((t, q, h), dtype)  # (T, Q, H): one contiguous slab per site
-    post[0] = emission(0)
-    fix(post[0])
-    post[0] /= np.maximum(post[0].sum(1, keepdims=True), _TINY)
-    for j in range(1, t):
-        a = post[j]
-        np.multiply(post[j - 1], stay[:, j - 1: j], out=a)
+    scratch = np.empty((2, q, h), dtype)  # (2, Q, H): the flank's forward, two slabs in turn
+
+    def slab(j: int) -> np.ndarray:  # where site j's forward goes
+        return out[j - a0] if a0 <= j < b0 else scratch[j % 2]
+
+    prev = slab(0)
+    prev[...] = emission(0)
+    fix(prev)
+    prev /= np.maximum(prev.sum(1, keepdims=True), _TINY)
+    for j in range(1, b0):  # the forward beyond the last kept site is never needed
+        a = slab(j)
+        np.multiply(prev, stay[:, j - 1: j], out=a)
         a += land[:, j - 1: j]  # (Q, 1): the prior's mass is normalised, so a switch lands rho / n everywhere
         a *= emission(j)
         fix(a)
         a /= np.maximum(a.sum(1, keepdims=True), _TINY)
+        prev = a
     b = np.ones((q, h), dtype)  # (Q, H) backward, rescaled per site (any per-site scale cancels below)
     fix(b)
-    for j in range(t - 2, -1, -1):
+    for j in range(t - 2, a0 - 1, -1):
         eb = emission(j + 1)
         eb *= b  # (Q, H)
         s = eb.sum(1, keepdims=True)  # (Q, 1)
@@ -86,9 +103,11 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
         b += land[:, j: j + 1] * s
         fix(b)
         b /= np.maximum(b.sum(1, keepdims=True), _TINY)
-        post[j] *= b
-    post /= np.maximum(post.sum(2, keepdims=True), _TINY)
-    return post.transpose(1, 2, 0)  # (Q, H, T)
+        if j < b0:
+            out[j - a0] *= b
+    for k in range(b0 - a0):  # one contiguous slab at a time
+        out[k] /= np.maximum(out[k].sum(1, keepdims=True), _TINY)
+    return out if keep is not None else out.transpose(1, 2, 0)  # (K, Q, H) kept, or (Q, H, T)
 
 
 def _emission(chain: Chain, eps):
@@ -244,9 +263,8 @@ def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_ro
         part = slice(s, s + step)
         panel = (ctx.alleles[: ctx.n_panel, lo:hi] if rows is None
                  else ctx.alleles[np.maximum(rows[part], 0), lo:hi])  # (Hp, T) or (q, H, T)
-        post = state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps,
-                                np.float32)
-        out[:, part] = post.transpose(2, 0, 1)[first - lo: stop - lo]
+        state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps, np.float32,
+                         keep=(first - lo, stop - lo), out=out[:, part])
     out = out.transpose(1, 2, 0)  # (Q, H, m) view: a column is one contiguous (Q, H) slab
     held = sum(v[0].nbytes for k, v in cache.items() if k != "block")
     if held + out.nbytes <= PRIOR_CACHE_BYTES:  # beyond it the batch's chain is recomputed at each window
