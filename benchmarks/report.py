@@ -3,8 +3,10 @@
 Per demography, per bin and tool: mean ± sd over seeds of mean per-site r2, aggregate r2, IQS and
 the Pearson correlation of estimated (INFO R2/DR2) with empirical per-site r2; a bootstrap 95 % CI
 of mean per-site r2 over the sites pooled across seeds; and the paired difference to Beagle 5.4 on
-the same sites with its CI (the same resampled sites for both tools). Per tool: CPU, wall, peak
-RSS and threads of imputing the test target, and what it spent before (training, tuning, phasing).
+the same sites with its CI (the same resampled sites for both tools), for mean per-site r2, mean
+IQS and the Pearson of estimated with empirical r2 (that one resampled within each seed and
+averaged over seeds, as the metric is). Per tool: CPU, wall, peak RSS and threads of imputing the
+test target, and what it spent before (training, tuning, phasing).
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class Cell:
     seeds: dict[str, tuple[float, float]]  # metric -> (mean, sd) over seeds
     diff: float | None  # pooled mean per-site r2 minus the baseline's on the same sites
     diff_ci: tuple[float, float] | None
+    # the same for mean IQS (pooled sites where every tool's IQS is defined) and for Pearson(estimated,
+    # empirical r2) (mean over seeds; sites where every tool's estimate is finite)
+    iqs_site: float = math.nan  # mean IQS over those sites
+    pearson: float = math.nan  # mean over seeds of Pearson(estimated, empirical r2) on those sites
+    iqs_diff: float | None = None
+    iqs_diff_ci: tuple[float, float] | None = None
+    pearson_diff: float | None = None
+    pearson_diff_ci: tuple[float, float] | None = None
 
 
 def bootstrap_means(values: np.ndarray, seed: int, n_boot: int = N_BOOT) -> np.ndarray:
@@ -67,8 +77,50 @@ def bootstrap_means(values: np.ndarray, seed: int, n_boot: int = N_BOOT) -> np.n
 
 
 def _ci(means: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    lo, hi = np.nanpercentile(means, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def row_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson of ``x`` and ``y`` ``(B, M)`` along the last axis ``(B,)``; NaN where either is constant."""
+    dx, dy = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
+    den = np.sqrt((dx * dx).sum(-1) * (dy * dy).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (dx * dy).sum(-1) / den, np.nan)
+
+
+def paired_iqs(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], seed: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean IQS per tool ``(T,)`` over the pooled sites ``sel`` where every tool's IQS is defined, and
+    ``(N_BOOT, T)`` bootstrap means on the same resampled sites."""
+    pooled = np.stack([np.concatenate([r.scores[t].iqs[s] for r, s in zip(reps, sel, strict=True)])
+                       for t in tools], axis=1)  # (M, T)
+    pooled = pooled[np.isfinite(pooled).all(axis=1)]
+    if not len(pooled):
+        return np.full(len(tools), np.nan), np.full((1, len(tools)), np.nan)
+    return pooled.mean(axis=0), bootstrap_means(pooled, seed)
+
+
+def paired_pearson(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], seed: int,
+                   n_boot: int = N_BOOT) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson(estimated, empirical r2) per tool ``(T,)``, the mean over seeds of each seed's value on
+    its sites ``sel`` where every tool's estimate and r2 are finite, and ``(n_boot, T)`` bootstrap values
+    (sites resampled within each seed, the same draws for every tool)."""
+    rng = np.random.default_rng(seed)
+    point, boot = [], []
+    for r, s in zip(reps, sel, strict=True):
+        est = np.stack([r.scores[t].est_r2[s] for t in tools])  # (T, M)
+        emp = np.stack([r.scores[t].r2[s] for t in tools])  # (T, M)
+        ok = np.isfinite(est).all(axis=0) & np.isfinite(emp).all(axis=0)
+        est, emp = est[:, ok], emp[:, ok]
+        if ok.sum() < 3:
+            continue
+        point.append(row_pearson(est, emp))  # (T,)
+        draw = rng.integers(0, ok.sum(), (n_boot, ok.sum()))  # (B, M)
+        boot.append(np.stack([row_pearson(est[j][draw], emp[j][draw]) for j in range(len(tools))], axis=1))
+    if not point:
+        return np.full(len(tools), np.nan), np.full((1, len(tools)), np.nan)
+    return np.mean(point, axis=0), np.mean(boot, axis=0)  # (T,), (B, T)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -94,17 +146,24 @@ def cells(replicates: list[Replicate], seed: int = 2024) -> list[Cell]:
                                for t in tools], axis=1)  # (M, T)
             boot = bootstrap_means(pooled, seed + 101 * b) if len(pooled) else np.full((1, len(tools)), np.nan)
             base = tools.index(BASELINE) if BASELINE in tools else None
+            iqs, iqs_boot = paired_iqs(reps, scored, tools, seed + 101 * b + 1)
+            pear, pear_boot = paired_pearson(reps, scored, tools, seed + 101 * b + 2)
             for j, t in enumerate(tools):
                 rows = per_seed[t]
-                diff = diff_ci = None
+                paired = {}
                 if base is not None and t != BASELINE and len(pooled):
-                    diff = float((pooled[:, j] - pooled[:, base]).mean())
-                    diff_ci = _ci(boot[:, j] - boot[:, base])
+                    paired = dict(
+                        diff=float((pooled[:, j] - pooled[:, base]).mean()), diff_ci=_ci(boot[:, j] - boot[:, base]),
+                        iqs_diff=float(iqs[j] - iqs[base]), iqs_diff_ci=_ci(iqs_boot[:, j] - iqs_boot[:, base]),
+                        pearson_diff=float(pear[j] - pear[base]),
+                        pearson_diff_ci=_ci(pear_boot[:, j] - pear_boot[:, base]))
                 out.append(Cell(
                     demography, name, t, sum(x.n_sites for x in rows), len(pooled),
                     sum(x.n_constant for x in rows), float(pooled[:, j].mean()) if len(pooled) else math.nan,
                     _ci(boot[:, j]) if len(pooled) else (math.nan, math.nan),
-                    {m: _mean_sd([getattr(x, m) for x in rows]) for m in METRICS}, diff, diff_ci,
+                    {m: _mean_sd([getattr(x, m) for x in rows]) for m in METRICS},
+                    paired.get("diff"), paired.get("diff_ci"), float(iqs[j]), float(pear[j]),
+                    **{k: v for k, v in paired.items() if k not in ("diff", "diff_ci")},
                 ))  # fmt: skip
     return out
 
@@ -157,8 +216,31 @@ def markdown_tables(all_cells: list[Cell], replicates: list[Replicate]) -> str:
                 vals.append(text)
             out.append(f"| {t} | " + " | ".join(vals) + " |")
         out.append("")
+        out.append(quality_markdown(mine, tools))
+        out.append("")
     out.append(cost_markdown(replicates))
     return "\n".join(out)
+
+
+def quality_markdown(mine: list[Cell], tools: list[str]) -> str:
+    """One demography's rarest-bin IQS and calibration, with the paired difference to the baseline."""
+    rare, every = MAF_BIN_NAMES[0], ALL_BIN
+    lines = [f"Mean IQS at {LABELS[rare]} (sites where every tool's IQS is defined) and Pearson(INFO R2 / DR2, "
+             f"empirical r²) over all polymorphic sites (mean over seeds); second line: difference to {BASELINE} "
+             "[paired bootstrap 95 % CI]\n",
+             f"| tool | IQS {LABELS[rare]} | Pearson(est, emp) |", "|---|---|---|"]
+    for t in tools:
+        cell = {c.bin: c for c in mine if c.tool == t}
+        vals = []
+        for c, value, diff, ci in ((cell[rare], "iqs_site", "iqs_diff", "iqs_diff_ci"),
+                                   (cell[every], "pearson", "pearson_diff", "pearson_diff_ci")):
+            text = _f(getattr(c, value))
+            if getattr(c, diff) is not None:
+                lo, hi = getattr(c, ci)
+                text += f"<br>{getattr(c, diff):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            vals.append(text)
+        lines.append(f"| {t} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 def cost_rows(replicates: list[Replicate]) -> list[dict]:
@@ -197,11 +279,14 @@ def write_outputs(out: Path, all_cells: list[Cell], replicates: list[Replicate])
     out.mkdir(parents=True, exist_ok=True)
     files = {k: out / f"accuracy.{k}" for k in ("tsv", "json", "md")} | {"png": out / "r2_by_bin.png"}
     head = ["demography", "bin", "tool", "n_sites", "n_scored", "n_constant", "r2_site", "r2_site_lo", "r2_site_hi",
-            *[f"{m}_{s}" for m in METRICS for s in ("mean", "sd")], "d_r2_site", "d_lo", "d_hi"]
+            *[f"{m}_{s}" for m in METRICS for s in ("mean", "sd")], "d_r2_site", "d_lo", "d_hi",
+            "iqs_site", "pearson", "d_iqs", "d_iqs_lo", "d_iqs_hi", "d_pearson", "d_pearson_lo", "d_pearson_hi"]
     lines = ["\t".join(head)]
     for c in all_cells:
         vals = [c.demography, c.bin, c.tool, c.n_sites, c.n_scored, c.n_constant, c.r2_site, *c.r2_site_ci,
-                *[v for m in METRICS for v in c.seeds[m]], c.diff, *(c.diff_ci or (None, None))]
+                *[v for m in METRICS for v in c.seeds[m]], c.diff, *(c.diff_ci or (None, None)),
+                c.iqs_site, c.pearson, c.iqs_diff, *(c.iqs_diff_ci or (None, None)),
+                c.pearson_diff, *(c.pearson_diff_ci or (None, None))]
         lines.append("\t".join("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in vals))
     payload = {"cells": [dataclasses.asdict(c) for c in all_cells], "costs": cost_rows(replicates)}
     for path, text in ((files["tsv"], "\n".join(lines) + "\n"),

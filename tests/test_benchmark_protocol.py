@@ -254,6 +254,38 @@ def test_report_pools_sites_over_seeds_and_pairs_the_difference_to_beagle():
     lo, hi = c.r2_site_ci
     assert lo < c.r2_site < hi
     assert cells[(ALL_BIN, "beagle-5.4")].diff is None and math.isnan(cells[(MONOMORPHIC, "x")].r2_site)
+    assert c.iqs_diff == pytest.approx(-0.1) and c.iqs_diff_ci == pytest.approx((-0.1, -0.1))  # IQS is r2 here
+
+
+def _stats_est(r2: np.ndarray, est: np.ndarray) -> SiteStats:
+    return dataclasses.replace(_stats(r2), est_r2=est)
+
+
+def test_report_pairs_the_calibration_difference_within_each_seed():
+    """Pearson(estimated, empirical r2) is a per-seed metric: the paired difference is the mean over seeds
+    of the per-seed differences, its CI resamples sites within each seed, and a tool estimating exactly
+    what Beagle estimates differs by exactly 0."""
+    rng = np.random.default_rng(5)
+    m = 60
+    sites = benchmarks.scoring.SiteSet([("20", i, "A", "G") for i in range(m)], np.full(m, 0.2), np.ones(m, bool))
+    reps, want = [], []
+    for s in range(3):
+        emp = rng.random(m)
+        b_est, x_est = emp + rng.normal(0, 0.1, m), emp + rng.normal(0, 0.6, m)  # x is the worse estimator
+        want.append(np.corrcoef(x_est, emp)[0, 1] - np.corrcoef(b_est, emp)[0, 1])
+        reps.append(report.Replicate("D", s, sites, {"beagle-5.4": _stats_est(emp, b_est), "x": _stats_est(emp, x_est),
+                                                     "same": _stats_est(emp, b_est)}, {}))
+    cells = {(c.bin, c.tool): c for c in report.cells(reps)}
+    c = cells[(ALL_BIN, "x")]
+    assert c.pearson_diff == pytest.approx(np.mean(want))
+    lo, hi = c.pearson_diff_ci
+    assert lo < c.pearson_diff < hi < 0  # clearly worse, and the interval says so
+    same = cells[(ALL_BIN, "same")]
+    assert same.pearson_diff == 0 and same.pearson_diff_ci == (0.0, 0.0)
+    assert cells[(ALL_BIN, "beagle-5.4")].pearson == pytest.approx(np.mean(
+        [np.corrcoef(r.scores["beagle-5.4"].est_r2, r.scores["beagle-5.4"].r2)[0, 1] for r in reps]))
+    text = report.quality_markdown([x for x in cells.values()], ["beagle-5.4", "x"])
+    assert f"{c.pearson_diff:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
 
 
 def test_ablation_rows_are_valid_configs_adding_one_step_each():
