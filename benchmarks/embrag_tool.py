@@ -29,6 +29,7 @@ from benchmarks.tools import Cost
 from embrag.config import RunConfig
 from storage.atomic import read_json, write_json
 from storage.evaluate import load_panel_af
+from storage.impute import IMPUTE_THREADS
 from storage.layout import RunLayout
 from storage.prepare import prepare
 from storage.training import run_epochs
@@ -69,7 +70,7 @@ def training_config(inputs: Inputs, variant: str, overrides: dict | None = None)
 # is the seed design with its row-order ties fixed: the window index alone, K=4, no match evidence,
 # random masks of the old curriculum; the last step is the default model of when the ablation was measured
 # (f67ebbf), K = 16 and no prior gate: rows a3-a6 keep K = 16 so each adds one step (the default K is 4
-# since), and a6 runs the model on every haplotype (``model.prior_gate`` 0.05 is the default since).
+# since), and a6 runs the model on every haplotype (a ``model.prior_gate`` is the default since, 0.45 now).
 _SEED = {"retrieval__rank": "index", "retrieval__pbwt_radius": 0, "model__k": 4, "model__match_features": False,
          "model__copy_head": False, "mask__design": "random"}
 ABLATION: tuple[tuple[str, dict], ...] = (  # (label, a folder name too; overrides)
@@ -141,11 +142,14 @@ class Embrag:
         self.name = f"embrag-{variant}" + (f"-{label}" if label else "")
 
     def _impute(self, ckpt: Path, run_dir: Path, target: Path, out: Path, threads: int) -> tuple[Path, Cost]:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(_REPO)}
+        # embrag imputes with its own default, one thread (storage.impute.IMPUTE_THREADS: more only spin),
+        # whatever the other tools get
+        del threads
+        env = {**os.environ, "OMP_NUM_THREADS": str(IMPUTE_THREADS), "PYTHONPATH": str(_REPO)}
 
         def make():
             return out, tools.measure([sys.executable, "-c", _IMPUTE, ckpt, run_dir, target, out, "0"],
-                                      out.with_suffix(".log"), threads, env)
+                                      out.with_suffix(".log"), IMPUTE_THREADS, env)
 
         return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=[str(ckpt), str(target)])
 

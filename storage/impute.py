@@ -71,6 +71,18 @@ class ImputeSummary:
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
+# Imputation's threads unless told: one. Its work is the prior's numpy chain (one core whatever the pools)
+# and small model batches; more threads only spin. 1 Mb x 500 samples, prior gate 0.45: 9.5 CPU s and 9.3 s
+# wall with one thread, 22.8 CPU s and 13.9 s wall with two (this 2-core machine); the protocol's 50-sample
+# target: 3.4 vs 8.9 CPU s, 3.2 vs 6.0 s wall. Several targets in parallel use the cores better.
+IMPUTE_THREADS = 1
+
+
+def impute_threads(threads: int | None) -> int:
+    """The thread count imputation runs with: ``threads``, or :data:`IMPUTE_THREADS` when None."""
+    return IMPUTE_THREADS if threads is None else threads
+
+
 def set_threads(threads: int) -> None:
     """Every thread pool of this process: torch's and FAISS's OpenMP, and the BLAS libraries (numpy's
     OpenBLAS runs the prior's products, FAISS's its searches).
@@ -260,8 +272,7 @@ class Imputer:
 
     def __init__(self, checkpoint: Path, run_dir: Path, *, device: str = "auto", threads: int | None = None) -> None:
         self.checkpoint, self.run_dir = Path(checkpoint), Path(run_dir)
-        if threads is not None:
-            set_threads(threads)
+        set_threads(impute_threads(threads))
         self.prepared = PreparedData(RunLayout(self.run_dir).prepared)
         self.device = resolve_device(device)
         # same sites as trained on
@@ -329,7 +340,7 @@ def impute_vcf(
     the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. Neighbours are chosen as in
     training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
     with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
-    BLAS libraries' threads of this process (default: theirs, one per core). ``prior_gate``: the
+    BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one). ``prior_gate``: the
     checkpoint's ``model.prior_gate`` unless given (0: the model imputes every haplotype). ``seconds``
     counts the loading of the checkpoint too.
     """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import task
 
-from storage.impute import Imputer, check_target, evaluate_imputed, set_threads
+from storage.impute import Imputer, check_target, evaluate_imputed, impute_threads, set_threads
 from storage.layout import RunLayout
 from tasks._common import LIVE, fault_point
 
@@ -29,9 +29,9 @@ def loaded_imputer(checkpoint: str, run_dir: str, threads: int | None) -> Impute
                                 "(<run_dir>/<variant>/checkpoints/epoch-NNN.pt)")
     files = (path, RunLayout(root).prepared / "zarr.json")
     stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (f.stat() for f in files if f.exists()))
+    threads = impute_threads(threads)  # one key for "not given" and its default
     imputer = _imputer(str(path), str(root), threads, stamp)
-    if threads is not None:
-        set_threads(threads)  # a cached imputer was built under this process's settings of then
+    set_threads(threads)  # a cached imputer was built under this process's settings of then
     return imputer
 
 

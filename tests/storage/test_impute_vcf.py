@@ -407,6 +407,18 @@ def test_outputs_never_overwrite_a_target_and_several_targets_need_a_folder(run,
     assert outs == [tmp_path / "out" / f"{Path(array).name.split('.')[0]}.v18.vcf.gz", tmp_path / "out" / "x.v18.vcf.gz"]
 
 
+def test_imputation_runs_one_thread_unless_told(run, monkeypatch):
+    """More threads only spin here (storage.impute.IMPUTE_THREADS): without ``threads`` the pools get one.
+    Kills: None leaving the pools at one per core again, a given count ignored."""
+    import storage.impute as si
+
+    seen = []
+    monkeypatch.setattr(si, "set_threads", seen.append)
+    si.Imputer(run["ckpt"], run["root"])
+    si.Imputer(run["ckpt"], run["root"], threads=3)
+    assert seen == [1, 3]
+
+
 def test_the_task_reuses_a_loaded_checkpoint_until_it_changes(run, tmp_path, monkeypatch):
     """Kills: a cache key without the checkpoint's stamp (a rewritten checkpoint not reloaded), no cache at all,
     threads not applied on a cache hit."""
@@ -428,6 +440,8 @@ def test_the_task_reuses_a_loaded_checkpoint_until_it_changes(run, tmp_path, mon
     impute("a.vcf.gz")
     impute("b.vcf.gz")
     assert len(loads) == 1 and threads == [1, 1]
+    ti.impute_task.fn(str(run["root"]), str(ckpt), str(array), str(tmp_path / "default.vcf.gz"))
+    assert threads[-1] == 1  # no count given: one thread, on a cache hit too
     st = ckpt.stat()
     try:
         os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # as if rewritten in place
@@ -463,19 +477,19 @@ def test_the_summary_reports_the_share_the_prior_gate_answered(run, monkeypatch)
 
 
 def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
-    """``prior_gate`` of ``impute_vcf`` overrides the checkpoint's: 0 runs the model on every haplotype, a wider
-    gate decides more; out of range is refused before the checkpoint is loaded. Kills: the override ignored
+    """``prior_gate`` of ``impute_vcf`` overrides the checkpoint's: 0 runs the model on every haplotype, a narrower
+    gate decides less; out of range is refused before the checkpoint is loaded. Kills: the override ignored
     (or applied only to the summary), an unchecked gate, a gate checked only after loading."""
     target = run["sim"].test_array_vcf
     s0, _ = _impute(run, target, "gate0", prior_gate=0.0)
     s_default = run["summary"]
-    s_wide, _ = _impute(run, target, "gate-wide", prior_gate=0.3)
+    s_narrow, _ = _impute(run, target, "gate-narrow", prior_gate=0.01)
     assert (s0.prior_gate, s0.prior_decided) == (0.0, 0.0)
-    assert s_default.prior_gate == CFG.model.prior_gate
+    assert s_default.prior_gate == CFG.model.prior_gate > 0.01
     # the temperature was fitted on the rows the checkpoint's gate let through (recorded with it): another gate warns
-    assert "fitted with prior gate 0.05" in s0.warning and "imputation uses 0" in s0.warning
+    assert f"fitted with prior gate {CFG.model.prior_gate:g}" in s0.warning and "imputation uses 0" in s0.warning
     assert "prior gate" not in (s_default.warning or "")
-    assert s_wide.prior_gate == 0.3 and s_wide.prior_decided > s_default.prior_decided
+    assert s_narrow.prior_gate == 0.01 and 0 < s_narrow.prior_decided < s_default.prior_decided
     out = run["root"] / "gate-bad.vcf.gz"
     import storage.impute as si
 
