@@ -164,7 +164,10 @@ def allowed_rows(queries: np.ndarray, n_panel: int, exclude_rows: np.ndarray | N
     return ok
 
 
-CELLS_PER_CHUNK = 1 << 22  # queries x panel x chain sites per forward-backward (float32: ~50 MB of posteriors)
+# Queries x states x chain sites per forward-backward call. The chain writes into the block's cache and keeps
+# two scratch slabs, so this bounds only the per-query state alleles gathered for large panels (uint8) and
+# sets the slab size: ~128 queries x 800 states is 4.4 ns per cell and site, 26 queries 6.1 ns, 512 5.7 ns.
+CELLS_PER_CHUNK = 1 << 25
 CM_PER_BP = 1e-6  # without a genetic map: 1 cM/Mb (``ne`` is chosen on validation and absorbs the rate)
 # Posteriors kept for the current block, all batches together: 500 target samples (imputation's
 # chunk) x 1,600 states x the block's ~258 typed columns is 1.65 GB; beyond it, batches recompute.
