@@ -94,8 +94,9 @@ def impute_window(
     table), None (no retrieval). Neighbours: ``embrag.epoch.retrieve`` with the model's k, as in
     training. ``temperature`` divides the logits (calibration fitted on validation). ``baselines``:
     when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
-    (``embrag.neighbours.copy_top1`` / ``copy_vote``), and the model's Li-Stephens prior alone,
-    ``"hmm"`` (models with ``hmm_prior``), ``(Ht, L)`` each. ``prior_gate``: None = the model's
+    (``embrag.neighbours.copy_top1`` / ``copy_vote``), the model's Li-Stephens prior alone,
+    ``"hmm"`` (models with ``hmm_prior``), and the model on every row, gate or not, ``"model"``
+    (what training taught it, when the gate hands most rows to the prior), ``(Ht, L)`` each. ``prior_gate``: None = the model's
     ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
 
     ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
@@ -112,7 +113,8 @@ def impute_window(
     fast = _tabulated(model, index_kind, inp, device) if inp.exclude_rows is None else None
     out = np.empty(model_tokens.shape, np.float32)
     if baselines is not None:
-        baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32))
+        baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32),
+                         model=np.full(out.shape, np.nan, np.float32))
     retrieves = data.index is not None or data.match is not None
     uses_hmm = model.cfg.uses_hmm and retrieves
     gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if uses_hmm and data.match is not None else 0.0
@@ -131,9 +133,11 @@ def impute_window(
         nb = retrieve(data, rows, model.cfg.k, prior=uses_hmm, hmm=None if prior is None else prior[rows]
                       ) if retrieves else None
         mine = run[rows]  # (B,)
-        if mine.any():
-            sub = rows[mine]
-            nb_run = nb if nb is None or mine.all() else nb.subset(mine)
+        # validation (baselines) runs the model on every row, for its ungated "model" metrics
+        speak = np.ones(len(rows), bool) if baselines is not None else mine  # (B,)
+        if speak.any():
+            sub = rows[speak]
+            nb_run = nb if nb is None or speak.all() else nb.subset(speak)
             batch = _batch(model_tokens[sub], inp, sub, device)
             if fast is not None:
                 logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb_run, inp.panel_tokens,
@@ -141,7 +145,10 @@ def impute_window(
             else:
                 logits, _ = forward_batch(model, model.cfg, data, sub, batch, live=False, device=device,
                                           neighbours=nb_run)  # (b, L)
-            out[sub] = torch.sigmoid(logits.float() / temperature).cpu().numpy()
+            probs = torch.sigmoid(logits.float() / temperature).cpu().numpy()  # (b, L)
+            out[rows[mine]] = probs[mine[speak]]
+            if baselines is not None:
+                baselines["model"][sub] = probs
         if baselines is not None and nb is not None and nb.runs is not None:  # here nb is of every row
             refs, valid = inp.panel_tokens[np.maximum(nb.rows, 0)], nb.rows >= 0  # (B, K, L), (B, K)
             baselines["top1"][rows] = copy_top1(refs, valid, nb.runs, inp.af)

@@ -31,7 +31,8 @@ def summary_row(variant: str, history: list[dict], run_id: str | None = None) ->
     scored = [h for h in history if _finite(h.get("val_f1"))]
     best = max(scored, key=lambda h: h["val_f1"]) if scored else last  # earliest epoch wins ties
     row = {"variant": variant, "epochs": len(history)}
-    for key in ("val_loss", "val_f1", "val_rare_f1", "val_common_f1", "val_r2_all"):
+    # val_r2_all as deployed (the prior gate); the model alone on every row and the prior alone beside it
+    for key in ("val_loss", "val_f1", "val_rare_f1", "val_common_f1", "val_r2_all", "val_model_r2_all", "val_hmm_r2_all"):
         row[key] = last.get(key, math.nan)
     row["best_val_f1"] = best.get("val_f1", math.nan)
     row["best_epoch"] = int(best.get("epoch", len(history) - 1))

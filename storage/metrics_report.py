@@ -87,7 +87,8 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
     everyone scores near 1, and those sites' many ALT calls would hide a collapse at the others.
     ``val_r2_all_panel_af_baseline``: aggregate r2 of dosage = 2 * panel AF on the same sites.
     ``prefix`` names another predictor's metrics (``val_top1``, ``val_vote``: the copy baselines;
-    ``val_hmm``: the model's Li-Stephens prior alone).
+    ``val_hmm``: the model's Li-Stephens prior alone; ``val_model``: the model on every row, the prior gate
+    ignored).
     """
     v = collect_sites(prepared, predictions, masks, truth)
     if v.site.size == 0:

@@ -242,7 +242,7 @@ def test_the_prior_baseline_is_the_whole_panel_hmm_of_the_targets(variant, rng):
                         ne=inp.retrieval.hmm_ne, eps=inp.retrieval.hmm_eps, flank=inp.retrieval.hmm_flank,
                         block=inp.retrieval.hmm_block)
     np.testing.assert_allclose(extra["hmm"], want, atol=1e-6)
-    assert set(extra) == {"top1", "vote", "hmm"}
+    assert set(extra) == {"top1", "vote", "hmm", "model"}
 
 
 # -- the prior gate (ModelConfig.prior_gate) ------------------------------------------------------------
@@ -321,22 +321,29 @@ def test_gated_rows_take_the_prior_and_the_others_the_calibrated_model(variant, 
 
 
 def test_the_gate_leaves_validation_baselines_whole(rng):
-    """Validation's no-model copies (top1, vote, hmm) cover every row whatever the gate. Kills: the
-    baselines computed for the model's rows only."""
+    """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
+    the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's
+    rows only, "model" holding the gated output, a gated row's model output written to the imputation."""
     import dataclasses
 
     inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
     model = _model("v18", seed=5)
+    with torch.no_grad():
+        for p in model.parameters():  # a model that differs from its prior
+            p.add_(torch.randn_like(p) * 0.2)
     plain: dict[str, np.ndarray] = {}
-    impute_window(model, inp, index_kind="compact", batch_size=4, baselines=plain)
-    gate, _ = _gate_between(inp, model)
+    ungated = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=plain)
+    gate, sure = _gate_between(inp, model)
     model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
     gated: dict[str, np.ndarray] = {}
-    impute_window(model, inp, index_kind="compact", batch_size=4, baselines=gated)
-    assert set(gated) == set(plain) == {"top1", "vote", "hmm"}
+    out = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=gated)
+    assert set(gated) == set(plain) == {"top1", "vote", "hmm", "model"}
     for name in plain:
         assert not np.isnan(gated[name]).any(), name
         np.testing.assert_allclose(gated[name], plain[name], atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(gated["model"], ungated, atol=1e-6)
+    np.testing.assert_allclose(out[sure], _prior(inp)[sure], atol=1e-6)  # deployed: the gate still holds
+    assert not np.allclose(out[sure], ungated[sure], atol=1e-3)
 
 
 def test_prior_gate_is_checked():
