@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.protocol import ToolRun
 from benchmarks.scoring import MONOMORPHIC, SiteSet, bin_rows, row_sites
 from embrag.constants import MAF_BIN_NAMES
-from embrag.metrics import ALL_BIN, SiteStats
+from embrag.metrics import ALL_BIN, ZERO_VAR, SiteStats
 from storage.evaluate import json_safe
 
 BASELINE = "beagle-5.4"
@@ -76,17 +76,29 @@ def bootstrap_means(values: np.ndarray, seed: int, n_boot: int = N_BOOT) -> np.n
     return out
 
 
-def _ci(means: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.nanpercentile(means, [2.5, 97.5])
+MIN_PEARSON_SITES = 20  # a seed with fewer scored sites in a bin gives no Pearson there
+MIN_VALID_DRAWS = 0.95  # a Pearson CI needs this share of bootstrap draws defined (no constant column)
+
+
+def _ci(means: np.ndarray, min_valid: float = 1.0) -> tuple[float, float]:
+    """2.5 and 97.5 percentiles of the bootstrap values; NaN unless at least ``min_valid`` of them are
+    defined (1: all, for means of finite values; a Pearson's draw may hit a constant column)."""
+    ok = np.isfinite(means)
+    if not ok.any() or ok.mean() < min_valid:
+        return math.nan, math.nan
+    lo, hi = np.percentile(means[ok], [2.5, 97.5])
     return float(lo), float(hi)
 
 
 def row_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson of ``x`` and ``y`` ``(B, M)`` along the last axis ``(B,)``; NaN where either is constant."""
+    """Pearson of ``x`` and ``y`` ``(B, M)`` along the last axis ``(B,)``; NaN where either is constant
+    (``embrag.metrics.pearson``'s threshold: float noise of a constant column is no variance)."""
+    m = x.shape[-1]
     dx, dy = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
-    den = np.sqrt((dx * dx).sum(-1) * (dy * dy).sum(-1))
+    sxx, syy = (dx * dx).sum(-1), (dy * dy).sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (dx * dy).sum(-1) / den, np.nan)
+        r = (dx * dy).sum(-1) / np.sqrt(sxx * syy)
+    return np.where((sxx > ZERO_VAR * m) & (syy > ZERO_VAR * m), r, np.nan)
 
 
 def paired_iqs(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], seed: int
@@ -104,8 +116,9 @@ def paired_iqs(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], s
 def paired_pearson(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], seed: int,
                    n_boot: int = N_BOOT) -> tuple[np.ndarray, np.ndarray]:
     """Pearson(estimated, empirical r2) per tool ``(T,)``, the mean over seeds of each seed's value on
-    its sites ``sel`` where every tool's estimate and r2 are finite, and ``(n_boot, T)`` bootstrap values
-    (sites resampled within each seed, the same draws for every tool)."""
+    its sites ``sel`` where every tool's estimate and r2 are finite (seeds with fewer than
+    ``MIN_PEARSON_SITES`` such sites left out), and ``(n_boot, T)`` bootstrap values (sites resampled
+    within each seed, the same draws for every tool; a draw is NaN if any seed's is)."""
     rng = np.random.default_rng(seed)
     point, boot = [], []
     for r, s in zip(reps, sel, strict=True):
@@ -113,7 +126,7 @@ def paired_pearson(reps: list[Replicate], sel: list[np.ndarray], tools: list[str
         emp = np.stack([r.scores[t].r2[s] for t in tools])  # (T, M)
         ok = np.isfinite(est).all(axis=0) & np.isfinite(emp).all(axis=0)
         est, emp = est[:, ok], emp[:, ok]
-        if ok.sum() < 3:
+        if ok.sum() < MIN_PEARSON_SITES:
             continue
         point.append(row_pearson(est, emp))  # (T,)
         draw = rng.integers(0, ok.sum(), (n_boot, ok.sum()))  # (B, M)
@@ -156,7 +169,7 @@ def cells(replicates: list[Replicate], seed: int = 2024) -> list[Cell]:
                         diff=float((pooled[:, j] - pooled[:, base]).mean()), diff_ci=_ci(boot[:, j] - boot[:, base]),
                         iqs_diff=float(iqs[j] - iqs[base]), iqs_diff_ci=_ci(iqs_boot[:, j] - iqs_boot[:, base]),
                         pearson_diff=float(pear[j] - pear[base]),
-                        pearson_diff_ci=_ci(pear_boot[:, j] - pear_boot[:, base]))
+                        pearson_diff_ci=_ci(pear_boot[:, j] - pear_boot[:, base], MIN_VALID_DRAWS))
                 out.append(Cell(
                     demography, name, t, sum(x.n_sites for x in rows), len(pooled),
                     sum(x.n_constant for x in rows), float(pooled[:, j].mean()) if len(pooled) else math.nan,

@@ -287,6 +287,34 @@ def test_report_pairs_the_calibration_difference_within_each_seed():
     text = report.quality_markdown([x for x in cells.values()], ["beagle-5.4", "x"])
     assert f"{c.pearson_diff:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
 
+    # a seed with fewer than MIN_PEARSON_SITES finite estimates gives no Pearson: the others' mean
+    few = reps[2].scores["x"]
+    est = few.est_r2.copy()
+    est[report.MIN_PEARSON_SITES - 1:] = np.nan
+    reps[2] = dataclasses.replace(reps[2], scores={**reps[2].scores, "x": dataclasses.replace(few, est_r2=est)})
+    c = {(c.bin, c.tool): c for c in report.cells(reps)}[(ALL_BIN, "x")]
+    assert c.pearson_diff == pytest.approx(np.mean(want[:2]))
+
+
+def test_report_pairs_iqs_on_sites_every_tool_defines_and_a_constant_column_has_no_pearson():
+    """Kills: a site kept when only one tool's IQS is NaN (an unpaired mean), float noise of a constant
+    column read as a correlation."""
+    m = 8
+    sites = benchmarks.scoring.SiteSet([("20", i, "A", "G") for i in range(m)], np.full(m, 0.2), np.ones(m, bool))
+    b_iqs, x_iqs = np.linspace(0.5, 0.9, m), np.linspace(0.4, 0.8, m) + 0.05 * (np.arange(m) % 2)
+    b_iqs[3] = np.nan  # undefined for beagle only: the site leaves both tools' means
+    stats = {"beagle-5.4": dataclasses.replace(_stats(np.full(m, 0.5)), iqs=b_iqs),
+             "x": dataclasses.replace(_stats(np.full(m, 0.5)), iqs=x_iqs)}
+    cells = {(c.bin, c.tool): c for c in report.cells([report.Replicate("D", 1, sites, stats, {})])}
+    keep = np.arange(m) != 3
+    c = cells[(ALL_BIN, "x")]
+    assert c.iqs_site == pytest.approx(x_iqs[keep].mean())
+    assert c.iqs_diff == pytest.approx((x_iqs[keep] - b_iqs[keep]).mean())
+    assert math.isnan(c.pearson)  # 8 sites < MIN_PEARSON_SITES
+    const = np.full((2, 30), 0.1)  # 0.1 is not exact in binary: the centred column is ~1e-17, not 0
+    assert np.isnan(report.row_pearson(const, const)).all()
+    assert np.isnan(report.row_pearson(const, np.random.default_rng(0).random((2, 30)))).all()
+
 
 def test_ablation_rows_are_valid_configs_adding_one_step_each():
     """Each ablation row must build (a typo'd field would only fail an hour into the benchmark), and
