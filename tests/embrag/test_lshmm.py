@@ -353,3 +353,26 @@ def test_a_target_without_one_contig_gets_capped_priors_on_the_other():
         assert p.shape == (1, 8) and np.isfinite(p).all()
         if windows.contig[w] == "2":
             np.testing.assert_allclose(p[0], af, atol=1e-6)
+
+
+@pytest.mark.parametrize("states", [0, 6])
+def test_a_block_chain_in_many_query_parts_equals_it_in_one(monkeypatch, states):
+    """``_block_posteriors`` splits the queries into parts of ``CELLS_PER_CHUNK`` cells, each writing its rows
+    of the block's cache. Kills: a part's slice mistyped (later parts left unwritten), rows of one part
+    written to another's."""
+    rng = np.random.default_rng(7)
+    panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
+    query = (panel[[3, 9, 12, 5, 1]] ^ (rng.random((5, 120)) < 0.05)).astype(np.uint8)
+    ctx, windows = _context(panel, query, np.arange(0, 120, 4), 10)
+
+    def prior(w):
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        return lshmm.window_prior(ctx, w, np.arange(16, 21), tokens, panel[:, lo:hi].mean(0),
+                                  exclude_rows=None, ne=300, eps=1e-3, flank=6, block=16, states=states)
+
+    want = [prior(w) for w in range(len(windows))]
+    ctx.prior_cache.clear()
+    monkeypatch.setattr(lshmm, "CELLS_PER_CHUNK", 1)  # one query per part
+    for w in range(len(windows)):
+        np.testing.assert_array_equal(prior(w), want[w])
