@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("replicate", type=Path, help="a finished replicate of benchmarks/accuracy.py (holds choices.json)")
     p.add_argument("--tool", default="embrag-v18", help="the embrag entry of choices.json (e.g. embrag-v17)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="Beagle's threads (embrag imputes with its default, one)")
     args = p.parse_args(argv)
     rep = args.replicate
     choices = read_json(rep / CHOICES)
@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     def impute() -> tuple[Path, tools.Cost]:
         from storage.impute import impute_vcf
 
-        impute_vcf(checkpoint, run_dir, val_phased, embrag_vcf, allow_panel_overlap=True,
-                   threads=args.threads)  # leave-sample-out
+        impute_vcf(checkpoint, run_dir, val_phased, embrag_vcf, allow_panel_overlap=True)  # leave-sample-out
         return embrag_vcf, tools.ZERO
 
     # keyed by the checkpoint: a retrained replicate is imputed again

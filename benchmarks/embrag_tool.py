@@ -28,6 +28,7 @@ from benchmarks.scoring import vcf_keys
 from benchmarks.tools import Cost
 from embrag.config import RunConfig
 from storage.atomic import read_json, write_json
+from storage.checkpoints import calibration_path
 from storage.evaluate import load_panel_af
 from storage.impute import IMPUTE_THREADS
 from storage.layout import RunLayout
@@ -151,7 +152,12 @@ class Embrag:
             return out, tools.measure([sys.executable, "-c", _IMPUTE, ckpt, run_dir, target, out, "0"],
                                       out.with_suffix(".log"), IMPUTE_THREADS, env)
 
-        return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=[str(ckpt), str(target)])
+        # what changes the imputation without changing the checkpoint: its calibration (temperature, the gate it
+        # was fitted under), the default gate of checkpoints that record none, the thread count
+        calibration = calibration_path(ckpt)
+        key = [str(ckpt), str(target), calibration.read_text() if calibration.exists() else "",
+               RunConfig().model.prior_gate, IMPUTE_THREADS]
+        return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=key)
 
     def tune(self, inputs: Inputs, work: Path) -> dict:
         import torch
