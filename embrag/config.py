@@ -164,7 +164,7 @@ class ModelConfig:
     # ``hmm_prior``. Chosen on the protocol's 6 validation targets (3 seeds x CEU, YRI, 200 markers/Mb, the
     # K = 4 checkpoints, the temperature re-fitted under each gate; README "Imputing a target VCF"): 0.05
     # skips 83 / 90 % (CEU / YRI) of haplotype-windows with mean per-site r2 within 0.001 of no gate in every
-    # MAF bin. 0.45 skips 98 %; against 0.05 (means over the 3 seeds) every bin's mean per-site r2 moves by
+    # MAF bin or above it. 0.45 skips 98 %; against 0.05 (means over the 3 seeds) every bin's mean per-site r2 moves by
     # -0.0022 to +0.0007, the rarest-bin IQS rises by 0.019 (CEU) / 0.008 (YRI), Pearson(INFO R2, empirical
     # r2) by 0.020 / 0.009, and imputation CPU falls by 30-57 %. Where the prior is unsure the transformer
     # speaks; elsewhere it has not yet done better than its prior.

@@ -340,7 +340,8 @@ def impute_vcf(
     the others are imputed (IMP); GT:DS:GP:HDS, INFO AF and R2. Neighbours are chosen as in
     training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
     with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
-    BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one). ``prior_gate``: the
+    BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one; set for the rest of the
+    process, as ``set_threads`` does). ``prior_gate``: the
     checkpoint's ``model.prior_gate`` unless given (0: the model imputes every haplotype). ``seconds``
     counts the loading of the checkpoint too.
     """
