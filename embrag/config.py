@@ -158,17 +158,21 @@ class ModelConfig:
     copy_head: bool = True  # output = logit of the match-weighted copy of the neighbours + a learned correction
     copy_power: float = 8.0  # the copy head starts as the (1 + run)^power vote (learned from there)
     hmm_prior: bool = True  # the copy head starts from the whole panel's Li-Stephens P(ALT) (embrag.lshmm)
-    # Inference (validation and imputation alike): a target haplotype whose prior P(ALT) is within this of
+    # Inference (validation and imputation alike): a target haplotype whose prior P(ALT) is within the gate of
     # 0 or 1 at every site the window fills takes the prior as it is (the temperature is the model's), without
     # retrieval or transformer (embrag.impute.prior_decides). 0 = the model runs everywhere. Only with
-    # ``hmm_prior``. Chosen on the protocol's 6 validation targets (3 seeds x CEU, YRI, 200 markers/Mb, the
-    # K = 4 checkpoints, the temperature re-fitted under each gate; README "Imputing a target VCF"): 0.05
-    # skips 83 / 90 % (CEU / YRI) of haplotype-windows with mean per-site r2 within 0.001 of no gate in every
-    # MAF bin or above it. 0.45 skips 98 %; against 0.05 (means over the 3 seeds) every bin's mean per-site r2 moves by
-    # -0.0022 to +0.0007, the rarest-bin IQS rises by 0.019 (CEU) / 0.008 (YRI), Pearson(INFO R2, empirical
-    # r2) by 0.020 / 0.009, and imputation CPU falls by 30-57 %. Where the prior is unsure the transformer
-    # speaks; elsewhere it has not yet done better than its prior.
-    prior_gate: float = 0.45
+    # ``hmm_prior``. Validation chooses the gate among ``prior_gate_choices``: the widest whose validation mean
+    # per-site r2 is within ``prior_gate_tolerance`` of the best one's (embrag.validate.widest_gate); the
+    # checkpoint's calibration records it and imputation uses it. ``prior_gate`` is the gate validation
+    # starts from, and the one used without a calibration (or with ``prior_gate_choices`` empty).
+    # Why a choice per run: on the protocol's array validation targets (200 markers/Mb, README "Imputing a
+    # target VCF") 0.45 hands 98 % of haplotype-windows to the prior at r2 within 0.0022 of 0.05 in every bin,
+    # with a better rare IQS (+0.019 CEU, +0.008 YRI) and INFO calibration (+0.020, +0.009) and 30-57 % less
+    # CPU; on the demo's random masks (half the sites typed) the model alone beats its prior by 0.020 mean
+    # per-site r2 (0.936 vs 0.916) and 0.45 would cost 0.016 of it, where 0.05 costs nothing.
+    prior_gate: float = 0.05
+    prior_gate_choices: tuple[float, ...] = (0.0, 0.01, 0.05, 0.2, 0.45)
+    prior_gate_tolerance: float = 0.001
 
     def __post_init__(self) -> None:
         for name in ("dim", "layers", "heads", "ff_mult", "k", "max_len"):
@@ -179,6 +183,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         _require(self.copy_power > 0, f"ModelConfig.copy_power must be > 0, got {self.copy_power}")
         check_prior_gate(self.prior_gate)
+        for gate in self.prior_gate_choices:
+            check_prior_gate(gate)
+        _require(self.prior_gate_tolerance >= 0,
+                 f"ModelConfig.prior_gate_tolerance must be >= 0, got {self.prior_gate_tolerance}")
 
     @property
     def uses_hmm(self) -> bool:

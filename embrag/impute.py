@@ -87,6 +87,7 @@ def impute_window(
     model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
     device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
     prior_gate: float | None = None, gated: np.ndarray | None = None,
+    decided: dict[float, np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
@@ -98,6 +99,8 @@ def impute_window(
     ``"hmm"`` (models with ``hmm_prior``), and the model on every row, gate or not, ``"model"``
     (what training taught it, when the gate hands most rows to the prior), ``(Ht, L)`` each. ``prior_gate``: None = the model's
     ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
+    ``decided``: when a dict keyed by gates, each value is set to the bool ``(Ht,)`` rows that gate would
+    answer (validation choosing the gate: ``embrag.validate.compose``); all False without a prior.
 
     ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
     (the HMM's own probability, which the model's temperature was not fitted on).
@@ -121,6 +124,9 @@ def impute_window(
     fill = (model_tokens == MASK) & inp.real[None, :]  # (Ht, L): the slots the model fills in
     n = len(model_tokens)
     prior, run = _prior_and_gate(data, fill, batch_size, uses_hmm, gate)  # (Ht, L) or None, (Ht,)
+    for g in decided or ():
+        decided[g] = (prior_decides(prior, fill, g) if prior is not None and data.match is not None and g > 0
+                      else np.zeros(n, bool))  # (Ht,)
     if gate > 0:
         out[~run] = prior[~run]
     if gated is not None:

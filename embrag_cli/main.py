@@ -365,7 +365,7 @@ def impute(
     threads: Annotated[int | None, typer.Option(help="Threads of torch, FAISS and the BLAS libraries (default 1: more only spin; run targets in parallel instead)")] = None,
     prior_gate: Annotated[float | None, typer.Option(help=(
         "Haplotypes whose Li-Stephens prior is within this of 0 or 1 at every site of a window take the prior "
-        "without the model (default: the checkpoint's model.prior_gate: 0.45 unless it records another; 0 = the model everywhere)"))] = None,
+        "without the model (default: the gate validation chose for the checkpoint; 0 = the model everywhere)"))] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow (impute-many with several targets)")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""

@@ -66,7 +66,7 @@ class ImputeSummary:
     n_windows: int
     seconds: float
     untyped_fraction: float  # panel sites the target does not type
-    prior_gate: float  # the gate used (the checkpoint's model.prior_gate unless overridden)
+    prior_gate: float  # the gate used: the one given, else the one validation chose (calibration), else model.prior_gate
     prior_decided: float  # haplotype-windows the prior answered without the model
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
@@ -225,6 +225,14 @@ def read_calibration(checkpoint: Path) -> tuple[float, float | None]:
     return float(record["temperature"]), record.get("prior_gate")
 
 
+def choose_gate(given: float | None, calibrated: float | None, configured: float) -> float:
+    """The gate an imputation runs under: the one given, else the one validation chose and the checkpoint's
+    calibration records, else the checkpoint's ``model.prior_gate`` (a calibration from before either)."""
+    if given is not None:
+        return given
+    return configured if calibrated is None else calibrated
+
+
 def gate_mismatch(checkpoint: Path, fitted_under: float | None, gate: float) -> str | None:
     """A warning when the temperature was fitted under another prior gate than the one imputing: it was fitted
     on the haplotypes that gate handed to the model, so others get a temperature not fitted on them."""
@@ -289,8 +297,8 @@ class Imputer:
         t0 = time.perf_counter()
         target_vcf, out_vcf = Path(target_vcf), Path(out_vcf)
         check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate)
-        gate = self.cfg.model.prior_gate if prior_gate is None else prior_gate
         temperature, fitted_under = read_calibration(self.checkpoint)  # per target: one written since is used
+        gate = choose_gate(prior_gate, fitted_under, self.cfg.model.prior_gate)
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
@@ -341,8 +349,8 @@ def impute_vcf(
     training and validation (the checkpoint's retrieval config and k); probabilities are calibrated
     with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
     BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one; set for the rest of the
-    process, as ``set_threads`` does). ``prior_gate``: the
-    checkpoint's ``model.prior_gate`` unless given (0: the model imputes every haplotype). ``seconds``
+    process, as ``set_threads`` does). ``prior_gate``: the gate validation chose for this checkpoint
+    unless given (``choose_gate``; 0: the model imputes every haplotype). ``seconds``
     counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from embrag.impute import WindowInputs
 from embrag.masking import train_rate, window_masks
 from embrag.neighbours import tie_seed
 from embrag.refresh import batch_due, bump_mask
-from embrag.validate import fit_temperature, validate, validation_windows
+from embrag.validate import compose, fit_temperature, validate, validation_windows, widest_gate
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
 from storage.distributed import barrier, is_writer
@@ -144,30 +144,56 @@ def validation_inputs(run: VariantRun, queries: QuerySet,
 def validate_epoch(run: VariantRun, epoch: int) -> dict:
     """Validation = deployment: the model after ``epoch`` imputes the validation queries under the
     fixed validation mask with its own fp32 tables and the imputation path; writes epoch metrics and
-    the checkpoint's calibration (a temperature fitted on these predictions)."""
+    the checkpoint's calibration (the prior gate validation chose, and a temperature fitted on the
+    predictions of the rows that gate leaves to the model)."""
     path = run.paths.epoch_metrics(epoch)
     if path.exists():
         return read_json(path)
+    metrics, calibration = validate_checkpoint(run, epoch)
+    write_json(calibration_path(run.paths.checkpoint(epoch)), calibration)
+    write_json(path, metrics)
+    return metrics
+
+
+def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
+    """The epoch's validation metrics and calibration record (``validate_epoch`` writes them).
+
+    The gate: validation runs under ``model.prior_gate``, computes what each of ``model.prior_gate_choices``
+    would give (the model on every row and the prior alone, composed: ``embrag.validate.compose``), picks
+    the widest within ``model.prior_gate_tolerance`` of the best mean per-site r2
+    (``embrag.validate.widest_gate``) and, if it is another, validates again under it, so the metrics, the
+    temperature and the calibration are those of the gate imputation will use."""
     model = run.model(epoch)
     queries = query_set(run.prepared, "val")
     inputs, masks = validation_inputs(run, queries, read_site_mask(run.paths.val_masks))
-    t = run.cfg.train
+    t, m = run.cfg.train, run.cfg.model
     windows = validation_windows(len(run.prepared.windows), len(queries), 2 * t.batch_size, t.max_val_batches)
     truth = lambda w: queries.tokens(run.prepared, w)  # noqa: E731
-    v = validate(model, windows, inputs, truth, index_kind=run.index_kind,
-                 rare_maf=run.cfg.mask.rare_maf, batch_size=2 * t.batch_size, device=run.device)
+
+    def run_validation(gate: float, choices: tuple[float, ...] = ()):
+        return validate(model, windows, inputs, truth, index_kind=run.index_kind, rare_maf=run.cfg.mask.rare_maf,
+                        batch_size=2 * t.batch_size, device=run.device, prior_gate=gate, candidate_gates=choices)
+
+    choices = m.prior_gate_choices if m.uses_hmm else ()
+    v = run_validation(m.prior_gate, choices)
+    by_gate: dict[float, float] = {}
+    if choices and {"model", "hmm"} <= set(v.baselines):
+        for g in choices:
+            composed = compose(v.baselines["model"], v.baselines["hmm"], v.decided[g])
+            by_gate[g] = validation_report(run.prepared, composed, masks, truth=truth).get("val_r2site_all", np.nan)
+        gate = widest_gate(by_gate, m.prior_gate_tolerance)
+        if gate != v.prior_gate:
+            v = run_validation(gate)
     temperature = fit_temperature(v.logits, v.labels)
-    # the gate decides which rows the temperature was fitted on: recorded, so imputation can tell
-    gate = run.cfg.model.prior_gate
-    write_json(calibration_path(run.paths.checkpoint(epoch)), {"temperature": temperature, "epoch": epoch,
-                                                                "n_sites": int(len(v.labels)), "prior_gate": gate})
+    # the gate decides which rows the temperature was fitted on: recorded, so imputation uses it
+    calibration = {"temperature": temperature, "epoch": epoch, "n_sites": int(len(v.labels)),
+                   "prior_gate": v.prior_gate}
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
-               "val_prior_gate": gate}
+               "val_prior_gate": v.prior_gate, **{f"val_gate_{g:g}_r2site_all": r for g, r in by_gate.items()}}
     metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))
-    write_json(path, metrics)
-    return metrics
+    return metrics, calibration
 
 
 def reencode_after_epoch(run: VariantRun, epoch: int) -> dict:

@@ -320,6 +320,45 @@ def test_gated_rows_take_the_prior_and_the_others_the_calibrated_model(variant, 
     np.testing.assert_allclose(gated[~sure], calibrated[~sure], atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_a_gates_composition_is_imputing_under_it(variant, rng):
+    """Validation chooses the gate from one pass: the prior where a candidate gate answers, the model on
+    every row elsewhere (embrag.validate.compose) must be what imputing under that gate gives. Kills: the
+    decisions of another gate, prior and model swapped, the composition of the wrong rows."""
+    import dataclasses
+
+    from embrag.validate import compose
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    model = _model(variant, seed=5)
+    with torch.no_grad():
+        for p in model.parameters():  # a model that differs from its prior
+            p.add_(torch.randn_like(p) * 0.2)
+    kind = index_kind(variant, "compact")
+    middle, _ = _gate_between(inp, model)
+    gates = (0.0, middle, 0.45)
+    extra: dict[str, np.ndarray] = {}
+    decided: dict = dict.fromkeys(gates)
+    impute_window(model, inp, index_kind=kind, batch_size=4, baselines=extra, decided=decided)
+    assert 0 < decided[middle].sum() < len(decided[middle]) and not decided[0.0].any()
+    for g in gates:
+        model.cfg = dataclasses.replace(model.cfg, prior_gate=g)
+        want = impute_window(model, inp, index_kind=kind, batch_size=4)
+        got = compose({0: extra["model"]}, {0: extra["hmm"]}, {0: decided[g]})[0]
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(g))
+
+
+def test_the_widest_gate_within_the_tolerance_of_the_best():
+    from embrag.validate import widest_gate
+
+    r2 = {0.0: 0.900, 0.05: 0.9005, 0.2: 0.8999, 0.45: 0.8980}
+    assert widest_gate(r2, 0.001) == 0.2  # 0.45 is 0.0025 behind the best
+    assert widest_gate(r2, 0.0) == 0.05  # the best itself
+    assert widest_gate(r2, 0.01) == 0.45
+    assert widest_gate({0.0: float("nan"), 0.05: 0.8}, 0.001) == 0.05  # an undefined score never wins
+    assert widest_gate({0.0: float("nan"), 0.05: float("nan")}, 0.001) == 0.0  # nothing scored: the narrowest
+
+
 def test_the_gate_leaves_validation_baselines_whole(rng):
     """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
     the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's

@@ -104,3 +104,28 @@ def test_live_reference_embeddings_train_through_the_references(tiny_prepared_fi
     cfg = cfg.replace(train__reference_embeddings="live", train__epochs=1)
     (row,) = run_epochs(VariantRun(layout, cfg))
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+
+
+def test_validation_chooses_the_widest_gate_near_the_best_and_records_it(tiny_prepared_fixture, tmp_path, monkeypatch):
+    """The epoch's metrics hold each candidate gate's mean per-site r2, the chosen gate is the widest within
+    the tolerance of the best, the calibration records it, and the deployed metrics are validated under it
+    (a second validation when it is not the starting gate). Kills: the best instead of the widest, the
+    starting gate recorded, metrics of the starting gate kept after choosing another."""
+    import storage.training as st
+    from embrag.validate import widest_gate
+    from storage.checkpoints import calibration_path
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.05, 0.3),
+                      model__prior_gate_tolerance=1.0)  # every gate is within 1.0: the widest, 0.3, must win
+    gates_validated = []
+    real = st.validate
+    monkeypatch.setattr(st, "validate", lambda *a, **kw: gates_validated.append(kw["prior_gate"]) or real(*a, **kw))
+    run = VariantRun(layout, cfg)
+    metrics = run_epochs(run)[-1]
+    by_gate = {g: metrics[f"val_gate_{g:g}_r2site_all"] for g in (0.0, 0.05, 0.3)}
+    assert all(np.isfinite(r) for r in by_gate.values())
+    assert metrics["val_prior_gate"] == widest_gate(by_gate, 1.0) == 0.3
+    assert gates_validated == [0.0, 0.3]  # started under model.prior_gate, validated again under the choice
+    assert read_json(calibration_path(run.paths.checkpoint(0)))["prior_gate"] == 0.3
+    assert metrics["val_r2site_all"] == pytest.approx(by_gate[0.3], abs=1e-9)  # the deployed metrics: the choice's
