@@ -71,7 +71,8 @@ def training_config(inputs: Inputs, variant: str, overrides: dict | None = None)
 # is the seed design with its row-order ties fixed: the window index alone, K=4, no match evidence,
 # random masks of the old curriculum; the last step is the default model of when the ablation was measured
 # (f67ebbf), K = 16 and no prior gate: rows a3-a6 keep K = 16 so each adds one step (the default K is 4
-# since), and a6 runs the model on every haplotype (a ``model.prior_gate`` is the default since, 0.45 now).
+# since), and a6 runs the model on every haplotype (a prior gate is the default since, chosen by validation now:
+# no candidates, gate 0).
 _SEED = {"retrieval__rank": "index", "retrieval__pbwt_radius": 0, "model__k": 4, "model__match_features": False,
          "model__copy_head": False, "mask__design": "random"}
 ABLATION: tuple[tuple[str, dict], ...] = (  # (label, a folder name too; overrides)
@@ -80,7 +81,7 @@ ABLATION: tuple[tuple[str, dict], ...] = (  # (label, a folder name too; overrid
     ("a3-k16", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16, "model__k": 16}),
     ("a4-match-evidence", {"mask__design": "random", "model__hmm_prior": False, "model__k": 16}),
     ("a5-array-design", {"model__hmm_prior": False, "model__k": 16}),
-    ("a6-hmm-prior", {"model__k": 16, "model__prior_gate": 0.0}),
+    ("a6-hmm-prior", {"model__k": 16, "model__prior_gate": 0.0, "model__prior_gate_choices": ()}),
 )
 
 
@@ -171,7 +172,7 @@ class Embrag:
         ckpt = run.paths.checkpoint(epoch)
         return {"epoch": epoch, "checkpoint": str(ckpt), "run_dir": str(layout.root),
                 "epochs": [{k: row.get(k) for k in ("epoch", "val_r2site_all", "val_top1_r2site_all",
-                                                    "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature")}
+                                                    "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature", "val_prior_gate")}
                            for row in history],
                 "mask": {"design": cfg.mask.design, "array_per_mb": cfg.mask.array_per_mb,
                          "array_min_maf": cfg.mask.array_min_maf}, "overrides": self.overrides,

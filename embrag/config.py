@@ -163,8 +163,10 @@ class ModelConfig:
     # retrieval or transformer (embrag.impute.prior_decides). 0 = the model runs everywhere. Only with
     # ``hmm_prior``. Validation chooses the gate among ``prior_gate_choices``: the widest whose validation mean
     # per-site r2 is within ``prior_gate_tolerance`` of the best one's (embrag.validate.widest_gate); the
-    # checkpoint's calibration records it and imputation uses it. ``prior_gate`` is the gate validation
-    # starts from, and the one used without a calibration (or with ``prior_gate_choices`` empty).
+    # checkpoint's calibration records it and imputation uses it. Candidates are scored at temperature 1, as
+    # every val_* metric is; the temperature is fitted after the choice, on the rows the chosen gate leaves
+    # to the model. ``prior_gate`` is the gate validation starts from, and the one used without a
+    # calibration (or with ``prior_gate_choices`` empty).
     # Why a choice per run: on the protocol's array validation targets (200 markers/Mb, README "Imputing a
     # target VCF") 0.45 hands 98 % of haplotype-windows to the prior at r2 within 0.0022 of 0.05 in every bin,
     # with a better rare IQS (+0.019 CEU, +0.008 YRI) and INFO calibration (+0.020, +0.009) and 30-57 % less
@@ -184,7 +186,7 @@ class ModelConfig:
         _require(self.copy_power > 0, f"ModelConfig.copy_power must be > 0, got {self.copy_power}")
         check_prior_gate(self.prior_gate)
         for gate in self.prior_gate_choices:
-            check_prior_gate(gate)
+            _require(0 <= gate < 0.5, f"ModelConfig.prior_gate_choices must be in [0, 0.5), got {gate}")
         _require(self.prior_gate_tolerance >= 0,
                  f"ModelConfig.prior_gate_tolerance must be >= 0, got {self.prior_gate_tolerance}")
 

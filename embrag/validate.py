@@ -98,7 +98,7 @@ def validate(
         peak_memory_mb=memory.mb(), predictions=predictions,
     )
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
-    gate = model.cfg.prior_gate if prior_gate is None else prior_gate
+    gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if model.cfg.uses_hmm else 0.0  # none applies
     return Validation(result, cat(logits_all), cat(labels_all), {k: v for k, v in copies.items() if v},
                       decided_rows, gate)
 

@@ -365,7 +365,7 @@ def impute(
     threads: Annotated[int | None, typer.Option(help="Threads of torch, FAISS and the BLAS libraries (default 1: more only spin; run targets in parallel instead)")] = None,
     prior_gate: Annotated[float | None, typer.Option(help=(
         "Haplotypes whose Li-Stephens prior is within this of 0 or 1 at every site of a window take the prior "
-        "without the model (default: the gate validation chose for the checkpoint; 0 = the model everywhere)"))] = None,
+        "without the model (default: the gate validation chose for the checkpoint, else its model.prior_gate; 0 = the model everywhere)"))] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow (impute-many with several targets)")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
@@ -437,7 +437,7 @@ def _print_imputed(s: dict, *, warn: bool) -> None:
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
     if s.get("prior_gate"):
-        typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (--prior-gate "
+        typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (prior gate "
                    f"{s['prior_gate']:g}); the model imputed the rest")
     if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)

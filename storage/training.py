@@ -14,6 +14,7 @@ the epoch's row. :func:`run_epochs` runs them in order without an orchestrator; 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -183,7 +184,11 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
             by_gate[g] = validation_report(run.prepared, composed, masks, truth=truth).get("val_r2site_all", np.nan)
         gate = widest_gate(by_gate, m.prior_gate_tolerance)
         if gate != v.prior_gate:
+            first = v.result
             v = run_validation(gate)
+            both = dataclasses.replace(v.result, seconds=v.result.seconds + first.seconds,
+                                       peak_memory_mb=max(v.result.peak_memory_mb, first.peak_memory_mb))
+            v = dataclasses.replace(v, result=both)  # what validation cost: both passes
     temperature = fit_temperature(v.logits, v.labels)
     # the gate decides which rows the temperature was fitted on: recorded, so imputation uses it
     calibration = {"temperature": temperature, "epoch": epoch, "n_sites": int(len(v.labels)),

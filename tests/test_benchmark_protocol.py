@@ -324,7 +324,8 @@ def test_ablation_rows_are_valid_configs_adding_one_step_each():
     from embrag.config import RunConfig
 
     configs = [RunConfig().replace(**overrides) for _, overrides in ABLATION]
-    assert configs[-1] == RunConfig().replace(model__k=16, model__prior_gate=0.0)  # the default model then
+    assert configs[-1] == RunConfig().replace(model__k=16, model__prior_gate=0.0,
+                                              model__prior_gate_choices=())  # the default model then
     assert all(c.model.k == 16 for c in configs[2:])  # rows a3-a6 keep K = 16, so each adds one step
     first = configs[0]
     assert (first.retrieval.rank, first.model.k, first.model.copy_head, first.mask.design) == ("index", 4, False, "random")

@@ -355,6 +355,7 @@ def test_the_widest_gate_within_the_tolerance_of_the_best():
     assert widest_gate(r2, 0.001) == 0.2  # 0.45 is 0.0025 behind the best
     assert widest_gate(r2, 0.0) == 0.05  # the best itself
     assert widest_gate(r2, 0.01) == 0.45
+    assert widest_gate({0.0: 0.5, 0.2: 0.4994}, 0.001) == 0.2  # an absolute tolerance, not a relative one
     assert widest_gate({0.0: float("nan"), 0.05: 0.8}, 0.001) == 0.05  # an undefined score never wins
     assert widest_gate({0.0: float("nan"), 0.05: float("nan")}, 0.001) == 0.0  # nothing scored: the narrowest
 

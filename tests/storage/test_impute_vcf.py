@@ -503,3 +503,12 @@ def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
         with pytest.raises(ValueError, match="prior_gate"):
             si.impute_many(run["ckpt"], run["root"], [(target, out)], prior_gate=-0.1)
     assert not out.exists()
+
+
+def test_imputation_follows_the_given_gate_then_the_calibrated_then_the_configured():
+    """Kills: the configured gate winning over validation's choice, a missing calibration gate passed on as None."""
+    from storage.impute import choose_gate
+
+    assert choose_gate(0.0, 0.45, 0.05) == 0.0  # --prior-gate 0: the model everywhere, whatever was chosen
+    assert choose_gate(None, 0.45, 0.05) == 0.45
+    assert choose_gate(None, None, 0.05) == 0.05  # a calibration written before the gate was recorded

@@ -42,9 +42,13 @@ def test_the_inference_only_gate_is_no_part_of_the_lineage(layout, tiny_cfg):
     record_variant(layout, tiny_cfg, prepared)
     path = layout.variant("v18").root / "lineage.json"
     record = json.loads(path.read_text())
-    assert "prior_gate" not in record["config"]["model"] and "k" in record["config"]["model"]
+    for name in ("prior_gate", "prior_gate_choices", "prior_gate_tolerance"):
+        assert name not in record["config"]["model"]
+    assert "k" in record["config"]["model"]
     check_variant(layout, tiny_cfg.replace(model__prior_gate=0.2), prepared)
     check_config(layout, tiny_cfg.replace(model__prior_gate=0.0))
+    check_variant(layout, tiny_cfg.replace(model__prior_gate_choices=(0.0, 0.3), model__prior_gate_tolerance=0.01),
+                  prepared)  # validation's candidates are inference settings too
     record["config"]["model"]["prior_gate"] = 0.3  # a record that holds it anyway
     path.write_text(json.dumps(record))
     check_variant(layout, tiny_cfg, prepared)

@@ -118,14 +118,18 @@ def test_validation_chooses_the_widest_gate_near_the_best_and_records_it(tiny_pr
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.05, 0.3),
                       model__prior_gate_tolerance=1.0)  # every gate is within 1.0: the widest, 0.3, must win
-    gates_validated = []
+    gates_validated, fitted_on = [], []
     real = st.validate
     monkeypatch.setattr(st, "validate", lambda *a, **kw: gates_validated.append(kw["prior_gate"]) or real(*a, **kw))
+    real_fit = st.fit_temperature
+    monkeypatch.setattr(st, "fit_temperature", lambda logits, labels: fitted_on.append(len(logits)) or real_fit(logits, labels))
     run = VariantRun(layout, cfg)
     metrics = run_epochs(run)[-1]
     by_gate = {g: metrics[f"val_gate_{g:g}_r2site_all"] for g in (0.0, 0.05, 0.3)}
     assert all(np.isfinite(r) for r in by_gate.values())
     assert metrics["val_prior_gate"] == widest_gate(by_gate, 1.0) == 0.3
     assert gates_validated == [0.0, 0.3]  # started under model.prior_gate, validated again under the choice
-    assert read_json(calibration_path(run.paths.checkpoint(0)))["prior_gate"] == 0.3
+    calibration = read_json(calibration_path(run.paths.checkpoint(0)))
+    assert calibration["prior_gate"] == 0.3
+    assert fitted_on == [calibration["n_sites"]]  # the temperature of the chosen gate's model rows, fitted once
     assert metrics["val_r2site_all"] == pytest.approx(by_gate[0.3], abs=1e-9)  # the deployed metrics: the choice's
