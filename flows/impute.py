@@ -41,7 +41,7 @@ def impute_flow(run_dir: str, variant: str = "v18", checkpoint: str | None = Non
         logger.info("accuracy against %s: %s", truth, summary["evaluation"]["tsv"])  # the caller prints the table
         summary["mlflow_run_id"] = track_imputation_task(run_dir, summary["variant"], vcf_stem(target),
                                                          summary["evaluation"], summary["seconds"],
-                                                         summary.get("prior_decided"))
+                                                         summary.get("prior_decided"), summary.get("prior_gate"))
     evaluation = summary.get("evaluation", {})
     run_ids = [summary["mlflow_run_id"]] if summary.get("mlflow_run_id") else []  # where the accuracy was logged
     publish_links_task(run_dir, f"impute-{summary['variant']}", f"embrag impute {summary['variant']}: {target}", run_ids, {
