@@ -25,9 +25,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_prior_gate(gate: float) -> float:
-    """``ModelConfig.prior_gate``'s range, [0, 0.5), also for a gate given at imputation."""
-    _require(0 <= gate < 0.5, f"ModelConfig.prior_gate must be in [0, 0.5), got {gate}")
+def check_prior_gate(gate: float, name: str = "ModelConfig.prior_gate") -> float:
+    """A prior gate's range, [0, 0.5): ``ModelConfig.prior_gate``, each of its candidates, a gate given at
+    imputation."""
+    _require(0 <= gate < 0.5, f"{name} must be in [0, 0.5), got {gate}")
     return gate
 
 
@@ -186,7 +187,7 @@ class ModelConfig:
         _require(self.copy_power > 0, f"ModelConfig.copy_power must be > 0, got {self.copy_power}")
         check_prior_gate(self.prior_gate)
         for gate in self.prior_gate_choices:
-            _require(0 <= gate < 0.5, f"ModelConfig.prior_gate_choices must be in [0, 0.5), got {gate}")
+            check_prior_gate(gate, "ModelConfig.prior_gate_choices")
         _require(self.prior_gate_tolerance >= 0,
                  f"ModelConfig.prior_gate_tolerance must be >= 0, got {self.prior_gate_tolerance}")
 

@@ -390,6 +390,10 @@ def test_prior_gate_is_checked():
     for bad in (-0.01, 0.5, 0.7):
         with pytest.raises(ValueError, match="prior_gate"):
             ModelConfig(prior_gate=bad)
+        with pytest.raises(ValueError, match="prior_gate_choices"):
+            ModelConfig(prior_gate_choices=(0.0, bad))
+    with pytest.raises(ValueError, match="prior_gate_tolerance"):
+        ModelConfig(prior_gate_tolerance=-0.001)
 
 
 def test_a_missing_call_is_a_slot_the_gate_must_be_sure_of(rng, monkeypatch):
