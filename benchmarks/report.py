@@ -101,12 +101,17 @@ def row_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where((sxx > ZERO_VAR * m) & (syy > ZERO_VAR * m), r, np.nan)
 
 
+def pool(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], field: str) -> np.ndarray:
+    """``(M, T)``: a per-site ``SiteStats`` field of every tool, at each replicate's sites ``sel``, pooled."""
+    return np.stack([np.concatenate([getattr(r.scores[t], field)[s] for r, s in zip(reps, sel, strict=True)])
+                     for t in tools], axis=1)
+
+
 def paired_iqs(reps: list[Replicate], sel: list[np.ndarray], tools: list[str], seed: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Mean IQS per tool ``(T,)`` over the pooled sites ``sel`` where every tool's IQS is defined, and
     ``(N_BOOT, T)`` bootstrap means on the same resampled sites."""
-    pooled = np.stack([np.concatenate([r.scores[t].iqs[s] for r, s in zip(reps, sel, strict=True)])
-                       for t in tools], axis=1)  # (M, T)
+    pooled = pool(reps, sel, tools, "iqs")  # (M, T)
     pooled = pooled[np.isfinite(pooled).all(axis=1)]
     if not len(pooled):
         return np.full(len(tools), np.nan), np.full((1, len(tools)), np.nan)
@@ -155,8 +160,7 @@ def cells(replicates: list[Replicate], seed: int = 2024) -> list[Cell]:
             # pooled per-site r2 over the seeds where the truth varies: the same sites for every tool
             scored = [row_sites(r.sites, name) & np.logical_and.reduce([r.scores[t].truth_varies for t in tools])
                       for r in reps]
-            pooled = np.stack([np.concatenate([r.scores[t].r2[sel] for r, sel in zip(reps, scored, strict=True)])
-                               for t in tools], axis=1)  # (M, T)
+            pooled = pool(reps, scored, tools, "r2")  # (M, T)
             boot = bootstrap_means(pooled, seed + 101 * b) if len(pooled) else np.full((1, len(tools)), np.nan)
             base = tools.index(BASELINE) if BASELINE in tools else None
             iqs, iqs_boot = paired_iqs(reps, scored, tools, seed + 101 * b + 1)
