@@ -16,9 +16,11 @@ absorbs the rate). An untyped site takes the state posterior interpolated linear
 between its two flanking typed sites (Beagle does the same), then the panel's alleles there.
 
 The chain runs over a block of windows holding ``RetrievalConfig.hmm_block`` typed sites, plus ``flank``
-typed sites on each side, so cost and memory are O(queries x states x (block + 2 flank)) whatever the contig
-length; the states are the whole panel, or at most ``states`` positional-BWT neighbours per query
-for large panels. numpy only.
+typed sites on each side, so cost is O(queries x states x (block + 2 flank)) whatever the contig length, and
+memory O(states x (block + 2 flank)) per query at a time; the states are the whole panel, or at most
+``states`` positional-BWT neighbours per query for large panels. The chain and the interpolation run
+fused in a compiled kernel (``embrag.lshmm_numba_fns``); :func:`state_posteriors` and
+:func:`alt_probability` are their numpy reference.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embrag.lshmm_numba_fns import prior_at_sites
 from embrag.neighbours import MatchContext, token_alleles
 
 _TINY = 1e-30  # floor of a normaliser, representable in float32
@@ -42,15 +45,23 @@ class Chain:
     cm: np.ndarray  # float64 (T,) genetic position, non-decreasing
 
 
+def _transitions(chain: Chain, ne: float, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """``stay, land (Q, T-1)``: between typed sites j and j+1 a query keeps its state with probability
+    ``stay`` and lands on each allowed state with ``land = rho / n`` (n: its allowed states)."""
+    n = np.maximum(chain.allowed.sum(1, keepdims=True), 1).astype(dtype)  # (Q, 1)
+    rho = (1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)).astype(dtype)  # (Q, T-1)
+    return np.ascontiguousarray(1.0 - rho), np.ascontiguousarray(rho / n)
+
+
 def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64, *,
                      keep: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites).
-    (Imputation and training use float32: the chain is renormalised at every site.)
+    """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites), in numpy:
+    the reference of the compiled prior (``embrag.lshmm_numba_fns``), and the whole-contig baseline's chain.
 
     ``keep = (a, b)``: only sites ``a .. b-1`` are wanted (the others are flank: evidence, not output);
-    they are written to ``out (b - a, Q, H)`` (allocated when None; each ``(Q, H)`` slab contiguous, e.g.
-    a batch's rows of a larger site-major cache) and ``out`` is returned as it is, site-major. The
-    flank's forward values are not kept and the backward stops at ``a``: the same numbers, less work.
+    they are written to ``out (b - a, Q, H)`` (allocated when None; each ``(Q, H)`` slab contiguous)
+    and ``out`` is returned as it is, site-major. The flank's forward values are not kept and the
+    backward stops at ``a``: the same numbers, less work.
 
     Site-major inside (a view of ``(T, Q, H)`` is returned): every step reads and writes one
     contiguous ``(Q, H)`` slab, in place — 1.6x faster than the ``(Q, H, T)`` layout's strided
@@ -66,9 +77,7 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
     if out is None:
         out = np.empty((b0 - a0, q, h), dtype)  # (K, Q, H)
     assert out.shape == (b0 - a0, q, h) and out.dtype == dtype
-    n = np.maximum(chain.allowed.sum(1, keepdims=True), 1).astype(dtype)  # (Q, 1)
-    rho = (1.0 - np.exp(-0.04 * ne * np.maximum(np.diff(chain.cm), 0.0)[None, :] / n)).astype(dtype)  # (Q, T-1)
-    stay, land = 1.0 - rho, rho / n  # (Q, T-1): keep the state; the mass landing on each allowed state
+    stay, land = _transitions(chain, ne, dtype)  # (Q, T-1) each
     banned = np.nonzero(~chain.allowed)  # (qi, hi) of states a query may not copy: few or none
     emission = _emission(chain, dtype(eps))
 
@@ -164,14 +173,10 @@ def allowed_rows(queries: np.ndarray, n_panel: int, exclude_rows: np.ndarray | N
     return ok
 
 
-# Queries x states x chain sites per forward-backward call. The chain writes into the block's cache and keeps
-# two scratch slabs, so this bounds only the per-query state alleles gathered for large panels (uint8) and
-# sets the slab size: ~128 queries x 800 states is 4.4 ns per cell and site, 26 queries 6.1 ns, 512 5.7 ns.
-CELLS_PER_CHUNK = 1 << 25
 CM_PER_BP = 1e-6  # without a genetic map: 1 cM/Mb (``ne`` is chosen on validation and absorbs the rate)
-# Posteriors kept for the current block, all batches together: 500 target samples (imputation's
-# chunk) x 1,600 states x the block's ~258 typed columns is 1.65 GB; beyond it, batches recompute.
-PRIOR_CACHE_BYTES = 2 << 30
+# Priors kept for the current block, all batches together: P(ALT) per query and slot of the block's windows
+# (500 target samples x 85 windows of 64 slots at array density: 22 MB); beyond it, batches recompute.
+PRIOR_CACHE_BYTES = 1 << 30
 
 
 def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: np.ndarray, af: np.ndarray, *,
@@ -183,9 +188,11 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
 
     The chain runs over the typed sites of window ``w``'s block and ``flank`` more on each side: the
     windows of its contig whose first typed site falls in the same run of ``block`` typed sites
-    (:func:`block_windows`). It depends on the block, not on who asks, so training
-    (one window at a time), validation and imputation (window after window) get the same prior; the
-    block's posteriors are kept in ``ctx.prior_cache``, per batch of queries, for the block's next window.
+    (:func:`block_windows`). It depends on the block, not on who asks, so training (one window at a
+    time), validation and imputation (window after window) get the same prior. When the context can
+    read the panel of the block's other windows (``ctx.panel_window``: callers that go window after
+    window), one chain gives the prior of every window of the block, kept in ``ctx.prior_cache`` per
+    batch of queries; otherwise the chain gives window ``w``'s alone.
 
     ``states``: 0 = every panel haplotype is a state; else at most that many per query, the
     positional-BWT neighbours at the block's window edges (the longest matches into and out of each
@@ -195,27 +202,32 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     queries = np.asarray(queries, np.int64)
     if g.block[1] <= g.block[0]:
         return np.broadcast_to(af.astype(np.float32), (len(queries), len(g.position))).copy()
-    post, first, rows = _block_posteriors(ctx, w, queries, exclude_rows, ne, eps, flank, states, block)  # (Q, H, m)
-    # the typed sites that flank the window's slots, within the block's columns
-    lo = max(g.block[0], g.first_typed - 1) - first
-    hi = min(g.block[1], g.stop_typed + 1) - first
-    cm = ctx.typed_position[first + lo: first + hi] * CM_PER_BP
-    post = post[:, :, lo:hi]  # (Q, H, m)
-    if rows is not None:  # selected states back onto the panel's rows: one shared product per column
-        full = np.zeros((len(queries), ctx.n_panel, post.shape[2]), post.dtype)  # (Q, Hp, m)
-        qi, si = np.nonzero(rows >= 0)
-        full[qi, rows[qi, si]] = post[qi, si]
-        post = full
-    site_alt = panel_alt(token_alleles(panel_tokens), af)  # (Hp, L)
-    return alt_probability(post, cm, g.position * CM_PER_BP, site_alt).astype(np.float32)
+    start, end = block_windows(ctx, w, block)
+    excl = None if exclude_rows is None else np.asarray(exclude_rows, np.int64)
+    block_key = (start, end, g.block, ne, eps, flank, states)
+    key = (queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
+    cache = ctx.prior_cache  # {"block": key, "sites": {windows: _Sites}, "priors": {batch: {window: prior}}}
+    if cache.get("block") != block_key:
+        cache.clear()
+        cache.update(block=block_key, sites={}, priors={})
+    hit = cache["priors"].get(key, {})
+    if w in hit:
+        return hit[w]
+    wanted = (w,) if ctx.panel_window is None else tuple(m for m in range(start, end) if m not in hit)
+    sites = cache["sites"].get(wanted)
+    if sites is None:  # the same for every batch of the block
+        panels = [(panel_tokens, af) if m == w else ctx.panel_window(m) for m in wanted]
+        sites = cache["sites"][wanted] = _block_sites(ctx, range(start, end), wanted, panels, flank)
+    priors = dict(zip(wanted, _block_prior(ctx, sites, queries, excl, ne, eps, states), strict=True))
+    held = sum(p.nbytes for entry in cache["priors"].values() for p in entry.values())
+    if held + sum(p.nbytes for p in priors.values()) <= PRIOR_CACHE_BYTES:  # else the next window recomputes
+        cache["priors"][key] = hit | priors
+    return priors[w]
 
 
-def cached_bytes_per_query(n_panel: int, states: int, block: int, window_typed: int) -> int:
-    """Bytes one query's posteriors take in ``ctx.prior_cache``: float32 per state and column, the
-    columns being a block's ``block`` typed sites, those of one more window (``window_typed``: the most
-    in any window) and the two that flank them; ``states`` as in :func:`window_prior`."""
-    n_states = states if 0 < states < n_panel else n_panel
-    return n_states * (block + window_typed + 2) * 4
+def cached_bytes_per_query(windows_per_block: int, length: int) -> int:
+    """Bytes one query's priors take in ``ctx.prior_cache``: float32 per slot of a block's windows."""
+    return 4 * windows_per_block * length
 
 
 def block_windows(ctx: MatchContext, w: int, block: int) -> tuple[int, int]:
@@ -227,52 +239,94 @@ def block_windows(ctx: MatchContext, w: int, block: int) -> tuple[int, int]:
     return int(same[0]), int(same[-1]) + 1
 
 
-def _block_posteriors(ctx: MatchContext, w: int, queries: np.ndarray, exclude_rows: np.ndarray | None, ne: float,
-                      eps: float, flank: int, states: int, block: int) -> tuple[np.ndarray, int, np.ndarray | None]:
-    """State posteriors ``float32 (Q, H, m)`` at the typed columns ``first .. first + m - 1`` that flank
-    any slot of window ``w``'s block, from the block's chain (cached for the same queries), and the
-    panel row of each state ``(Q, H)`` (-1: padding) when they are a selection, else None."""
-    g = ctx.geometry[w]
-    b0, b1 = g.block
-    start, end = block_windows(ctx, w, block)
-    members = ctx.geometry[start:end]
-    first_typed = min(m.first_typed for m in members)
-    stop_typed = max(m.stop_typed for m in members)
-    lo, hi = max(b0, first_typed - flank), min(b1, stop_typed + flank)  # never empty on a contig with typed sites
-    first, stop = max(b0, first_typed - 1), min(b1, stop_typed + 1)  # the columns any slot of the block needs
-    excl = None if exclude_rows is None else np.asarray(exclude_rows, np.int64)
-    # One entry per batch of queries, for the current block only: imputation goes window by window,
-    # a batch at a time, so every batch comes back at the block's next window (one entry per block
-    # recomputed the chain for every batch at every window: 9.1 -> 21.9 CPU s with 4 batches).
-    block_key = (start, block, g.block, lo, hi, ne, eps, states)
-    key = (queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
-    cache = ctx.prior_cache
-    if cache.get("block") != block_key:
-        cache.clear()
-        cache["block"] = block_key
-    hit = cache.get(key)
-    if hit is not None:
-        return hit[0], first, hit[1]
-    cm = ctx.typed_position[lo:hi] * CM_PER_BP  # (T,)
+def most_windows_per_block(first_typed: np.ndarray, contig_start: np.ndarray, contig_id: np.ndarray,
+                           block: int) -> int:
+    """The most windows any block holds (:func:`block_windows`), from the per-window arrays of a
+    ``MatchContext``: what ``ctx.prior_cache`` keeps per query, in windows."""
+    run = (np.asarray(first_typed) - np.asarray(contig_start)) // block  # (W,)
+    _, counts = np.unique(np.stack([np.asarray(contig_id), run]), axis=1, return_counts=True)
+    return int(counts.max(initial=0))
+
+
+@dataclass(frozen=True, eq=False)
+class _Sites:
+    """What a block's chain reads and where it writes, whoever the queries: typed columns ``lo .. hi - 1``,
+    the wanted windows' slots grouped by typed column (:func:`_site_columns`) and their panel alleles
+    (:func:`_carriers`)."""
+
+    members: range  # the block's windows
+    lo: int
+    hi: int
+    columns: tuple  # (a0, ptr, site, w_left)
+    carriers: tuple  # (carrier_ptr, carrier, value, flip)
+    lengths: list[int]  # slots per wanted window
+
+
+def _block_sites(ctx: MatchContext, members: range, wanted: tuple[int, ...],
+                 panels: list[tuple[np.ndarray, np.ndarray]], flank: int) -> _Sites:
+    """The chain's typed columns, over the block's typed sites and ``flank`` more on each side, and the
+    slots of each ``wanted`` window, whose ``panels`` are ``(complete tokens (Hp, L), af (L,))``."""
+    geo = [ctx.geometry[m] for m in members]
+    b0, b1 = geo[0].block
+    lo = max(b0, min(g.first_typed for g in geo) - flank)
+    hi = min(b1, max(g.stop_typed for g in geo) + flank)  # never empty on a contig with typed sites
+    site_cm = np.concatenate([ctx.geometry[m].position for m in wanted]) * CM_PER_BP  # (S,)
+    alt = np.concatenate([panel_alt(token_alleles(tok), a).T for tok, a in panels])  # (S, Hp)
+    return _Sites(members, lo, hi, _site_columns(ctx.typed_position[lo:hi] * CM_PER_BP, site_cm), _carriers(alt),
+                  [len(ctx.geometry[m].position) for m in wanted])
+
+
+def _block_prior(ctx: MatchContext, sites: _Sites, queries: np.ndarray, excl: np.ndarray | None, ne: float,
+                 eps: float, states: int) -> list[np.ndarray]:
+    """P(ALT) ``float32 (Q, L)`` at the slots of each wanted window of ``sites``, from one chain.
+
+    A slot takes the posteriors at its two flanking typed sites, weighted linearly in position
+    (beyond the first / last typed site: that site's), times the panel's alleles there
+    (:func:`alt_probability` on the posteriors of :func:`state_posteriors`, fused in
+    ``embrag.lshmm_numba_fns.prior_at_sites``)."""
+    lo, hi = sites.lo, sites.hi
     allowed = allowed_rows(queries, ctx.n_panel, excl)  # (Q, Hp)
-    rows = None
+    rows = np.zeros((0, 0), np.int64)
     if 0 < states < ctx.n_panel:
-        rows = _pbwt_states(ctx, members, queries, states)  # (Q, H)
-        allowed = np.take_along_axis(allowed, np.maximum(rows, 0), axis=1) & (rows >= 0)  # (Q, H)
-    n_states = allowed.shape[1]
-    out = np.empty((stop - first, len(queries), n_states), np.float32)  # (m, Q, H): site-major, as the chain
-    step = max(1, CELLS_PER_CHUNK // max(1, n_states * (hi - lo)))
-    for s in range(0, len(queries), step):
-        part = slice(s, s + step)
-        panel = (ctx.alleles[: ctx.n_panel, lo:hi] if rows is None
-                 else ctx.alleles[np.maximum(rows[part], 0), lo:hi])  # (Hp, T) or (q, H, T)
-        state_posteriors(Chain(ctx.alleles[queries[part], lo:hi], panel, allowed[part], cm), ne, eps, np.float32,
-                         keep=(first - lo, stop - lo), out=out[:, part])
-    out = out.transpose(1, 2, 0)  # (Q, H, m) view: a column is one contiguous (Q, H) slab
-    held = sum(v[0].nbytes for k, v in cache.items() if k != "block")
-    if held + out.nbytes <= PRIOR_CACHE_BYTES:  # beyond it the batch's chain is recomputed at each window
-        cache[key] = (out, rows)
-    return out, first, rows
+        sel = _pbwt_states(ctx, [ctx.geometry[m] for m in sites.members], queries, states)  # (Q, H), -1 padded
+        allowed = np.take_along_axis(allowed, np.maximum(sel, 0), axis=1) & (sel >= 0)  # (Q, H)
+        rows = np.maximum(sel, 0)
+    chain = Chain(ctx.alleles[queries, lo:hi], ctx.alleles[: ctx.n_panel, lo:hi], allowed,
+                  ctx.typed_position[lo:hi] * CM_PER_BP)
+    stay, land = _transitions(chain, ne, np.float32)  # (Q, T-1) each
+    out = np.empty((len(queries), sum(sites.lengths)), np.float32)  # (Q, S)
+    prior_at_sites(np.ascontiguousarray(chain.query), np.ascontiguousarray(chain.panel.T), rows,
+                   allowed.astype(np.float32), stay, land, float(eps), *sites.columns, *sites.carriers, out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return np.split(out, np.cumsum(sites.lengths)[:-1], axis=1)
+
+
+def _site_columns(cm: np.ndarray, site_cm: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Sites grouped by the last typed column at or before them: ``(a0, ptr, site, w_left)``, column
+    ``a0 + c`` holding ``site[k]`` for ``k`` in ``ptr[c] .. ptr[c + 1] - 1``, whose P(ALT) takes ``w_left[k]``
+    of that column's posterior and the rest of the next column's (linear in position). A site before the
+    first typed column, or at or after the last, takes that column's alone."""
+    t = len(cm)
+    left = np.clip(np.searchsorted(cm, site_cm, side="right") - 1, 0, t - 1)  # (S,) last typed at/before
+    right = np.minimum(left + 1, t - 1)
+    span = cm[right] - cm[left]
+    w = np.where(span > 0, (cm[right] - site_cm) / np.where(span > 0, span, 1.0), 1.0)  # (S,)
+    w = np.where(site_cm < cm[0], 1.0, w)  # before the first typed site: its posterior alone
+    order = np.argsort(left, kind="stable")
+    a0 = int(left[order[0]])
+    ptr = np.searchsorted(left[order], np.arange(a0, int(left.max()) + 2)).astype(np.int64)
+    return a0, ptr, order.astype(np.int64), np.clip(w[order], 0.0, 1.0).astype(np.float32)
+
+
+def _carriers(alt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The panel's alleles ``alt (S, Hp)`` (1 ALT, 0 REF, else the AF of an unknown one) per site, sparse:
+    ``(carrier_ptr (S + 1,), carrier (nnz,), value (nnz,), flip (S,))`` the rows of site s's nonzero values, or
+    where ``flip[s]`` (ALT the majority) of one minus them: the fewer of the two."""
+    flip = (alt != 1).sum(1) < (alt != 0).sum(1)  # (S,)
+    stored = np.where(flip[:, None], 1.0 - alt, alt)  # (S, Hp)
+    site, carrier = np.nonzero(stored)  # row-major: grouped by site
+    ptr = np.searchsorted(site, np.arange(len(alt) + 1)).astype(np.int64)
+    return ptr, carrier.astype(np.int64), stored[site, carrier].astype(np.float32), flip
 
 
 def _pbwt_states(ctx: MatchContext, members: list, queries: np.ndarray, states: int) -> np.ndarray:

@@ -21,7 +21,7 @@ haplotypes); only panel rows are ever returned. numpy only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,8 +81,11 @@ class MatchContext:
     first_typed: np.ndarray  # int64 (W,) geometry[w].first_typed, as an array (embrag.lshmm's blocks)
     contig_start: np.ndarray  # int64 (W,) geometry[w].block[0]: the first typed index of the window's contig
     contig_id: np.ndarray  # int64 (W,) the window's contig (contig_start is 0 for an untyped contig too)
-    # the current block's Li-Stephens posteriors per batch of queries (embrag.lshmm): its next windows reuse them
+    # the current block's Li-Stephens priors per batch of queries (embrag.lshmm): its next windows reuse them
     prior_cache: dict = field(default_factory=dict, repr=False)
+    # window -> (complete panel tokens (Hp, L), af (L,)), as the caller will pass them: set by callers that go
+    # window after window (imputation, validation), so one chain serves every window of its block
+    panel_window: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
 
     @property
     def n_sequences(self) -> int:

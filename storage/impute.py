@@ -131,20 +131,23 @@ def _window_inputs(prepared: PreparedData, cfg: RunConfig, gt: np.memmap, typed:
 def target_context(prepared: PreparedData, gt: np.memmap, typed: np.ndarray, a: int, b: int) -> MatchContext:
     """PBWT context over the target's typed sites: panel rows, then the haplotypes of samples ``a:b``."""
     target = token_alleles(haplotype_tokens(np.asarray(gt[np.flatnonzero(typed), a:b])))  # (2c, St)
-    return match_context(prepared, typed, target)
+    return match_context(prepared, typed, target, read_ahead=True)
 
 
 def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sample_chunk: int) -> int:
-    """At most ``sample_chunk`` target samples whose Li-Stephens posteriors over one block fit
-    ``lshmm.PRIOR_CACHE_BYTES``: past it, a batch recomputes its block's chain at every window.
+    """At most ``sample_chunk`` target samples whose Li-Stephens priors over one block (every slot of its
+    windows) fit ``lshmm.PRIOR_CACHE_BYTES``: past it, a batch recomputes its block's chain at every window.
 
     A sample is two queries of ``lshmm.cached_bytes_per_query``."""
     if not cfg.model.uses_hmm:
         return sample_chunk
-    counts = np.concatenate([[0], np.cumsum(typed, dtype=np.int64)])  # (S + 1,)
-    w, r = prepared.windows, cfg.retrieval
-    per_window = int((counts[w.stop] - counts[w.start]).max(initial=0))
-    per_sample = 2 * lshmm.cached_bytes_per_query(prepared.n_haplotypes("panel"), r.hmm_states, r.hmm_block, per_window)
+    counts = np.concatenate([[0], np.cumsum(typed, dtype=np.int64)])  # (S + 1,) typed sites before each site
+    w = prepared.windows
+    names, contig_id = np.unique(np.asarray(w.contig), return_inverse=True)
+    first_site = np.array([np.argmax(prepared.sites.contig == name) for name in names])  # (C,)
+    most = lshmm.most_windows_per_block(counts[w.start], counts[first_site][contig_id], contig_id,
+                                        cfg.retrieval.hmm_block)
+    per_sample = 2 * lshmm.cached_bytes_per_query(most, prepared.window_size)
     return max(1, min(sample_chunk, lshmm.PRIOR_CACHE_BYTES // per_sample))
 
 
@@ -314,7 +317,7 @@ class Imputer:
             probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
             chunk = prior_chunk(cfg, prepared, target.typed, sample_chunk)
             if chunk < sample_chunk:
-                log.info("imputing %d samples at a time (not %d): one block of the prior's posteriors fits "
+                log.info("imputing %d samples at a time (not %d): one block of the prior fits "
                          "lshmm.PRIOR_CACHE_BYTES", chunk, sample_chunk)
             decided = _impute_chunks(self.model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
                                      sample_chunk=chunk, device=self.device, temperature=temperature,

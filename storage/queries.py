@@ -9,6 +9,7 @@ queries come after the panel rows.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,18 +58,28 @@ def query_set(prepared: PreparedData, split: str) -> QuerySet:
     return qs
 
 
-def match_context(prepared: PreparedData, typed: np.ndarray, extra_alleles: np.ndarray | None = None) -> MatchContext:
-    """PBWT context over the ``typed (S,)`` sites: panel rows, then ``extra_alleles (N, St)`` rows."""
+def match_context(prepared: PreparedData, typed: np.ndarray, extra_alleles: np.ndarray | None = None, *,
+                  read_ahead: bool = False) -> MatchContext:
+    """PBWT context over the ``typed (S,)`` sites: panel rows, then ``extra_alleles (N, St)`` rows.
+
+    ``read_ahead``: for callers that go window after window (imputation, validation), the prior reads the
+    panel of its block's other windows and fills them from one chain (``MatchContext.panel_window``);
+    training visits windows in random order and leaves it off."""
     typed_sites = np.flatnonzero(typed)
     panel = token_alleles(prepared.tokens_at("panel", typed_sites))  # (Hp, St)
     alleles = panel if extra_alleles is None or len(extra_alleles) == 0 else np.vstack([panel, extra_alleles])
-    return build_context(alleles, len(panel), typed_sites, prepared.sites.contig, prepared.sites.position,
-                         prepared.windows, prepared.window_size)
+    ctx = build_context(alleles, len(panel), typed_sites, prepared.sites.contig, prepared.sites.position,
+                        prepared.windows, prepared.window_size)
+    if not read_ahead:
+        return ctx
+    return dataclasses.replace(ctx, panel_window=lambda w: (prepared.tokens("panel", w), prepared.window_features(w)[0]))
 
 
-def query_context(prepared: PreparedData, queries: QuerySet, typed: np.ndarray) -> MatchContext:
-    """The match context of a query set: the panel, plus its study queries as extra sequences."""
+def query_context(prepared: PreparedData, queries: QuerySet, typed: np.ndarray, *,
+                  read_ahead: bool = False) -> MatchContext:
+    """The match context of a query set: the panel, plus its study queries as extra sequences
+    (``read_ahead``: as in :func:`match_context`)."""
     extra = None
     if queries.n_study:
         extra = token_alleles(prepared.tokens_at(queries.split, np.flatnonzero(typed)))
-    return match_context(prepared, typed, extra)
+    return match_context(prepared, typed, extra, read_ahead=read_ahead)

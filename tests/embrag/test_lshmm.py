@@ -190,9 +190,10 @@ def test_batches_taking_turns_run_the_chain_once_per_block_each(monkeypatch):
     ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
     block = 16  # typed sites: 30 on the contig, two blocks
     assert len({lshmm.block_windows(ctx, w, block) for w in range(len(windows))}) == 2
+    ctx = _reading_ahead(ctx, panel, windows)
     runs = []
-    real = lshmm.state_posteriors
-    monkeypatch.setattr(lshmm, "state_posteriors", lambda chain, *a, **k: runs.append(1) or real(chain, *a, **k))
+    real = lshmm.prior_at_sites
+    monkeypatch.setattr(lshmm, "prior_at_sites", lambda *a: runs.append(1) or real(*a))
 
     def prior(w, queries):
         lo, hi = windows.start[w], windows.stop[w]
@@ -203,7 +204,7 @@ def test_batches_taking_turns_run_the_chain_once_per_block_each(monkeypatch):
     batches = ([16, 17], [18, 19])
     warm = {(w, i): prior(w, b) for w in range(len(windows)) for i, b in enumerate(batches)}
     assert len(runs) == 2 * 2  # two batches x two blocks
-    assert len([k for k in ctx.prior_cache if k != "block"]) == 2  # the last block's entries only
+    assert len(ctx.prior_cache["priors"]) == 2  # the last block's entries only
     for (w, i), got in warm.items():
         ctx.prior_cache.clear()
         np.testing.assert_allclose(got, prior(w, batches[i]), atol=1e-6)
@@ -222,17 +223,18 @@ def test_a_full_prior_cache_recomputes_instead_of_growing(monkeypatch):
         return lshmm.window_prior(ctx, w, np.asarray(queries), tokens, panel[:, lo:hi].mean(0),
                                   exclude_rows=None, ne=300, eps=1e-3, flank=6, block=WHOLE)
 
+    ctx = _reading_ahead(ctx, panel, windows)
     cold = {}
     for w in range(3):
         for i, b in enumerate(([16, 17], [18, 19])):
             ctx.prior_cache.clear()
             cold[(w, i)] = prior(w, b)
-    one = next(v[0].nbytes for k, v in ctx.prior_cache.items() if k != "block")
+    one = next(sum(p.nbytes for p in v.values()) for v in ctx.prior_cache["priors"].values())
     ctx.prior_cache.clear()
     monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", one)  # room for one batch's block
     for (w, i), want in cold.items():
         np.testing.assert_allclose(prior(w, ([16, 17], [18, 19])[i]), want, atol=1e-6)
-        assert sum(v[0].nbytes for k, v in ctx.prior_cache.items() if k != "block") <= one
+        assert sum(p.nbytes for v in ctx.prior_cache["priors"].values() for p in v.values()) <= one
 
 
 def test_per_query_states_equal_the_full_chain_restricted_to_them():
@@ -356,23 +358,74 @@ def test_a_target_without_one_contig_gets_capped_priors_on_the_other():
 
 
 @pytest.mark.parametrize("states", [0, 6])
-def test_a_block_chain_in_many_query_parts_equals_it_in_one(monkeypatch, states):
-    """``_block_posteriors`` splits the queries into parts of ``CELLS_PER_CHUNK`` cells, each writing its rows
-    of the block's cache. Kills: a part's slice mistyped (later parts left unwritten), rows of one part
-    written to another's."""
+def test_reading_ahead_gives_each_window_the_prior_it_gets_alone(states):
+    """With ``ctx.panel_window`` one chain fills the prior of every window of the block (imputation and
+    validation); each equals the window's prior computed alone, also for per-query states. Kills: the
+    block's sites split back onto the wrong windows, a window's panel taken from its neighbour."""
     rng = np.random.default_rng(7)
     panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
     query = (panel[[3, 9, 12, 5, 1]] ^ (rng.random((5, 120)) < 0.05)).astype(np.uint8)
     ctx, windows = _context(panel, query, np.arange(0, 120, 4), 10)
 
-    def prior(w):
+    def prior(c, w):
         lo, hi = windows.start[w], windows.stop[w]
         tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
-        return lshmm.window_prior(ctx, w, np.arange(16, 21), tokens, panel[:, lo:hi].mean(0),
+        return lshmm.window_prior(c, w, np.arange(16, 21), tokens, panel[:, lo:hi].mean(0),
                                   exclude_rows=None, ne=300, eps=1e-3, flank=6, block=16, states=states)
 
-    want = [prior(w) for w in range(len(windows))]
-    ctx.prior_cache.clear()
-    monkeypatch.setattr(lshmm, "CELLS_PER_CHUNK", 1)  # one query per part
+    alone = []
     for w in range(len(windows)):
-        np.testing.assert_array_equal(prior(w), want[w])
+        ctx.prior_cache.clear()
+        alone.append(prior(ctx, w))
+    ahead = _reading_ahead(ctx, panel, windows)
+    assert len({lshmm.block_windows(ahead, w, 16) for w in range(len(windows))}) == 2
+    for w in range(len(windows)):
+        np.testing.assert_array_equal(prior(ahead, w), alone[w])
+
+
+def _reading_ahead(ctx, panel: np.ndarray, windows):
+    """``ctx`` with ``panel_window``: each window's complete panel tokens and AF, as the tests pass them."""
+    import dataclasses
+
+    def panel_window(w: int):
+        lo, hi = windows.start[w], windows.stop[w]
+        return np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8), panel[:, lo:hi].mean(0)
+
+    return dataclasses.replace(ctx, panel_window=panel_window, prior_cache={})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(2, 40), st.integers(1, 14), st.booleans())
+def test_the_compiled_prior_equals_the_numpy_chain_and_interpolation(seed, q, h, t, own):
+    """``prior_at_sites`` (fused, compiled) against ``alt_probability(state_posteriors(...))`` (numpy, site
+    by site): sites before, between, at and after the typed sites, unknown alleles on both sides, banned
+    states, the panel or each query's own states (-1 padded). Kills: a posterior row taken at the wrong
+    column, the two flanks' weights swapped, a state's allele read from the wrong panel row, a majority-ALT
+    site's complement not taken."""
+    rng = np.random.default_rng(seed)
+    panel = rng.integers(0, 3, (h, t)).astype(np.uint8)
+    query = rng.integers(0, 3, (q, t)).astype(np.uint8)
+    cm = np.sort(rng.choice(np.arange(1, 60), t, replace=t > 59)) * 0.01  # ties allowed
+    site_cm = np.concatenate([cm[rng.integers(0, t, 3)], rng.uniform(0, 0.65, 12)])  # (S,)
+    site_alt = rng.choice([0.0, 1.0, 0.3], (h, len(site_cm)), p=rng.dirichlet(np.ones(3)))  # (H, S): 0.3 = unknown
+    allowed = rng.random((q, h)) < 0.8
+    allowed[:, 0] = True
+    rows = np.zeros((0, 0), np.int64)
+    states_panel, states_alt = panel, site_alt
+    if own:  # each query copies its own subset of rows, -1 padded
+        sel = np.stack([rng.permutation(h)[: max(1, h // 2)] for _ in range(q)])  # (Q, Hs)
+        sel[:, -1] = np.where(rng.random(q) < 0.5, -1, sel[:, -1]) if sel.shape[1] > 1 else sel[:, -1]
+        allowed = np.take_along_axis(allowed, np.maximum(sel, 0), axis=1) & (sel >= 0)
+        allowed[:, 0] = True
+        rows = np.maximum(sel, 0)
+        states_panel, states_alt = panel[rows], site_alt[rows]  # (Q, Hs, T), (Q, Hs, S)
+    chain = lshmm.Chain(query, states_panel, allowed, cm)
+    post = lshmm.state_posteriors(chain, 3e3, 0.01)  # (Q, Hs, T)
+    want = np.stack([lshmm.alt_probability(post[i:i + 1], cm, site_cm, states_alt[i] if own else site_alt)[0]
+                     for i in range(q)])
+    a0, ptr, site, w_left = lshmm._site_columns(cm, site_cm)
+    stay, land = lshmm._transitions(chain, 3e3, np.float32)
+    got = np.full((q, len(site_cm)), np.nan, np.float32)
+    lshmm.prior_at_sites(query, np.ascontiguousarray(panel.T), rows, allowed.astype(np.float32), stay, land, 0.01,
+                         a0, ptr, site, w_left, *lshmm._carriers(site_alt.T), got)
+    np.testing.assert_allclose(np.clip(got, 0, 1), want, atol=2e-5)

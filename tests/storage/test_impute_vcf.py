@@ -281,21 +281,28 @@ def test_sample_chunks_do_not_change_output(run):
 
 
 def test_the_sample_chunk_shrinks_to_fit_the_prior_cache(run, monkeypatch):
-    """``prior_chunk``: the most samples whose block of posteriors (states x (hmm_block + the most typed
-    sites of a window + 2) float32 per haplotype) fits ``PRIOR_CACHE_BYTES``, never more than asked,
-    at least 1. Kills: a chunk that ignores the budget (a batch's chain recomputed at every window)."""
+    """``prior_chunk``: the most samples whose priors over one block (float32 per slot of the block's
+    windows, the most windows any block holds, counted here by a loop) fit ``PRIOR_CACHE_BYTES``,
+    never more than asked, at least 1. Kills: a chunk that ignores the budget (a batch's chain
+    recomputed at every window), blocks counted over the whole region."""
     from embrag import lshmm
     from storage.impute import prior_chunk
 
     p, cfg = run["prepared"], CFG
     typed = np.zeros(len(p.sites), bool)
     typed[::3] = True
-    per_window = max(int(typed[a:b].sum()) for a, b in zip(p.windows.start, p.windows.stop, strict=True))
-    states = min(p.n_haplotypes("panel"), cfg.retrieval.hmm_states) or p.n_haplotypes("panel")
-    per_sample = 2 * states * (cfg.retrieval.hmm_block + per_window + 2) * 4
+    block = cfg.retrieval.hmm_block
+    runs = {}
+    for start, contig in zip(p.windows.start, p.windows.contig, strict=True):
+        first = int(np.flatnonzero(p.sites.contig == contig)[0])
+        key = (contig, (int(typed[:start].sum()) - int(typed[:first].sum())) // block)
+        runs[key] = runs.get(key, 0) + 1
+    per_sample = 2 * max(runs.values()) * p.window_size * 4
     assert prior_chunk(cfg, p, typed, 500) == 500  # the default budget holds this tiny panel
     monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", 3 * per_sample + 1)
     assert prior_chunk(cfg, p, typed, 500) == 3 and prior_chunk(cfg, p, typed, 2) == 2
+    monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", 3 * per_sample - 1)
+    assert prior_chunk(cfg, p, typed, 500) == 2
     monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", 1)
     assert prior_chunk(cfg, p, typed, 500) == 1  # (chunks do not change the output: the test above)
 

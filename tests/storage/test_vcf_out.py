@@ -250,3 +250,13 @@ def test_explicit_af_r2_and_defaults(tmp_path):
     assert (
         recs[0].genotype.array()[:, :2] == (hap[:, :, 0] > 0.5)
     ).all()  # typed but no typed_gt: best guess
+
+
+def test_every_thousandth_is_written_as_python_formats_it():
+    """``_put_fixed3`` (a table gather) against ``f"{k / 1000:.3f}"`` for every value it may get, in a
+    strided field of a wider record. Kills: a table off by one, the field written at the wrong offset."""
+    k = np.arange(2001).reshape(23, 87)
+    block = np.full(k.shape + (12,), ord("x"), np.uint8)
+    vcf_out._put_fixed3(block, 4, k)
+    for i, row in enumerate(block.reshape(-1, 12)):
+        assert row.tobytes() == b"xxxx" + f"{i / 1000:.3f}".encode() + b"xxx"
