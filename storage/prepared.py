@@ -162,9 +162,9 @@ def store_digest(path: Path) -> str:
     return _digest(path, (stat.st_ino, stat.st_mtime_ns))
 
 
-# Windows of tokens kept in memory per store: a block of the prior at array density is ~85 windows
-# (51 KB each at 800 haplotypes, 320 KB at 5,000).
-TOKEN_CACHE_WINDOWS = 256
+# Tokens kept in memory per store, in windows of the largest role: a block of the prior at array density
+# is ~85 windows (51 KB each at 800 haplotypes: 5,000 windows; 320 KB at 5,000 haplotypes: 800).
+TOKEN_CACHE_BYTES = 256 << 20
 REPREPARE_FIX = "re-run `embrag prepare --run-dir {run_dir}` (with the same inputs it rebuilds the same data)"
 
 class PreparedData:
@@ -190,7 +190,8 @@ class PreparedData:
         self.roles = tuple(r for r in ROLES if f"tokens/{r}" in self.root)
         # The prior reads a block's windows ahead (embrag.lshmm.window_prior) and the caller then reads each
         # window again: a window is read from disk once. Read-only: one array is handed to every caller.
-        self._window_tokens = functools.lru_cache(maxsize=TOKEN_CACHE_WINDOWS)(self._read_tokens)
+        most = max([self.n_haplotypes(r) for r in self.roles], default=1) * self.window_size  # bytes per window
+        self._window_tokens = functools.lru_cache(maxsize=max(16, TOKEN_CACHE_BYTES // max(most, 1)))(self._read_tokens)
 
     @property
     def attrs(self) -> dict[str, Any]:

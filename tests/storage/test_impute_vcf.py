@@ -519,3 +519,21 @@ def test_imputation_follows_the_given_gate_then_the_calibrated_then_the_configur
     assert choose_gate(0.0, 0.45, 0.05) == 0.0  # --prior-gate 0: the model everywhere, whatever was chosen
     assert choose_gate(None, 0.45, 0.05) == 0.45
     assert choose_gate(None, None, 0.05) == 0.05  # a calibration written before the gate was recorded
+
+
+def test_window_tokens_are_read_from_disk_once_and_cannot_be_changed(run, monkeypatch):
+    """The prior reads its block's windows ahead and the caller reads each again: one disk read per
+    window, the same tokens as the store holds, and read-only (one array is shared by every caller).
+    Kills: the cache keyed without the role, a caller's in-place edit leaking into the next."""
+    p = PreparedData(run["prepared"].path)
+    reads = []
+    original = p._token_array
+    monkeypatch.setattr(p, "_token_array", lambda role: reads.append(role) or original(role))
+    first = p.tokens("panel", 1)
+    again = p.tokens("panel", 1)
+    assert again is first and reads == ["panel"]
+    np.testing.assert_array_equal(first, p.root["tokens/panel"][1])
+    with pytest.raises(ValueError):
+        first[0, 0] = 0
+    if "study" in p.roles:
+        assert p.tokens("study", 1).shape[0] == p.n_haplotypes("study") and reads == ["panel", "study"]
