@@ -192,7 +192,8 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
     time), validation and imputation (window after window) get the same prior. When the context can
     read the panel of the block's other windows (``ctx.panel_window``: callers that go window after
     window), one chain gives the prior of every window of the block, kept in ``ctx.prior_cache`` per
-    batch of queries; otherwise the chain gives window ``w``'s alone.
+    batch of queries; otherwise the chain gives window ``w``'s alone. The cache is not keyed by
+    ``panel_tokens`` / ``af``: ``ctx.panel_window(m)`` must return what a caller passes for window ``m``.
 
     ``states``: 0 = every panel haplotype is a state; else at most that many per query, the
     positional-BWT neighbours at the block's window edges (the longest matches into and out of each
@@ -271,8 +272,12 @@ def _block_sites(ctx: MatchContext, members: range, wanted: tuple[int, ...],
     lo = max(b0, min(g.first_typed for g in geo) - flank)
     hi = min(b1, max(g.stop_typed for g in geo) + flank)  # never empty on a contig with typed sites
     site_cm = np.concatenate([ctx.geometry[m].position for m in wanted]) * CM_PER_BP  # (S,)
-    alt = np.concatenate([panel_alt(token_alleles(tok), a).T for tok, a in panels])  # (S, Hp)
-    return _Sites(members, lo, hi, _site_columns(ctx.typed_position[lo:hi] * CM_PER_BP, site_cm), _carriers(alt),
+    # sparse window by window: a dense (S, Hp) float64 would be 8.7 GB for 85 windows at 200,000 haplotypes
+    parts = [_carriers(panel_alt(token_alleles(tok), a).T) for tok, a in panels]  # each over (L, Hp)
+    ends = np.cumsum([0] + [p[0][-1] for p in parts[:-1]])  # carriers before each window
+    carriers = (np.concatenate([parts[0][0][:1]] + [p[0][1:] + e for p, e in zip(parts, ends, strict=True)]),
+                *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)))
+    return _Sites(members, lo, hi, _site_columns(ctx.typed_position[lo:hi] * CM_PER_BP, site_cm), carriers,
                   [len(ctx.geometry[m].position) for m in wanted])
 
 

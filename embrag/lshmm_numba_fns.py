@@ -111,6 +111,7 @@ def prior_at_sites(query: np.ndarray, panel_t: np.ndarray, rows: np.ndarray, all
                 v = row[h] * b[h]
                 here[h] = v
                 s += v
+            dead = s <= tiny  # no state the query may copy: P(ALT) 0, as the reference's all-zero posterior
             inv = one / max(s, tiny)
             for h in range(h_n):
                 here[h] *= inv
@@ -129,4 +130,4 @@ def prior_at_sites(query: np.ndarray, panel_t: np.ndarray, rows: np.ndarray, all
                         if h < 0:
                             continue
                     acc += (wl * here[h] + wr * after[h]) * value[e]
-                out[q, i] = one - acc if flip[i] else acc
+                out[q, i] = zero if dead else (one - acc if flip[i] else acc)

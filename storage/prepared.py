@@ -190,6 +190,7 @@ class PreparedData:
         self.roles = tuple(r for r in ROLES if f"tokens/{r}" in self.root)
         # The prior reads a block's windows ahead (embrag.lshmm.window_prior) and the caller then reads each
         # window again: a window is read from disk once. Read-only: one array is handed to every caller.
+        self._token_arrays: dict[str, zarr.Array] = {}
         most = max([self.n_haplotypes(r) for r in self.roles], default=1) * self.window_size  # bytes per window
         self._window_tokens = functools.lru_cache(maxsize=max(16, TOKEN_CACHE_BYTES // max(most, 1)))(self._read_tokens)
 
@@ -239,9 +240,11 @@ class PreparedData:
         tokens.flags.writeable = False
         return tokens
 
-    @functools.cache  # noqa: B019 (one per store and role): opening the array per read took 0.7 ms of 1.9
     def _token_array(self, role: str) -> zarr.Array:
-        return self.root[f"tokens/{role}"]
+        """Opened once per store and role: opening it per read took 0.7 ms of 1.9."""
+        if role not in self._token_arrays:
+            self._token_arrays[role] = self.root[f"tokens/{role}"]
+        return self._token_arrays[role]
 
     def window_sites(self, window: int) -> tuple[int, int]:
         return int(self.windows.start[window]), int(self.windows.stop[window])

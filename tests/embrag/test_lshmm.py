@@ -399,7 +399,8 @@ def _reading_ahead(ctx, panel: np.ndarray, windows):
 def test_the_compiled_prior_equals_the_numpy_chain_and_interpolation(seed, q, h, t, own):
     """``prior_at_sites`` (fused, compiled) against ``alt_probability(state_posteriors(...))`` (numpy, site
     by site): sites before, between, at and after the typed sites, unknown alleles on both sides, banned
-    states, the panel or each query's own states (-1 padded). Kills: a posterior row taken at the wrong
+    states, a query with none allowed, the panel or each query's own states (-1 padded). Kills: a posterior
+    row taken at the wrong
     column, the two flanks' weights swapped, a state's allele read from the wrong panel row, a majority-ALT
     site's complement not taken."""
     rng = np.random.default_rng(seed)
@@ -419,6 +420,8 @@ def test_the_compiled_prior_equals_the_numpy_chain_and_interpolation(seed, q, h,
         allowed[:, 0] = True
         rows = np.maximum(sel, 0)
         states_panel, states_alt = panel[rows], site_alt[rows]  # (Q, Hs, T), (Q, Hs, S)
+    if seed % 4 == 0:  # a query that may copy nobody (its own sample is the whole panel): P(ALT) 0 everywhere
+        allowed[0] = False
     chain = lshmm.Chain(query, states_panel, allowed, cm)
     post = lshmm.state_posteriors(chain, 3e3, 0.01)  # (Q, Hs, T)
     want = np.stack([lshmm.alt_probability(post[i:i + 1], cm, site_cm, states_alt[i] if own else site_alt)[0]
