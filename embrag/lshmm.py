@@ -53,30 +53,18 @@ def _transitions(chain: Chain, ne: float, dtype: type) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(1.0 - rho), np.ascontiguousarray(rho / n)
 
 
-def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64, *,
-                     keep: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float64) -> np.ndarray:
     """``(Q, H, T)`` in ``dtype``: P(query copies haplotype h at typed site t | all typed sites), in numpy:
     the reference of the compiled prior (``embrag.lshmm_numba_fns``), and the whole-contig baseline's chain.
 
-    ``keep = (a, b)``: only sites ``a .. b-1`` are wanted (the others are flank: evidence, not output);
-    they are written to ``out (b - a, Q, H)`` (allocated when None; each ``(Q, H)`` slab contiguous)
-    and ``out`` is returned as it is, site-major. The flank's forward values are not kept and the
-    backward stops at ``a``: the same numbers, less work.
-
     Site-major inside (a view of ``(T, Q, H)`` is returned): every step reads and writes one
-    contiguous ``(Q, H)`` slab, in place — 1.6x faster than the ``(Q, H, T)`` layout's strided
-    columns at 100 queries x 800 haplotypes. The emission of a site is gathered per query from the
+    contiguous ``(Q, H)`` slab, in place. The emission of a site is gathered per query from the
     panel's two rows of that site (a query allele selects one), never stored for the whole chain;
     a switch adds one number per query (its landing mass), and the few states a query may not copy
     are zeroed after each step, as if they had no mass to receive."""
     q, t = chain.query.shape
     h = chain.panel.shape[-2]
     assert chain.panel.shape in ((h, t), (q, h, t)) and chain.allowed.shape == (q, h) and chain.cm.shape == (t,)
-    a0, b0 = (0, t) if keep is None else keep
-    assert 0 <= a0 < b0 <= t
-    if out is None:
-        out = np.empty((b0 - a0, q, h), dtype)  # (K, Q, H)
-    assert out.shape == (b0 - a0, q, h) and out.dtype == dtype
     stay, land = _transitions(chain, ne, dtype)  # (Q, T-1) each
     banned = np.nonzero(~chain.allowed)  # (qi, hi) of states a query may not copy: few or none
     emission = _emission(chain, dtype(eps))
@@ -85,26 +73,20 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
         if len(banned[0]):
             slab[banned] = 0.0
 
-    scratch = np.empty((2, q, h), dtype)  # (2, Q, H): the flank's forward, two slabs in turn
-
-    def slab(j: int) -> np.ndarray:  # where site j's forward goes
-        return out[j - a0] if a0 <= j < b0 else scratch[j % 2]
-
-    prev = slab(0)
-    prev[...] = emission(0)
-    fix(prev)
-    prev /= np.maximum(prev.sum(1, keepdims=True), _TINY)
-    for j in range(1, b0):  # the forward beyond the last kept site is never needed
-        a = slab(j)
-        np.multiply(prev, stay[:, j - 1: j], out=a)
+    post = np.empty((t, q, h), dtype)  # (T, Q, H): one contiguous slab per site
+    post[0] = emission(0)
+    fix(post[0])
+    post[0] /= np.maximum(post[0].sum(1, keepdims=True), _TINY)
+    for j in range(1, t):
+        a = post[j]
+        np.multiply(post[j - 1], stay[:, j - 1: j], out=a)
         a += land[:, j - 1: j]  # (Q, 1): the prior's mass is normalised, so a switch lands rho / n everywhere
         a *= emission(j)
         fix(a)
         a /= np.maximum(a.sum(1, keepdims=True), _TINY)
-        prev = a
     b = np.ones((q, h), dtype)  # (Q, H) backward, rescaled per site (any per-site scale cancels below)
     fix(b)
-    for j in range(t - 2, a0 - 1, -1):
+    for j in range(t - 2, -1, -1):
         eb = emission(j + 1)
         eb *= b  # (Q, H)
         s = eb.sum(1, keepdims=True)  # (Q, 1)
@@ -112,11 +94,9 @@ def state_posteriors(chain: Chain, ne: float, eps: float, dtype: type = np.float
         b += land[:, j: j + 1] * s
         fix(b)
         b /= np.maximum(b.sum(1, keepdims=True), _TINY)
-        if j < b0:
-            out[j - a0] *= b
-    for k in range(b0 - a0):  # one contiguous slab at a time
-        out[k] /= np.maximum(out[k].sum(1, keepdims=True), _TINY)
-    return out if keep is not None else out.transpose(1, 2, 0)  # (K, Q, H) kept, or (Q, H, T)
+        post[j] *= b
+    post /= np.maximum(post.sum(2, keepdims=True), _TINY)
+    return post.transpose(1, 2, 0)  # (Q, H, T)
 
 
 def _emission(chain: Chain, eps):

@@ -52,26 +52,6 @@ def test_forward_backward_equals_the_sum_over_every_path(seed, h, t, ne):
     assert (got[~np.broadcast_to(allowed[:, :, None], got.shape)] == 0).all()  # a forbidden state never copied
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(2, 6), st.integers(1, 12), st.booleans())
-def test_kept_sites_are_the_full_chains_sites_bit_for_bit(seed, h, t, per_query):
-    """``keep`` skips the flank's storage and the backward left of the kept sites; what it writes,
-    into a slice of a larger site-major buffer, is exactly the full chain's columns."""
-    rng = np.random.default_rng(seed)
-    allowed = rng.random((3, h)) < 0.8
-    allowed[:, 0] = True
-    panel = rng.integers(0, 3, (3, h, t) if per_query else (h, t)).astype(np.uint8)
-    chain = lshmm.Chain(rng.integers(0, 3, (3, t)).astype(np.uint8), panel, allowed, np.sort(rng.random(t)) * 0.2)
-    full = lshmm.state_posteriors(chain, 3e4, 0.01, np.float32)  # (3, H, T)
-    a = int(rng.integers(0, t))
-    b = int(rng.integers(a + 1, t + 1))
-    big = np.full((b - a, 5, h), -1.0, np.float32)  # (K, 5 queries, H): these 3 are rows 1..3
-    got = lshmm.state_posteriors(chain, 3e4, 0.01, np.float32, keep=(a, b), out=big[:, 1:4])
-    np.testing.assert_array_equal(got, full.transpose(2, 0, 1)[a:b])
-    np.testing.assert_array_equal(big[:, 1:4], full.transpose(2, 0, 1)[a:b])
-    assert (big[:, [0, 4]] == -1.0).all()  # the buffer's other rows untouched
-
-
 def test_interpolation_equals_a_loop_between_flanking_typed_sites():
     rng = np.random.default_rng(3)
     post = rng.random((2, 5, 4))

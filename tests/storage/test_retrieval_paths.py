@@ -109,6 +109,10 @@ def test_training_validation_and_imputation_pick_the_same_neighbours(run_dir, tm
     match = target_context(run.prepared, gt, tgt.typed, 0, 1)
     imp_inputs = _window_inputs(run.prepared, run.cfg, gt, tgt.typed, 0, 1, exclude, match)
     rows = np.flatnonzero(queries.panel_rows // 2 == sample_index)  # the sample's two query rows
+    # validation and imputation go window after window: one chain fills their block (read ahead); training
+    # visits windows in random order and computes its own (the priors below must agree all the same)
+    assert match.panel_window is not None and val_inputs(0).match.panel_window is not None
+    assert source.window(0).match.panel_window is None
     device = torch.device("cpu")
     for w in range(source.n_windows):
         data_t = source.window(w)
