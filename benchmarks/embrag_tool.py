@@ -153,11 +153,11 @@ class Embrag:
             return out, tools.measure([sys.executable, "-c", _IMPUTE, ckpt, run_dir, target, out, "0"],
                                       out.with_suffix(".log"), IMPUTE_THREADS, env)
 
-        # what changes the imputation without changing the checkpoint: its calibration (temperature, the gate it
-        # was fitted under), the default gate of checkpoints that record none, the thread count
+        # what changes the imputation without changing the checkpoint: its calibration (temperature, the gate and
+        # depth it was fitted under), the default gate and depth of checkpoints that record none, the thread count
         calibration = calibration_path(ckpt)
         key = [str(ckpt), str(target), calibration.read_text() if calibration.exists() else "",
-               RunConfig().model.prior_gate, IMPUTE_THREADS]
+               RunConfig().model.prior_gate, IMPUTE_THREADS, RunConfig().model.depth]
         return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=key)
 
     def tune(self, inputs: Inputs, work: Path) -> dict:
@@ -172,7 +172,8 @@ class Embrag:
         ckpt = run.paths.checkpoint(epoch)
         return {"epoch": epoch, "checkpoint": str(ckpt), "run_dir": str(layout.root),
                 "epochs": [{k: row.get(k) for k in ("epoch", "val_r2site_all", "val_top1_r2site_all",
-                                                    "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature", "val_prior_gate")}
+                                                    "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature", "val_prior_gate",
+                                                    "val_depth")}
                            for row in history],
                 "mask": {"design": cfg.mask.design, "array_per_mb": cfg.mask.array_per_mb,
                          "array_min_maf": cfg.mask.array_min_maf}, "overrides": self.overrides,

@@ -25,6 +25,15 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+DEPTHS = ("transformer", "copy", "prior")  # deepest first: ModelConfig.depth
+
+
+def check_depth(depth: str, name: str = "ModelConfig.depth") -> str:
+    """One of :data:`DEPTHS`: ``ModelConfig.depth``, each of ``depth_choices``, a depth given at imputation."""
+    _require(depth in DEPTHS, f"{name} must be one of {DEPTHS}, got {depth!r}")
+    return depth
+
+
 def check_prior_gate(gate: float, name: str = "ModelConfig.prior_gate") -> float:
     """A prior gate's range, [0, 0.5): ``ModelConfig.prior_gate``, each of its candidates, a gate given at
     imputation."""
@@ -176,6 +185,16 @@ class ModelConfig:
     prior_gate: float = 0.05
     prior_gate_choices: tuple[float, ...] = (0.0, 0.01, 0.05, 0.2, 0.45)
     prior_gate_tolerance: float = 0.001
+    # How far a haplotype-window the gate leaves to the model goes through it (validation and imputation alike,
+    # embrag.impute): "transformer" (the whole model), "copy" (the output head on the copy head's logit: the K
+    # retrieved neighbours and the prior, the transformer's correction left out), "prior" (the output head on
+    # the prior alone: no retrieval, no transformer). Validation scores every one in ``depth_choices`` on every
+    # row and chooses the gate and depth together (embrag.validate.cheapest_within): the cheapest pair
+    # within ``prior_gate_tolerance`` of the best one. Why: after a short training the
+    # transformer's correction is near 0 (the 10 Mb scale point's head weighs its hidden state at |w| 0.006),
+    # while its forward and the fusion were ~55 of 115 CPU s of imputing 500 samples there.
+    depth: Literal["transformer", "copy", "prior"] = "transformer"
+    depth_choices: tuple[str, ...] = ("transformer", "copy", "prior")
 
     def __post_init__(self) -> None:
         for name in ("dim", "layers", "heads", "ff_mult", "k", "max_len"):
@@ -190,6 +209,16 @@ class ModelConfig:
             check_prior_gate(gate, "ModelConfig.prior_gate_choices")
         _require(self.prior_gate_tolerance >= 0,
                  f"ModelConfig.prior_gate_tolerance must be >= 0, got {self.prior_gate_tolerance}")
+        for depth in (self.depth, *self.depth_choices):
+            check_depth(depth)
+        _require(self.depth in self.depths,
+                 f"ModelConfig.depth={self.depth!r} needs what this model lacks (it can run {self.depths})")
+
+    @property
+    def depths(self) -> tuple[str, ...]:
+        """The depths this model can run: "copy" needs the copy head (and retrieval), "prior" the HMM prior."""
+        return ("transformer",) + (("copy",) if self.copy_head and self.variant != "none" else ()) + (
+            ("prior",) if self.uses_hmm else ())
 
     @property
     def uses_hmm(self) -> bool:

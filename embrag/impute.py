@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from embrag.config import RetrievalConfig
+from embrag.config import RetrievalConfig, check_depth
 from embrag.constants import MASK, MISSING
 from embrag.epoch import WindowData, batch_prior, forward_batch, query_af, retrieve
 from embrag.neighbours import MatchContext, Neighbours, copy_top1, copy_vote
@@ -65,15 +65,16 @@ def _search_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[None, :], np.uint8(MASK), tokens)
 
 
-def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device) -> WindowData:
-    """Index and reference embeddings of one window from the model's own weights (fp32, eval mode)."""
-    table_np, index = None, None
-    if kind is not None and kind != "token":
+def window_data(model: torch.nn.Module, kind: str | None, inp: WindowInputs, device: torch.device,
+                build: bool = True) -> WindowData:
+    """Index and reference embeddings of one window from the model's own weights (fp32, eval mode).
+    ``build=False``: no index (depth "prior" retrieves nothing); the match context stays, for the prior."""
+    table_np = None
+    if kind is not None and kind != "token" and build:
         table = model.embedding.table(torch.as_tensor(inp.af, device=device),
                                       torch.as_tensor(inp.position, device=device))  # (L, V, D)
         table_np = table.float().cpu().numpy()
-    if kind is not None:
-        index = build_index(kind, inp.panel_tokens, inp.mask, table_np)
+    index = build_index(kind, inp.panel_tokens, inp.mask, table_np) if kind is not None and build else None
     return WindowData(
         window=inp.window, query_tokens=_search_tokens(inp.target_tokens, inp.mask), af=inp.af,
         position=inp.position, real=inp.real, mask=inp.mask, index=index, panel_tokens=inp.panel_tokens,
@@ -87,7 +88,7 @@ def impute_window(
     model: torch.nn.Module, inp: WindowInputs, *, index_kind: str | None, batch_size: int = 256,
     device: torch.device | str = "cpu", temperature: float = 1.0, baselines: dict[str, np.ndarray] | None = None,
     prior_gate: float | None = None, gated: np.ndarray | None = None,
-    decided: dict[float, np.ndarray | None] | None = None,
+    decided: dict[float, np.ndarray | None] | None = None, depth: str | None = None,
 ) -> np.ndarray:
     """ALT probability ``float32 (Ht, L)`` at every slot of one window (eval mode, no grad).
 
@@ -96,11 +97,14 @@ def impute_window(
     training. ``temperature`` divides the logits (calibration fitted on validation). ``baselines``:
     when a dict, it receives the no-model copies of the SAME neighbours, ``"top1"`` and ``"vote"``
     (``embrag.neighbours.copy_top1`` / ``copy_vote``), the model's Li-Stephens prior alone,
-    ``"hmm"`` (models with ``hmm_prior``), and the model on every row, gate or not, ``"model"``
-    (what training taught it, when the gate hands most rows to the prior), ``(Ht, L)`` each. ``prior_gate``: None = the model's
-    ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
+    ``"hmm"`` (models with ``hmm_prior``), and the model on every row, gate or not, at each depth it can
+    run: ``"model"`` (the transformer: what training taught it, when the gate hands most rows to the prior),
+    ``"model_copy"`` and ``"model_prior"`` (``depth_baseline``), ``(Ht, L)`` each. ``prior_gate``: None = the
+    model's ``cfg.prior_gate``. ``gated``: when a bool ``(Ht,)`` array, set to the rows the gate answered.
     ``decided``: when a dict keyed by gates, each value is set to the bool ``(Ht,)`` rows that gate would
     answer (validation choosing the gate: ``embrag.validate.compose``); all False without a prior.
+    ``depth``: how far the rows the gate leaves to the model go through it (``ModelConfig.depth``; None = the
+    model's): at "prior" nothing is retrieved unless ``baselines`` asks for the neighbours' copies.
 
     ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
     (the HMM's own probability, which the model's temperature was not fitted on).
@@ -110,14 +114,20 @@ def impute_window(
     length = inp.mask.shape[0]
     if inp.target_tokens.ndim != 2 or inp.target_tokens.shape[1] != length or inp.panel_tokens.shape[1] != length:
         raise ValueError(f"target {inp.target_tokens.shape} / panel {inp.panel_tokens.shape} must be [H, {length}]")
-    data = window_data(model, index_kind, inp, device)
+    depth = model.cfg.depth if depth is None else check_depth(depth, "depth")
+    if depth not in model.cfg.depths:
+        raise ValueError(f"depth {depth!r} needs what this model lacks: it can run {model.cfg.depths}")
+    # the depths to compute on the model's rows: validation scores each one the model can run
+    depths = _depths(model, index_kind, depth, baselines is not None)
+    data = window_data(model, index_kind, inp, device, build=baselines is not None or depth != "prior")
     model_tokens = _model_tokens(inp.target_tokens, inp.mask)  # (Ht, L)
     # The tables share one AF per window: panel queries (validation) have their own (``query_af``).
-    fast = _tabulated(model, index_kind, inp, device) if inp.exclude_rows is None else None
+    fast = (_tabulated(model, index_kind, inp, device) if inp.exclude_rows is None and "transformer" in depths
+            else None)
     out = np.empty(model_tokens.shape, np.float32)
     if baselines is not None:
         baselines.update(top1=np.full(out.shape, np.nan, np.float32), vote=np.full(out.shape, np.nan, np.float32),
-                         model=np.full(out.shape, np.nan, np.float32))
+                         **{depth_baseline(d): np.full(out.shape, np.nan, np.float32) for d in depths})
     retrieves = data.index is not None or data.match is not None
     uses_hmm = model.cfg.uses_hmm and retrieves
     gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if uses_hmm and data.match is not None else 0.0
@@ -134,10 +144,11 @@ def impute_window(
     # the model's batches: full ones of the rows it imputes (the no-model baselines of validation copy
     # the neighbours of every row, gated or not)
     todo = np.arange(n) if baselines is not None else np.flatnonzero(run)
+    needs_neighbours = retrieves and (baselines is not None or depth != "prior")
     for lo in range(0, len(todo), batch_size):
         rows = todo[lo: lo + batch_size]
         nb = retrieve(data, rows, model.cfg.k, prior=uses_hmm, hmm=None if prior is None else prior[rows]
-                      ) if retrieves else None
+                      ) if needs_neighbours else None
         mine = run[rows]  # (B,)
         # validation (baselines) runs the model on every row, for its ungated "model" metrics
         speak = np.ones(len(rows), bool) if baselines is not None else mine  # (B,)
@@ -145,16 +156,24 @@ def impute_window(
             sub = rows[speak]
             nb_run = nb if nb is None or speak.all() else nb.subset(speak)
             batch = _batch(model_tokens[sub], inp, sub, device)
-            if fast is not None:
-                logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb_run, inp.panel_tokens,
-                                                                                        device))
-            else:
-                logits, _ = forward_batch(model, model.cfg, data, sub, batch, live=False, device=device,
-                                          neighbours=nb_run)  # (b, L)
-            probs = torch.sigmoid(logits.float() / temperature).cpu().numpy()  # (b, L)
-            out[rows[mine]] = probs[mine[speak]]
-            if baselines is not None:
-                baselines["model"][sub] = probs
+            hmm = None if prior is None else torch.as_tensor(prior[sub], device=device)  # (b, L)
+            for d in depths:
+                if d == "transformer" and fast is not None:
+                    logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb_run, inp.panel_tokens,
+                                                                                            device))
+                elif d == "transformer":
+                    logits, _ = forward_batch(model, model.cfg, data, sub, batch, live=False, device=device,
+                                              neighbours=nb_run)  # (b, L)
+                elif d == "copy":
+                    refs, valid, evidence, _ = _neighbour_tensors(nb_run, inp.panel_tokens, device)
+                    logits = model.shallow(batch["af"], hmm, refs, valid, evidence)  # (b, L)
+                else:
+                    logits = model.shallow(batch["af"], hmm)  # (b, L)
+                probs = torch.sigmoid(logits.float() / temperature).cpu().numpy()  # (b, L)
+                if d == depth:
+                    out[rows[mine]] = probs[mine[speak]]
+                if baselines is not None:
+                    baselines[depth_baseline(d)][sub] = probs
         if baselines is not None and nb is not None and nb.runs is not None:  # here nb is of every row
             refs, valid = inp.panel_tokens[np.maximum(nb.rows, 0)], nb.rows >= 0  # (B, K, L), (B, K)
             baselines["top1"][rows] = copy_top1(refs, valid, nb.runs, inp.af)
@@ -162,6 +181,19 @@ def impute_window(
             if nb.prior is not None:
                 baselines.setdefault("hmm", np.full(out.shape, np.nan, np.float32))[rows] = nb.prior
     return out
+
+
+def depth_baseline(depth: str) -> str:
+    """The validation baseline holding the model's predictions at ``depth`` on every row (``impute_window``)."""
+    return "model" if depth == "transformer" else f"model_{depth}"
+
+
+def _depths(model: torch.nn.Module, index_kind: str | None, depth: str, every: bool) -> tuple[str, ...]:
+    """The depths ``impute_window`` computes: ``depth``, or ``every`` one the model can run here (without
+    retrieval, index_kind None, there is no copy head input and no prior: the transformer only)."""
+    if not every:
+        return (depth,)
+    return model.cfg.depths if index_kind is not None else ("transformer",)
 
 
 def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarray:
@@ -226,7 +258,7 @@ def _batch(tokens: np.ndarray, inp: WindowInputs, rows: np.ndarray, device: torc
 def iter_owned(
     model: torch.nn.Module, windows: Windows, n_sites: int, window_inputs: Callable[[int], WindowInputs], *,
     index_kind: str | None, batch_size: int = 256, device: torch.device | str = "cpu", temperature: float = 1.0,
-    counts: dict[str, int] | None = None, prior_gate: float | None = None,
+    counts: dict[str, int] | None = None, prior_gate: float | None = None, depth: str | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per window, ``(site indices (m,), ALT probabilities (Ht, m))`` for the sites it OWNS. ``counts``: when a
     dict, ``"rows"`` (haplotype-windows) and ``"decided"`` (those the prior gate answered) are added to.
@@ -242,7 +274,7 @@ def iter_owned(
         inp = window_inputs(w)
         gated = np.zeros(len(inp.target_tokens), bool)  # (Ht,)
         probs = impute_window(model, inp, index_kind=index_kind, batch_size=batch_size, device=device,
-                              temperature=temperature, prior_gate=prior_gate, gated=gated)
+                              temperature=temperature, prior_gate=prior_gate, gated=gated, depth=depth)
         if counts is not None:
             counts["rows"] = counts.get("rows", 0) + len(gated)
             counts["decided"] = counts.get("decided", 0) + int(gated.sum())

@@ -186,6 +186,18 @@ class _ImputationModel(nn.Module):
             evidence = ref_alt.new_zeros(*ref_alt.shape, N_RUNS)
         return self.copy(ref_alt, valid, evidence, af, hmm)
 
+    def shallow(self, af: torch.Tensor, hmm: torch.Tensor | None, ref_tokens: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """ALT logits ``[B, L]`` of the output head on the copy head's logit, the transformer's correction (the
+        head's hidden-state term) left out: ``ModelConfig.depth`` "copy" with ``ref_tokens [B, K, L]``, their
+        ``valid [B, K]`` and ``evidence [B, K, L, 5]``, "prior" with ``hmm [B, L]`` alone. ``forward`` gives
+        the same logits when the head weighs the hidden state 0."""
+        ref_alt = None if ref_tokens is None else reference_alleles(ref_tokens)  # (B, K, L)
+        prior = self._prior(ref_alt, valid, evidence, af, hmm)  # (B, L)
+        assert prior is not None, "a model without a copy head has no depth but the transformer"
+        b, length = af.shape
+        return self.head(prior.new_zeros(b, length, self.cfg.dim), af, prior)  # (B, L)
+
     def _check_inputs(
         self, tokens: torch.Tensor, af: torch.Tensor, position: torch.Tensor, pad: torch.Tensor
     ) -> None:

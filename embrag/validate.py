@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from embrag.config import DEPTHS
 from embrag.constants import ALT, REF
 from embrag.epoch import EpochResult, PeakMemory, _Counts, has_donor
 from embrag.impute import WindowInputs, impute_window
@@ -33,6 +34,7 @@ class Validation:
     baselines: dict[str, dict[int, np.ndarray]]  # "top1" / "vote" / "hmm" / "model" -> like result.predictions
     decided: dict[float, dict[int, np.ndarray]]  # candidate gate -> window -> bool (Hq,) rows it would answer
     prior_gate: float  # the gate of result.predictions
+    depth: str  # the depth of result.predictions (ModelConfig.depth)
 
 
 def validation_windows(n_windows: int, n_queries: int, batch_size: int, max_batches: int | None) -> np.ndarray:
@@ -49,6 +51,7 @@ def validate(
     model: torch.nn.Module, windows: np.ndarray, inputs: Callable[[int], WindowInputs],
     truth: Callable[[int], np.ndarray], *, index_kind: str | None, rare_maf: float, batch_size: int,
     device: torch.device, prior_gate: float | None = None, candidate_gates: tuple[float, ...] = (),
+    depth: str | None = None,
 ) -> Validation:
     """Impute the validation queries at each of ``windows`` and score the hidden sites.
 
@@ -56,7 +59,9 @@ def validate(
     imputation inputs (target tokens may be the complete tokens: the mask hides what is scored).
     ``prior_gate``: None = the model's. ``candidate_gates``: the rows each would answer, per window
     (``Validation.decided``), to compose their predictions from the "model" and "hmm" baselines.
+    ``depth``: None = the model's (every depth it can run is scored on every row, as a baseline).
     """
+    depth = model.cfg.depth if depth is None else depth
     counts, losses, logits_all, labels_all, predictions = _Counts(), [], [], [], {}
     copies: dict[str, dict[int, np.ndarray]] = {}
     decided_rows: dict[float, dict[int, np.ndarray]] = {g: {} for g in candidate_gates}
@@ -69,7 +74,8 @@ def validate(
         gated = np.zeros(len(inp.target_tokens), bool)  # (Hq,): rows the prior gate answered
         decided: dict[float, np.ndarray | None] = dict.fromkeys(candidate_gates)
         probs = impute_window(model, inp, index_kind=index_kind, batch_size=batch_size, device=device,
-                              baselines=extra, gated=gated, prior_gate=prior_gate, decided=decided)  # (Hq, L)
+                              baselines=extra, gated=gated, prior_gate=prior_gate, decided=decided,
+                              depth=depth)  # (Hq, L)
         for g, rows in decided.items():
             decided_rows[g][int(w)] = rows
         memory.sample()
@@ -100,7 +106,7 @@ def validate(
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
     gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if model.cfg.uses_hmm else 0.0  # none applies
     return Validation(result, cat(logits_all), cat(labels_all), {k: v for k, v in copies.items() if v},
-                      decided_rows, gate)
+                      decided_rows, gate, depth)
 
 
 def compose(model: dict[int, np.ndarray], prior: dict[int, np.ndarray], decided: dict[int, np.ndarray]
@@ -111,15 +117,19 @@ def compose(model: dict[int, np.ndarray], prior: dict[int, np.ndarray], decided:
     return {w: np.where(decided[w][:, None], prior[w], model[w]) for w in model}
 
 
-def widest_gate(r2_by_gate: dict[float, float], tolerance: float) -> float:
-    """The widest gate whose validation mean per-site r2 is within ``tolerance`` of the best gate's: the
-    prior answers all it can where the model adds nothing measurable (faster, and on array designs a
-    better rare IQS and INFO calibration), and no more where the model does better."""
-    finite = {g: r for g, r in r2_by_gate.items() if np.isfinite(r)}
+def cheapest_within(r2: dict[tuple[float, str], float], tolerance: float) -> tuple[float, str]:
+    """The cheapest ``(gate, depth)`` whose validation mean per-site r2 is within ``tolerance`` of the best
+    pair's. Depth "prior" costs nothing per haplotype-window (no retrieval, no forward), so any such pair
+    first, the widest gate among them; otherwise the widest gate (the fewest haplotype-windows through the
+    model), then the shallowest depth. The prior answers all it can, and the model runs no deeper, where the
+    rest adds nothing measurable (faster, and on array designs a better rare IQS and INFO calibration); no more
+    where it does better. NaN pairs never win."""
+    finite = {key: v for key, v in r2.items() if np.isfinite(v)}
     if not finite:
-        return min(r2_by_gate)
+        return min(r2, key=lambda key: (key[0], DEPTHS.index(key[1])))  # the narrowest, deepest: no claim made
     best = max(finite.values())
-    return max(g for g, r in finite.items() if r >= best - tolerance)
+    within = [key for key, v in finite.items() if v >= best - tolerance]
+    return max(within, key=lambda key: (key[1] == "prior", key[0], DEPTHS.index(key[1])))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, grid: np.ndarray | None = None) -> float:

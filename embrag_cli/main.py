@@ -366,6 +366,10 @@ def impute(
     prior_gate: Annotated[float | None, typer.Option(help=(
         "Haplotypes whose Li-Stephens prior is within this of 0 or 1 at every site of a window take the prior "
         "without the model (default: the gate validation chose for the checkpoint, else its model.prior_gate; 0 = the model everywhere)"))] = None,
+    depth: Annotated[str | None, typer.Option(help=(
+        "How far the other haplotypes go through the model: transformer | copy (the copy head on the retrieved "
+        "neighbours, no transformer) | prior (the output head on the prior, no retrieval) (default: the depth "
+        "validation chose for the checkpoint, else its model.depth)"))] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow (impute-many with several targets)")] = False,
 ) -> None:
     """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
@@ -375,7 +379,7 @@ def impute(
             raise typer.BadParameter("--truth scores one target; impute and score them one at a time",
                                      param_hint="--truth-vcf")
         _impute_many(target, out, run_dir, model, variant, allow_panel_overlap, sample_chunk, threads, prefect,
-                     prior_gate)
+                     prior_gate, depth)
         return
     target = target[0] if target else None
     if prefect:
@@ -384,7 +388,7 @@ def impute(
         s = impute_flow(run_dir=str(run_dir), variant=variant, checkpoint=model and str(model),
                         target_vcf=target and str(target), out_vcf=out and str(out), truth_vcf=truth and str(truth),
                         allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk, threads=threads,
-                        prior_gate=prior_gate)
+                        prior_gate=prior_gate, depth=depth)
         table = s.get("evaluation", {}).get("table")
     else:
         import dataclasses
@@ -394,7 +398,7 @@ def impute(
         model, target, out, truth = default_paths(run_dir, variant, model, target, out, truth)
         s = dataclasses.asdict(impute_vcf(model, run_dir, target, out, sample_chunk=sample_chunk,
                                           allow_panel_overlap=allow_panel_overlap, threads=threads,
-                                          prior_gate=prior_gate))
+                                          prior_gate=prior_gate, depth=depth))
         table = evaluate_imputed(run_dir, truth, out)[0].table() if truth else None
     _print_imputed(s, warn=not prefect)  # the flow logged any warning already
     if table:
@@ -404,7 +408,7 @@ def impute(
 
 def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Path | None, variant: str,
                  allow_panel_overlap: bool, sample_chunk: int, threads: int | None, prefect: bool,
-                 prior_gate: float | None = None) -> None:
+                 prior_gate: float | None = None, depth: str | None = None) -> None:
     """Several targets, one model load: outputs ``<out or run-dir/imputed>/<target>.<variant>.vcf.gz``."""
     from storage.impute import many_outputs
 
@@ -415,7 +419,7 @@ def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Pa
         summaries = impute_many_flow(run_dir=str(run_dir), target_vcfs=[str(t) for t in targets],
                                      out_dir=out and str(out), variant=variant, checkpoint=model and str(model),
                                      allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk,
-                                     threads=threads, prior_gate=prior_gate)
+                                     threads=threads, prior_gate=prior_gate, depth=depth)
     else:
         import dataclasses
 
@@ -424,7 +428,7 @@ def _impute_many(targets: list[Path], out: Path | None, run_dir: Path, model: Pa
         checkpoint = default_paths(run_dir, variant, model, targets[0], outs[0], None)[0]
         summaries = [dataclasses.asdict(s) for s in impute_many(
             checkpoint, run_dir, list(zip(targets, outs, strict=True)), allow_panel_overlap=allow_panel_overlap,
-            sample_chunk=sample_chunk, threads=threads, prior_gate=prior_gate)]
+            sample_chunk=sample_chunk, threads=threads, prior_gate=prior_gate, depth=depth)]
     for s in summaries:
         _print_imputed(s, warn=not prefect)
 
@@ -438,7 +442,7 @@ def _print_imputed(s: dict, *, warn: bool) -> None:
                f"missing calls {s['n_missing_calls']}")
     if s.get("prior_gate"):
         typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (prior gate "
-                   f"{s['prior_gate']:g}); the model imputed the rest")
+                   f"{s['prior_gate']:g}); the model imputed the rest (depth {s.get('depth', 'transformer')})")
     if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)
 

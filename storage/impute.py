@@ -14,12 +14,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from embrag import lshmm
-from embrag.config import RunConfig, check_prior_gate
+from embrag.config import RunConfig, check_depth, check_prior_gate
 from embrag.constants import PAD
 from embrag.impute import WindowInputs, iter_owned
 from embrag.model import build_model, resolve_device
@@ -68,6 +69,7 @@ class ImputeSummary:
     untyped_fraction: float  # panel sites the target does not type
     prior_gate: float  # the gate used: the one given, else the one validation chose (calibration), else model.prior_gate
     prior_decided: float  # haplotype-windows the prior answered without the model
+    depth: str  # how far the others went through the model: given, else validation's choice, else model.depth
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
@@ -153,7 +155,7 @@ def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sampl
 
 def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap, target: Target,
                    exclude: np.ndarray | None, probs: np.memmap, *, batch_size: int, sample_chunk: int,
-                   device: torch.device, temperature: float, prior_gate: float) -> float:
+                   device: torch.device, temperature: float, prior_gate: float, depth: str) -> float:
     """Fill ``probs uint16 [S, N, 2]`` chunk of samples by chunk, window by window; the share of
     haplotype-windows the prior gate answered without the model."""
     n = len(target.samples)
@@ -165,7 +167,7 @@ def _impute_chunks(model, cfg: RunConfig, prepared: PreparedData, gt: np.memmap,
         inputs = _window_inputs(prepared, cfg, gt, target.typed, a, b, exclude, match)
         for sites, p in iter_owned(model, prepared.windows, len(prepared.sites), inputs, index_kind=kind,
                                    batch_size=batch_size, device=device, temperature=temperature,
-                                   counts=counts, prior_gate=prior_gate):  # p: (2c, m)
+                                   counts=counts, prior_gate=prior_gate, depth=depth):  # p: (2c, m)
             q = np.rint(np.clip(p, 0.0, 1.0) * _Q).astype(np.uint16)  # (2c, m)
             probs[sites, a:b, :] = q.reshape(b - a, 2, -1).transpose(2, 0, 1)  # (m, c, 2)
         log.info("imputed samples %d-%d of %d", a, b, n)
@@ -217,40 +219,56 @@ def design_mismatch(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray) -
             f"hiding at most {trained:.0%}; expect poorly calibrated dosages; {recipe}")
 
 
-def read_calibration(checkpoint: Path) -> tuple[float, float | None]:
-    """``(temperature, prior gate it was fitted under)`` of ``checkpoint``: ``(1.0, None)`` without a calibration,
-    gate None for one written before the gate was recorded."""
+class Calibration(NamedTuple):
+    """What validation fitted and chose for a checkpoint (``storage.training.validate_checkpoint``)."""
+
+    temperature: float  # 1.0 without a calibration
+    prior_gate: float | None  # the gate it was fitted under; None: no calibration, or one from before gates
+    depth: str | None  # the depth it was fitted at; None: no calibration, or one from before depths
+
+
+def read_calibration(checkpoint: Path) -> Calibration:
+    """The calibration of ``checkpoint``: ``(1.0, None, None)`` without one; gate or depth None for one written
+    before they were recorded."""
     path = calibration_path(checkpoint)
     if not path.exists():
         log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
-        return 1.0, None
+        return Calibration(1.0, None, None)
     record = read_json(path)
-    return float(record["temperature"]), record.get("prior_gate")
+    return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth"))
 
 
 def choose_gate(given: float | None, calibrated: float | None, configured: float) -> float:
-    """The gate an imputation runs under: the one given, else the one validation chose and the checkpoint's
-    calibration records, else the checkpoint's ``model.prior_gate`` (a calibration from before either)."""
+    """The gate (or depth) an imputation runs under: the one given, else the one validation chose and the
+    checkpoint's calibration records, else the checkpoint's ``model.prior_gate`` (``model.depth``: a
+    calibration from before either)."""
     if given is not None:
         return given
     return configured if calibrated is None else calibrated
 
 
-def gate_mismatch(checkpoint: Path, fitted_under: float | None, gate: float) -> str | None:
-    """A warning when the temperature was fitted under another prior gate than the one imputing: it was fitted
-    on the haplotypes that gate handed to the model, so others get a temperature not fitted on them."""
-    if fitted_under is None or abs(fitted_under - gate) < 1e-12:
+def gate_mismatch(checkpoint: Path, fitted: Calibration, gate: float, depth: str) -> str | None:
+    """A warning when the temperature was fitted under another prior gate or depth than the ones imputing: it was
+    fitted on the logits of the haplotypes that gate handed to the model at that depth, so others get a
+    temperature not fitted on them."""
+    same_gate = fitted.prior_gate is None or abs(fitted.prior_gate - gate) < 1e-12
+    same_depth = fitted.depth is None or fitted.depth == depth
+    if same_gate and same_depth:
         return None
-    return (f"{checkpoint.name}'s temperature was fitted with prior gate {fitted_under:g} (validation), this "
-            f"imputation uses {gate:g}: the model's dosages are calibrated for the haplotypes that gate let through")
+    fitted_gate = gate if fitted.prior_gate is None else fitted.prior_gate
+    return (f"{checkpoint.name}'s temperature was fitted with prior gate {fitted_gate:g} at depth "
+            f"{fitted.depth or depth} (validation), this imputation uses {gate:g} at depth {depth}: the model's "
+            "dosages are calibrated for the haplotypes that gate let through, at that depth")
 
 
 def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1,
-                 prior_gate: float | None = None) -> None:
+                 prior_gate: float | None = None, depth: str | None = None) -> None:
     """What can be refused before a checkpoint is loaded: a missing target, an output that is the target,
-    chunk sizes below 1, a prior gate out of range."""
+    chunk sizes below 1, a prior gate out of range, an unknown depth."""
     if prior_gate is not None:
         check_prior_gate(prior_gate)
+    if depth is not None:
+        check_depth(depth, "depth")
     if not target_vcf.is_file():
         raise VcfInputError(f"{target_vcf}: file not found; pass the path of a phased target VCF/BCF")
     if out_vcf.resolve() == target_vcf.resolve():
@@ -260,10 +278,11 @@ def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample
 
 
 def check_targets(targets: list[Path], outs: list[Path], *, batch_size: int = 1, sample_chunk: int = 1,
-                  prior_gate: float | None = None) -> None:
+                  prior_gate: float | None = None, depth: str | None = None) -> None:
     """``check_target`` for each, and no output written twice or written over another target."""
     for target_vcf, out_vcf in zip(targets, outs, strict=True):
-        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate)
+        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate,
+                     depth=depth)
     resolved = [o.resolve() for o in outs]
     if len(set(resolved)) != len(resolved):
         dup = next(o for o in resolved if resolved.count(o) > 1)
@@ -294,14 +313,19 @@ class Imputer:
                              f"has {self.prepared.window_size}; use the run directory the model was trained on")
 
     def impute(self, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False, batch_size: int = 256,
-               sample_chunk: int = 500, prior_gate: float | None = None) -> ImputeSummary:
+               sample_chunk: int = 500, prior_gate: float | None = None, depth: str | None = None) -> ImputeSummary:
         """Impute every panel site for the samples of ``target_vcf`` into ``out_vcf`` (see ``impute_vcf``).
         ``seconds`` of the summary: this target (the checkpoint's loading is ``impute_vcf``'s)."""
         t0 = time.perf_counter()
         target_vcf, out_vcf = Path(target_vcf), Path(out_vcf)
-        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate)
-        temperature, fitted_under = read_calibration(self.checkpoint)  # per target: one written since is used
-        gate = choose_gate(prior_gate, fitted_under, self.cfg.model.prior_gate)
+        check_target(target_vcf, out_vcf, batch_size=batch_size, sample_chunk=sample_chunk, prior_gate=prior_gate,
+                     depth=depth)
+        fitted = read_calibration(self.checkpoint)  # per target: one written since is used
+        temperature = fitted.temperature
+        gate = choose_gate(prior_gate, fitted.prior_gate, self.cfg.model.prior_gate)
+        depth = choose_gate(depth, fitted.depth, self.cfg.model.depth)
+        if depth not in self.cfg.model.depths:
+            raise ValueError(f"--depth {depth}: {self.checkpoint.name} can run {', '.join(self.cfg.model.depths)}")
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
@@ -312,7 +336,7 @@ class Imputer:
             exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
             untyped = 1.0 - float(target.typed.mean())
             warning = "; ".join(w for w in (design_mismatch(cfg, prepared, target.typed),
-                                            gate_mismatch(checkpoint, fitted_under, gate)) if w) or None
+                                            gate_mismatch(checkpoint, fitted, gate, depth)) if w) or None
             shape = (len(prepared.sites), len(target.samples), 2)
             probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
             chunk = prior_chunk(cfg, prepared, target.typed, sample_chunk)
@@ -321,7 +345,7 @@ class Imputer:
                          "lshmm.PRIOR_CACHE_BYTES", chunk, sample_chunk)
             decided = _impute_chunks(self.model, cfg, prepared, gt, target, exclude, probs, batch_size=batch_size,
                                      sample_chunk=chunk, device=self.device, temperature=temperature,
-                                     prior_gate=gate)
+                                     prior_gate=gate, depth=depth)
             written = _write_vcf(out_vcf, prepared, target, gt, probs,
                                  f"embrag {cfg.model.variant} {checkpoint.name} {provenance_tag(checkpoint, prepared)}")
             del gt, probs  # release the memmaps before their files go
@@ -335,7 +359,7 @@ class Imputer:
             n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
             n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
             n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped,
-            prior_gate=gate, prior_decided=decided,
+            prior_gate=gate, prior_decided=decided, depth=depth,
             warning=warning,
         )
 
@@ -343,7 +367,7 @@ class Imputer:
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
     batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
-    prior_gate: float | None = None,
+    prior_gate: float | None = None, depth: str | None = None,
 ) -> ImputeSummary:
     """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
 
@@ -353,28 +377,29 @@ def impute_vcf(
     with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
     BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one; set for the rest of the
     process, as ``set_threads`` does). ``prior_gate``: the gate validation chose for this checkpoint
-    unless given (``choose_gate``; 0: the model imputes every haplotype). ``seconds``
+    unless given (``choose_gate``; 0: the model imputes every haplotype); ``depth`` likewise (how far the
+    others go through the model: ``ModelConfig.depth``). ``seconds``
     counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()
     check_target(Path(target_vcf), Path(out_vcf), batch_size=batch_size, sample_chunk=sample_chunk,
-                 prior_gate=prior_gate)  # before loading anything
+                 prior_gate=prior_gate, depth=depth)  # before loading anything
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     summary = imputer.impute(target_vcf, out_vcf, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
-                             sample_chunk=sample_chunk, prior_gate=prior_gate)
+                             sample_chunk=sample_chunk, prior_gate=prior_gate, depth=depth)
     return dataclasses.replace(summary, seconds=time.perf_counter() - t0)
 
 
 def impute_many(checkpoint: Path, run_dir: Path, targets: list[tuple[Path, Path]], *, allow_panel_overlap: bool = False,
                 batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
-                prior_gate: float | None = None) -> list[ImputeSummary]:
+                prior_gate: float | None = None, depth: str | None = None) -> list[ImputeSummary]:
     """``impute_vcf`` for each ``(target_vcf, out_vcf)``, the checkpoint loaded once; every target is
     checked (``check_targets``) before the first is imputed."""
     check_targets([Path(t) for t, _ in targets], [Path(o) for _, o in targets], batch_size=batch_size,
-                  sample_chunk=sample_chunk, prior_gate=prior_gate)
+                  sample_chunk=sample_chunk, prior_gate=prior_gate, depth=depth)
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     return [imputer.impute(t, o, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
-                           sample_chunk=sample_chunk, prior_gate=prior_gate) for t, o in targets]
+                           sample_chunk=sample_chunk, prior_gate=prior_gate, depth=depth) for t, o in targets]
 
 
 def default_paths(run_dir: Path, variant: str, checkpoint: Path | None, target_vcf: Path | None,

@@ -44,7 +44,7 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # trained before it existed resumes, and a checkpoint imputes with another gate (``embrag impute --prior-gate``). What validation computes under it (its metrics,
 # the temperature fitted on the rows it let through) records the gate (``val_prior_gate``, the calibration
 # file), and imputing under another gate warns (``storage.impute.gate_mismatch``).
-INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance")}
+INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices")}
 
 
 def _lost_record(here: Path) -> str:

@@ -57,7 +57,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 import embrag
-from embrag.config import RunConfig
+from embrag.config import DEPTHS, RunConfig
 from storage import comparison, mlflow_ui
 from storage.checkpoints import copy_calibration, copy_checkpoint
 from storage.epoch_inputs import index_folder
@@ -465,12 +465,15 @@ def _best_index(history: list[dict], key: str = "val_r2site_all") -> int:
 
 
 def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict], files: dict[str, str],
-                   seconds: float, prior_decided: float | None = None, prior_gate: float | None = None) -> str | None:
+                   seconds: float, prior_decided: float | None = None, prior_gate: float | None = None,
+                   depth: str | None = None) -> str | None:
     """Accuracy of an imputed target on the variant's MLflow run, so V17 and V18 line up in the compare view.
 
     Metrics ``impute_<target>_<r2|r2site|nconst|iqs|nrd>_<bin>``, ``impute_<target>_seconds`` and
     ``impute_<target>_prior_decided`` (the share of haplotype-windows the prior gate answered) and
-    ``impute_<target>_prior_gate`` (the gate: given, or chosen by validation; step 0, replaced on a rerun); the report files under ``imputation/<target>/``. None when the variant has no run.
+    ``impute_<target>_prior_gate`` (the gate: given, or chosen by validation; step 0, replaced on a rerun) and
+    ``impute_<target>_depth`` (the depth, as its index in ``embrag.config.DEPTHS``: 0 transformer, 1 copy, 2
+    prior); the report files under ``imputation/<target>/``. None when the variant has no run.
     """
     tracker = Tracker(layout)
     run_id = tracker.find_run(variant)
@@ -485,6 +488,8 @@ def log_imputation(layout: RunLayout, variant: str, target: str, bins: list[dict
         values[f"impute_{target}_prior_decided"] = prior_decided
     if prior_gate is not None:
         values[f"impute_{target}_prior_gate"] = prior_gate
+    if depth is not None:
+        values[f"impute_{target}_depth"] = DEPTHS.index(depth)
     ts = int(time.time() * 1000)
     metrics = [Metric(k, float(v), ts, 0) for k, v in values.items() if _number(v)]
     tracker.client.log_batch(run_id, metrics=metrics)

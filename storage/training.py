@@ -20,12 +20,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from embrag.config import DEPTHS
 from embrag.epoch import WindowData, train_epoch
-from embrag.impute import WindowInputs
+from embrag.impute import WindowInputs, depth_baseline
 from embrag.masking import train_rate, window_masks
 from embrag.neighbours import tie_seed
 from embrag.refresh import batch_due, bump_mask
-from embrag.validate import compose, fit_temperature, validate, validation_windows, widest_gate
+from embrag.validate import cheapest_within, compose, fit_temperature, validate, validation_windows
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
 from storage.distributed import barrier, is_writer
@@ -159,11 +160,12 @@ def validate_epoch(run: VariantRun, epoch: int) -> dict:
 def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     """The epoch's validation metrics and calibration record (``validate_epoch`` writes them).
 
-    The gate: validation runs under ``model.prior_gate``, computes what each of ``model.prior_gate_choices``
-    would give (the model on every row and the prior alone, composed: ``embrag.validate.compose``), picks
-    the widest within ``model.prior_gate_tolerance`` of the best mean per-site r2
-    (``embrag.validate.widest_gate``) and, if it is another, validates again under it, so the metrics, the
-    temperature and the calibration are those of the gate imputation will use."""
+    The gate and the depth: validation runs under ``model.prior_gate`` and ``model.depth``, computes what each
+    pair of ``model.prior_gate_choices`` x ``model.depth_choices`` would give (the model at that depth on
+    every row and the prior alone, composed: ``embrag.validate.compose``), picks the cheapest within
+    ``model.prior_gate_tolerance`` of the best mean per-site r2 (``embrag.validate.cheapest_within``) and, if
+    it is another, validates again under it, so the metrics, the temperature and the calibration are those
+    imputation will use."""
     model = run.model(epoch)
     queries = query_set(run.prepared, "val")
     inputs, masks = validation_inputs(run, queries, read_site_mask(run.paths.val_masks))
@@ -171,34 +173,45 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     windows = validation_windows(len(run.prepared.windows), len(queries), 2 * t.batch_size, t.max_val_batches)
     truth = lambda w: queries.tokens(run.prepared, w)  # noqa: E731
 
-    def run_validation(gate: float, choices: tuple[float, ...] = ()):
+    def run_validation(gate: float, depth: str, choices: tuple[float, ...] = ()):
         return validate(model, windows, inputs, truth, index_kind=run.index_kind, rare_maf=run.cfg.mask.rare_maf,
-                        batch_size=2 * t.batch_size, device=run.device, prior_gate=gate, candidate_gates=choices)
+                        batch_size=2 * t.batch_size, device=run.device, prior_gate=gate, candidate_gates=choices,
+                        depth=depth)
 
     choices = m.prior_gate_choices if m.uses_hmm else ()
-    v = run_validation(m.prior_gate, choices)
-    by_gate: dict[float, float] = {}
-    if choices and {"model", "hmm"} <= set(v.baselines):
+    v = run_validation(m.prior_gate, m.depth, choices)
+    scores: dict[tuple[float, str], float] = {}
+    depths = [d for d in m.depth_choices if d in m.depths and depth_baseline(d) in v.baselines]
+    if choices and "hmm" in v.baselines and depths:
         for g in choices:
-            composed = compose(v.baselines["model"], v.baselines["hmm"], v.decided[g])
-            by_gate[g] = validation_report(run.prepared, composed, masks, truth=truth).get("val_r2site_all", np.nan)
-        gate = widest_gate(by_gate, m.prior_gate_tolerance)
-        if gate != v.prior_gate:
+            for d in depths:
+                composed = compose(v.baselines[depth_baseline(d)], v.baselines["hmm"], v.decided[g])
+                scores[g, d] = validation_report(run.prepared, composed, masks, truth=truth).get(
+                    "val_r2site_all", np.nan)
+        gate, depth = cheapest_within(scores, m.prior_gate_tolerance)
+        if (gate, depth) != (v.prior_gate, v.depth):
             first = v.result
-            v = run_validation(gate)
+            v = run_validation(gate, depth)
             both = dataclasses.replace(v.result, seconds=v.result.seconds + first.seconds,
                                        peak_memory_mb=max(v.result.peak_memory_mb, first.peak_memory_mb))
             v = dataclasses.replace(v, result=both)  # what validation cost: both passes
     temperature = fit_temperature(v.logits, v.labels)
-    # the gate decides which rows the temperature was fitted on: recorded, so imputation uses it
+    # the gate and depth decide which logits the temperature was fitted on: recorded, so imputation uses them
     calibration = {"temperature": temperature, "epoch": epoch, "n_sites": int(len(v.labels)),
-                   "prior_gate": v.prior_gate}
+                   "prior_gate": v.prior_gate, "depth": v.depth}
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
-               "val_prior_gate": v.prior_gate, **{f"val_gate_{g:g}_r2site_all": r for g, r in by_gate.items()}}
+               "val_prior_gate": v.prior_gate, "val_depth": float(DEPTHS.index(v.depth)),
+               **{_score_name(g, d): r for (g, d), r in scores.items()}}
     metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))
     return metrics, calibration
+
+
+def _score_name(gate: float, depth: str) -> str:
+    """The metric of one candidate pair: ``val_gate_<g>_r2site_all`` for the transformer (as before depths
+    were chosen), ``val_gate_<g>_<depth>_r2site_all`` for the others."""
+    return f"val_gate_{gate:g}_r2site_all" if depth == "transformer" else f"val_gate_{gate:g}_{depth}_r2site_all"
 
 
 def reencode_after_epoch(run: VariantRun, epoch: int) -> dict:

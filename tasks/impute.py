@@ -39,13 +39,15 @@ def loaded_imputer(checkpoint: str, run_dir: str, threads: int | None) -> Impute
 # deleted or after the checkpoint changed; imputation is a leaf stage that runs when asked.
 @task(name="impute", **LIVE)
 def impute_task(run_dir: str, checkpoint: str, target_vcf: str, out_vcf: str, allow_panel_overlap: bool = False,
-                sample_chunk: int = 500, threads: int | None = None, prior_gate: float | None = None) -> dict:
+                sample_chunk: int = 500, threads: int | None = None, prior_gate: float | None = None,
+                depth: str | None = None) -> dict:
     """Impute every panel site of ``run_dir`` for the samples of ``target_vcf``; returns the summary."""
     fault_point(run_dir, "impute")
-    check_target(Path(target_vcf), Path(out_vcf), sample_chunk=sample_chunk, prior_gate=prior_gate)  # before loading
+    check_target(Path(target_vcf), Path(out_vcf), sample_chunk=sample_chunk, prior_gate=prior_gate,
+                 depth=depth)  # before loading
     summary = loaded_imputer(checkpoint, run_dir, threads).impute(
         Path(target_vcf), Path(out_vcf), allow_panel_overlap=allow_panel_overlap, sample_chunk=sample_chunk,
-        prior_gate=prior_gate)
+        prior_gate=prior_gate, depth=depth)
     return dataclasses.asdict(summary)
 
 

@@ -71,9 +71,10 @@ def publish_links_task(run_dir: str, key: str, title: str, run_ids: list[str], f
 
 @task(name="track-imputation", **LIVE)
 def track_imputation_task(run_dir: str, variant: str, target: str, evaluation: dict, seconds: float,
-                          prior_decided: float | None = None, prior_gate: float | None = None) -> str | None:
+                          prior_decided: float | None = None, prior_gate: float | None = None,
+                          depth: str | None = None) -> str | None:
     """Imputation accuracy (``evaluate_task``'s result) and its report files on the variant's MLflow run
     (None if it has none)."""
     files = {k: evaluation[k] for k in ("tsv", "png", "json")}
     return tracking.log_imputation(RunLayout(Path(run_dir)), variant, target, evaluation["bins"], files, seconds,
-                                   prior_decided, prior_gate)
+                                   prior_decided, prior_gate, depth)

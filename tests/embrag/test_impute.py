@@ -242,7 +242,7 @@ def test_the_prior_baseline_is_the_whole_panel_hmm_of_the_targets(variant, rng):
                         ne=inp.retrieval.hmm_ne, eps=inp.retrieval.hmm_eps, flank=inp.retrieval.hmm_flank,
                         block=inp.retrieval.hmm_block)
     np.testing.assert_allclose(extra["hmm"], want, atol=1e-6)
-    assert set(extra) == {"top1", "vote", "hmm", "model"}
+    assert set(extra) == {"top1", "vote", "hmm", "model", "model_copy", "model_prior"}  # every depth it can run
 
 
 # -- the prior gate (ModelConfig.prior_gate) ------------------------------------------------------------
@@ -321,12 +321,14 @@ def test_gated_rows_take_the_prior_and_the_others_the_calibrated_model(variant, 
 
 
 @pytest.mark.parametrize("variant", ["v18", "v17"])
-def test_a_gates_composition_is_imputing_under_it(variant, rng):
-    """Validation chooses the gate from one pass: the prior where a candidate gate answers, the model on
-    every row elsewhere (embrag.validate.compose) must be what imputing under that gate gives. Kills: the
-    decisions of another gate, prior and model swapped, the composition of the wrong rows."""
+def test_a_gate_and_depths_composition_is_imputing_under_them(variant, rng):
+    """Validation chooses the gate and the depth from one pass: the prior where a candidate gate answers, the
+    model at that depth on every row elsewhere (embrag.validate.compose) must be what imputing under that gate
+    at that depth gives. Kills: the decisions of another gate, prior and model swapped, the composition of the
+    wrong rows, a depth baseline computed otherwise than the depth imputes."""
     import dataclasses
 
+    from embrag.impute import depth_baseline
     from embrag.validate import compose
 
     inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
@@ -341,133 +343,87 @@ def test_a_gates_composition_is_imputing_under_it(variant, rng):
     decided: dict = dict.fromkeys(gates)
     impute_window(model, inp, index_kind=kind, batch_size=4, baselines=extra, decided=decided)
     assert 0 < decided[middle].sum() < len(decided[middle]) and not decided[0.0].any()
-    for g in gates:
-        model.cfg = dataclasses.replace(model.cfg, prior_gate=g)
-        want = impute_window(model, inp, index_kind=kind, batch_size=4)
-        got = compose({0: extra["model"]}, {0: extra["hmm"]}, {0: decided[g]})[0]
-        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(g))
+    assert model.cfg.depths == ("transformer", "copy", "prior")
+    for d in model.cfg.depths:
+        for g in gates:
+            model.cfg = dataclasses.replace(model.cfg, prior_gate=g, depth=d)
+            want = impute_window(model, inp, index_kind=kind, batch_size=4)
+            got = compose({0: extra[depth_baseline(d)]}, {0: extra["hmm"]}, {0: decided[g]})[0]
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"{g} {d}")
+    for a, b in (("model", "model_copy"), ("model_copy", "model_prior")):  # three different predictions
+        assert not np.allclose(extra[a], extra[b], atol=1e-3), (a, b)
 
 
-def test_the_widest_gate_within_the_tolerance_of_the_best():
-    from embrag.validate import widest_gate
-
-    r2 = {0.0: 0.900, 0.05: 0.9005, 0.2: 0.8999, 0.45: 0.8980}
-    assert widest_gate(r2, 0.001) == 0.2  # 0.45 is 0.0025 behind the best
-    assert widest_gate(r2, 0.0) == 0.05  # the best itself
-    assert widest_gate(r2, 0.01) == 0.45
-    assert widest_gate({0.0: 0.5, 0.2: 0.4994}, 0.001) == 0.2  # an absolute tolerance, not a relative one
-    assert widest_gate({0.0: float("nan"), 0.05: 0.8}, 0.001) == 0.05  # an undefined score never wins
-    assert widest_gate({0.0: float("nan"), 0.05: float("nan")}, 0.001) == 0.0  # nothing scored: the narrowest
-
-
-def test_the_gate_leaves_validation_baselines_whole(rng):
-    """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
-    the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's
-    rows only, "model" holding the gated output, a gated row's model output written to the imputation."""
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_a_shallower_depth_is_the_model_without_what_it_skips(variant, rng):
+    """Depth "copy" is the model whose output head gives the transformer's hidden state no weight, and "prior"
+    is "copy" whose copy head gives the neighbours no weight: the same af, prior, neighbours and temperature.
+    Kills: another row's prior or AF, other neighbours than the transformer's, the temperature left out, the
+    head's bias or AF terms dropped."""
     import dataclasses
 
-    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
-    model = _model("v18", seed=5)
-    with torch.no_grad():
-        for p in model.parameters():  # a model that differs from its prior
-            p.add_(torch.randn_like(p) * 0.2)
-    plain: dict[str, np.ndarray] = {}
-    ungated = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=plain)
-    gate, sure = _gate_between(inp, model)
-    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
-    gated: dict[str, np.ndarray] = {}
-    out = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=gated)
-    assert set(gated) == set(plain) == {"top1", "vote", "hmm", "model"}
-    for name in plain:
-        assert not np.isnan(gated[name]).any(), name
-        np.testing.assert_allclose(gated[name], plain[name], atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(gated["model"], ungated, atol=1e-6)
-    np.testing.assert_allclose(out[sure], _prior(inp)[sure], atol=1e-6)  # deployed: the gate still holds
-    assert not np.allclose(out[sure], ungated[sure], atol=1e-3)
+    exclude = np.stack([np.arange(10) * 2 + 1, np.full(10, -1)], axis=1)  # panel queries: per-row AF and exclusions
+    for ex in (None, exclude):
+        inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4, exclude=ex))
+        model = _model(variant, seed=7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        kind = index_kind(variant, "compact")
+
+        def at(depth: str) -> np.ndarray:
+            model.cfg = dataclasses.replace(model.cfg, prior_gate=0.0, depth=depth)
+            return impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.3)
+
+        deep = at("transformer")
+        assert not np.allclose(deep, at("copy"), atol=1e-3)  # the transformer's correction is there to drop
+        with torch.no_grad():
+            model.head.proj.weight[:, : model.cfg.dim] = 0.0  # the head ignores the hidden state
+        np.testing.assert_allclose(at("copy"), at("transformer"), atol=1e-5)
+        assert not np.allclose(at("prior"), at("copy"), atol=1e-3)  # the neighbours' copy weighs in
+        with torch.no_grad():
+            model.copy.blend[1] = 0.0  # the copy head ignores the neighbours
+        np.testing.assert_allclose(at("prior"), at("copy"), atol=1e-5)
 
 
-def test_prior_gate_is_checked():
-    for bad in (-0.01, 0.5, 0.7):
-        with pytest.raises(ValueError, match="prior_gate"):
-            ModelConfig(prior_gate=bad)
-        with pytest.raises(ValueError, match="prior_gate_choices"):
-            ModelConfig(prior_gate_choices=(0.0, bad))
-    with pytest.raises(ValueError, match="prior_gate_tolerance"):
-        ModelConfig(prior_gate_tolerance=-0.001)
-
-
-def test_a_missing_call_is_a_slot_the_gate_must_be_sure_of(rng, monkeypatch):
-    """A typed site whose call is missing is filled in by the model (MASK), so the gate counts it: a row
-    sure everywhere but there goes to the model. Kills: the gate looking at untyped sites only."""
+def test_depth_prior_retrieves_nothing_at_imputation(rng, monkeypatch):
+    """At depth "prior" imputation builds no index and retrieves no neighbour, for any row; validation (which
+    copies the neighbours for its baselines) still does, and its "model_prior" baseline is what imputation gave.
+    Kills: retrieval left in the prior path (its CPU is what the depth saves), the prior of the wrong rows."""
     import dataclasses
 
     import embrag.impute as imp
 
-    inp = _with_context(_inputs(rng, n_panel=30, n_target=6, typed_every=4))
-    typed_slot = int(np.flatnonzero(inp.real & ~inp.mask)[1])
-    target = inp.target_tokens.copy()
-    target[2, typed_slot] = MISSING  # row 2 has one missing call
-    inp = dataclasses.replace(inp, target_tokens=target)
-    unsure_there = np.zeros((6, L), np.float32)
-    unsure_there[:, typed_slot] = 0.5  # the prior is sure everywhere but at that typed site
-    monkeypatch.setattr(imp, "batch_prior", lambda data, rows: unsure_there[rows])
-    seen = []
-    original = imp.retrieve
-    monkeypatch.setattr(imp, "retrieve", lambda data, rows, *a, **kw: seen.append(rows) or original(data, rows, *a, **kw))
-    model = _model("v18", prior_gate=0.05)
-    impute_window(model, inp, index_kind="compact")
-    assert np.concatenate(seen).tolist() == [2]
-
-
-def test_the_prior_runs_once_per_batch_whatever_the_gate(rng, monkeypatch):
-    """The gate reuses the prior it decided on: as many chains as batches, gated or not. Kills: the
-    prior recomputed for the rows the model imputes (a second chain per batch)."""
-    from embrag import lshmm
-
     inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
-    split, _ = _gate_between(inp, None)  # some rows decided, some not
-    chains = []
-    original = lshmm.prior_at_sites
-    monkeypatch.setattr(lshmm, "prior_at_sites", lambda *a: chains.append(1) or original(*a))
-    for gate in (0.0, split):
-        inp.match.prior_cache.clear()
-        chains.clear()
-        impute_window(_model("v18", prior_gate=gate), inp, index_kind="compact", batch_size=4)
-        assert len(chains) == 3, gate  # 10 rows in batches of 4
-
-
-def test_no_gate_without_typed_site_evidence(rng, monkeypatch):
-    """Without a match context the prior is the panel frequency, not a posterior: the model imputes every
-    row whatever the gate. Kills: the gate applied to the frequency."""
-    import embrag.impute as imp
-
-    inp = _inputs(rng, n_panel=30, n_target=6)  # no match context
-    monkeypatch.setattr(imp, "prior_decides", lambda *a: pytest.fail("gated without typed-site evidence"))
-    model = _model("v18", prior_gate=0.45)
-    np.testing.assert_allclose(impute_window(model, inp, index_kind="compact"),
-                               impute_window(_model("v18"), inp, index_kind="compact"), atol=1e-6)
-
-
-def test_validation_fits_the_temperature_on_the_rows_the_model_imputed(rng):
-    """``Validation.logits`` / ``labels``: the scored sites of the rows the model imputed, never a gated row's
-    prior (the temperature is applied to the model's logits only). Kills: the fit fed the gated rows too."""
-    import dataclasses
-
-    from embrag.constants import ALT, REF
-    from embrag.validate import validate
-
-    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
-    complete = np.where(inp.mask[None, :] & inp.real[None, :],
-                        rng.choice(np.array([REF, ALT], np.uint8), inp.target_tokens.shape), inp.target_tokens)
     model = _model("v18", seed=5)
-    gate, sure = _gate_between(inp, model)
-    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
-    v = validate(model, np.array([0]), lambda w: inp, lambda w: complete, index_kind="compact", rare_maf=0.05,
-                 batch_size=4, device=torch.device("cpu"))
-    probs = v.result.predictions[0]  # (Ht, L), NaN where not scored
-    scored = ~np.isnan(probs)
-    mine = scored & ~sure[:, None]
-    assert 0 < mine.sum() < scored.sum()
-    p = np.clip(probs[mine].astype(np.float64), 1e-6, 1 - 1e-6)
-    np.testing.assert_allclose(v.logits, np.log(p) - np.log1p(-p), atol=1e-4)
-    np.testing.assert_array_equal(v.labels, (complete[mine] == ALT).astype(float))
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=0.0, depth="prior")
+    want = impute_window(model, inp, index_kind="compact", batch_size=4)
+    with monkeypatch.context() as mp:
+        mp.setattr(imp, "retrieve", lambda *a, **kw: pytest.fail("retrieved at depth prior"))
+        mp.setattr(imp, "build_index", lambda *a, **kw: pytest.fail("built an index at depth prior"))
+        got = impute_window(model, inp, index_kind="compact", batch_size=4)
+    np.testing.assert_array_equal(got, want)
+    extra: dict[str, np.ndarray] = {}
+    impute_window(model, inp, index_kind="compact", batch_size=4, baselines=extra)
+    np.testing.assert_allclose(extra["model_prior"], want, atol=1e-6)
+    with pytest.raises(ValueError, match="depth"):
+        impute_window(_model("none"), inp, index_kind=None, depth="copy")  # no copy head to run
+
+
+def test_the_cheapest_gate_and_depth_within_the_tolerance_of_the_best():
+    """Kills: the best pair instead of the cheapest, depth before gate among deeper pairs, a relative tolerance,
+    a NaN winning."""
+    from embrag.validate import cheapest_within
+
+    r2 = {(0.0, "transformer"): 0.900, (0.05, "transformer"): 0.9005, (0.2, "transformer"): 0.8999,
+          (0.45, "transformer"): 0.8980, (0.2, "copy"): 0.8996, (0.05, "copy"): 0.9001, (0.45, "copy"): 0.8970}
+    assert cheapest_within(r2, 0.001) == (0.2, "copy")  # the widest gate, then the shallowest depth at it
+    assert cheapest_within(r2, 0.0) == (0.05, "transformer")  # the best itself
+    assert cheapest_within(r2, 0.0004) == (0.05, "copy")
+    assert cheapest_within(r2, 0.01) == (0.45, "copy")
+    assert cheapest_within({**r2, (0.0, "prior"): 0.8996}, 0.001) == (0.0, "prior")  # no per-row cost: first
+    assert cheapest_within({**r2, (0.0, "prior"): 0.8994}, 0.001) == (0.2, "copy")  # 0.0011 behind: out
+    assert cheapest_within({(0.0, "transformer"): 0.5, (0.2, "transformer"): 0.4994}, 0.001) == (0.2, "transformer")
+    assert cheapest_within({(0.0, "transformer"): float("nan"), (0.05, "prior"): 0.8}, 0.001) == (0.05, "prior")
+    nothing = {(0.0, "prior"): float("nan"), (0.0, "transformer"): float("nan"), (0.05, "copy"): float("nan")}
+    assert cheapest_within(nothing, 0.001) == (0.0, "transformer")  # nothing scored: the narrowest, deepest

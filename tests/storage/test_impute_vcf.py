@@ -261,7 +261,8 @@ def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_p
     monkeypatch.setattr(epoch, "select_neighbours", select)
     # every row retrieves (as with model.prior_gate 0): a gated row never searches, so no exclusion to check
     monkeypatch.setattr(imp, "prior_decides", lambda prior, fill, gate: np.zeros(len(prior), bool))
-    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True)
+    # and at the depth that retrieves (validation may have chosen one that does not)
+    s, _ = _impute(run, target, "overlap", allow_panel_overlap=True, depth="transformer")
     assert s.n_panel_overlap == 1 and s.n_samples == 7
     assert searches and picks
     q = 2 * 6 + np.array([0, 1])  # the panel sample is the 7th target sample
@@ -493,11 +494,11 @@ def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
     s_narrow, _ = _impute(run, target, "gate-narrow", prior_gate=0.01)
     import storage.impute as si
 
-    calibrated = si.read_calibration(run["ckpt"])[1]  # the gate validation chose for this checkpoint
+    calibrated = si.read_calibration(run["ckpt"]).prior_gate  # the gate validation chose for this checkpoint
     assert (s0.prior_gate, s0.prior_decided) == (0.0, 0.0)
     assert s_default.prior_gate == calibrated > 0.01
     # the temperature was fitted on the rows the checkpoint's gate let through (recorded with it): another gate warns
-    assert f"fitted with prior gate {calibrated:g}" in s0.warning and "imputation uses 0" in s0.warning
+    assert f"fitted with prior gate {calibrated:g}" in s0.warning and "imputation uses 0 at" in s0.warning
     assert "prior gate" not in (s_default.warning or "")
     assert s_narrow.prior_gate == 0.01 and 0 < s_narrow.prior_decided < s_default.prior_decided
     out = run["root"] / "gate-bad.vcf.gz"
@@ -509,6 +510,32 @@ def test_the_gate_can_be_set_at_imputation_and_a_bad_one_writes_nothing(run):
             impute_vcf(run["ckpt"], run["root"], target, out, prior_gate=0.5)
         with pytest.raises(ValueError, match="prior_gate"):
             si.impute_many(run["ckpt"], run["root"], [(target, out)], prior_gate=-0.1)
+    assert not out.exists()
+
+
+def test_the_depth_is_validations_unless_given_and_reaches_the_model(run):
+    """Imputation runs at the depth the checkpoint's calibration records; ``depth`` overrides it (another one
+    warns: the temperature was fitted at the recorded depth) and changes the dosages; an unknown depth is
+    refused before the checkpoint is loaded. Kills: the override kept to the summary, the calibration's depth
+    ignored, an unchecked depth."""
+    import storage.impute as si
+
+    target = run["sim"].test_array_vcf
+    fitted = si.read_calibration(run["ckpt"])
+    assert fitted.depth in ("transformer", "copy", "prior") and run["summary"].depth == fitted.depth
+    assert "depth" not in (run["summary"].warning or "")
+    other = "transformer" if fitted.depth != "transformer" else "prior"
+    s_other, out_other = _impute(run, target, f"depth-{other}", depth=other, prior_gate=0.0)
+    s_same, out_same = _impute(run, target, "depth-same", prior_gate=0.0)
+    assert (s_other.depth, s_same.depth) == (other, fitted.depth)
+    assert f"at depth {fitted.depth} (validation), this imputation uses 0 at depth {other}" in s_other.warning
+    ds = [np.array([r.format("DS")[:, 0] for r in VCF(str(o)) if r.INFO.get("IMP")]) for o in (out_other, out_same)]
+    assert not np.allclose(ds[0], ds[1], atol=1e-3)  # the depth reached the model's rows
+    out = run["root"] / "depth-bad.vcf.gz"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(si, "load_model", lambda *a, **kw: pytest.fail("loaded the checkpoint for an unknown depth"))
+        with pytest.raises(ValueError, match="depth must be one of"):
+            impute_vcf(run["ckpt"], run["root"], target, out, depth="deep")
     assert not out.exists()
 
 

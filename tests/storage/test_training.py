@@ -106,30 +106,37 @@ def test_live_reference_embeddings_train_through_the_references(tiny_prepared_fi
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
 
 
-def test_validation_chooses_the_widest_gate_near_the_best_and_records_it(tiny_prepared_fixture, tmp_path, monkeypatch):
-    """The epoch's metrics hold each candidate gate's mean per-site r2, the chosen gate is the widest within
+def test_validation_chooses_the_cheapest_gate_and_depth_near_the_best_and_records_them(tiny_prepared_fixture, tmp_path,
+                                                                                       monkeypatch):
+    """The epoch's metrics hold each candidate pair's mean per-site r2, the chosen pair is the cheapest within
     the tolerance of the best, the calibration records it, and the deployed metrics are validated under it
-    (a second validation when it is not the starting gate). Kills: the best instead of the widest, the
-    starting gate recorded, metrics of the starting gate kept after choosing another."""
+    (a second validation when it is not the starting pair). Kills: the best instead of the cheapest, the
+    starting gate or depth recorded, metrics of the starting pair kept after choosing another."""
     import storage.training as st
-    from embrag.validate import widest_gate
+    from embrag.validate import cheapest_within
     from storage.checkpoints import calibration_path
 
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.05, 0.3),
-                      model__prior_gate_tolerance=1.0)  # every gate is within 1.0: the widest, 0.3, must win
-    gates_validated, fitted_on = [], []
+                      model__depth_choices=("transformer", "copy"),
+                      model__prior_gate_tolerance=1.0)  # every pair is within 1.0: the widest gate, shallowest depth
+    validated, fitted_on = [], []
     real = st.validate
-    monkeypatch.setattr(st, "validate", lambda *a, **kw: gates_validated.append(kw["prior_gate"]) or real(*a, **kw))
+    monkeypatch.setattr(st, "validate", lambda *a, **kw: validated.append((kw["prior_gate"], kw["depth"]))
+                        or real(*a, **kw))
     real_fit = st.fit_temperature
     monkeypatch.setattr(st, "fit_temperature", lambda logits, labels: fitted_on.append(len(logits)) or real_fit(logits, labels))
     run = VariantRun(layout, cfg)
     metrics = run_epochs(run)[-1]
-    by_gate = {g: metrics[f"val_gate_{g:g}_r2site_all"] for g in (0.0, 0.05, 0.3)}
-    assert all(np.isfinite(r) for r in by_gate.values())
-    assert metrics["val_prior_gate"] == widest_gate(by_gate, 1.0) == 0.3
-    assert gates_validated == [0.0, 0.3]  # started under model.prior_gate, validated again under the choice
+    scores = {(g, d): metrics[f"val_gate_{g:g}_r2site_all" if d == "transformer" else f"val_gate_{g:g}_{d}_r2site_all"]
+              for g in (0.0, 0.05, 0.3) for d in ("transformer", "copy")}
+    assert all(np.isfinite(r) for r in scores.values())
+    assert not any(k.endswith("_prior_r2site_all") and k.startswith("val_gate_") for k in metrics)  # not a choice
+    assert (metrics["val_prior_gate"], metrics["val_depth"]) == (0.3, 1.0)  # DEPTHS.index("copy")
+    assert cheapest_within(scores, 1.0) == (0.3, "copy")
+    assert validated == [(0.0, "transformer"), (0.3, "copy")]  # started under the config, validated again under the choice
     calibration = read_json(calibration_path(run.paths.checkpoint(0)))
-    assert calibration["prior_gate"] == 0.3
-    assert fitted_on == [calibration["n_sites"]]  # the temperature of the chosen gate's model rows, fitted once
+    assert (calibration["prior_gate"], calibration["depth"]) == (0.3, "copy")
+    assert fitted_on == [calibration["n_sites"]]  # the temperature of the chosen pair's model rows, fitted once
+    by_gate = {g: scores[g, "copy"] for g in (0.0, 0.05, 0.3)}
     assert metrics["val_r2site_all"] == pytest.approx(by_gate[0.3], abs=1e-9)  # the deployed metrics: the choice's
