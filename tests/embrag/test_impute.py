@@ -354,36 +354,36 @@ def test_a_gate_and_depths_composition_is_imputing_under_them(variant, rng):
         assert not np.allclose(extra[a], extra[b], atol=1e-3), (a, b)
 
 
+@pytest.mark.parametrize("excluding", [False, True])
 @pytest.mark.parametrize("variant", ["v18", "v17"])
-def test_a_shallower_depth_is_the_model_without_what_it_skips(variant, rng):
+def test_a_shallower_depth_is_the_model_without_what_it_skips(variant, excluding, rng):
     """Depth "copy" is the model whose output head gives the transformer's hidden state no weight, and "prior"
     is "copy" whose copy head gives the neighbours no weight: the same af, prior, neighbours and temperature.
-    Kills: another row's prior or AF, other neighbours than the transformer's, the temperature left out, the
-    head's bias or AF terms dropped."""
+    ``excluding``: panel queries (validation), each with its own AF and exclusions. Kills: another row's prior
+    or AF, other neighbours than the transformer's, the temperature left out, the head's bias or AF terms
+    dropped."""
     import dataclasses
 
-    exclude = np.stack([np.arange(10) * 2 + 1, np.full(10, -1)], axis=1)  # panel queries: per-row AF and exclusions
-    for ex in (None, exclude):
-        inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4, exclude=ex))
-        model = _model(variant, seed=7)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.2)
-        kind = index_kind(variant, "compact")
+    exclude = np.stack([np.arange(10) * 2 + 1, np.full(10, -1)], axis=1) if excluding else None  # (Ht, 2)
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4, exclude=exclude))
+    model = _model(variant, seed=7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    kind = index_kind(variant, "compact")
 
-        def at(depth: str) -> np.ndarray:
-            model.cfg = dataclasses.replace(model.cfg, prior_gate=0.0, depth=depth)
-            return impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.3)
+    def at(depth: str) -> np.ndarray:
+        model.cfg = dataclasses.replace(model.cfg, prior_gate=0.0, depth=depth)
+        return impute_window(model, inp, index_kind=kind, batch_size=4, temperature=1.3)
 
-        deep = at("transformer")
-        assert not np.allclose(deep, at("copy"), atol=1e-3)  # the transformer's correction is there to drop
-        with torch.no_grad():
-            model.head.proj.weight[:, : model.cfg.dim] = 0.0  # the head ignores the hidden state
-        np.testing.assert_allclose(at("copy"), at("transformer"), atol=1e-5)
-        assert not np.allclose(at("prior"), at("copy"), atol=1e-3)  # the neighbours' copy weighs in
-        with torch.no_grad():
-            model.copy.blend[1] = 0.0  # the copy head ignores the neighbours
-        np.testing.assert_allclose(at("prior"), at("copy"), atol=1e-5)
+    assert not np.allclose(at("transformer"), at("copy"), atol=1e-3)  # the transformer's correction is there to drop
+    with torch.no_grad():
+        model.head.proj.weight[:, : model.cfg.dim] = 0.0  # the head ignores the hidden state
+    np.testing.assert_allclose(at("copy"), at("transformer"), atol=1e-5)
+    assert not np.allclose(at("prior"), at("copy"), atol=1e-3)  # the neighbours' copy weighs in
+    with torch.no_grad():
+        model.copy.blend[1] = 0.0  # the copy head ignores the neighbours
+    np.testing.assert_allclose(at("prior"), at("copy"), atol=1e-5)
 
 
 def test_depth_prior_retrieves_nothing_at_imputation(rng, monkeypatch):
