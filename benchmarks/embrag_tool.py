@@ -32,6 +32,7 @@ from storage.checkpoints import calibration_path
 from storage.evaluate import load_panel_af
 from storage.impute import IMPUTE_THREADS
 from storage.layout import RunLayout
+from storage.lineage import INFERENCE_ONLY
 from storage.prepare import prepare
 from storage.training import run_epochs
 from storage.variant import VariantRun
@@ -72,17 +73,18 @@ def training_config(inputs: Inputs, variant: str, overrides: dict | None = None)
 # random masks of the old curriculum; the last step is the default model of when the ablation was measured
 # (f67ebbf), K = 16 and no prior gate: rows a3-a6 keep K = 16 so each adds one step (the default K is 4
 # since), and a6 runs the model on every haplotype (a prior gate is the default since, chosen by validation now:
-# no candidates, gate 0).
+# no candidates, gate 0). Every row runs the whole model (depth "transformer": no depth was chosen then).
 _SEED = {"retrieval__rank": "index", "retrieval__pbwt_radius": 0, "model__k": 4, "model__match_features": False,
          "model__copy_head": False, "mask__design": "random"}
-ABLATION: tuple[tuple[str, dict], ...] = (  # (label, a folder name too; overrides)
+_WHOLE = {"model__depth_choices": ("transformer",)}
+ABLATION: tuple[tuple[str, dict], ...] = tuple((label, {**rows, **_WHOLE}) for label, rows in (  # (label, overrides)
     ("a1-tie-break-only", _SEED),
     ("a2-cross-window-ranking", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16}),
     ("a3-k16", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16, "model__k": 16}),
     ("a4-match-evidence", {"mask__design": "random", "model__hmm_prior": False, "model__k": 16}),
     ("a5-array-design", {"model__hmm_prior": False, "model__k": 16}),
     ("a6-hmm-prior", {"model__k": 16, "model__prior_gate": 0.0, "model__prior_gate_choices": ()}),
-)
+))
 
 
 def _probe(layout: RunLayout, cfg: RunConfig, threads: int) -> tuple[float, float]:
@@ -106,8 +108,10 @@ def _probe(layout: RunLayout, cfg: RunConfig, threads: int) -> tuple[float, floa
 
 
 def _training_part(config: dict) -> dict:
-    """The config as JSON reads it back, minus the simulation section training never reads."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "simulate"}
+    """The config as JSON reads it back, minus the simulation section training never reads and the settings of
+    inference only (a new gate or depth setting must not retrain)."""
+    return {k: v if not isinstance(v, dict) else {f: x for f, x in v.items() if f not in INFERENCE_ONLY.get(k, ())}
+            for k, v in json.loads(json.dumps(config)).items() if k != "simulate"}
 
 
 def train_in_budget(layout: RunLayout, cfg: RunConfig, minutes: float, threads: int

@@ -172,8 +172,8 @@ class ModelConfig:
     # 0 or 1 at every site the window fills takes the prior as it is (the temperature is the model's), without
     # retrieval or transformer (embrag.impute.prior_decides). 0 = the model runs everywhere. Only with
     # ``hmm_prior``. Validation chooses the gate among ``prior_gate_choices``: the widest whose validation mean
-    # per-site r2 is within ``prior_gate_tolerance`` of the best one's (embrag.validate.widest_gate); the
-    # checkpoint's calibration records it and imputation uses it. Candidates are scored at temperature 1, as
+    # per-site r2 is within ``prior_gate_tolerance`` of the best one's (with the depth below:
+    # embrag.validate.cheapest_within); the checkpoint's calibration records it and imputation uses it. Candidates are scored at temperature 1, as
     # every val_* metric is; the temperature is fitted after the choice, on the rows the chosen gate leaves
     # to the model. ``prior_gate`` is the gate validation starts from, and the one used without a
     # calibration (or with ``prior_gate_choices`` empty).

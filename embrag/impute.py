@@ -189,11 +189,13 @@ def depth_baseline(depth: str) -> str:
 
 
 def _depths(model: torch.nn.Module, index_kind: str | None, depth: str, every: bool) -> tuple[str, ...]:
-    """The depths ``impute_window`` computes: ``depth``, or ``every`` one the model can run here (without
-    retrieval, index_kind None, there is no copy head input and no prior: the transformer only)."""
+    """The depths ``impute_window`` computes: ``depth``, and with ``every`` each one the model can run here
+    (without retrieval, index_kind None, the shallow depths have no neighbours or prior to add: the transformer
+    and ``depth`` only)."""
     if not every:
         return (depth,)
-    return model.cfg.depths if index_kind is not None else ("transformer",)
+    depths = model.cfg.depths if index_kind is not None else ("transformer",)
+    return depths if depth in depths else (*depths, depth)
 
 
 def prior_decides(prior: np.ndarray, fill: np.ndarray, gate: float) -> np.ndarray:

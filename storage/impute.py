@@ -228,14 +228,15 @@ class Calibration(NamedTuple):
 
 
 def read_calibration(checkpoint: Path) -> Calibration:
-    """The calibration of ``checkpoint``: ``(1.0, None, None)`` without one; gate or depth None for one written
-    before they were recorded."""
+    """The calibration of ``checkpoint``: ``(1.0, None, None)`` without one; gate None for one written before
+    gates were recorded, depth "transformer" for one written before depths (its temperature was fitted on the
+    transformer's logits)."""
     path = calibration_path(checkpoint)
     if not path.exists():
         log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
         return Calibration(1.0, None, None)
     record = read_json(path)
-    return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth"))
+    return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"))
 
 
 def choose_gate(given: float | None, calibrated: float | None, configured: float) -> float:
@@ -325,7 +326,8 @@ class Imputer:
         gate = choose_gate(prior_gate, fitted.prior_gate, self.cfg.model.prior_gate)
         depth = choose_gate(depth, fitted.depth, self.cfg.model.depth)
         if depth not in self.cfg.model.depths:
-            raise ValueError(f"--depth {depth}: {self.checkpoint.name} can run {', '.join(self.cfg.model.depths)}")
+            raise ValueError(f"depth {depth}: {self.checkpoint.name} can run {', '.join(self.cfg.model.depths)}; "
+                             "pass one of those (embrag impute --depth)")
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run

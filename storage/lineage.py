@@ -39,11 +39,13 @@ PREPARED_SECTIONS = ("split", "window")  # + "simulate" when the inputs are the 
 # prepared data, digested separately) and where the work runs (``distributed``: the same bytes on any
 # cluster); a section added to RunConfig is covered without a change here.
 VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("simulate", "distributed"))
-# Settings of inference only: the prior gate (and the candidates validation chooses it from) decides at
-# validation and imputation which haplotypes the model is asked about, never a weight, mask or index, so a run
-# trained before it existed resumes, and a checkpoint imputes with another gate (``embrag impute --prior-gate``). What validation computes under it (its metrics,
-# the temperature fitted on the rows it let through) records the gate (``val_prior_gate``, the calibration
-# file), and imputing under another gate warns (``storage.impute.gate_mismatch``).
+# Settings of inference only: the prior gate and the depth (and the candidates validation chooses them from)
+# decide at validation and imputation which haplotypes the model is asked about and how far they go through
+# it, never a weight, mask or index, so a run trained before they existed resumes, and a checkpoint imputes
+# with another gate or depth (``embrag impute --prior-gate / --depth``). What validation computes under them
+# (its metrics, the temperature fitted on the logits of the rows the gate let through, at that depth) records
+# them (``val_prior_gate``, ``val_depth``, the calibration file), and imputing under others warns
+# (``storage.impute.gate_mismatch``).
 INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices")}
 
 

@@ -178,14 +178,17 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
                         batch_size=2 * t.batch_size, device=run.device, prior_gate=gate, candidate_gates=choices,
                         depth=depth)
 
-    choices = m.prior_gate_choices if m.uses_hmm else ()
-    v = run_validation(m.prior_gate, m.depth, choices)
+    # the candidate gates (the configured one alone when there are none to choose from; none without a prior)
+    # and depths (the configured one alone when there are none)
+    gates = (m.prior_gate_choices or (m.prior_gate,)) if m.uses_hmm else (0.0,)
+    v = run_validation(m.prior_gate, m.depth, gates)
     scores: dict[tuple[float, str], float] = {}
-    depths = [d for d in m.depth_choices if d in m.depths and depth_baseline(d) in v.baselines]
-    if choices and "hmm" in v.baselines and depths:
-        for g in choices:
+    depths = [d for d in m.depth_choices if d in m.depths] or [m.depth]
+    if (len(gates) > 1 or len(depths) > 1) and all(depth_baseline(d) in v.baselines for d in depths):
+        for g in gates:
             for d in depths:
-                composed = compose(v.baselines[depth_baseline(d)], v.baselines["hmm"], v.decided[g])
+                model_rows = v.baselines[depth_baseline(d)]
+                composed = compose(model_rows, v.baselines.get("hmm", model_rows), v.decided[g])
                 scores[g, d] = validation_report(run.prepared, composed, masks, truth=truth).get(
                     "val_r2site_all", np.nan)
         gate, depth = cheapest_within(scores, m.prior_gate_tolerance)

@@ -324,13 +324,31 @@ def test_ablation_rows_are_valid_configs_adding_one_step_each():
     from embrag.config import RunConfig
 
     configs = [RunConfig().replace(**overrides) for _, overrides in ABLATION]
-    assert configs[-1] == RunConfig().replace(model__k=16, model__prior_gate=0.0,
-                                              model__prior_gate_choices=())  # the default model then
+    assert configs[-1] == RunConfig().replace(model__k=16, model__prior_gate=0.0, model__prior_gate_choices=(),
+                                              model__depth_choices=("transformer",))  # the default model then
+    assert all(c.model.depth_choices == ("transformer",) for c in configs)  # the whole model, as measured
     assert all(c.model.k == 16 for c in configs[2:])  # rows a3-a6 keep K = 16, so each adds one step
     first = configs[0]
     assert (first.retrieval.rank, first.model.k, first.model.copy_head, first.mask.design) == ("index", 4, False, "random")
     assert len({label for label, _ in ABLATION}) == len(ABLATION)
     assert all(label.replace("-", "").isalnum() for label, _ in ABLATION)  # folder names
+
+
+def test_a_budgeted_run_is_not_retrained_for_a_setting_of_inference_only():
+    """``train_in_budget`` retrains when the saved training config differs (``_training_part``): a new gate or
+    depth setting changes no weight, so it must not. Kills: inference-only settings compared (every protocol
+    replicate trained again after such a setting is added), a trained setting ignored."""
+    from benchmarks.embrag_tool import _training_part
+    from embrag.config import RunConfig
+
+    base = RunConfig().to_dict()
+    inference = RunConfig().replace(model__prior_gate=0.2, model__depth="copy", model__depth_choices=("copy",),
+                                    model__prior_gate_choices=(0.2,), model__prior_gate_tolerance=0.01).to_dict()
+    old = RunConfig().to_dict()
+    for name in ("depth", "depth_choices"):
+        del old["model"][name]  # a config.json saved before depths existed
+    assert _training_part(inference) == _training_part(base) == _training_part(old)
+    assert _training_part(RunConfig().replace(model__k=8).to_dict()) != _training_part(base)
 
 
 # ------------------------------------------------------------------------------ command line

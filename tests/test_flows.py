@@ -373,6 +373,9 @@ def test_impute_flow_defaults_impute_and_score_the_array_samples(reference):
     assert run.data.metrics["impute_test_array_seconds"] == pytest.approx(summary["seconds"])
     assert run.data.metrics["impute_test_array_prior_decided"] == pytest.approx(summary["prior_decided"])
     assert run.data.metrics["impute_test_array_prior_gate"] == pytest.approx(summary["prior_gate"])
+    from embrag.config import DEPTHS
+
+    assert run.data.metrics["impute_test_array_depth"] == DEPTHS.index(summary["depth"])  # the flow passed it on
     assert "impute_test_array_nrd_all" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "imputation/test_array")} == {
         "imputation/test_array/accuracy_by_maf.tsv", "imputation/test_array/r2_by_maf.png",

@@ -427,3 +427,116 @@ def test_the_cheapest_gate_and_depth_within_the_tolerance_of_the_best():
     assert cheapest_within({(0.0, "transformer"): float("nan"), (0.05, "prior"): 0.8}, 0.001) == (0.05, "prior")
     nothing = {(0.0, "prior"): float("nan"), (0.0, "transformer"): float("nan"), (0.05, "copy"): float("nan")}
     assert cheapest_within(nothing, 0.001) == (0.0, "transformer")  # nothing scored: the narrowest, deepest
+
+
+def test_the_gate_leaves_validation_baselines_whole(rng):
+    """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
+    the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's
+    rows only, "model" holding the gated output, a gated row's model output written to the imputation."""
+    import dataclasses
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    model = _model("v18", seed=5)
+    with torch.no_grad():
+        for p in model.parameters():  # a model that differs from its prior
+            p.add_(torch.randn_like(p) * 0.2)
+    plain: dict[str, np.ndarray] = {}
+    ungated = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=plain)
+    gate, sure = _gate_between(inp, model)
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
+    gated: dict[str, np.ndarray] = {}
+    out = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=gated)
+    assert set(gated) == set(plain) == {"top1", "vote", "hmm", "model", "model_copy", "model_prior"}
+    for name in plain:
+        assert not np.isnan(gated[name]).any(), name
+        np.testing.assert_allclose(gated[name], plain[name], atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(gated["model"], ungated, atol=1e-6)
+    np.testing.assert_allclose(out[sure], _prior(inp)[sure], atol=1e-6)  # deployed: the gate still holds
+    assert not np.allclose(out[sure], ungated[sure], atol=1e-3)
+
+
+def test_prior_gate_is_checked():
+    for bad in (-0.01, 0.5, 0.7):
+        with pytest.raises(ValueError, match="prior_gate"):
+            ModelConfig(prior_gate=bad)
+        with pytest.raises(ValueError, match="prior_gate_choices"):
+            ModelConfig(prior_gate_choices=(0.0, bad))
+    with pytest.raises(ValueError, match="prior_gate_tolerance"):
+        ModelConfig(prior_gate_tolerance=-0.001)
+
+
+def test_a_missing_call_is_a_slot_the_gate_must_be_sure_of(rng, monkeypatch):
+    """A typed site whose call is missing is filled in by the model (MASK), so the gate counts it: a row
+    sure everywhere but there goes to the model. Kills: the gate looking at untyped sites only."""
+    import dataclasses
+
+    import embrag.impute as imp
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=6, typed_every=4))
+    typed_slot = int(np.flatnonzero(inp.real & ~inp.mask)[1])
+    target = inp.target_tokens.copy()
+    target[2, typed_slot] = MISSING  # row 2 has one missing call
+    inp = dataclasses.replace(inp, target_tokens=target)
+    unsure_there = np.zeros((6, L), np.float32)
+    unsure_there[:, typed_slot] = 0.5  # the prior is sure everywhere but at that typed site
+    monkeypatch.setattr(imp, "batch_prior", lambda data, rows: unsure_there[rows])
+    seen = []
+    original = imp.retrieve
+    monkeypatch.setattr(imp, "retrieve", lambda data, rows, *a, **kw: seen.append(rows) or original(data, rows, *a, **kw))
+    model = _model("v18", prior_gate=0.05)
+    impute_window(model, inp, index_kind="compact")
+    assert np.concatenate(seen).tolist() == [2]
+
+
+def test_the_prior_runs_once_per_batch_whatever_the_gate(rng, monkeypatch):
+    """The gate reuses the prior it decided on: as many chains as batches, gated or not. Kills: the
+    prior recomputed for the rows the model imputes (a second chain per batch)."""
+    from embrag import lshmm
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    split, _ = _gate_between(inp, None)  # some rows decided, some not
+    chains = []
+    original = lshmm.prior_at_sites
+    monkeypatch.setattr(lshmm, "prior_at_sites", lambda *a: chains.append(1) or original(*a))
+    for gate in (0.0, split):
+        inp.match.prior_cache.clear()
+        chains.clear()
+        impute_window(_model("v18", prior_gate=gate), inp, index_kind="compact", batch_size=4)
+        assert len(chains) == 3, gate  # 10 rows in batches of 4
+
+
+def test_no_gate_without_typed_site_evidence(rng, monkeypatch):
+    """Without a match context the prior is the panel frequency, not a posterior: the model imputes every
+    row whatever the gate. Kills: the gate applied to the frequency."""
+    import embrag.impute as imp
+
+    inp = _inputs(rng, n_panel=30, n_target=6)  # no match context
+    monkeypatch.setattr(imp, "prior_decides", lambda *a: pytest.fail("gated without typed-site evidence"))
+    model = _model("v18", prior_gate=0.45)
+    np.testing.assert_allclose(impute_window(model, inp, index_kind="compact"),
+                               impute_window(_model("v18"), inp, index_kind="compact"), atol=1e-6)
+
+
+def test_validation_fits_the_temperature_on_the_rows_the_model_imputed(rng):
+    """``Validation.logits`` / ``labels``: the scored sites of the rows the model imputed, never a gated row's
+    prior (the temperature is applied to the model's logits only). Kills: the fit fed the gated rows too."""
+    import dataclasses
+
+    from embrag.constants import ALT, REF
+    from embrag.validate import validate
+
+    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    complete = np.where(inp.mask[None, :] & inp.real[None, :],
+                        rng.choice(np.array([REF, ALT], np.uint8), inp.target_tokens.shape), inp.target_tokens)
+    model = _model("v18", seed=5)
+    gate, sure = _gate_between(inp, model)
+    model.cfg = dataclasses.replace(model.cfg, prior_gate=gate)
+    v = validate(model, np.array([0]), lambda w: inp, lambda w: complete, index_kind="compact", rare_maf=0.05,
+                 batch_size=4, device=torch.device("cpu"))
+    probs = v.result.predictions[0]  # (Ht, L), NaN where not scored
+    scored = ~np.isnan(probs)
+    mine = scored & ~sure[:, None]
+    assert 0 < mine.sum() < scored.sum()
+    p = np.clip(probs[mine].astype(np.float64), 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose(v.logits, np.log(p) - np.log1p(-p), atol=1e-4)
+    np.testing.assert_array_equal(v.labels, (complete[mine] == ALT).astype(float))

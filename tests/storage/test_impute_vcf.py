@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -531,12 +532,57 @@ def test_the_depth_is_validations_unless_given_and_reaches_the_model(run):
     assert f"at depth {fitted.depth} (validation), this imputation uses 0 at depth {other}" in s_other.warning
     ds = [np.array([r.format("DS")[:, 0] for r in VCF(str(o)) if r.INFO.get("IMP")]) for o in (out_other, out_same)]
     assert not np.allclose(ds[0], ds[1], atol=1e-3)  # the depth reached the model's rows
+    from storage.checkpoints import calibration_path
+
+    path = calibration_path(run["ckpt"])
+    saved = path.read_text()
+    try:  # a calibration whose depth is not the configured one (model.depth "transformer") is followed
+        path.write_text(json.dumps({**json.loads(saved), "depth": "copy"}))
+        assert si.load_model(run["ckpt"], torch.device("cpu"))[1].model.depth == "transformer"
+        assert _impute(run, target, "depth-calibrated")[0].depth == "copy"
+    finally:
+        path.write_text(saved)
     out = run["root"] / "depth-bad.vcf.gz"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(si, "load_model", lambda *a, **kw: pytest.fail("loaded the checkpoint for an unknown depth"))
         with pytest.raises(ValueError, match="depth must be one of"):
             impute_vcf(run["ckpt"], run["root"], target, out, depth="deep")
     assert not out.exists()
+
+
+def test_impute_many_imputes_every_target_at_the_given_depth(run, tmp_path):
+    """``impute_many(depth=...)`` is ``impute_vcf`` at that depth for each target (the CLI's several
+    ``--target`` and the impute-many flow go through it). Kills: the depth checked but not passed on to the
+    imputer (every target at the calibration's depth)."""
+    import storage.impute as si
+
+    target = run["sim"].test_array_vcf
+    fitted = si.read_calibration(run["ckpt"]).depth
+    other = "transformer" if fitted != "transformer" else "prior"
+    one, out_one = _impute(run, target, f"many-one-{other}", depth=other, prior_gate=0.0)
+    outs = [tmp_path / "a.vcf.gz", tmp_path / "b.vcf.gz"]
+    many = si.impute_many(run["ckpt"], run["root"], [(target, o) for o in outs], depth=other, prior_gate=0.0)
+    assert [s.depth for s in many] == [one.depth] * 2 == [other] * 2
+    want = np.array([r.format("DS")[:, 0] for r in VCF(str(out_one))])
+    for o in outs:
+        np.testing.assert_array_equal(np.array([r.format("DS")[:, 0] for r in VCF(str(o))]), want)
+
+
+def test_a_calibration_from_before_depths_was_fitted_at_the_transformer(tmp_path):
+    """A calibration without "depth" was written before depths existed: its temperature was fitted on the
+    transformer's logits, so imputing at another depth warns. Kills: a missing depth read as "whatever
+    imputes now" (a shallower depth silently given the transformer's temperature)."""
+    from storage.atomic import write_json
+    from storage.checkpoints import calibration_path
+    from storage.impute import gate_mismatch, read_calibration
+
+    ckpt = tmp_path / "epoch-000.pt"
+    write_json(calibration_path(ckpt), {"temperature": 1.2, "epoch": 0, "n_sites": 10, "prior_gate": 0.05})
+    fitted = read_calibration(ckpt)
+    assert fitted.depth == "transformer"
+    assert gate_mismatch(ckpt, fitted, 0.05, "transformer") is None
+    assert "at depth transformer (validation), this imputation uses 0.05 at depth prior" in gate_mismatch(
+        ckpt, fitted, 0.05, "prior")
 
 
 def test_imputation_follows_the_given_gate_then_the_calibrated_then_the_configured():

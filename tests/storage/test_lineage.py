@@ -56,6 +56,27 @@ def test_the_inference_only_gate_is_no_part_of_the_lineage(layout, tiny_cfg):
         check_variant(layout, tiny_cfg.replace(model__k=8), prepared)
 
 
+def test_the_inference_only_depth_is_no_part_of_the_lineage(layout, tiny_cfg):
+    """``model.depth`` and ``model.depth_choices`` change no artifact: a record written before they existed
+    (the run dirs trained before depths) resumes at any depth, and the record never holds them. Kills: the
+    depth or its candidates recorded and compared like trained settings (an old run dir refused as "not
+    recorded: a setting added to embrag since")."""
+    prepared = PreparedData(layout.prepared)
+    record_variant(layout, tiny_cfg, prepared)
+    path = layout.variant("v18").root / "lineage.json"
+    record = json.loads(path.read_text())
+    for name in ("depth", "depth_choices"):
+        assert name not in record["config"]["model"]
+    check_variant(layout, tiny_cfg.replace(model__depth="copy"), prepared)
+    check_variant(layout, tiny_cfg.replace(model__depth="prior", model__depth_choices=("prior",)), prepared)
+    check_config(layout, tiny_cfg.replace(model__depth="prior", model__depth_choices=("transformer", "copy")))
+    record["config"]["model"].update(depth="copy", depth_choices=["copy"])  # a record that holds them anyway
+    path.write_text(json.dumps(record))
+    check_variant(layout, tiny_cfg, prepared)
+    with pytest.raises(LineageError, match=r"model\.k=4 \(now 8\)"):  # the rest of the section still counts
+        check_variant(layout, tiny_cfg.replace(model__k=8, model__depth="prior"), prepared)
+
+
 def test_checkpoints_without_a_record_are_of_unknown_origin(layout, tiny_cfg):
     (layout.variant("v18").root / "checkpoints").mkdir(parents=True)
     (layout.variant("v18").root / "checkpoints" / "epoch-000.pt").write_bytes(b"old")

@@ -106,6 +106,22 @@ def test_live_reference_embeddings_train_through_the_references(tiny_prepared_fi
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
 
 
+def test_a_model_without_the_prior_chooses_its_depth_at_no_gate(tiny_prepared_fixture, tmp_path):
+    """A copy head without the Li-Stephens prior can run the transformer or the copy: validation scores both
+    (gate 0, nothing gated) and records the cheaper one within the tolerance. Kills: the depth choice skipped
+    when there are no gates to choose from."""
+    from storage.checkpoints import calibration_path
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__hmm_prior=False, model__prior_gate_tolerance=1.0)
+    assert cfg.model.depths == ("transformer", "copy")
+    run = VariantRun(layout, cfg)
+    metrics = run_epochs(run)[-1]
+    assert np.isfinite(metrics["val_gate_0_r2site_all"]) and np.isfinite(metrics["val_gate_0_copy_r2site_all"])
+    assert read_json(calibration_path(run.paths.checkpoint(0)))["depth"] == "copy" and metrics["val_depth"] == 1.0
+    assert metrics["val_r2site_all"] == pytest.approx(metrics["val_gate_0_copy_r2site_all"], abs=1e-9)
+
+
 def test_validation_chooses_the_cheapest_gate_and_depth_near_the_best_and_records_them(tiny_prepared_fixture, tmp_path,
                                                                                        monkeypatch):
     """The epoch's metrics hold each candidate pair's mean per-site r2, the chosen pair is the cheapest within
