@@ -353,3 +353,27 @@ def test_distinct_rows_survives_a_hash_collision(monkeypatch):
     patterns, row_pattern = retrieval.distinct_rows(keys)
     np.testing.assert_array_equal(patterns[row_pattern], keys)
     assert len(patterns) == 3
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.integers(1, 40))
+def test_nearest_first_is_the_lexsort_of_rounded_distance_then_tie(seed, k, n_cand):
+    """The partition that picks a search's k nearest is the full lexsort it replaced: distance rounded to
+    1e-3 (so float32 noise on equal patterns ties), then the seeded tie order, bad candidates never before a
+    good one. Kills: unrounded distances, the tie order dropped or reversed, the k-th boundary off by one,
+    negative distances mis-keyed."""
+    from embrag.retrieval import nearest_first
+
+    rng = np.random.default_rng(seed)
+    q = 5
+    base = rng.choice(np.array([-2.5, 0.0, 0.0004, 1.0, 1.0002, 1.0009, 1.2, 7.0]), size=(q, n_cand))
+    dist = (base + rng.normal(0, 1e-6, base.shape)).astype(np.float32)  # equal patterns, float noise
+    tie = np.stack([rng.permutation(50)[:n_cand] for _ in range(q)])  # (Q, C) distinct per row
+    bad = rng.random((q, n_cand)) < 0.2
+    got = nearest_first(dist, tie, bad, k)
+    key = np.where(bad, np.inf, np.round(dist.astype(np.float64), 3))
+    want = np.lexsort((tie, key), axis=1)[:, :k]  # the reference: every candidate sorted
+    assert got.shape == want.shape
+    good = ~np.take_along_axis(bad, want, axis=1)  # bad ones come last in any order: blanked by the caller
+    np.testing.assert_array_equal(np.where(good, got, -1), np.where(good, want, -1))
+    np.testing.assert_array_equal(np.take_along_axis(bad, got, axis=1), ~good)
