@@ -224,7 +224,7 @@ class Calibration(NamedTuple):
 
     temperature: float  # 1.0 without a calibration
     prior_gate: float | None  # the gate it was fitted under; None: no calibration, or one from before gates
-    depth: str | None  # the depth it was fitted at; None: no calibration, or one from before depths
+    depth: str | None  # the depth it was fitted at ("transformer" for one from before depths); None: no calibration
 
 
 def read_calibration(checkpoint: Path) -> Calibration:
