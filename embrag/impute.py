@@ -156,7 +156,8 @@ def impute_window(
             sub = rows[speak]
             nb_run = nb if nb is None or speak.all() else nb.subset(speak)
             batch = _batch(model_tokens[sub], inp, sub, device)
-            hmm = None if prior is None else torch.as_tensor(prior[sub], device=device)  # (b, L)
+            shallow = prior is not None and depths != ("transformer",)  # the transformer takes nb.prior
+            hmm = torch.as_tensor(prior[sub], device=device) if shallow else None  # (b, L)
             for d in depths:
                 if d == "transformer" and fast is not None:
                     logits = fast.logits(batch["tokens"], batch["pad"], *_neighbour_tensors(nb_run, inp.panel_tokens,

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ from storage.vcf_out import ImputedVcfWriter
 from storage.workspace import impute_workspace
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", float, str)
 
 _Q = 65535  # probabilities stored as uint16 p * 65535: 1.5e-5 resolution everywhere (float16 is 5e-4 near 1)
 _SLAB_VALUES = 1 << 21  # sites x samples per write slab (~16 MB as float32 haplotype pairs)
@@ -239,16 +241,16 @@ def read_calibration(checkpoint: Path) -> Calibration:
     return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"))
 
 
-def choose_gate(given: float | None, calibrated: float | None, configured: float) -> float:
-    """The gate (or depth) an imputation runs under: the one given, else the one validation chose and the
-    checkpoint's calibration records, else the checkpoint's ``model.prior_gate`` (``model.depth``: a
-    calibration from before either)."""
+def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:
+    """The prior gate or depth an imputation runs under: the one given, else the one validation chose and the
+    checkpoint's calibration records, else the checkpoint's ``model.prior_gate`` / ``model.depth`` (no
+    calibration, or one from before it was recorded)."""
     if given is not None:
         return given
     return configured if calibrated is None else calibrated
 
 
-def gate_mismatch(checkpoint: Path, fitted: Calibration, gate: float, depth: str) -> str | None:
+def calibration_mismatch(checkpoint: Path, fitted: Calibration, gate: float, depth: str) -> str | None:
     """A warning when the temperature was fitted under another prior gate or depth than the ones imputing: it was
     fitted on the logits of the haplotypes that gate handed to the model at that depth, so others get a
     temperature not fitted on them."""
@@ -323,8 +325,8 @@ class Imputer:
                      depth=depth)
         fitted = read_calibration(self.checkpoint)  # per target: one written since is used
         temperature = fitted.temperature
-        gate = choose_gate(prior_gate, fitted.prior_gate, self.cfg.model.prior_gate)
-        depth = choose_gate(depth, fitted.depth, self.cfg.model.depth)
+        gate = choose_setting(prior_gate, fitted.prior_gate, self.cfg.model.prior_gate)
+        depth = choose_setting(depth, fitted.depth, self.cfg.model.depth)
         if depth not in self.cfg.model.depths:
             raise ValueError(f"depth {depth}: {self.checkpoint.name} can run {', '.join(self.cfg.model.depths)}; "
                              "pass one of those (embrag impute --depth)")
@@ -338,7 +340,7 @@ class Imputer:
             exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
             untyped = 1.0 - float(target.typed.mean())
             warning = "; ".join(w for w in (design_mismatch(cfg, prepared, target.typed),
-                                            gate_mismatch(checkpoint, fitted, gate, depth)) if w) or None
+                                            calibration_mismatch(checkpoint, fitted, gate, depth)) if w) or None
             shape = (len(prepared.sites), len(target.samples), 2)
             probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
             chunk = prior_chunk(cfg, prepared, target.typed, sample_chunk)
@@ -379,7 +381,7 @@ def impute_vcf(
     with the temperature validation fitted for this checkpoint. ``threads``: torch's, FAISS's and the
     BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one; set for the rest of the
     process, as ``set_threads`` does). ``prior_gate``: the gate validation chose for this checkpoint
-    unless given (``choose_gate``; 0: the model imputes every haplotype); ``depth`` likewise (how far the
+    unless given (``choose_setting``; 0: the model imputes every haplotype); ``depth`` likewise (how far the
     others go through the model: ``ModelConfig.depth``). ``seconds``
     counts the loading of the checkpoint too.
     """

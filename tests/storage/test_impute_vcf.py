@@ -574,24 +574,24 @@ def test_a_calibration_from_before_depths_was_fitted_at_the_transformer(tmp_path
     imputes now" (a shallower depth silently given the transformer's temperature)."""
     from storage.atomic import write_json
     from storage.checkpoints import calibration_path
-    from storage.impute import gate_mismatch, read_calibration
+    from storage.impute import calibration_mismatch, read_calibration
 
     ckpt = tmp_path / "epoch-000.pt"
     write_json(calibration_path(ckpt), {"temperature": 1.2, "epoch": 0, "n_sites": 10, "prior_gate": 0.05})
     fitted = read_calibration(ckpt)
     assert fitted.depth == "transformer"
-    assert gate_mismatch(ckpt, fitted, 0.05, "transformer") is None
-    assert "at depth transformer (validation), this imputation uses 0.05 at depth prior" in gate_mismatch(
+    assert calibration_mismatch(ckpt, fitted, 0.05, "transformer") is None
+    assert "at depth transformer (validation), this imputation uses 0.05 at depth prior" in calibration_mismatch(
         ckpt, fitted, 0.05, "prior")
 
 
 def test_imputation_follows_the_given_gate_then_the_calibrated_then_the_configured():
     """Kills: the configured gate winning over validation's choice, a missing calibration gate passed on as None."""
-    from storage.impute import choose_gate
+    from storage.impute import choose_setting
 
-    assert choose_gate(0.0, 0.45, 0.05) == 0.0  # --prior-gate 0: the model everywhere, whatever was chosen
-    assert choose_gate(None, 0.45, 0.05) == 0.45
-    assert choose_gate(None, None, 0.05) == 0.05  # a calibration written before the gate was recorded
+    assert choose_setting(0.0, 0.45, 0.05) == 0.0  # --prior-gate 0: the model everywhere, whatever was chosen
+    assert choose_setting(None, 0.45, 0.05) == 0.45
+    assert choose_setting(None, None, 0.05) == 0.05  # a calibration written before the gate was recorded
 
 
 def test_window_tokens_are_read_from_disk_once_and_cannot_be_changed(run, monkeypatch):
