@@ -27,6 +27,7 @@ from benchmarks.protocol import Inputs, ToolRun
 from benchmarks.scoring import vcf_keys
 from benchmarks.tools import Cost
 from embrag.config import RunConfig
+from embrag.metrics import INFO_R2_DEFINITION
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
 from storage.evaluate import load_panel_af
@@ -158,10 +159,11 @@ class Embrag:
                                       out.with_suffix(".log"), IMPUTE_THREADS, env)
 
         # what changes the imputation without changing the checkpoint: its calibration (temperature, the gate and
-        # depth it was fitted under), the default gate and depth of checkpoints that record none, the thread count
+        # depth it was fitted under), the default gate and depth of checkpoints that record none, the thread count,
+        # the INFO R2 estimate the VCF writes
         calibration = calibration_path(ckpt)
         key = [str(ckpt), str(target), calibration.read_text() if calibration.exists() else "",
-               RunConfig().model.prior_gate, IMPUTE_THREADS, RunConfig().model.depth]
+               RunConfig().model.prior_gate, IMPUTE_THREADS, RunConfig().model.depth, INFO_R2_DEFINITION]
         return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=key)
 
     def tune(self, inputs: Inputs, work: Path) -> dict:

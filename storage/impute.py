@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -316,7 +317,8 @@ class Imputer:
                              f"has {self.prepared.window_size}; use the run directory the model was trained on")
 
     def impute(self, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False, batch_size: int = 256,
-               sample_chunk: int = 500, prior_gate: float | None = None, depth: str | None = None) -> ImputeSummary:
+               sample_chunk: int = 500, prior_gate: float | None = None, depth: str | None = None,
+               withheld_samples: Sequence[str] = ()) -> ImputeSummary:
         """Impute every panel site for the samples of ``target_vcf`` into ``out_vcf`` (see ``impute_vcf``).
         ``seconds`` of the summary: this target (the checkpoint's loading is ``impute_vcf``'s)."""
         t0 = time.perf_counter()
@@ -337,7 +339,7 @@ class Imputer:
             if not target.typed.any():
                 raise VcfInputError(f"{target_vcf}: no record matches a panel site (counts {target.counts}); check "
                                     "contig names, the genome build and REF/ALT against the panel")
-            exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf)
+            exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf, withheld_samples)
             untyped = 1.0 - float(target.typed.mean())
             warning = "; ".join(w for w in (design_mismatch(cfg, prepared, target.typed),
                                             calibration_mismatch(checkpoint, fitted, gate, depth)) if w) or None
@@ -371,7 +373,7 @@ class Imputer:
 def impute_vcf(
     checkpoint: Path, run_dir: Path, target_vcf: Path, out_vcf: Path, *, allow_panel_overlap: bool = False,
     batch_size: int = 256, sample_chunk: int = 500, device: str = "auto", threads: int | None = None,
-    prior_gate: float | None = None, depth: str | None = None,
+    prior_gate: float | None = None, depth: str | None = None, withheld_samples: Sequence[str] = (),
 ) -> ImputeSummary:
     """Impute every panel site of ``run_dir``'s prepared data for the samples of ``target_vcf``.
 
@@ -382,7 +384,9 @@ def impute_vcf(
     BLAS libraries' threads of this process (default :data:`IMPUTE_THREADS`, one; set for the rest of the
     process, as ``set_threads`` does). ``prior_gate``: the gate validation chose for this checkpoint
     unless given (``choose_setting``; 0: the model imputes every haplotype); ``depth`` likewise (how far the
-    others go through the model: ``ModelConfig.depth``). ``seconds``
+    others go through the model: ``ModelConfig.depth``). ``withheld_samples``: panel samples no target
+    haplotype may use, as a neighbour, in the prior or in the allele frequency (imputing against the panel
+    without them; ``benchmarks/calibration.py`` gives Beagle that smaller panel). ``seconds``
     counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()
@@ -390,7 +394,8 @@ def impute_vcf(
                  prior_gate=prior_gate, depth=depth)  # before loading anything
     imputer = Imputer(checkpoint, run_dir, device=device, threads=threads)
     summary = imputer.impute(target_vcf, out_vcf, allow_panel_overlap=allow_panel_overlap, batch_size=batch_size,
-                             sample_chunk=sample_chunk, prior_gate=prior_gate, depth=depth)
+                             sample_chunk=sample_chunk, prior_gate=prior_gate, depth=depth,
+                             withheld_samples=withheld_samples)
     return dataclasses.replace(summary, seconds=time.perf_counter() - t0)
 
 

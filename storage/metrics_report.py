@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embrag.constants import RARE_MAF
-from embrag.metrics import alt_f1, bin_metrics, dosage_r2, estimated_r2_hap, gp_from_hap_dosage, site_stats
+from embrag.metrics import alt_f1, bin_metrics, dosage_r2, gp_from_hap_dosage, info_r2, site_stats
 from embrag.tokens import alleles_from_tokens
 from storage.prepared import PreparedData
 
@@ -97,7 +97,7 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
     out: dict[str, float] = {}
     stats = site_stats(v.dosage, v.truth, gp_from_hap_dosage(v.hap_prob))
     # the estimate the imputed VCF writes (INFO R2, from haplotype dosages), so its calibration is measured
-    stats = dataclasses.replace(stats, est_r2=estimated_r2_hap(v.prob.reshape(-1, 2, v.prob.shape[1])))
+    stats = dataclasses.replace(stats, est_r2=info_r2(v.prob.reshape(-1, 2, v.prob.shape[1])))
     for row in bin_metrics(stats, maf):
         out[f"{prefix}_r2_{row.bin}"] = row.r2_aggregate
         out[f"{prefix}_r2site_{row.bin}"] = row.r2_mean_site

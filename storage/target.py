@@ -16,6 +16,7 @@ so memory does not grow with the number of target samples. The target's contig n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,13 +126,23 @@ def read_target(path: Path, prepared: PreparedData, work: Path) -> tuple[Target,
         vcf.close()
 
 
-def exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: Path) -> np.ndarray | None:
-    """``int64 [2N, 2]`` panel rows of each target haplotype's own sample (-1 where none), or None."""
+def exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: Path,
+                 withheld: Sequence[str] = ()) -> np.ndarray | None:
+    """``int64 [2N, 2 + 2W]`` panel rows no target haplotype may use, -1 padded, or None when there are none.
+
+    Per haplotype: its own sample's two rows where the target sample is a panel sample (``allow``), then
+    both rows of every ``withheld`` panel sample (for every haplotype: imputing against the panel without
+    them, e.g. to compare with a tool given that smaller panel).
+    """
     panel = {s: j for j, s in enumerate(prepared.sample_ids("panel").tolist())}
+    unknown = [s for s in withheld if s not in panel]
+    if unknown:
+        raise ValueError(f"withheld samples {unknown[:5]} are not panel samples of {prepared.path}; "
+                         "withhold samples of the prepared panel only")
     overlap = [i for i, s in enumerate(samples) if s in panel]
-    if not overlap:
+    if not overlap and not withheld:
         return None
-    if not allow:
+    if overlap and not allow:
         names = [samples[i] for i in overlap]
         raise VcfInputError(
             f"{path}: {len(names)} target sample(s) are reference-panel samples ({', '.join(names[:5])}); retrieval "
@@ -142,7 +153,8 @@ def exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: 
     for i in overlap:
         j = panel[samples[i]]
         exclude[2 * i : 2 * i + 2] = [2 * j, 2 * j + 1]  # both haplotypes of the sample, for both queries
-    return exclude
+    rows = np.array([[2 * panel[s], 2 * panel[s] + 1] for s in dict.fromkeys(withheld)], np.int64).reshape(-1)
+    return np.concatenate([exclude, np.broadcast_to(rows, (len(exclude), rows.size))], axis=1)
 
 
 def panel_af(prepared: PreparedData) -> dict[tuple[str, int, str, str], float]:

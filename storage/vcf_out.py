@@ -26,7 +26,7 @@ from types import TracebackType
 import numpy as np
 import pysam
 
-from embrag.metrics import estimated_r2_hap
+from embrag.metrics import estimated_r2_hap, info_r2
 
 FORMAT_KEYS = "GT:DS:GP:HDS"
 _WIDTH = 40  # bytes per sample column, leading tab included
@@ -34,8 +34,10 @@ _TEMPLATE = np.frombuffer(b"\t0|0:0.000:0.000,0.000,0.000:0.000,0.000", np.uint8
 _CHUNK_BYTES = 16 << 20  # text formatted per step; bounds memory whatever the sample count
 _INFO_FORMAT_LINES = (
     '##INFO=<ID=AF,Number=A,Type=Float,Description="Estimated ALT allele frequency">',
-    '##INFO=<ID=R2,Number=1,Type=Float,Description="Estimated dosage r-squared (minimac Rsq: '
-    'variance of haplotype dosages / (p (1 - p)), p = mean haplotype dosage)">',
+    '##INFO=<ID=R2,Number=1,Type=Float,Description="Estimated dosage r-squared of these samples where their '
+    'genotypes vary: RSQ / P(the genotypes vary), from the haplotype doses (embrag.metrics.info_r2)">',
+    '##INFO=<ID=RSQ,Number=1,Type=Float,Description="minimac Rsq: variance of haplotype dosages / (p (1 - p)), '
+    'p = mean haplotype dosage">',
     '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed marker">',
     '##INFO=<ID=TYPED,Number=0,Type=Flag,Description="Genotyped marker; GT is the input genotype">',
     '##FORMAT=<ID=GT,Number=1,Type=String,Description="Phased genotype (best guess where imputed)">',
@@ -197,7 +199,7 @@ class ImputedVcfWriter:
         typed: np.ndarray,  # bool [M]
         typed_gt: np.ndarray | None = None,  # int8 [N_samples, 2, M], -1 missing; used where typed
         af: np.ndarray | None = None,  # [M]; default: mean haplotype dosage
-        r2: np.ndarray | None = None,  # [M]; default: metrics.estimated_r2_hap
+        r2: np.ndarray | None = None,  # [M]; default: metrics.info_r2
     ) -> None:
         """Append one sorted chunk of biallelic sites of one contig."""
         if self._out is None:
@@ -240,12 +242,14 @@ class ImputedVcfWriter:
             alleles = np.where(use, given, alleles)
             hds = np.where(use & (given >= 0), given.clip(0, 1), hds)  # called alleles are certain
         af = hds.mean(axis=(1, 2)) if af is None else af
-        r2 = estimated_r2_hap(hds.transpose(1, 2, 0)) if r2 is None else r2
+        per_hap = hds.transpose(1, 2, 0)  # [N, 2, m]
+        r2 = info_r2(per_hap) if r2 is None else r2
+        rsq = estimated_r2_hap(per_hap)
         block = _sample_block(hds, alleles)  # [m, N, 40]
         lines = []
         for i in range(positions.shape[0]):
             flag = "TYPED" if typed[i] else "IMP"
-            info = f"AF={_fmt(af[i])};R2={_fmt(r2[i])};{flag}"
+            info = f"AF={_fmt(af[i])};R2={_fmt(r2[i])};RSQ={_fmt(rsq[i])};{flag}"
             prefix = f"{contig}\t{positions[i]}\t.\t{ref[i]}\t{alt[i]}\t.\tPASS\t{info}\t{FORMAT_KEYS}"
             lines.append(prefix.encode() + block[i].tobytes() + b"\n")
         self._out.write(b"".join(lines))

@@ -171,3 +171,39 @@ def mean_finite(values) -> float:
 def est_r2_hap_loop(hds: np.ndarray) -> list[float]:
     """minimac Rsq per site from [N, 2, M] haplotype dosages."""
     return [est_r2_loop([float(v) for v in hds[:, :, m].ravel()], 1) for m in range(hds.shape[2])]
+
+
+def variation_probability_loop(hds: np.ndarray) -> list[float]:
+    """P(true genotypes not all equal) per site, by enumerating every ALT/REF assignment of the 2N
+    haplotypes of ``[N, 2, M]`` (independent, ALT with probability hds)."""
+    import itertools
+
+    n = hds.shape[0]
+    out = []
+    for m in range(hds.shape[2]):
+        p = [float(v) for v in hds[:, :, m].ravel()]  # sample-major: s0h0, s0h1, s1h0, ...
+        total = 0.0
+        for alleles in itertools.product((0, 1), repeat=2 * n):
+            prob = math.prod(q if a else 1 - q for a, q in zip(alleles, p, strict=True))
+            genotypes = {alleles[2 * i] + alleles[2 * i + 1] for i in range(n)}
+            total += prob if len(genotypes) > 1 else 0.0
+        out.append(total)
+    return out
+
+
+def expected_r2_given_variation_loop(hds: np.ndarray, m: int) -> float:
+    """E[r2(DS, true genotype) | the genotypes vary] at site ``m``, by enumeration (the quantity INFO R2
+    estimates when the posteriors are calibrated)."""
+    import itertools
+
+    n = hds.shape[0]
+    p = [float(v) for v in hds[:, :, m].ravel()]
+    ds = [p[2 * i] + p[2 * i + 1] for i in range(n)]
+    num = den = 0.0
+    for alleles in itertools.product((0, 1), repeat=2 * n):
+        prob = math.prod(q if a else 1 - q for a, q in zip(alleles, p, strict=True))
+        g = [alleles[2 * i] + alleles[2 * i + 1] for i in range(n)]
+        if len(set(g)) > 1 and prob > 0:
+            num += prob * site_r2(ds, [float(v) for v in g])
+            den += prob
+    return num / den

@@ -19,8 +19,10 @@ from embrag.metrics import (
     estimated_r2_hap,
     f1_by_rarity,
     gp_from_hap_dosage,
+    info_r2,
     maf_bin_index,
     site_stats,
+    variation_probability,
 )
 
 
@@ -193,6 +195,44 @@ def test_estimated_r2_matches_loop_and_hard_calls_give_one():
     hard[:, :, 0] = 0.0  # monomorphic -> 0 by convention
     assert estimated_r2_hap(hard).tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
     assert estimated_r2_hap(hard).dtype == np.float32
+
+
+def test_variation_probability_matches_enumeration():
+    rng = np.random.default_rng(7)
+    hds = rng.random((3, 2, 5)) ** 3  # skewed towards 0, like rare sites
+    hds[:, :, 0] = 0.0  # certainly monomorphic
+    hds[0, 0, 1], hds[1:, :, 1] = 1.0, 0.0  # certainly varies (one known carrier)
+    assert variation_probability(hds) == pytest.approx(oracles.variation_probability_loop(hds), abs=1e-9)
+    assert variation_probability(hds)[:2].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_info_r2_conditions_on_the_site_varying():
+    """One uncertain carrier: if the site varies at all, that haplotype is the carrier, so the empirical
+    r2 is 1 whenever it is defined; minimac Rsq says ~p. Enumeration gives the exact expectation."""
+    for p in (0.2, 0.5, 0.9):
+        small, hds = np.zeros((3, 2, 1)), np.zeros((30, 2, 1))
+        small[1, 0, 0] = hds[1, 0, 0] = p
+        exact = oracles.expected_r2_given_variation_loop(small, 0)
+        assert exact == pytest.approx(1.0)  # whatever the number of samples
+        assert float(estimated_r2_hap(hds)[0]) < 0.92 * exact  # the unconditional ratio misses it
+        assert float(info_r2(hds)[0]) == pytest.approx(exact, abs=0.05)
+    spread = np.zeros((4, 2, 1))
+    spread[:, :, 0] = 0.1  # every haplotype equally likely: a carrier is anyone, r2 low either way
+    exact = oracles.expected_r2_given_variation_loop(spread, 0)
+    assert exact < 0.3 and abs(float(info_r2(spread)[0]) - exact) < 0.1
+    mono = np.zeros((5, 2, 1))
+    mono[0, 0, 0] = 1e-9  # imputed monomorphic: the unexplained-carrier term keeps R2 at ~0, not 0 / 0
+    assert float(info_r2(mono)[0]) < 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 6), st.just(2), st.integers(1, 5)), elements=st.floats(0, 1)))
+def test_info_r2_is_rsq_divided_by_at_most_one(hds):
+    r2, rsq = info_r2(hds), estimated_r2_hap(hds)
+    assert np.all((r2 >= 0) & (r2 <= 1))
+    assert np.all(r2 >= rsq - 1e-6)  # dividing by a probability only raises it (then clipped)
+    certain = variation_probability(hds) > 1 - 1e-12  # the site surely varies: R2 is the Rsq
+    assert r2[certain] == pytest.approx(rsq[certain], abs=1e-6)
 
 
 # --------------------------------------------------------------------------------- invariants

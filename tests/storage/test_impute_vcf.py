@@ -276,6 +276,48 @@ def test_panel_sample_in_target_is_refused_or_excluded_from_retrieval(run, tmp_p
     assert any(np.isin(free[q], own).any() for free, _ in searches)  # without exclusion: found its own rows
 
 
+def test_withheld_panel_samples_are_used_by_no_target_haplotype(run, monkeypatch):
+    """``withheld_samples``: imputing against the panel without them (benchmarks/calibration.py gives Beagle
+    that panel). Their rows are never a neighbour, never a state of the prior, never in the allele frequency,
+    for every target haplotype. Kills: withheld rows kept only for the first haplotype, or only in retrieval."""
+    import embrag.impute as imp
+    from embrag import lshmm
+
+    names = run["prepared"].sample_ids("panel").tolist()
+    withheld = names[:3]  # the lowest rows: what index-order ties would pick
+    rows = np.array([2 * names.index(s) + h for s in withheld for h in (0, 1)])
+    allowed, picks, afs = [], [], []
+    original_allowed, original_select, original_af = lshmm.allowed_rows, epoch.select_neighbours, imp.query_af
+
+    def allowed_rows(queries, n_panel, exclude_rows):
+        got = original_allowed(queries, n_panel, exclude_rows)
+        allowed.append(got)
+        return got
+
+    def select(*args, **kw):
+        got = original_select(*args, **kw)
+        picks.append(got.rows)
+        return got
+
+    def query_af(af, panel_tokens, exclude, b):
+        afs.append(exclude)
+        return original_af(af, panel_tokens, exclude, b)
+
+    monkeypatch.setattr(lshmm, "allowed_rows", allowed_rows)
+    monkeypatch.setattr(epoch, "select_neighbours", select)
+    monkeypatch.setattr(imp, "query_af", query_af)
+    monkeypatch.setattr(imp, "prior_decides", lambda prior, fill, gate: np.zeros(len(prior), bool))
+    s, out = _impute(run, run["sim"].test_array_vcf, "withheld", withheld_samples=withheld, depth="transformer")
+    assert s.n_panel_overlap == 0
+    assert allowed and picks and afs
+    assert all(not a[:, rows].any() for a in allowed)  # no prior state
+    assert all(not np.isin(p, rows).any() for p in picks)  # no neighbour
+    assert all(np.isin(rows, e[i]).all() for e in afs for i in range(len(e)))  # out of every query's AF
+    assert _body(out) != _body(run["out"])
+    with pytest.raises(ValueError, match=r"withheld samples \['NOT_A_SAMPLE'\] are not panel samples"):
+        _impute(run, run["sim"].test_array_vcf, "withheld-bad", withheld_samples=["NOT_A_SAMPLE"])
+
+
 def test_sample_chunks_do_not_change_output(run):
     _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
     _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import storage.vcf_out as vcf_out
+from embrag.metrics import estimated_r2_hap, info_r2
 from storage.vcf_out import ImputedVcfWriter
 
 SAMPLES = ["a", "b", "c", "d", "e"]
@@ -74,6 +75,9 @@ def test_round_trip(written):
         assert (np.rint(rec.format("DS")[:, 0] * 1000) == k_hds.sum(1)).all()  # DS == HDS1 + HDS2
         assert (np.rint(rec.format("GP") * 1000).sum(1) == 1000).all()  # GP sums to exactly 1
         assert 0 <= rec.INFO["AF"] <= 1 and 0 <= rec.INFO["R2"] <= 1
+        if not typed:  # R2 conditions on the site varying; RSQ is minimac's, both from the unrounded doses
+            assert rec.INFO["R2"] == pytest.approx(float(info_r2(hap[:, :, None])[0]), abs=6e-4)
+            assert rec.INFO["RSQ"] == pytest.approx(float(estimated_r2_hap(hap[:, :, None])[0]), abs=6e-4)
     assert expected  # keeps the fixture shape obvious
 
 
