@@ -118,16 +118,38 @@ UNEXPLAINED_CARRIER_RATE = 3e-5
 INFO_R2_DEFINITION = f"RSQ / P(genotypes vary), unexplained-carrier rate {UNEXPLAINED_CARRIER_RATE:g} per haplotype"
 
 
-def variation_probability(hds: np.ndarray) -> np.ndarray:
-    """P(the samples' true genotypes are not all equal) per site, ``[N_samples, 2, M] -> float64 [M]``.
-
-    Haplotypes independent with ALT probabilities ``hds`` (as GP is written).
-    """
-    gp = gp_from_hap_dosage(np.asarray(hds, np.float64).transpose(0, 2, 1))  # [N, M, 3]
-    with np.errstate(divide="ignore"):
-        log_gp = np.log(gp)
+def variation_probability(gp: np.ndarray) -> np.ndarray:
+    """P(the samples' true genotypes are not all equal) per site, ``gp [N_samples, M, 3] -> float64 [M]``,
+    samples independent."""
+    gp = np.asarray(gp, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_gp = np.log(gp / gp.sum(axis=-1, keepdims=True))  # rounded GP in files need not sum to 1
     all_equal = np.exp(log_gp.sum(axis=0)).sum(axis=-1)  # [M]: every sample 0/0, or every 0/1, or every 1/1
-    return np.clip(1.0 - all_equal, 0.0, 1.0)
+    return np.clip(np.nan_to_num(1.0 - all_equal, nan=0.0), 0.0, 1.0)
+
+
+def hap_variation_probability(hds: np.ndarray) -> np.ndarray:
+    """:func:`variation_probability` from independent haplotype ALT probabilities ``[N_samples, 2, M] ->
+    float64 [M]``, without building GP (float32 logs summed in float64: ~10x faster at 500 samples)."""
+    h = np.asarray(hds, np.float32)
+    h1, h2 = h[:, 0], h[:, 1]  # [N, M]
+    with np.errstate(divide="ignore"):
+        log_ref = (np.log1p(-h1) + np.log1p(-h2)).sum(axis=0, dtype=np.float64)  # log P(every sample 0/0)
+        log_het = np.log(h1 * (1 - h2) + (1 - h1) * h2).sum(axis=0, dtype=np.float64)
+        log_alt = (np.log(h1) + np.log(h2)).sum(axis=0, dtype=np.float64)
+    return np.clip(1.0 - np.exp(log_ref) - np.exp(log_het) - np.exp(log_alt), 0.0, 1.0)
+
+
+def conditional_r2(rsq: np.ndarray, varies: np.ndarray, n_samples: int,
+                   unexplained_rate: float = UNEXPLAINED_CARRIER_RATE) -> np.ndarray:
+    """An unconditional r2 estimate ``rsq [M]`` turned into the r2 expected where the truth varies among
+    ``n_samples`` samples, ``varies [M]`` the probability that their genotypes vary (see :func:`info_r2`);
+    ``float32 [M]``, clipped to [0, 1]."""
+    unexplained = 1.0 - (1.0 - unexplained_rate) ** (2 * n_samples)  # any of the 2N haplotypes
+    denom = np.asarray(varies, np.float64) + unexplained * (1.0 - np.asarray(varies, np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 0, np.asarray(rsq, np.float64) / denom, 0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def info_r2(hds: np.ndarray, unexplained_rate: float = UNEXPLAINED_CARRIER_RATE) -> np.ndarray:
@@ -137,17 +159,12 @@ def info_r2(hds: np.ndarray, unexplained_rate: float = UNEXPLAINED_CARRIER_RATE)
     samples, and at a rare site that is itself informative: one haplotype at 0.5 and the rest at 0 has
     minimac Rsq 0.5, but if the site varies at all, that haplotype is the carrier (r2 1). So the Rsq
     (:func:`estimated_r2_hap`, the unconditional ratio) is divided by the probability that the truth
-    varies: the posteriors' own (:func:`variation_probability`) plus that of a carrier they do not
-    explain (``unexplained_rate`` per haplotype), whose r2 is taken as 0. Clipped to [0, 1]; at common
-    sites the probability is 1 and this is the Rsq.
+    varies: the posteriors' own (:func:`hap_variation_probability`, haplotypes independent, as GP is
+    written) plus that of a carrier they do not explain (``unexplained_rate`` per haplotype), whose r2
+    is taken as 0. At common sites the probability is 1 and this is the Rsq.
     """
-    rsq = estimated_r2_hap(hds).astype(np.float64)  # [M]
-    varies = variation_probability(hds)  # [M]
-    unexplained = 1.0 - (1.0 - unexplained_rate) ** (2 * np.asarray(hds).shape[0])  # any of the 2N haplotypes
-    denom = varies + unexplained * (1.0 - varies)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(denom > 0, rsq / denom, 0.0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    h = np.asarray(hds)
+    return conditional_r2(estimated_r2_hap(h), hap_variation_probability(h), h.shape[0], unexplained_rate)
 
 
 # --------------------------------------------------------------------------------- site stats

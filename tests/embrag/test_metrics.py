@@ -19,6 +19,7 @@ from embrag.metrics import (
     estimated_r2_hap,
     f1_by_rarity,
     gp_from_hap_dosage,
+    hap_variation_probability,
     info_r2,
     maf_bin_index,
     site_stats,
@@ -202,8 +203,14 @@ def test_variation_probability_matches_enumeration():
     hds = rng.random((3, 2, 5)) ** 3  # skewed towards 0, like rare sites
     hds[:, :, 0] = 0.0  # certainly monomorphic
     hds[0, 0, 1], hds[1:, :, 1] = 1.0, 0.0  # certainly varies (one known carrier)
-    assert variation_probability(hds) == pytest.approx(oracles.variation_probability_loop(hds), abs=1e-9)
-    assert variation_probability(hds)[:2].tolist() == pytest.approx([0.0, 1.0])
+    exact = oracles.variation_probability_loop(hds)
+    from_gp = variation_probability(gp_from_hap_dosage(hds.transpose(0, 2, 1)))  # any GP (Beagle's too)
+    from_haps = hap_variation_probability(hds)  # the writer's, float32 logs
+    assert from_gp == pytest.approx(exact, abs=1e-9) and from_haps == pytest.approx(exact, abs=1e-6)
+    assert from_gp[:2].tolist() == pytest.approx([0.0, 1.0]) and from_haps[:2].tolist() == pytest.approx([0.0, 1.0])
+    tiny = np.zeros((500, 2, 1))
+    tiny[:, :, 0] = 1e-9  # float32 1 - 1e-9 is 1: log1p keeps it
+    assert hap_variation_probability(tiny)[0] == pytest.approx(1000 * 1e-9, rel=1e-3)
 
 
 def test_info_r2_conditions_on_the_site_varying():
@@ -231,7 +238,7 @@ def test_info_r2_is_rsq_divided_by_at_most_one(hds):
     r2, rsq = info_r2(hds), estimated_r2_hap(hds)
     assert np.all((r2 >= 0) & (r2 <= 1))
     assert np.all(r2 >= rsq - 1e-6)  # dividing by a probability only raises it (then clipped)
-    certain = variation_probability(hds) > 1 - 1e-12  # the site surely varies: R2 is the Rsq
+    certain = hap_variation_probability(hds) > 1 - 1e-12  # the site surely varies: R2 is the Rsq
     assert r2[certain] == pytest.approx(rsq[certain], abs=1e-6)
 
 
