@@ -17,6 +17,7 @@ from benchmarks import baselines, tools
 from benchmarks.haplotypes import read_haplotypes
 from benchmarks.protocol import Inputs, ToolRun
 from benchmarks.tools import Cost
+from embrag.metrics import INFO_R2_DEFINITION
 
 BASELINES_SCRIPT = Path(baselines.__file__)
 
@@ -78,7 +79,7 @@ class Vote:
             return out, tools.measure([sys.executable, BASELINES_SCRIPT, "--panel", inputs.panel_vcf, "--target",
                                        inputs.target_phased, "--out", out, *args], work / "run.log", 1)
 
-        vcf, cost = tools.cached_run(work / "done.json", make, key=args)
+        vcf, cost = tools.cached_run(work / "done.json", make, key=[*args, INFO_R2_DEFINITION])  # R2 from our writer
         setup = Cost(**choice["tune_cost"]) + inputs.prephase_cost
         label = f"K={choice['k']}, power={choice['power']:g}, runs in {choice['unit']} (chosen on validation)"
         return ToolRun(vcf, cost, setup, note=label if self.ks != (1,) else f"runs in {choice['unit']} (validation)")
@@ -105,7 +106,7 @@ class LiStephens:
             return out, tools.measure([sys.executable, BASELINES_SCRIPT, "--panel", inputs.panel_vcf, "--target",
                                        inputs.target_phased, "--out", out, *args], work / "run.log", 1)
 
-        vcf, cost = tools.cached_run(work / "done.json", make, key=args)
+        vcf, cost = tools.cached_run(work / "done.json", make, key=[*args, INFO_R2_DEFINITION])  # R2 from our writer
         setup = Cost(**choice["tune_cost"]) + inputs.prephase_cost
         return ToolRun(vcf, cost, setup, note=f"ne={choice['ne']:g}, 1 cM/Mb (chosen on validation)")
 

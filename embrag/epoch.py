@@ -44,7 +44,7 @@ class WindowData:
     # V18 (not live): the embedding layer of the references' version (training: the checkpoint that
     # encoded it; imputation: the model's own); a query's references are embedded at its own AF
     embedding: torch.nn.Module | None = None
-    exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve (its own sample)
+    exclude_rows: np.ndarray | None = None  # (Hq, E) panel rows a query must never retrieve (its own sample, withheld ones)
     match: MatchContext | None = None  # PBWT evidence over this mask's typed sites (None: index order only)
     query_ids: np.ndarray | None = None  # (Hq,) sequence ids of the query rows in ``match``
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

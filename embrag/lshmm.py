@@ -41,7 +41,7 @@ class Chain:
 
     query: np.ndarray  # uint8 (Q, T): 0/1, 2 = unknown (matches anything)
     panel: np.ndarray  # uint8 (H, T), or (Q, H, T) states of each query: the alleles there, 2 = unknown
-    allowed: np.ndarray  # bool (Q, H): haplotypes a query may copy (not its own sample)
+    allowed: np.ndarray  # bool (Q, H): haplotypes a query may copy (not its own sample or its exclude_rows)
     cm: np.ndarray  # float64 (T,) genetic position, non-decreasing
 
 

@@ -48,7 +48,7 @@ def match_scores(prev: np.ndarray, nxt: np.ndarray, centre: int, max_run: int | 
 def top_matches(scores: np.ndarray, k: int, *, seed: int = 0, exclude_rows: np.ndarray | None = None) -> np.ndarray:
     """Top-``k`` panel rows ``int64 (Ht, k)`` by score, ties in a seeded order; -1 where fewer rows.
 
-    ``exclude_rows (Ht, E)`` (-1 padded): rows a target haplotype must never get (its own sample).
+    ``exclude_rows (Ht, E)`` (-1 padded): rows a target haplotype must never get (its own sample, withheld ones).
     """
     n_target, n_panel = scores.shape
     order = np.random.default_rng(seed).permutation(n_panel)  # tie order

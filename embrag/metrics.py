@@ -103,7 +103,8 @@ def estimated_r2(dosage: np.ndarray) -> np.ndarray:
 
 
 def estimated_r2_hap(hds: np.ndarray) -> np.ndarray:
-    """minimac Rsq from haplotype dosages ``[N_samples, 2, M] -> float32 [M]`` (the VCF writer's INFO/R2).
+    """minimac Rsq from haplotype dosages ``[N_samples, 2, M] -> float32 [M]`` (the VCF writer's INFO/RSQ;
+    its INFO/R2 is :func:`info_r2`).
 
     var(HDS) / (p (1-p)) over all 2N haplotypes, p = mean(HDS), clipped to [0, 1]; 0 where p is 0 or 1.
     """
@@ -130,26 +131,35 @@ def variation_probability(gp: np.ndarray) -> np.ndarray:
 
 def hap_variation_probability(hds: np.ndarray) -> np.ndarray:
     """:func:`variation_probability` from independent haplotype ALT probabilities ``[N_samples, 2, M] ->
-    float64 [M]``, without building GP (float32 logs summed in float64: ~10x faster at 500 samples)."""
+    float64 [M]``, without building GP (float32 logs summed in float64: ~10x faster at 500 samples).
+    A sample with a non-finite haplotype dose is left out at that site (its genotype is unknown)."""
     h = np.asarray(hds, np.float32)
-    h1, h2 = h[:, 0], h[:, 1]  # [N, M]
+    ok = np.isfinite(h).all(axis=1)  # [N, M]
+    h1, h2 = np.where(ok, h[:, 0], 0), np.where(ok, h[:, 1], 0)  # [N, M]; a left-out sample is a certain 0/0
+
+    def total(log_terms: np.ndarray) -> np.ndarray:
+        return np.where(ok, log_terms, 0.0).sum(axis=0, dtype=np.float64)  # [M]
+
     with np.errstate(divide="ignore"):
-        log_ref = (np.log1p(-h1) + np.log1p(-h2)).sum(axis=0, dtype=np.float64)  # log P(every sample 0/0)
-        log_het = np.log(h1 * (1 - h2) + (1 - h1) * h2).sum(axis=0, dtype=np.float64)
-        log_alt = (np.log(h1) + np.log(h2)).sum(axis=0, dtype=np.float64)
+        log_ref = total(np.log1p(-h1) + np.log1p(-h2))  # log P(every sample 0/0)
+        log_het = total(np.log(h1 * (1 - h2) + (1 - h1) * h2))
+        log_alt = total(np.log(h1) + np.log(h2))
     return np.clip(1.0 - np.exp(log_ref) - np.exp(log_het) - np.exp(log_alt), 0.0, 1.0)
 
 
-def conditional_r2(rsq: np.ndarray, varies: np.ndarray, n_samples: int,
+def conditional_r2(rsq: np.ndarray, varies: np.ndarray, n_samples: int | np.ndarray,
                    unexplained_rate: float = UNEXPLAINED_CARRIER_RATE) -> np.ndarray:
     """An unconditional r2 estimate ``rsq [M]`` turned into the r2 expected where the truth varies among
-    ``n_samples`` samples, ``varies [M]`` the probability that their genotypes vary (see :func:`info_r2`);
-    ``float32 [M]``, clipped to [0, 1]."""
-    unexplained = 1.0 - (1.0 - unexplained_rate) ** (2 * n_samples)  # any of the 2N haplotypes
-    denom = np.asarray(varies, np.float64) + unexplained * (1.0 - np.asarray(varies, np.float64))
+    ``n_samples`` samples (an int, or ``[M]`` per site), ``varies [M]`` the probability that their
+    genotypes vary (see :func:`info_r2`); ``float32 [M]``, clipped to [0, 1]. With fewer than 2 samples
+    there is no empirical r2 to condition on, and the estimate stays ``rsq``."""
+    rsq, varies = np.asarray(rsq, np.float64), np.asarray(varies, np.float64)
+    n = np.broadcast_to(np.asarray(n_samples, np.float64), rsq.shape)
+    unexplained = 1.0 - (1.0 - unexplained_rate) ** (2 * n)  # [M]: any of the 2N haplotypes
+    denom = varies + unexplained * (1.0 - varies)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(denom > 0, np.asarray(rsq, np.float64) / denom, 0.0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        out = np.where(denom > 0, rsq / denom, 0.0)
+    return np.clip(np.where(n < 2, rsq, out), 0.0, 1.0).astype(np.float32)
 
 
 def info_r2(hds: np.ndarray, unexplained_rate: float = UNEXPLAINED_CARRIER_RATE) -> np.ndarray:
@@ -161,10 +171,14 @@ def info_r2(hds: np.ndarray, unexplained_rate: float = UNEXPLAINED_CARRIER_RATE)
     (:func:`estimated_r2_hap`, the unconditional ratio) is divided by the probability that the truth
     varies: the posteriors' own (:func:`hap_variation_probability`, haplotypes independent, as GP is
     written) plus that of a carrier they do not explain (``unexplained_rate`` per haplotype), whose r2
-    is taken as 0. At common sites the probability is 1 and this is the Rsq.
+    is taken as 0. At common sites the probability is 1 and this is the Rsq. It is a ratio of
+    expectations, not the exact expected r2: close from a few tens of samples on, rough for 2-5
+    (enumeration: 0.1-0.5 below it), and the Rsq itself for one sample. Non-finite doses are left out,
+    as in the Rsq.
     """
     h = np.asarray(hds)
-    return conditional_r2(estimated_r2_hap(h), hap_variation_probability(h), h.shape[0], unexplained_rate)
+    n = np.isfinite(h).all(axis=1).sum(axis=0)  # [M]: samples with both doses
+    return conditional_r2(estimated_r2_hap(h), hap_variation_probability(h), n, unexplained_rate)
 
 
 # --------------------------------------------------------------------------------- site stats

@@ -372,7 +372,7 @@ def impute(
         "validation chose for the checkpoint, else its model.depth)"))] = None,
     prefect: Annotated[bool, typer.Option(help="Run as the Prefect impute flow (impute-many with several targets)")] = False,
 ) -> None:
-    """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, IMP/TYPED)."""
+    """Impute every panel site for the samples of a phased target VCF (GT:DS:GP:HDS; INFO AF, R2, RSQ, IMP/TYPED)."""
     _check_variant(variant)
     if target and len(target) > 1:
         if truth is not None:

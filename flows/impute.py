@@ -1,4 +1,4 @@
-"""Impute flow: a phased target VCF + a trained checkpoint -> imputed VCF (GT:DS:GP:HDS, AF, R2), scored
+"""Impute flow: a phased target VCF + a trained checkpoint -> imputed VCF (GT:DS:GP:HDS, AF, R2, RSQ), scored
 against a truth VCF when one is given."""
 
 from __future__ import annotations

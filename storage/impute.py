@@ -385,8 +385,10 @@ def impute_vcf(
     process, as ``set_threads`` does). ``prior_gate``: the gate validation chose for this checkpoint
     unless given (``choose_setting``; 0: the model imputes every haplotype); ``depth`` likewise (how far the
     others go through the model: ``ModelConfig.depth``). ``withheld_samples``: panel samples no target
-    haplotype may use, as a neighbour, in the prior or in the allele frequency (imputing against the panel
-    without them; ``benchmarks/calibration.py`` gives Beagle that smaller panel). ``seconds``
+    haplotype may use, as a neighbour, a state of the prior or in its allele frequency (imputing against the
+    panel without them; ``benchmarks/calibration.py`` gives Beagle that smaller panel). Two per-window
+    quantities still count them: the V18 index's embedding table (the search keys, built once per window
+    from the whole panel's frequency) and the panel frequency a block with no typed site falls back to. ``seconds``
     counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()

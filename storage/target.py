@@ -7,7 +7,8 @@ Sites are keyed by (contig, pos, REF, ALT), with "chr20" == "20":
 - target records absent from the panel are dropped and counted; multi-allelic / symbolic skipped.
 Errors (``VcfInputError``, naming file, record and fix): duplicate sites, unphased or non-diploid
 calls, no samples / GT, target samples that are panel samples (leakage) unless
-``allow_panel_overlap`` (their own panel rows are then excluded from retrieval).
+``allow_panel_overlap`` (their own panel rows are then excluded from retrieval); ``withheld`` panel samples
+are excluded for every target haplotype (imputing against the panel without them).
 
 Genotypes go to an on-disk array ``int8 [S, N, 2]`` at panel rows (only typed rows are written),
 so memory does not grow with the number of target samples. The target's contig names are kept
@@ -134,6 +135,8 @@ def exclude_rows(samples: list[str], prepared: PreparedData, allow: bool, path: 
     both rows of every ``withheld`` panel sample (for every haplotype: imputing against the panel without
     them, e.g. to compare with a tool given that smaller panel).
     """
+    if isinstance(withheld, str):
+        raise TypeError(f"withheld samples must be a list of sample names, got the string {withheld!r}")
     panel = {s: j for j, s in enumerate(prepared.sample_ids("panel").tolist())}
     unknown = [s for s in withheld if s not in panel]
     if unknown:

@@ -11,9 +11,11 @@ from hypothesis.extra.numpy import arrays
 
 from embrag.constants import MAF_BIN_NAMES
 from embrag.metrics import (
+    UNEXPLAINED_CARRIER_RATE,
     alt_f1,
     bin_metrics,
     concat_site_stats,
+    conditional_r2,
     dosage_r2,
     estimated_r2,
     estimated_r2_hap,
@@ -240,6 +242,42 @@ def test_info_r2_is_rsq_divided_by_at_most_one(hds):
     assert np.all(r2 >= rsq - 1e-6)  # dividing by a probability only raises it (then clipped)
     certain = hap_variation_probability(hds) > 1 - 1e-12  # the site surely varies: R2 is the Rsq
     assert r2[certain] == pytest.approx(rsq[certain], abs=1e-6)
+
+
+def test_conditional_r2_is_rsq_over_p_vary_plus_unexplained():
+    """Kills: the unexplained chance over N instead of 2N haplotypes, or added without (1 - P(vary))."""
+    n = 50
+    u = 1 - (1 - UNEXPLAINED_CARRIER_RATE) ** (2 * n)
+    got = conditional_r2(np.array([0.001, 0.2, 0.3]), np.array([0.0, 0.5, 1.0]), n)
+    np.testing.assert_allclose(got, [0.001 / u, 0.2 / (0.5 + 0.5 * u), 0.3], rtol=1e-5)
+    assert conditional_r2(np.array([0.3]), np.array([0.0]), 5, unexplained_rate=0.0).tolist() == [0.0]  # 0 / 0
+
+
+def test_info_r2_passes_its_rate_on():
+    h = np.zeros((50, 2, 1))
+    h[0, 0, 0] = 0.01
+    want = conditional_r2(estimated_r2_hap(h), hap_variation_probability(h), 50, 0.1)
+    assert info_r2(h, unexplained_rate=0.1) == pytest.approx(want)
+    assert info_r2(h, unexplained_rate=0.1)[0] < info_r2(h)[0]
+
+
+def test_variation_probability_normalises_rounded_gp_and_empty_sets_never_vary():
+    hds = np.random.default_rng(1).random((4, 2, 3)) ** 3
+    gp = gp_from_hap_dosage(hds.transpose(0, 2, 1))
+    np.testing.assert_allclose(variation_probability(gp * 1.02), variation_probability(gp), atol=1e-12)
+    assert hap_variation_probability(np.zeros((0, 2, 3))).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_info_r2_leaves_out_unscored_samples_and_is_rsq_for_one_sample():
+    """A NaN dose (validation: a truth that is not REF/ALT) drops that sample, as the Rsq drops the
+    haplotype, instead of turning the site's R2 into 0; one sample has no empirical r2 to condition on."""
+    h = np.zeros((50, 2, 1))
+    h[:5, 0, 0], h[5:8, 1, 0] = 0.9, 0.2
+    clean = float(info_r2(h)[0])
+    h[20, 0, 0] = np.nan  # a non-carrier's dose unknown
+    assert estimated_r2_hap(h)[0] > 0.8 and float(info_r2(h)[0]) == pytest.approx(clean, abs=0.01)
+    one = np.array([[[0.01], [0.0]]])
+    assert info_r2(one)[0] == pytest.approx(estimated_r2_hap(one)[0])
 
 
 # --------------------------------------------------------------------------------- invariants

@@ -102,3 +102,18 @@ def test_estimated_r2_that_knows_which_sites_it_got_right_is_calibrated(val_case
     noisy = {w: np.clip(t + rng.normal(0, 0.6, t.shape) * (np.arange(t.shape[1]) % 2 == 1), 0, 1)
              for w, t in mixed.items()}  # confident but wrong at the other half: R2 no longer tracks r2
     assert validation_report(prepared, noisy, masks, truth=_val_tokens(prepared))["val_estemp_all"] < 0.9
+
+
+def test_validation_scores_the_info_r2_the_vcf_writes(val_case, monkeypatch):
+    """Carriers at 0.5: minimac Rsq ~0.5, INFO R2 ~1. Kills: the report measuring the calibration of the Rsq
+    while the VCF writes INFO R2 (storage.vcf_out)."""
+    import storage.metrics_report as mr
+    from embrag.metrics import info_r2
+
+    prepared, masks, truth = val_case
+    half = {w: 0.5 * t for w, t in truth.items()}
+    seen, real = [], mr.bin_metrics
+    monkeypatch.setattr(mr, "bin_metrics", lambda stats, maf: (seen.append(stats.est_r2), real(stats, maf))[1])
+    validation_report(prepared, half, masks, truth=_val_tokens(prepared))
+    v = collect_sites(prepared, half, masks, _val_tokens(prepared))
+    np.testing.assert_allclose(seen[0], info_r2(v.prob.reshape(-1, 2, v.prob.shape[1])), atol=1e-6)
