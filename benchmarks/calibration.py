@@ -14,8 +14,8 @@ sites polymorphic in the panel WITHOUT the validation samples, binned by their M
 that only validation samples carry is one no donor can fill, and both tools' (0, 0) points there
 would inflate every Pearson. A third row puts Beagle's DR2 through embrag's INFO R2 conditioning
 (``embrag.metrics.conditional_r2``: divided by the probability, from its GP, that the genotypes vary):
-how much of a difference is the estimator's rather than the probabilities'. Printed per MAF bin: Pearson(estimated, empirical per-site r2) as
-written, and after a monotone (isotonic) map from estimated to empirical r2 fitted on the even sites
+how much of a difference is the estimator's rather than the probabilities'. Printed per MAF bin:
+Pearson(estimated, empirical per-site r2) as written, and after a monotone (isotonic) map from estimated to empirical r2 fitted on the even sites
 and scored on the odd ones: an estimate of what recalibrating the estimate alone could gain
 (neighbouring sites are in LD, so the odd sites are not fully unseen). ``calibration.png`` in
 ``<replicate>/calibration/`` plots estimated against empirical r2. Run it from the directory the

@@ -160,10 +160,11 @@ class Embrag:
 
         # what changes the imputation without changing the checkpoint: its calibration (temperature, the gate and
         # depth it was fitted under), the default gate and depth of checkpoints that record none, the thread count,
-        # the INFO R2 estimate the VCF writes
+        # the INFO R2 estimate the VCF writes, the default rare-site vote
         calibration = calibration_path(ckpt)
         key = [str(ckpt), str(target), calibration.read_text() if calibration.exists() else "",
-               RunConfig().model.prior_gate, IMPUTE_THREADS, RunConfig().model.depth, INFO_R2_DEFINITION]
+               RunConfig().model.prior_gate, IMPUTE_THREADS, RunConfig().model.depth, INFO_R2_DEFINITION,
+               RunConfig().model.rare_vote]
         return tools.cached_run(out.with_name(out.name + ".done.json"), make, key=key)
 
     def tune(self, inputs: Inputs, work: Path) -> dict:

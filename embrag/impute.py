@@ -32,6 +32,7 @@ from embrag.constants import MASK, MISSING
 from embrag.epoch import WindowData, batch_prior, forward_batch, query_af, retrieve
 from embrag.neighbours import MatchContext, Neighbours, copy_top1, copy_vote
 from embrag.progress import progress
+from embrag.rare_vote import mix, rare_slots, window_vote
 from embrag.retrieval import build_index
 from embrag.tabulated import TabulatedV18, supports
 from embrag.windows import Windows, site_owner
@@ -108,6 +109,10 @@ def impute_window(
 
     ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
     (the HMM's own probability, which the model's temperature was not fitted on).
+
+    Last, every row's rare untyped slots are mixed with the neighbours' vote (``ModelConfig.rare_vote``,
+    ``embrag.rare_vote``); ``baselines`` then also receives ``"rare_vote"`` (the vote there, NaN elsewhere)
+    and ``"unmixed"`` (the output before the mix).
     """
     device = torch.device(device)
     model.eval()
@@ -181,6 +186,15 @@ def impute_window(
             baselines["vote"][rows] = copy_vote(refs, valid, nb.runs, inp.af)
             if nb.prior is not None:
                 baselines.setdefault("hmm", np.full(out.shape, np.nan, np.float32))[rows] = nb.prior
+    cfg = model.cfg
+    slots = rare_slots(inp.af, fill, cfg.rare_vote_maf)  # (Ht, L)
+    if cfg.rare_vote > 0 and data.match is not None and slots.any():  # every row, gated or not (embrag.rare_vote)
+        vote = window_vote(data.match, inp.window, data.query_ids, inp.panel_tokens, inp.af, slots,
+                           k=cfg.rare_vote_k, power=cfg.rare_vote_power, seed=data.seed,
+                           exclude_rows=inp.exclude_rows, batch_size=batch_size)  # (Ht, L), NaN off the slots
+        if baselines is not None:  # validation: the temperature is fitted before the mix, as imputation applies it
+            baselines.update(rare_vote=vote, unmixed=out)
+        out = mix(out, vote, cfg.rare_vote)
     return out
 
 

@@ -276,12 +276,14 @@ class Neighbours:
 def select_neighbours(
     ctx: MatchContext, w: int, queries: np.ndarray, index_rows: np.ndarray, k: int, *, radius: int, seed: int,
     exclude_rows: np.ndarray | None = None, rank: str = "match", run_unit: str = "sites",
+    run_slots: np.ndarray | None = None,
 ) -> Neighbours:
     """The K neighbours of ``queries (Q,)`` (sequence ids in ``ctx``) at window ``w``.
 
     ``index_rows (Q, M)``: the masked index's candidates, nearest first (-1 padded). ``exclude_rows
     (Q, E)``: panel rows a query must never get (its own sample), -1 padded. ``seed`` fixes the
-    order among equal runs (training: per epoch and window).
+    order among equal runs (training: per epoch and window). ``run_slots (S,)``: the window slots whose
+    runs the caller needs (``runs`` is then ``(Q, K, S)``); default every slot.
     """
     queries = np.asarray(queries, np.int64)
     index_rows = np.asarray(index_rows, np.int64)
@@ -312,6 +314,8 @@ def select_neighbours(
         pool = np.pad(pool, ((0, 0), (0, 1)), constant_values=-1)
         order = np.pad(order, ((0, 0), (0, k - order.shape[1])), constant_values=pool.shape[1] - 1)
     rows = np.take_along_axis(pool, order, axis=1)
+    if run_slots is not None:
+        return Neighbours(rows, _slot_runs(ctx, w, queries, rows, np.asarray(run_slots, np.int64)))
     return Neighbours(rows, window_runs(ctx, w, queries, rows))  # every slot, for the K kept only
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from embrag.constants import ALT, REF
 from embrag.epoch import EpochResult, PeakMemory, _Counts, has_donor
 from embrag.impute import WindowInputs, impute_window
 from embrag.progress import progress
+from embrag.rare_vote import mix
 
 _EPS = 1e-6
 
@@ -35,6 +36,8 @@ class Validation:
     decided: dict[float, dict[int, np.ndarray]]  # candidate gate -> window -> bool (Hq,) rows it would answer
     prior_gate: float  # the gate of result.predictions
     depth: str  # the depth of result.predictions (ModelConfig.depth)
+    # window -> (Hq, L) the rare-site vote mixed into every prediction (NaN where none; ModelConfig.rare_vote)
+    rare_votes: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def validation_windows(n_windows: int, n_queries: int, batch_size: int, max_batches: int | None) -> np.ndarray:
@@ -64,6 +67,7 @@ def validate(
     depth = model.cfg.depth if depth is None else depth
     counts, losses, logits_all, labels_all, predictions = _Counts(), [], [], [], {}
     copies: dict[str, dict[int, np.ndarray]] = {}
+    votes: dict[int, np.ndarray] = {}
     decided_rows: dict[float, dict[int, np.ndarray]] = {g: {} for g in candidate_gates}
     t0 = time.perf_counter()
     memory = PeakMemory(device)
@@ -76,6 +80,7 @@ def validate(
         probs = impute_window(model, inp, index_kind=index_kind, batch_size=batch_size, device=device,
                               baselines=extra, gated=gated, prior_gate=prior_gate, decided=decided,
                               depth=depth)  # (Hq, L)
+        vote, unmixed = extra.pop("rare_vote", None), extra.pop("unmixed", probs)  # (Hq, L) each
         for g, rows in decided.items():
             decided_rows[g][int(w)] = rows
         memory.sample()
@@ -88,9 +93,13 @@ def validate(
         rare = np.broadcast_to(np.minimum(inp.af, 1 - inp.af) < rare_maf, target.shape)
         counts.add(probs[target], y, rare[target])
         mine = ~gated[np.nonzero(target)[0]]  # (n,): scored sites of the rows the model imputed
-        logits_all.append((np.log(p) - np.log1p(-p))[mine])  # the temperature calibrates the model, not the prior
+        # the temperature calibrates the model, not the prior, and before the rare-site vote is mixed in
+        q = np.clip(unmixed[target].astype(np.float64), _EPS, 1 - _EPS)
+        logits_all.append((np.log(q) - np.log1p(-q))[mine])
         labels_all.append(y[mine])
         predictions[int(w)] = np.where(target, probs, np.nan).astype(np.float32)
+        if vote is not None:
+            votes[int(w)] = np.where(target, vote, np.nan).astype(np.float32)
         for name, p_copy in extra.items():  # the same neighbours, copied without a model
             copies.setdefault(name, {})[int(w)] = np.where(target, p_copy, np.nan).astype(np.float32)
         n_masked += int(target.sum())
@@ -106,15 +115,17 @@ def validate(
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
     gate = (model.cfg.prior_gate if prior_gate is None else prior_gate) if model.cfg.uses_hmm else 0.0  # none applies
     return Validation(result, cat(logits_all), cat(labels_all), {k: v for k, v in copies.items() if v},
-                      decided_rows, gate, depth)
+                      decided_rows, gate, depth, votes)
 
 
-def compose(model: dict[int, np.ndarray], prior: dict[int, np.ndarray], decided: dict[int, np.ndarray]
-            ) -> dict[int, np.ndarray]:
+def compose(model: dict[int, np.ndarray], prior: dict[int, np.ndarray], decided: dict[int, np.ndarray],
+            votes: dict[int, np.ndarray] | None = None, weight: float = 0.0) -> dict[int, np.ndarray]:
     """Per window ``(Hq, L)``: the prior's prediction on the rows a gate answers ``decided (Hq,)``, the
-    model's (on every row, ``Validation.baselines["model"]``) on the others: what validating under that
-    gate gives, without imputing again."""
-    return {w: np.where(decided[w][:, None], prior[w], model[w]) for w in model}
+    model's (on every row, ``Validation.baselines["model"]``) on the others, then the rare-site vote mixed in
+    with ``weight`` where ``votes`` (``Validation.rare_votes``) has one: what validating under that gate gives,
+    without imputing again."""
+    out = {w: np.where(decided[w][:, None], prior[w], model[w]) for w in model}
+    return {w: mix(p, votes[w], weight) if votes and w in votes else p for w, p in out.items()}
 
 
 def cheapest_within(r2: dict[tuple[float, str], float], tolerance: float) -> tuple[float, str]:

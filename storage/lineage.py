@@ -46,7 +46,8 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # (its metrics, the temperature fitted on the logits of the rows the gate let through, at that depth) records
 # them (``val_prior_gate``, ``val_depth``, the calibration file), and imputing under others warns
 # (``storage.impute.calibration_mismatch``).
-INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices")}
+INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices",
+                            "rare_vote", "rare_vote_maf", "rare_vote_k", "rare_vote_power")}
 
 
 def _lost_record(here: Path) -> str:

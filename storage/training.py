@@ -188,7 +188,8 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
         for g in gates:
             for d in depths:
                 model_rows = v.baselines[depth_baseline(d)]
-                composed = compose(model_rows, v.baselines.get("hmm", model_rows), v.decided[g])
+                composed = compose(model_rows, v.baselines.get("hmm", model_rows), v.decided[g], v.rare_votes,
+                                   m.rare_vote)
                 scores[g, d] = validation_report(run.prepared, composed, masks, truth=truth).get(
                     "val_r2site_all", np.nan)
         gate, depth = cheapest_within(scores, m.prior_gate_tolerance)

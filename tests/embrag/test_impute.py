@@ -55,6 +55,19 @@ def _inputs(rng, *, n_panel=20, n_target=6, n_pad=2, typed_every=3, exclude=None
     return WindowInputs(0, panel, target, af, position, real, mask, exclude)
 
 
+def _with_rare_columns(inp: WindowInputs, rng, carriers: int = 2) -> WindowInputs:
+    """``inp`` with three untyped columns carried by ``carriers`` panel haplotypes only (rare below
+    ``rare_vote_maf`` 0.1 for 30 haplotypes), the targets copying their panel row there too."""
+    import dataclasses
+
+    panel, target = inp.panel_tokens.copy(), inp.target_tokens.copy()
+    cols = np.flatnonzero(inp.mask & inp.real)[:3]
+    panel[:, cols] = REF
+    panel[rng.choice(len(panel), carriers, replace=False)[:, None], cols] = ALT
+    af = np.where(inp.real, (panel == ALT).mean(0), 0).astype(np.float32)
+    return dataclasses.replace(inp, panel_tokens=panel, target_tokens=target, af=af)
+
+
 def _with_context(inp: WindowInputs) -> WindowInputs:
     """``inp`` with the PBWT match context of its typed sites (one window, one contig)."""
     import dataclasses
@@ -331,8 +344,9 @@ def test_a_gate_and_depths_composition_is_imputing_under_them(variant, rng):
     from embrag.impute import depth_baseline
     from embrag.validate import compose
 
-    inp = _with_context(_inputs(rng, n_panel=30, n_target=10, typed_every=4))
+    inp = _with_context(_with_rare_columns(_inputs(rng, n_panel=30, n_target=10, typed_every=4), rng))
     model = _model(variant, seed=5)
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.25, rare_vote_maf=0.1)  # the composition mixes it in too
     with torch.no_grad():
         for p in model.parameters():  # a model that differs from its prior
             p.add_(torch.randn_like(p) * 0.2)
@@ -343,12 +357,14 @@ def test_a_gate_and_depths_composition_is_imputing_under_them(variant, rng):
     decided: dict = dict.fromkeys(gates)
     impute_window(model, inp, index_kind=kind, batch_size=4, baselines=extra, decided=decided)
     assert 0 < decided[middle].sum() < len(decided[middle]) and not decided[0.0].any()
+    assert np.isfinite(extra["rare_vote"]).any()
     assert model.cfg.depths == ("transformer", "copy", "prior")
     for d in model.cfg.depths:
         for g in gates:
             model.cfg = dataclasses.replace(model.cfg, prior_gate=g, depth=d)
             want = impute_window(model, inp, index_kind=kind, batch_size=4)
-            got = compose({0: extra[depth_baseline(d)]}, {0: extra["hmm"]}, {0: decided[g]})[0]
+            got = compose({0: extra[depth_baseline(d)]}, {0: extra["hmm"]}, {0: decided[g]}, {0: extra["rare_vote"]},
+                          model.cfg.rare_vote)[0]
             np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"{g} {d}")
     for a, b in (("model", "model_copy"), ("model_copy", "model_prior")):  # three different predictions
         assert not np.allclose(extra[a], extra[b], atol=1e-3), (a, b)
@@ -540,3 +556,52 @@ def test_validation_fits_the_temperature_on_the_rows_the_model_imputed(rng):
     p = np.clip(probs[mine].astype(np.float64), 1e-6, 1 - 1e-6)
     np.testing.assert_allclose(v.logits, np.log(p) - np.log1p(-p), atol=1e-4)
     np.testing.assert_array_equal(v.labels, (complete[mine] == ALT).astype(float))
+
+
+# -- the rare-site vote (ModelConfig.rare_vote, embrag.rare_vote) ----------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_the_rare_vote_is_mixed_in_at_rare_untyped_slots_only(variant, rng):
+    """Every row (gated or not) gets (1 - w) P + w vote at the untyped slots whose panel MAF is below
+    ``rare_vote_maf``, and P elsewhere; ``rare_vote`` 0 leaves the output as it was. Kills: the mix at typed
+    or common slots, the weight swapped, the gated rows skipped, the mix applied twice."""
+    import dataclasses
+
+    from embrag.rare_vote import mix, rare_slots
+
+    inp = _with_context(_with_rare_columns(_inputs(rng, n_panel=30, n_target=10, typed_every=4), rng))
+    model = _model(variant, seed=5, prior_gate=0.45)  # most rows gated: the vote reaches them too
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.3, rare_vote_maf=0.1)
+    kind = index_kind(variant, "compact")
+    extra: dict[str, np.ndarray] = {}
+    out = impute_window(model, inp, index_kind=kind, batch_size=4, baselines=extra)
+    slots = rare_slots(inp.af, inp.mask & inp.real, 0.1)[0]  # (L,): the rare untyped columns
+    assert slots.sum() == 3
+    vote, unmixed = extra["rare_vote"], extra["unmixed"]
+    assert np.isfinite(vote[:, slots]).all() and np.isnan(vote[:, ~slots]).all()
+    np.testing.assert_allclose(out[:, slots], 0.7 * unmixed[:, slots] + 0.3 * vote[:, slots], atol=1e-6)
+    np.testing.assert_array_equal(out[:, ~slots], unmixed[:, ~slots])
+    np.testing.assert_allclose(mix(unmixed, vote, 0.3), out, atol=1e-6)
+    assert not np.allclose(out[:, slots], unmixed[:, slots], atol=1e-3)  # the vote says something else
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.0)
+    np.testing.assert_allclose(impute_window(model, inp, index_kind=kind, batch_size=4), unmixed, atol=1e-6)
+
+
+def test_the_rare_vote_never_copies_an_excluded_haplotype(rng):
+    """The vote's neighbours are positional-BWT ones without the query itself and its ``exclude_rows``:
+    with every carrier of a rare allele excluded, the vote there is 0; with them allowed, a target copying
+    a carrier gets a positive vote. Kills: exclusions ignored by the vote's neighbour search."""
+    from embrag.rare_vote import window_vote
+
+    inp = _with_context(_with_rare_columns(_inputs(rng, n_panel=30, n_target=6, typed_every=4), rng, carriers=1))
+    cols = np.flatnonzero(np.isclose(inp.af * len(inp.panel_tokens), 1))  # the rare columns: one carrier
+    carrier = int(np.flatnonzero((inp.panel_tokens[:, cols] == ALT).all(axis=1))[0])
+    slots = np.zeros(inp.target_tokens.shape, bool)
+    slots[:, cols] = True
+    kw = dict(k=8, power=8.0, seed=0)
+    allowed = window_vote(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, slots, **kw)
+    barred = window_vote(inp.match, inp.window, inp.query_ids, inp.panel_tokens, inp.af, slots,
+                         exclude_rows=np.full((len(slots), 1), carrier), **kw)
+    assert (barred[:, cols] == 0).all()
+    assert (allowed[:, cols] > 0).any()

@@ -117,6 +117,11 @@ def test_selection_takes_the_longest_runs_and_never_the_own_sample(seed, k):
             np.testing.assert_array_equal(np.sort(scores[got.rows[qi]])[::-1], want)
             np.testing.assert_array_equal(  # the neighbours' runs are handed over with them
                 got.runs.left_sites[qi], window_runs(ctx, w, np.array([q]), got.rows[qi][None]).left_sites[0])
+        slots = np.arange(0, ctx.geometry[w].n_real, 3)  # some slots only (the rare-site vote's)
+        part = select_neighbours(ctx, w, queries, every, k, radius=2, seed=w, exclude_rows=exclude, run_slots=slots)
+        np.testing.assert_array_equal(part.rows, got.rows)
+        for name in ("left_sites", "right_sites", "left_bp", "right_bp", "agree"):
+            np.testing.assert_array_equal(getattr(part.runs, name), getattr(got.runs, name)[:, :, slots], name)
 
 
 def test_pbwt_candidates_find_the_long_matches_without_the_index():
