@@ -26,6 +26,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 DEPTHS = ("transformer", "copy", "prior")  # deepest first: ModelConfig.depth
+RARE_VOTE_FIELDS = ("rare_vote", "rare_vote_maf", "rare_vote_k", "rare_vote_power")  # ModelConfig, inference only
 
 
 def check_depth(depth: str, name: str = "ModelConfig.depth") -> str:
@@ -195,15 +196,16 @@ class ModelConfig:
     # while its forward and the fusion were ~55 of 115 CPU s of imputing 500 samples there.
     depth: Literal["transformer", "copy", "prior"] = "transformer"
     depth_choices: tuple[str, ...] = ("transformer", "copy", "prior")
-    # At the untyped slots whose panel MAF is below ``rare_vote_maf``, the output is mixed with the
-    # match-weighted vote of the ``rare_vote_k`` positional-BWT neighbours with the longest run of typed
-    # matches (weights run^``rare_vote_power``): (1 - rare_vote) P + rare_vote vote (embrag.impute.rare_vote).
-    # Why: at rare sites the vote's errors differ from the prior's and the model's. On the accuracy protocol's
-    # validation targets (6 replicates, 200 markers/Mb) the mix took [0, 0.5 %) from 0.904 to 0.913 and
-    # [0.5, 1 %) from 0.927 to 0.930 at 0.25 (the vote alone scored 0.882 / 0.916), but it lowered
-    # Pearson(INFO R2, empirical r2) from 0.674 to 0.650 and costs a neighbour search per haplotype and
-    # window: imputing 500 samples over 1 Mb took 31.5 CPU s instead of ~4.5 (README). So it is off (0) by
-    # default. Inference only, like the gate: validation and imputation both mix, training does not.
+    # At the slots a window imputes (untyped sites, missing calls) whose panel MAF is below ``rare_vote_maf``,
+    # the output is mixed with the match-weighted vote of the ``rare_vote_k`` positional-BWT neighbours with the
+    # longest run of typed matches (weights run^``rare_vote_power``): (1 - rare_vote) P + rare_vote vote
+    # (embrag.rare_vote). Why: at rare sites the vote's errors differ from the prior's and the model's. On the
+    # accuracy protocol's validation targets (6 replicates, 200 markers/Mb) it took [0, 0.5 %) from 0.904 to
+    # 0.913 and [0.5, 1 %) from 0.927 to 0.930 at 0.25 (the vote alone scored 0.882 / 0.916), but it lowered
+    # Pearson(INFO R2, empirical r2) from 0.674 to 0.650 and costs a neighbour search per haplotype and window:
+    # imputing 500 samples over 1 Mb took 18.9 CPU s instead of 3.0 (README). So it is off (0) by default.
+    # Inference only, like the gate: validation mixes as imputation does, records the setting in the
+    # checkpoint's calibration, and imputation applies it from there; training does not mix.
     rare_vote: float = 0.0
     rare_vote_maf: float = 0.01
     rare_vote_k: int = 32

@@ -110,7 +110,7 @@ def impute_window(
     ``temperature`` calibrates the model's logits only: a gated row gets the prior's posterior as it is
     (the HMM's own probability, which the model's temperature was not fitted on).
 
-    Last, every row's rare untyped slots are mixed with the neighbours' vote (``ModelConfig.rare_vote``,
+    Last, every row's rare slots (those it fills) are mixed with the neighbours' vote (``ModelConfig.rare_vote``,
     ``embrag.rare_vote``); ``baselines`` then also receives ``"rare_vote"`` (the vote there, NaN elsewhere)
     and ``"unmixed"`` (the output before the mix).
     """

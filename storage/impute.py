@@ -228,6 +228,8 @@ class Calibration(NamedTuple):
     temperature: float  # 1.0 without a calibration
     prior_gate: float | None  # the gate it was fitted under; None: no calibration, or one from before gates
     depth: str | None  # the depth it was fitted at ("transformer" for one from before depths); None: no calibration
+    # the rare-site vote validation mixed in (ModelConfig.rare_vote* fields); None: the checkpoint's own config
+    rare_vote: dict | None = None
 
 
 def read_calibration(checkpoint: Path) -> Calibration:
@@ -239,7 +241,8 @@ def read_calibration(checkpoint: Path) -> Calibration:
         log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
         return Calibration(1.0, None, None)
     record = read_json(path)
-    return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"))
+    return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"),
+                       record.get("rare_vote"))
 
 
 def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:
@@ -332,6 +335,8 @@ class Imputer:
         if depth not in self.cfg.model.depths:
             raise ValueError(f"depth {depth}: {self.checkpoint.name} can run {', '.join(self.cfg.model.depths)}; "
                              "pass one of those (embrag impute --depth)")
+        if fitted.rare_vote is not None:  # the vote validation mixed in: an inference setting, not the checkpoint's
+            self.model.cfg = dataclasses.replace(self.model.cfg, **fitted.rare_vote)
         prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
@@ -386,9 +391,11 @@ def impute_vcf(
     unless given (``choose_setting``; 0: the model imputes every haplotype); ``depth`` likewise (how far the
     others go through the model: ``ModelConfig.depth``). ``withheld_samples``: panel samples no target
     haplotype may use, as a neighbour, a state of the prior or in its allele frequency (imputing against the
-    panel without them; ``benchmarks/calibration.py`` gives Beagle that smaller panel). Two per-window
-    quantities still count them: the V18 index's embedding table (the search keys, built once per window
-    from the whole panel's frequency) and the panel frequency a block with no typed site falls back to. ``seconds``
+    panel without them; ``benchmarks/calibration.py`` gives Beagle that smaller panel). Per-window
+    quantities from the whole panel's frequency still count them: the V18 index's embedding table (the
+    search keys), the frequency a block with no typed site falls back to, and with ``model.rare_vote`` the
+    rare-slot test and the vote's fallback for an unknown allele. The rare-site vote settings validation
+    mixed in come from the checkpoint's calibration. ``seconds``
     counts the loading of the checkpoint too.
     """
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from embrag.config import ModelConfig, RunConfig
+from embrag.config import RARE_VOTE_FIELDS, ModelConfig, RunConfig
 from embrag.settings import choices
 from storage.atomic import read_json, write_json
 from storage.errors import LineageError
@@ -47,7 +47,7 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # them (``val_prior_gate``, ``val_depth``, the calibration file), and imputing under others warns
 # (``storage.impute.calibration_mismatch``).
 INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices",
-                            "rare_vote", "rare_vote_maf", "rare_vote_k", "rare_vote_power")}
+                            *RARE_VOTE_FIELDS)}
 
 
 def _lost_record(here: Path) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from embrag.config import DEPTHS
+from embrag.config import DEPTHS, RARE_VOTE_FIELDS
 from embrag.epoch import WindowData, train_epoch
 from embrag.impute import WindowInputs, depth_baseline
 from embrag.masking import train_rate, window_masks
@@ -202,7 +202,9 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     temperature = fit_temperature(v.logits, v.labels)
     # the gate and depth decide which logits the temperature was fitted on: recorded, so imputation uses them
     calibration = {"temperature": temperature, "epoch": epoch, "n_sites": int(len(v.labels)),
-                   "prior_gate": v.prior_gate, "depth": v.depth}
+                   "prior_gate": v.prior_gate, "depth": v.depth,
+                   # the vote validation mixed in (inference-only: the run's config, not the checkpoint's)
+                   "rare_vote": {f: getattr(m, f) for f in RARE_VOTE_FIELDS}}
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
                "val_prior_gate": v.prior_gate, "val_depth": float(DEPTHS.index(v.depth)),
                **{_score_name(g, d): r for (g, d), r in scores.items()}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,8 @@ from embrag.impute import (
     prior_decides,
 )
 from embrag.model import build_model, reference_alleles
-from embrag.neighbours import build_context, token_alleles
+from embrag.neighbours import build_context, copy_vote, token_alleles, window_runs
+from embrag.rare_vote import rare_slots
 from embrag.retrieval import build_index, index_kind
 from embrag.windows import make_windows, site_owner
 
@@ -56,8 +59,8 @@ def _inputs(rng, *, n_panel=20, n_target=6, n_pad=2, typed_every=3, exclude=None
 
 
 def _with_rare_columns(inp: WindowInputs, rng, carriers: int = 2) -> WindowInputs:
-    """``inp`` with three untyped columns carried by ``carriers`` panel haplotypes only (rare below
-    ``rare_vote_maf`` 0.1 for 30 haplotypes), the targets copying their panel row there too."""
+    """``inp`` with three untyped columns (MASK in the targets) carried by ``carriers`` panel haplotypes only
+    (rare below ``rare_vote_maf`` 0.1 for 30 haplotypes)."""
     import dataclasses
 
     panel, target = inp.panel_tokens.copy(), inp.target_tokens.copy()
@@ -605,3 +608,117 @@ def test_the_rare_vote_never_copies_an_excluded_haplotype(rng):
                          exclude_rows=np.full((len(slots), 1), carrier), **kw)
     assert (barred[:, cols] == 0).all()
     assert (allowed[:, cols] > 0).any()
+
+
+def test_rare_slots_are_below_the_maf_on_either_allele():
+    """Kills: ``<=`` for ``<``, the ALT frequency instead of the MAF (majority-ALT rare sites missed)."""
+    af = np.array([0.25, 0.2, 0.75, 0.8, 0.5, 0.0, 1.0])
+    fill = np.ones((2, len(af)), bool)
+    fill[1, 1] = False  # a typed call: never a slot
+    got = rare_slots(af, fill, 0.25)
+    assert got[0].tolist() == [False, True, False, True, False, True, True]
+    assert got[1].tolist() == [False, False, False, True, False, True, True]
+
+
+def _brute_vote(inp, exclude, power):
+    """The run-weighted vote of EVERY usable panel row (what window_vote gives with k >= the panel)."""
+    n_panel = len(inp.panel_tokens)
+    cands = np.broadcast_to(np.arange(n_panel), (len(inp.query_ids), n_panel)).copy()
+    if exclude is not None:
+        cands[(cands[:, :, None] == exclude[:, None, :]).any(axis=2)] = -1
+    runs = window_runs(inp.match, inp.window, inp.query_ids, cands)
+    return copy_vote(inp.panel_tokens[np.maximum(cands, 0)], cands >= 0, runs, inp.af, power=power)
+
+
+@pytest.mark.parametrize("variant", ["v18", "v17"])
+def test_the_rare_vote_is_the_run_weighted_vote_of_every_usable_row_when_k_covers_the_panel(variant, rng):
+    """With ``rare_vote_k`` >= the panel the vote's neighbours are every panel row but each row's own
+    exclusions, weighted ``(1 + run)^rare_vote_power``, whatever the batch. Kills: the model's k or the
+    default power used, a PBWT radius below k, the exclusions dropped or taken from the wrong rows of a batch."""
+    exclude = np.full((10, 1), -1, np.int64)
+    base = _with_rare_columns(_inputs(rng, n_panel=30, n_target=10, typed_every=4), rng, carriers=2)
+    cols = np.flatnonzero(np.isclose(base.af * 30, 2) & base.mask)
+    carrier_rows = np.flatnonzero((base.panel_tokens[:, cols] == ALT).all(axis=1))
+    target = base.target_tokens.copy()
+    target[:, ~base.mask] = base.panel_tokens[carrier_rows[0]][~base.mask]  # every target copies a carrier
+    exclude[5:, 0] = carrier_rows[0]  # the last rows may not use it (not a multiple of the batch)
+    inp = _with_context(dataclasses.replace(base, target_tokens=target, exclude_rows=exclude))
+    model = _model(variant, seed=5)
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.25, rare_vote_maf=0.1, rare_vote_k=64, rare_vote_power=2.0)
+    extra: dict[str, np.ndarray] = {}
+    impute_window(model, inp, index_kind=index_kind(variant, "compact"), batch_size=4, baselines=extra)
+    want = _brute_vote(inp, exclude, 2.0)
+    np.testing.assert_allclose(extra["rare_vote"][:, cols], want[:, cols], atol=1e-6)
+    assert not np.allclose(want[:, cols], _brute_vote(inp, exclude, 4.0)[:, cols], atol=1e-3)  # the power counts
+
+
+def test_a_missing_call_at_a_rare_typed_site_gets_the_vote_and_the_typed_calls_do_not(rng):
+    """The vote's slots are the slots the window fills (untyped sites and missing calls, as the gate's): a
+    missing call at a rare typed site is voted, the rows typed there are not. Kills: the vote written to every
+    row of a column some row votes at, the slots restricted to untyped sites."""
+    base = _with_rare_columns(_inputs(rng, n_panel=30, n_target=6, typed_every=4), rng)
+    t = int(np.flatnonzero(base.real & ~base.mask)[1])  # a typed column, made rare
+    panel, target = base.panel_tokens.copy(), base.target_tokens.copy()
+    panel[:, t] = REF
+    panel[0, t] = ALT
+    target[:, t] = REF
+    target[0, t] = MISSING  # row 0 has no call there
+    af = np.where(base.real, (panel == ALT).mean(0), 0).astype(np.float32)
+    inp = _with_context(dataclasses.replace(base, panel_tokens=panel, target_tokens=target, af=af))
+    model = _model("v18", seed=5)
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.25, rare_vote_maf=0.1)
+    extra: dict[str, np.ndarray] = {}
+    out = impute_window(model, inp, index_kind="compact", batch_size=4, baselines=extra)
+    vote = extra["rare_vote"]
+    assert np.isfinite(vote[0, t]) and np.isnan(vote[1:, t]).all()
+    assert np.isfinite(vote[:, inp.mask & (af < 0.1) & inp.real]).all()  # the untyped rare columns, every row
+    np.testing.assert_array_equal(out[1:, t], extra["unmixed"][1:, t])
+
+
+@pytest.mark.parametrize("variant", ["v18", "none"])
+def test_without_typed_site_evidence_there_is_no_rare_vote(variant, rng):
+    """No match context (or no retrieval): the output is what it is with the vote off. Kills: the vote asked of a
+    missing context."""
+    inp = _with_rare_columns(_inputs(rng, n_panel=30, n_target=6, typed_every=4), rng)
+    if variant == "none":
+        inp = _with_context(inp)  # a context, but a model that retrieves nothing
+    model = _model(variant, seed=5)
+    kind = index_kind(variant, "compact")
+    off = impute_window(model, inp, index_kind=kind, batch_size=4)
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.25, rare_vote_maf=0.1)
+    extra: dict[str, np.ndarray] = {}
+    np.testing.assert_allclose(impute_window(model, inp, index_kind=kind, batch_size=4), off, atol=1e-6)
+    impute_window(model, inp, index_kind=kind, batch_size=4, baselines=extra)
+    assert "rare_vote" not in extra and "unmixed" not in extra
+
+
+def test_validation_fits_the_temperature_before_the_vote_and_composes_the_deployed_predictions(rng):
+    """With the vote on: ``Validation.logits`` are those of the vote off (the unmixed model rows), the deployed
+    predictions differ at the rare slots, ``rare_votes`` holds the vote and ``compose`` of the chosen gate gives
+    the deployed predictions back. Kills: the temperature fitted on mixed probabilities, the votes not recorded."""
+    from embrag.validate import compose, validate
+
+    inp = _with_context(_with_rare_columns(_inputs(rng, n_panel=30, n_target=10, typed_every=4), rng))
+    complete = np.where(inp.mask[None, :] & inp.real[None, :], inp.panel_tokens[rng.integers(0, 30, 10)],
+                        inp.target_tokens)
+    model = _model("v18", seed=5)
+    run = lambda: validate(model, np.array([0]), lambda w: inp, lambda w: complete, index_kind="compact",  # noqa: E731
+                           rare_maf=0.05, batch_size=4, device=torch.device("cpu"), candidate_gates=(0.0,))
+    off = run()
+    model.cfg = dataclasses.replace(model.cfg, rare_vote=0.3, rare_vote_maf=0.1)
+    on = run()
+    np.testing.assert_allclose(on.logits, off.logits, atol=1e-6)
+    assert not np.allclose(np.nan_to_num(on.result.predictions[0]), np.nan_to_num(off.result.predictions[0]), atol=1e-4)
+    assert set(on.rare_votes) == {0} and np.isfinite(on.rare_votes[0]).any()
+    got = compose(on.baselines["model"], on.baselines.get("hmm", on.baselines["model"]), on.decided[0.0],
+                  on.rare_votes, 0.3)[0]
+    np.testing.assert_allclose(got, on.result.predictions[0], atol=1e-6)
+
+
+def test_rare_vote_settings_are_checked():
+    """Kills: a weight above 1 or a k of 0 accepted."""
+    for bad in ({"rare_vote": 1.5}, {"rare_vote": -0.1}, {"rare_vote_maf": 0.6}, {"rare_vote_k": 0},
+                {"rare_vote_power": 0.0}):
+        with pytest.raises(ValueError, match="rare_vote"):
+            ModelConfig(**bad)
+    ModelConfig(rare_vote=1.0, rare_vote_maf=0.5)

@@ -318,6 +318,23 @@ def test_withheld_panel_samples_are_used_by_no_target_haplotype(run, monkeypatch
         _impute(run, run["sim"].test_array_vcf, "withheld-bad", withheld_samples=["NOT_A_SAMPLE"])
 
 
+def test_the_rare_vote_of_the_calibration_is_the_one_imputation_mixes(run, monkeypatch):
+    """The checkpoint's saved config predates any rare-vote setting chosen since (inference only): imputation
+    takes it from the calibration validation wrote. Kills: the calibration's setting ignored (the checkpoint's
+    own rare_vote 0 used)."""
+    import storage.impute as si
+
+    fitted = si.read_calibration(run["ckpt"])
+    vote = {"rare_vote": 0.5, "rare_vote_maf": 0.5, "rare_vote_k": 8, "rare_vote_power": 8.0}
+    monkeypatch.setattr(si, "read_calibration", lambda ckpt: fitted._replace(rare_vote=vote))
+    imputer = si.Imputer(run["ckpt"], run["root"])
+    assert imputer.model.cfg.rare_vote == 0.0  # the checkpoint's own
+    out = run["root"] / "rare-vote.vcf.gz"
+    imputer.impute(run["sim"].test_array_vcf, out)
+    assert {f: getattr(imputer.model.cfg, f) for f in vote} == vote
+    assert _body(out) != _body(run["out"])
+
+
 def test_sample_chunks_do_not_change_output(run):
     _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
     _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)
