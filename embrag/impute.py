@@ -187,8 +187,8 @@ def impute_window(
             if nb.prior is not None:
                 baselines.setdefault("hmm", np.full(out.shape, np.nan, np.float32))[rows] = nb.prior
     cfg = model.cfg
-    slots = rare_slots(inp.af, fill, cfg.rare_vote_maf)  # (Ht, L)
-    if cfg.rare_vote > 0 and data.match is not None and slots.any():  # every row, gated or not (embrag.rare_vote)
+    slots = rare_slots(inp.af, fill, cfg.rare_vote_maf) if cfg.rare_vote > 0 and data.match is not None else None
+    if slots is not None and slots.any():  # (Ht, L): every row, gated or not (embrag.rare_vote)
         vote = window_vote(data.match, inp.window, data.query_ids, inp.panel_tokens, inp.af, slots,
                            k=cfg.rare_vote_k, power=cfg.rare_vote_power, seed=data.seed,
                            exclude_rows=inp.exclude_rows, batch_size=batch_size)  # (Ht, L), NaN off the slots
