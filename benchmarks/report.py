@@ -5,7 +5,9 @@ the Pearson correlation of estimated (INFO R2/DR2) with empirical per-site r2; a
 of mean per-site r2 over the sites pooled across seeds; and the paired difference to Beagle 5.4 on
 the same sites with its CI (the same resampled sites for both tools), for mean per-site r2, mean
 IQS and the Pearson of estimated with empirical r2 (that one resampled within each seed and
-averaged over seeds, as the metric is). Per tool: CPU, wall, peak RSS and threads of imputing the
+averaged over seeds, as the metric is). For every embrag row, the same paired difference of mean
+per-site r2 to each model-free baseline it must beat (issue 10: the top-1 copy, the match-weighted
+vote, and its own Li-Stephens prior run alone). Per tool: CPU, wall, peak RSS and threads of imputing the
 test target, and what it spent before (training, tuning, phasing).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ ROWS = (*MAF_BIN_NAMES, ALL_BIN, MONOMORPHIC)
 LABELS = dict(zip(ROWS, ("[0, 0.5 %)", "[0.5, 1 %)", "[1, 5 %)", "[5, 50 %]", "all polymorphic", MONOMORPHIC),
                   strict=True))
 METRICS = ("r2_mean_site", "r2_aggregate", "iqs_mean", "est_emp_pearson")
+MODEL_FREE = ("copy-top1", "vote", "li-stephens")  # the bars a model must clear (benchmarks/baselines.py)
 N_BOOT = 1000
 
 
@@ -65,6 +68,9 @@ class Cell:
     iqs_diff_ci: tuple[float, float] | None = None
     pearson_diff: float | None = None
     pearson_diff_ci: tuple[float, float] | None = None
+    # embrag rows only: model-free baseline -> (pooled mean per-site r2 of this tool minus the baseline's on the
+    # same sites, its paired bootstrap CI)
+    versus: dict[str, tuple[float, tuple[float, float]]] = field(default_factory=dict)
 
 
 def bootstrap_means(values: np.ndarray, seed: int, n_boot: int = N_BOOT) -> np.ndarray:
@@ -174,15 +180,24 @@ def cells(replicates: list[Replicate], seed: int = 2024) -> list[Cell]:
                         iqs_diff=float(iqs[j] - iqs[base]), iqs_diff_ci=_ci(iqs_boot[:, j] - iqs_boot[:, base]),
                         pearson_diff=float(pear[j] - pear[base]),
                         pearson_diff_ci=_ci(pear_boot[:, j] - pear_boot[:, base], MIN_VALID_DRAWS))
+                versus = {}
+                if is_model(t) and len(pooled):  # the same draws as its CI: a paired difference
+                    versus = {f: (float((pooled[:, j] - pooled[:, k]).mean()), _ci(boot[:, j] - boot[:, k]))
+                              for k, f in enumerate(tools) if f in MODEL_FREE}
                 out.append(Cell(
                     demography, name, t, sum(x.n_sites for x in rows), len(pooled),
                     sum(x.n_constant for x in rows), float(pooled[:, j].mean()) if len(pooled) else math.nan,
                     _ci(boot[:, j]) if len(pooled) else (math.nan, math.nan),
                     {m: _mean_sd([getattr(x, m) for x in rows]) for m in METRICS},
                     paired.get("diff"), paired.get("diff_ci"), float(iqs[j]), float(pear[j]),
-                    **{k: v for k, v in paired.items() if k not in ("diff", "diff_ci")},
+                    **{k: v for k, v in paired.items() if k not in ("diff", "diff_ci")}, versus=versus,
                 ))  # fmt: skip
     return out
+
+
+def is_model(tool: str) -> bool:
+    """embrag's rows (``embrag-v18``, ``embrag-v17``, the ablation's ``embrag-a1``...): the trained models."""
+    return tool.startswith("embrag")
 
 
 # ------------------------------------------------------------------------------------ text
@@ -235,6 +250,9 @@ def markdown_tables(all_cells: list[Cell], replicates: list[Replicate]) -> str:
         out.append("")
         out.append(quality_markdown(mine, tools))
         out.append("")
+        versus = versus_markdown(mine, tools)
+        if versus:
+            out.extend([versus, ""])
     out.append(cost_markdown(replicates))
     return "\n".join(out)
 
@@ -257,6 +275,29 @@ def quality_markdown(mine: list[Cell], tools: list[str]) -> str:
                 text += f"<br>{getattr(c, diff):+.3f} [{lo:+.3f}, {hi:+.3f}]"
             vals.append(text)
         lines.append(f"| {t} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def versus_markdown(mine: list[Cell], tools: list[str]) -> str:
+    """One demography's embrag rows minus each model-free baseline, per bin ("" without either)."""
+    bins = (*MAF_BIN_NAMES, ALL_BIN)
+    pairs = [(t, f) for t in tools if is_model(t) for f in MODEL_FREE if f in tools]
+    if not pairs:
+        return ""
+    lines = ["Mean per-site r² of embrag minus each model-free baseline on the same sites [paired bootstrap 95 % CI] "
+             "(issue 10: the model must beat them in every bin); **ahead** or *behind* where the CI excludes 0\n",
+             "| difference | " + " | ".join(LABELS[b] for b in bins) + " |", "|---" * (len(bins) + 1) + "|"]
+    for t, f in pairs:
+        vals = []
+        for b in bins:
+            pair = next(c for c in mine if c.tool == t and c.bin == b).versus.get(f)
+            if pair is None:  # no site of the bin is scored
+                vals.append("")
+                continue
+            diff, (lo, hi) = pair
+            text = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            vals.append(f"**{text}**" if lo > 0 else f"*{text}*" if hi < 0 else text)
+        lines.append(f"| {t} − {f} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 

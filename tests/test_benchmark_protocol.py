@@ -23,6 +23,7 @@ from benchmarks.haplotypes import read_haplotypes
 from benchmarks.scoring import MONOMORPHIC, bin_rows, score_vcfs, site_set
 from benchmarks.tools import ZERO
 from embrag.config import SimulateConfig
+from embrag.constants import MAF_BIN_NAMES
 from embrag.metrics import ALL_BIN, SiteStats
 from storage.vcf_out import ImputedVcfWriter
 
@@ -255,6 +256,42 @@ def test_report_pools_sites_over_seeds_and_pairs_the_difference_to_beagle():
     assert lo < c.r2_site < hi
     assert cells[(ALL_BIN, "beagle-5.4")].diff is None and math.isnan(cells[(MONOMORPHIC, "x")].r2_site)
     assert c.iqs_diff == pytest.approx(-0.1) and c.iqs_diff_ci == pytest.approx((-0.1, -0.1))  # IQS is r2 here
+
+
+def test_report_pairs_each_embrag_row_with_every_model_free_baseline():
+    """Kills: the difference taken the other way round or against Beagle, unpaired draws (a CI around a
+    constant difference), a non-embrag row compared, and the bold / italic marks swapped."""
+    maf = np.array([0.2, 0.2, 0.2, 0.2, 0.3, 0.3])  # no site below 5 %: those bins are empty
+    sites = benchmarks.scoring.SiteSet([("20", i, "A", "G") for i in range(6)], maf, np.ones(6, bool))
+    rng = np.random.default_rng(3)
+    reps = []
+    for s in range(2):
+        vote = rng.uniform(0.3, 0.6, 6)
+        scores = {"beagle-5.4": _stats(vote + 0.3), "vote": _stats(vote), "copy-top1": _stats(vote + 0.2),
+                  "embrag-v18": _stats(vote + 0.1), "x": _stats(vote + 0.1)}
+        reps.append(report.Replicate("D", s, sites, scores, {}))
+    cells = {(c.bin, c.tool): c for c in report.cells(reps)}
+    c = cells[(ALL_BIN, "embrag-v18")]
+    assert set(c.versus) == {"vote", "copy-top1"}  # li-stephens did not run
+    diff, ci = c.versus["vote"]
+    assert diff == pytest.approx(0.1) and ci == pytest.approx((0.1, 0.1))  # the same draws for both: no spread
+    diff, ci = c.versus["copy-top1"]
+    assert diff == pytest.approx(-0.1) and ci == pytest.approx((-0.1, -0.1))
+    assert cells[(ALL_BIN, "x")].versus == {} and cells[(ALL_BIN, "vote")].versus == {}
+    assert cells[(MAF_BIN_NAMES[0], "embrag-v18")].versus == {}  # nothing scored there
+    text = report.versus_markdown(list(cells.values()), ["beagle-5.4", "vote", "copy-top1", "embrag-v18", "x"])
+    assert "| embrag-v18 − vote |  |  |  | **+0.100" in text and "**+0.100 [+0.100, +0.100]**" in text  # an empty bin, then ahead
+    assert "*-0.100 [-0.100, -0.100]*" in text and "**-0.100" not in text and "x − vote" not in text
+    # a difference whose interval holds 0 is neither
+    spread = [dataclasses.replace(r, scores={**r.scores, "embrag-v18": _stats(r.scores["vote"].r2 + np.array(
+        [0.1, -0.1, 0.1, -0.1, 0.1, -0.1]))}) for r in reps]
+    spread_cells = report.cells(spread)
+    diff, (lo, hi) = next(c for c in spread_cells if c.bin == ALL_BIN and c.tool == "embrag-v18").versus["vote"]
+    assert diff == pytest.approx(0.0) and lo < 0 < hi
+    row = next(line for line in report.versus_markdown(spread_cells, ["vote", "embrag-v18"]).splitlines()
+               if line.startswith("| embrag-v18 − vote"))
+    assert "*" not in row
+    assert report.versus_markdown(spread_cells, ["beagle-5.4", "vote"]) == ""  # no embrag row: no table
 
 
 def _stats_est(r2: np.ndarray, est: np.ndarray) -> SiteStats:
