@@ -73,6 +73,7 @@ class ImputeSummary:
     prior_gate: float  # the gate used: the one given, else the one validation chose (calibration), else model.prior_gate
     prior_decided: float  # haplotype-windows the prior answered without the model
     depth: str  # how far the others went through the model: given, else validation's choice, else model.depth
+    hmm_ne: float = 30_000.0  # the prior's effective size: validation's choice, else the checkpoint's retrieval.hmm_ne
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
@@ -230,6 +231,8 @@ class Calibration(NamedTuple):
     depth: str | None  # the depth it was fitted at ("transformer" for one from before depths); None: no calibration
     # the rare-site vote validation mixed in (ModelConfig.rare_vote* fields); None: the checkpoint's own config
     rare_vote: dict | None = None
+    # the prior's effective size validation chose (retrieval.hmm_ne_choices); None: the checkpoint's hmm_ne
+    hmm_ne: float | None = None
 
 
 def read_calibration(checkpoint: Path) -> Calibration:
@@ -241,8 +244,16 @@ def read_calibration(checkpoint: Path) -> Calibration:
         log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
         return Calibration(1.0, None, None)
     record = read_json(path)
+    ne = record.get("hmm_ne")
     return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"),
-                       record.get("rare_vote"))
+                       record.get("rare_vote"), None if ne is None else float(ne))
+
+
+def prior_size(cfg: RunConfig, chosen: float | None) -> RunConfig:
+    """``cfg`` with the prior's effective size validation chose for the checkpoint (None: its own)."""
+    if chosen is None or chosen == cfg.retrieval.hmm_ne:
+        return cfg
+    return dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, hmm_ne=chosen))
 
 
 def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:
@@ -337,7 +348,7 @@ class Imputer:
                              "pass one of those (embrag impute --depth)")
         if fitted.rare_vote is not None:  # the vote validation mixed in: an inference setting, not the checkpoint's
             self.model.cfg = dataclasses.replace(self.model.cfg, **fitted.rare_vote)
-        prepared, cfg, checkpoint = self.prepared, self.cfg, self.checkpoint
+        prepared, cfg, checkpoint = self.prepared, prior_size(self.cfg, fitted.hmm_ne), self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
             target, gt = read_target(target_vcf, prepared, work)
@@ -370,7 +381,7 @@ class Imputer:
             n_absent=c["absent"], n_skipped=c["skipped"], n_missing_calls=c["missing_calls"],
             n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
             n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped,
-            prior_gate=gate, prior_decided=decided, depth=depth,
+            prior_gate=gate, prior_decided=decided, depth=depth, hmm_ne=cfg.retrieval.hmm_ne,
             warning=warning,
         )
 

@@ -47,7 +47,8 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # them (``val_prior_gate``, ``val_depth``, the calibration file), and imputing under others warns
 # (``storage.impute.calibration_mismatch``).
 INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices",
-                            *RARE_VOTE_FIELDS)}
+                            *RARE_VOTE_FIELDS),
+                  "retrieval": ("hmm_ne_choices",)}
 
 
 def _lost_record(here: Path) -> str:

@@ -26,7 +26,14 @@ from embrag.impute import WindowInputs, depth_baseline
 from embrag.masking import train_rate, window_masks
 from embrag.neighbours import tie_seed
 from embrag.refresh import batch_due, bump_mask
-from embrag.validate import cheapest_within, compose, fit_temperature, validate, validation_windows
+from embrag.validate import (
+    cheapest_within,
+    compose,
+    fit_temperature,
+    preferred_within,
+    validate,
+    validation_windows,
+)
 from storage.atomic import read_json, write_json
 from storage.checkpoints import calibration_path
 from storage.distributed import barrier, is_writer
@@ -160,6 +167,9 @@ def validate_epoch(run: VariantRun, epoch: int) -> dict:
 def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     """The epoch's validation metrics and calibration record (``validate_epoch`` writes them).
 
+    The prior's effective size: with the Li-Stephens prior, validation runs once per size in
+    ``retrieval.hmm_ne_choices`` (and ``retrieval.hmm_ne``) and keeps ``hmm_ne`` unless another size's best
+    mean per-site r2 beats it by more than ``model.prior_gate_tolerance`` (``embrag.validate.preferred_within``).
     The gate and the depth: validation runs under ``model.prior_gate`` and ``model.depth``, computes what each
     pair of ``model.prior_gate_choices`` x ``model.depth_choices`` would give (the model at that depth on
     every row and the prior alone, composed: ``embrag.validate.compose``), picks the cheapest within
@@ -169,49 +179,70 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     model = run.model(epoch)
     queries = query_set(run.prepared, "val")
     inputs, masks = validation_inputs(run, queries, read_site_mask(run.paths.val_masks))
-    t, m = run.cfg.train, run.cfg.model
+    t, m, r = run.cfg.train, run.cfg.model, run.cfg.retrieval
     windows = validation_windows(len(run.prepared.windows), len(queries), 2 * t.batch_size, t.max_val_batches)
     truth = lambda w: queries.tokens(run.prepared, w)  # noqa: E731
 
-    def run_validation(gate: float, depth: str, choices: tuple[float, ...] = ()):
-        return validate(model, windows, inputs, truth, index_kind=run.index_kind, rare_maf=run.cfg.mask.rare_maf,
-                        batch_size=2 * t.batch_size, device=run.device, prior_gate=gate, candidate_gates=choices,
-                        depth=depth)
+    def run_validation(ne: float, gate: float, depth: str, choices: tuple[float, ...] = ()):
+        return validate(model, windows, lambda w: with_prior_size(inputs(w), ne), truth, index_kind=run.index_kind,
+                        rare_maf=run.cfg.mask.rare_maf, batch_size=2 * t.batch_size, device=run.device,
+                        prior_gate=gate, candidate_gates=choices, depth=depth)
+
+    def r2(predictions: dict[int, np.ndarray]) -> float:
+        return validation_report(run.prepared, predictions, masks, truth=truth).get("val_r2site_all", np.nan)
 
     # the candidate gates (the configured one alone when there are none to choose from; none without a prior)
     # and depths (the configured one alone when there are none)
     gates = (m.prior_gate_choices or (m.prior_gate,)) if m.uses_hmm else (0.0,)
-    v = run_validation(m.prior_gate, m.depth, gates)
-    scores: dict[tuple[float, str], float] = {}
     depths = [d for d in m.depth_choices if d in m.depths] or [m.depth]
-    if (len(gates) > 1 or len(depths) > 1) and all(depth_baseline(d) in v.baselines for d in depths):
-        for g in gates:
-            for d in depths:
-                model_rows = v.baselines[depth_baseline(d)]
-                composed = compose(model_rows, v.baselines.get("hmm", model_rows), v.decided[g], v.rare_votes,
-                                   m.rare_vote)
-                scores[g, d] = validation_report(run.prepared, composed, masks, truth=truth).get(
-                    "val_r2site_all", np.nan)
+
+    def pair_scores(v) -> dict[tuple[float, str], float]:
+        if not ((len(gates) > 1 or len(depths) > 1) and all(depth_baseline(d) in v.baselines for d in depths)):
+            return {}
+        return {(g, d): r2(compose(v.baselines[depth_baseline(d)], v.baselines.get("hmm", v.baselines[depth_baseline(d)]),
+                                   v.decided[g], v.rare_votes, m.rare_vote))
+                for g in gates for d in depths}
+
+    sizes = tuple(dict.fromkeys((r.hmm_ne, *r.hmm_ne_choices))) if m.uses_hmm else (r.hmm_ne,)
+    passes = {}
+    for ne in sizes:
+        v = run_validation(ne, m.prior_gate, m.depth, gates)
+        scores = pair_scores(v)
+        best = max((x for x in scores.values() if np.isfinite(x)), default=np.nan) if scores else r2(v.result.predictions)
+        passes[ne] = (v, scores, best)
+    ne = preferred_within({size: best for size, (_, _, best) in passes.items()}, r.hmm_ne, m.prior_gate_tolerance)
+    v, scores, _ = passes[ne]
+    spent = [p[0].result for p in passes.values()]
+    if scores:
         gate, depth = cheapest_within(scores, m.prior_gate_tolerance)
         if (gate, depth) != (v.prior_gate, v.depth):
-            first = v.result
-            v = run_validation(gate, depth)
-            both = dataclasses.replace(v.result, seconds=v.result.seconds + first.seconds,
-                                       peak_memory_mb=max(v.result.peak_memory_mb, first.peak_memory_mb))
-            v = dataclasses.replace(v, result=both)  # what validation cost: both passes
+            v = run_validation(ne, gate, depth)
+            spent.append(v.result)
+    # what validation cost: every pass
+    v = dataclasses.replace(v, result=dataclasses.replace(v.result, seconds=sum(x.seconds for x in spent),
+                                                          peak_memory_mb=max(x.peak_memory_mb for x in spent)))
     temperature = fit_temperature(v.logits, v.labels)
     # the gate and depth decide which logits the temperature was fitted on: recorded, so imputation uses them
     calibration = {"temperature": temperature, "epoch": epoch, "n_sites": int(len(v.labels)),
-                   "prior_gate": v.prior_gate, "depth": v.depth,
+                   "prior_gate": v.prior_gate, "depth": v.depth, "hmm_ne": ne,
                    # the vote validation mixed in (inference-only: the run's config, not the checkpoint's)
                    "rare_vote": {f: getattr(m, f) for f in RARE_VOTE_FIELDS}}
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
-               "val_prior_gate": v.prior_gate, "val_depth": float(DEPTHS.index(v.depth)),
-               **{_score_name(g, d): r for (g, d), r in scores.items()}}
+               "val_prior_gate": v.prior_gate, "val_depth": float(DEPTHS.index(v.depth)), "val_hmm_ne": ne,
+               **{_score_name(g, d): x for (g, d), x in scores.items()}}
+    if len(passes) > 1:
+        metrics.update({f"val_ne_{size:g}_r2site_all": best for size, (_, _, best) in passes.items()})
     metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))
     return metrics, calibration
+
+
+def with_prior_size(inp: WindowInputs, ne: float) -> WindowInputs:
+    """``inp`` with the Li-Stephens prior at effective size ``ne`` (``retrieval.hmm_ne``)."""
+    if inp.retrieval.hmm_ne == ne:
+        return inp
+    return dataclasses.replace(inp, retrieval=dataclasses.replace(inp.retrieval, hmm_ne=ne))
 
 
 def _score_name(gate: float, depth: str) -> str:

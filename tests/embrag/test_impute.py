@@ -448,6 +448,22 @@ def test_the_cheapest_gate_and_depth_within_the_tolerance_of_the_best():
     assert cheapest_within(nothing, 0.001) == (0.0, "transformer")  # nothing scored: the narrowest, deepest
 
 
+def test_the_preferred_size_is_kept_unless_another_beats_it_beyond_the_tolerance():
+    """Kills: the best instead of the preferred within the tolerance, a relative tolerance, a NaN winning, a
+    preferred size without a score kept."""
+    from embrag.validate import preferred_within
+
+    r2 = {3e4: 0.9000, 1e5: 0.9008, 3e5: 0.9004}
+    assert preferred_within(r2, 3e4, 0.001) == 3e4  # 0.0008 behind the best: kept
+    assert preferred_within(r2, 3e4, 0.0005) == 1e5  # beyond it: the best, not the next one
+    assert preferred_within(r2, 3e5, 0.0005) == 3e5
+    assert preferred_within({3e4: 0.5, 1e5: 0.5011}, 3e4, 0.001) == 1e5  # absolute, not relative
+    assert preferred_within({3e4: 0.9, 1e5: float("nan")}, 3e4, 0.0) == 3e4
+    assert preferred_within({3e4: float("nan"), 1e5: 0.8}, 3e4, 0.001) == 1e5  # the preferred scored nothing
+    assert preferred_within({3e4: float("nan")}, 3e4, 0.001) == 3e4  # nothing scored: the preferred
+    assert preferred_within({1e5: 0.8}, 3e4, 0.001) == 1e5
+
+
 def test_the_gate_leaves_validation_baselines_whole(rng):
     """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
     the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's

@@ -134,7 +134,7 @@ def test_validation_chooses_the_cheapest_gate_and_depth_near_the_best_and_record
 
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.05, 0.3),
-                      model__depth_choices=("transformer", "copy"),
+                      model__depth_choices=("transformer", "copy"), retrieval__hmm_ne_choices=(),
                       model__prior_gate_tolerance=1.0)  # every pair is within 1.0: the widest gate, shallowest depth
     validated, fitted_on = [], []
     real = st.validate
@@ -156,3 +156,42 @@ def test_validation_chooses_the_cheapest_gate_and_depth_near_the_best_and_record
     assert fitted_on == [calibration["n_sites"]]  # the temperature of the chosen pair's model rows, fitted once
     by_gate = {g: scores[g, "copy"] for g in (0.0, 0.05, 0.3)}
     assert metrics["val_r2site_all"] == pytest.approx(by_gate[0.3], abs=1e-9)  # the deployed metrics: the choice's
+
+
+def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_fixture, tmp_path, monkeypatch):
+    """Each size of ``retrieval.hmm_ne_choices`` is validated with its own prior (a pass each, the trained size
+    first), scored in the metrics, chosen by ``preferred_within`` and recorded in the calibration, whose size an
+    imputation then runs its prior at. Kills: the passes all at the trained size, the trained size recorded
+    whatever won, the cost of one pass reported, the calibration's size ignored by imputation."""
+    import storage.training as st
+    from embrag.validate import preferred_within
+    from storage.checkpoints import calibration_path
+    from storage.impute import prior_size, read_calibration
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate_choices=(), model__depth_choices=(),
+                      retrieval__hmm_ne=3e4, retrieval__hmm_ne_choices=(3e2, 3e4, 3e7),
+                      model__prior_gate_tolerance=0.0)  # the best size, whichever it is
+    sizes, seconds = [], []
+    real = st.validate
+
+    def spy(model, windows, inputs, *a, **kw):
+        sizes.append(inputs(int(windows[0])).retrieval.hmm_ne)
+        out = real(model, windows, inputs, *a, **kw)
+        seconds.append(out.result.seconds)
+        return out
+
+    monkeypatch.setattr(st, "validate", spy)
+    run = VariantRun(layout, cfg)
+    metrics = run_epochs(run)[-1]
+    assert sizes == [3e4, 3e2, 3e7]  # one pass per size, the trained one first; no second pass (nothing to choose)
+    scores = {ne: metrics[f"val_ne_{ne:g}_r2site_all"] for ne in (3e2, 3e4, 3e7)}
+    assert all(np.isfinite(x) for x in scores.values()) and len(set(scores.values())) > 1  # the priors differ
+    chosen = preferred_within(scores, 3e4, 0.0)
+    assert metrics["val_hmm_ne"] == chosen and metrics["val_r2site_all"] == pytest.approx(scores[chosen], abs=1e-9)
+    assert metrics["val_seconds"] == pytest.approx(sum(seconds))
+    calibration = read_json(calibration_path(run.paths.checkpoint(0)))
+    assert calibration["hmm_ne"] == chosen
+    fitted = read_calibration(run.paths.checkpoint(0))
+    assert fitted.hmm_ne == chosen and prior_size(cfg, fitted.hmm_ne).retrieval.hmm_ne == chosen
+    assert prior_size(cfg, None) is cfg  # a calibration from before the choice: the checkpoint's own size
