@@ -442,7 +442,8 @@ def _print_imputed(s: dict, *, warn: bool) -> None:
                f"missing calls {s['n_missing_calls']}")
     if s.get("prior_gate"):
         typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (prior gate "
-                   f"{s['prior_gate']:g}); the model imputed the rest (depth {s.get('depth', 'transformer')})")
+                   f"{s['prior_gate']:g}, effective size {s.get('hmm_ne', 0):g}); the model imputed the rest "
+                   f"(depth {s.get('depth', 'transformer')})")
     if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)
 
