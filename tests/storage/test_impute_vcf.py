@@ -335,6 +335,25 @@ def test_the_rare_vote_of_the_calibration_is_the_one_imputation_mixes(run, monke
     assert _body(out) != _body(run["out"])
 
 
+def test_the_prior_size_of_the_calibration_is_the_one_imputation_runs(run, monkeypatch):
+    """Validation's choice of the prior's effective size reaches the prior of every window, and the summary
+    says which. Kills: the calibration's size ignored (the checkpoint's retrieval.hmm_ne used), the summary
+    reporting the configured size."""
+    import storage.impute as si
+
+    fitted = si.read_calibration(run["ckpt"])
+    chosen = 300.0 if fitted.hmm_ne != 300.0 else 3e6  # another size than the one validation recorded
+    monkeypatch.setattr(si, "read_calibration", lambda ckpt: fitted._replace(hmm_ne=chosen))
+    seen = set()
+    real = epoch.window_prior
+    monkeypatch.setattr(epoch, "window_prior", lambda *a, **kw: seen.add(kw["ne"]) or real(*a, **kw))
+    out = run["root"] / "prior-size.vcf.gz"
+    summary = si.Imputer(run["ckpt"], run["root"]).impute(run["sim"].test_array_vcf, out)
+    assert seen == {chosen} and summary.hmm_ne == chosen
+    assert _body(out) != _body(run["out"])
+    assert run["summary"].hmm_ne == (fitted.hmm_ne or CFG.retrieval.hmm_ne)  # without the patch: the recorded size
+
+
 def test_sample_chunks_do_not_change_output(run):
     _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
     _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)
