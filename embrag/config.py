@@ -278,13 +278,14 @@ class RetrievalConfig:
     hmm_ne: float = 30_000.0
     # Inference (validation and imputation alike): each checkpoint's validation also runs its prior at every
     # effective size here and keeps ``hmm_ne`` (the one it trained with) unless another beats it by more than
-    # ``model.prior_gate_tolerance`` in mean per-site r2 (then the best); the calibration records it and
-    # imputation uses it. Why: 3e4 was chosen on CEU and YRI, and a population with another history wants
+    # ``model.prior_gate_tolerance`` in mean per-site r2 without losing more than ``hmm_ne_iqs_tolerance`` of
+    # rarest-bin IQS (embrag.validate.choose_prior_size); the calibration records it and imputation uses it. Why: 3e4 was chosen on CEU and YRI, and a population with another history wants
     # another size: on an admixed one (stdpopsim AmericanAdmixture_4B18 ADMIX, 2 replicates of the accuracy
     # protocol) the validation targets' mean per-site r2 was 0.846 / 0.845 at 3e4, 0.849 / 0.850 at 1e5 and
     # 0.848 / 0.854 at 3e5, where the whole-contig HMM baseline, tuned on validation, chose 3e5 and beat
     # embrag on the test targets. Empty: ``hmm_ne`` only.
     hmm_ne_choices: tuple[float, ...] = (30_000.0, 100_000.0, 300_000.0)
+    hmm_ne_iqs_tolerance: float = 0.01
     hmm_eps: float = 1e-3
     hmm_flank: int = 64
     # at most this many states per query, the positional-BWT neighbours at the window edges, as
@@ -304,8 +305,9 @@ class RetrievalConfig:
                  f"pbwt_radius >= 0, got {self.candidates}, {self.pbwt_radius}")
         _require(self.hmm_ne > 0 and 0 < self.hmm_eps < 0.5 and self.hmm_flank >= 1, f"retrieval.hmm_ne must be "
                  f"> 0, hmm_eps in (0, 0.5) and hmm_flank >= 1, got {self.hmm_ne}, {self.hmm_eps}, {self.hmm_flank}")
-        _require(all(ne > 0 for ne in self.hmm_ne_choices),
-                 f"retrieval.hmm_ne_choices must all be > 0, got {self.hmm_ne_choices}")
+        _require(all(ne > 0 for ne in self.hmm_ne_choices) and self.hmm_ne_iqs_tolerance >= 0,
+                 f"retrieval.hmm_ne_choices must all be > 0 and hmm_ne_iqs_tolerance >= 0, got "
+                 f"{self.hmm_ne_choices}, {self.hmm_ne_iqs_tolerance}")
         _require(self.hmm_states >= 0, f"retrieval.hmm_states must be >= 0 (0: the whole panel), got {self.hmm_states}")
         _require(self.hmm_block >= 1, f"retrieval.hmm_block must be >= 1 typed site, got {self.hmm_block}")
         _require(self.rank in ("match", "index") and self.run_unit in ("sites", "bp"), f"retrieval.rank must be "

@@ -48,7 +48,7 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # (``storage.impute.calibration_mismatch``).
 INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices",
                             *RARE_VOTE_FIELDS),
-                  "retrieval": ("hmm_ne_choices",)}
+                  "retrieval": ("hmm_ne_choices", "hmm_ne_iqs_tolerance")}
 
 
 def _lost_record(here: Path) -> str:

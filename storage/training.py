@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from embrag.config import DEPTHS, RARE_VOTE_FIELDS
+from embrag.constants import MAF_BIN_NAMES
 from embrag.epoch import WindowData, train_epoch
 from embrag.impute import WindowInputs, depth_baseline
 from embrag.masking import train_rate, window_masks
@@ -28,9 +29,9 @@ from embrag.neighbours import tie_seed
 from embrag.refresh import batch_due, bump_mask
 from embrag.validate import (
     cheapest_within,
+    choose_prior_size,
     compose,
     fit_temperature,
-    preferred_within,
     validate,
     validation_windows,
 )
@@ -52,6 +53,8 @@ from storage.layout import index_name
 from storage.metrics_report import validation_report
 from storage.queries import QuerySet, query_context, query_set
 from storage.variant import VariantRun, load_trainable, save_trainable
+
+RARE_BIN = MAF_BIN_NAMES[0]  # the rarest MAF bin, whose IQS the prior size must not lose
 
 
 class StoreSource:
@@ -188,29 +191,34 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
                         rare_maf=run.cfg.mask.rare_maf, batch_size=2 * t.batch_size, device=run.device,
                         prior_gate=gate, candidate_gates=choices, depth=depth)
 
-    def r2(predictions: dict[int, np.ndarray]) -> float:
-        return validation_report(run.prepared, predictions, masks, truth=truth).get("val_r2site_all", np.nan)
+    def report(predictions: dict[int, np.ndarray]) -> dict[str, float]:
+        return validation_report(run.prepared, predictions, masks, truth=truth)
 
     # the candidate gates (the configured one alone when there are none to choose from; none without a prior)
     # and depths (the configured one alone when there are none)
     gates = (m.prior_gate_choices or (m.prior_gate,)) if m.uses_hmm else (0.0,)
     depths = [d for d in m.depth_choices if d in m.depths] or [m.depth]
 
-    def pair_scores(v) -> dict[tuple[float, str], float]:
+    def pair_reports(v) -> dict[tuple[float, str], dict[str, float]]:
         if not ((len(gates) > 1 or len(depths) > 1) and all(depth_baseline(d) in v.baselines for d in depths)):
             return {}
-        return {(g, d): r2(compose(v.baselines[depth_baseline(d)], v.baselines.get("hmm", v.baselines[depth_baseline(d)]),
-                                   v.decided[g], v.rare_votes, m.rare_vote))
+        return {(g, d): report(compose(v.baselines[depth_baseline(d)],
+                                       v.baselines.get("hmm", v.baselines[depth_baseline(d)]), v.decided[g],
+                                       v.rare_votes, m.rare_vote))
                 for g in gates for d in depths}
 
     sizes = tuple(dict.fromkeys((r.hmm_ne, *r.hmm_ne_choices))) if m.uses_hmm else (r.hmm_ne,)
     passes = {}
-    for ne in sizes:
+    for ne in sizes:  # per size: its pass, the r2 of every (gate, depth) pair, and the best pair's report
         v = run_validation(ne, m.prior_gate, m.depth, gates)
-        scores = pair_scores(v)
-        best = max((x for x in scores.values() if np.isfinite(x)), default=np.nan) if scores else r2(v.result.predictions)
+        reports = pair_reports(v)
+        scores = {pair: x.get("val_r2site_all", np.nan) for pair, x in reports.items()}
+        finite = [pair for pair, x in scores.items() if np.isfinite(x)]
+        best = reports[max(finite, key=scores.get)] if finite else report(v.result.predictions)
         passes[ne] = (v, scores, best)
-    ne = preferred_within({size: best for size, (_, _, best) in passes.items()}, r.hmm_ne, m.prior_gate_tolerance)
+    ne = choose_prior_size({size: b.get("val_r2site_all", np.nan) for size, (_, _, b) in passes.items()},
+                           {size: b.get(f"val_iqs_{RARE_BIN}", np.nan) for size, (_, _, b) in passes.items()},
+                           r.hmm_ne, m.prior_gate_tolerance, r.hmm_ne_iqs_tolerance)
     v, scores, _ = passes[ne]
     spent = [p[0].result for p in passes.values()]
     if scores:
@@ -230,8 +238,10 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
                "val_prior_gate": v.prior_gate, "val_depth": float(DEPTHS.index(v.depth)), "val_hmm_ne": ne,
                **{_score_name(g, d): x for (g, d), x in scores.items()}}
-    if len(passes) > 1:
-        metrics.update({f"val_ne_{size:g}_r2site_all": best for size, (_, _, best) in passes.items()})
+    if len(passes) > 1:  # each size's best pair: what the choice saw
+        for size, (_, _, best) in passes.items():
+            metrics[f"val_ne_{size:g}_r2site_all"] = best.get("val_r2site_all", np.nan)
+            metrics[f"val_ne_{size:g}_iqs_{RARE_BIN}"] = best.get(f"val_iqs_{RARE_BIN}", np.nan)
     metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))

@@ -464,6 +464,20 @@ def test_the_preferred_size_is_kept_unless_another_beats_it_beyond_the_tolerance
     assert preferred_within({1e5: 0.8}, 3e4, 0.001) == 1e5
 
 
+def test_another_prior_size_must_gain_r2_without_losing_rare_iqs():
+    """Kills: the IQS condition dropped, compared the wrong way round, relative, or applied to the trained
+    size itself; a NaN IQS taken as a loss."""
+    from embrag.validate import choose_prior_size
+
+    r2 = {3e4: 0.900, 1e5: 0.903, 3e5: 0.905}
+    assert choose_prior_size(r2, {3e4: 0.70, 1e5: 0.695, 3e5: 0.65}, 3e4, 0.001, 0.01) == 1e5  # 3e5 loses 0.05
+    assert choose_prior_size(r2, {3e4: 0.70, 1e5: 0.689, 3e5: 0.65}, 3e4, 0.001, 0.01) == 3e4  # both lose > 0.01
+    assert choose_prior_size(r2, {3e4: 0.70, 1e5: 0.72, 3e5: 0.75}, 3e4, 0.001, 0.01) == 3e5  # a gain is no loss
+    assert choose_prior_size(r2, {3e4: 0.70, 1e5: 0.69, 3e5: 0.65}, 3e4, 0.001, 0.2) == 3e5
+    assert choose_prior_size(r2, {3e4: 0.70, 1e5: float("nan"), 3e5: 0.5}, 3e4, 0.001, 0.01) == 1e5
+    assert choose_prior_size({3e4: 0.9, 1e5: 0.8}, {3e4: 0.7, 1e5: 0.9}, 3e4, 0.001, 0.01) == 3e4  # r2 first
+
+
 def test_the_gate_leaves_validation_baselines_whole(rng):
     """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
     the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's

@@ -164,7 +164,7 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     imputation then runs its prior at. Kills: the passes all at the trained size, the trained size recorded
     whatever won, the cost of one pass reported, the calibration's size ignored by imputation."""
     import storage.training as st
-    from embrag.validate import preferred_within
+    from embrag.validate import choose_prior_size
     from storage.checkpoints import calibration_path
     from storage.impute import prior_size, read_calibration
 
@@ -186,8 +186,9 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     metrics = run_epochs(run)[-1]
     assert sizes == [3e4, 3e2, 3e7]  # one pass per size, the trained one first; no second pass (nothing to choose)
     scores = {ne: metrics[f"val_ne_{ne:g}_r2site_all"] for ne in (3e2, 3e4, 3e7)}
+    iqs = {ne: metrics[f"val_ne_{ne:g}_iqs_maf_0-0.5pct"] for ne in (3e2, 3e4, 3e7)}
     assert all(np.isfinite(x) for x in scores.values()) and len(set(scores.values())) > 1  # the priors differ
-    chosen = preferred_within(scores, 3e4, 0.0)
+    chosen = choose_prior_size(scores, iqs, 3e4, 0.0, cfg.retrieval.hmm_ne_iqs_tolerance)
     assert metrics["val_hmm_ne"] == chosen and metrics["val_r2site_all"] == pytest.approx(scores[chosen], abs=1e-9)
     assert metrics["val_seconds"] == pytest.approx(sum(seconds))
     calibration = read_json(calibration_path(run.paths.checkpoint(0)))
