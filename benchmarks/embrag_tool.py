@@ -77,7 +77,7 @@ def training_config(inputs: Inputs, variant: str, overrides: dict | None = None)
 # no candidates, gate 0). Every row runs the whole model (depth "transformer": no depth was chosen then).
 _SEED = {"retrieval__rank": "index", "retrieval__pbwt_radius": 0, "model__k": 4, "model__match_features": False,
          "model__copy_head": False, "mask__design": "random"}
-_WHOLE = {"model__depth_choices": ("transformer",)}
+_WHOLE = {"model__depth_choices": ("transformer",), "retrieval__hmm_ne_choices": ()}
 ABLATION: tuple[tuple[str, dict], ...] = tuple((label, {**rows, **_WHOLE}) for label, rows in (  # (label, overrides)
     ("a1-tie-break-only", _SEED),
     ("a2-cross-window-ranking", {**_SEED, "retrieval__rank": "match", "retrieval__pbwt_radius": 16}),

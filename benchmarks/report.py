@@ -7,7 +7,7 @@ the same sites with its CI (the same resampled sites for both tools), for mean p
 IQS and the Pearson of estimated with empirical r2 (that one resampled within each seed and
 averaged over seeds, as the metric is). For every embrag row, the same paired difference of mean
 per-site r2 to each model-free baseline it must beat (issue 10: the top-1 copy, the match-weighted
-vote, and its own Li-Stephens prior run alone). Per tool: CPU, wall, peak RSS and threads of imputing the
+vote, and the benchmark's whole-contig Li-Stephens HMM with its own size tuned on validation). Per tool: CPU, wall, peak RSS and threads of imputing the
 test target, and what it spent before (training, tuning, phasing).
 """
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from embrag import lshmm
-from embrag.config import RunConfig, check_depth, check_prior_gate
+from embrag.config import RetrievalConfig, RunConfig, check_depth, check_prior_gate
 from embrag.constants import PAD
 from embrag.impute import WindowInputs, iter_owned
 from embrag.model import build_model, resolve_device
@@ -73,7 +73,7 @@ class ImputeSummary:
     prior_gate: float  # the gate used: the one given, else the one validation chose (calibration), else model.prior_gate
     prior_decided: float  # haplotype-windows the prior answered without the model
     depth: str  # how far the others went through the model: given, else validation's choice, else model.depth
-    hmm_ne: float = 30_000.0  # the prior's effective size: validation's choice, else the checkpoint's retrieval.hmm_ne
+    hmm_ne: float = RetrievalConfig.hmm_ne  # the prior's size: validation's choice, else the checkpoint's hmm_ne
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 

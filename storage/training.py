@@ -240,12 +240,18 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
                **{_score_name(g, d): x for (g, d), x in scores.items()}}
     if len(passes) > 1:  # each size's best pair: what the choice saw
         for size, (_, _, best) in passes.items():
-            metrics[f"val_ne_{size:g}_r2site_all"] = best.get("val_r2site_all", np.nan)
-            metrics[f"val_ne_{size:g}_iqs_{RARE_BIN}"] = best.get(f"val_iqs_{RARE_BIN}", np.nan)
+            metrics[size_metric(size, "r2site_all")] = best.get("val_r2site_all", np.nan)
+            metrics[size_metric(size, f"iqs_{RARE_BIN}")] = best.get(f"val_iqs_{RARE_BIN}", np.nan)
     metrics.update(validation_report(run.prepared, v.result.predictions, masks, truth=truth))
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))
     return metrics, calibration
+
+
+def size_metric(size: float, name: str) -> str:
+    """``val_ne_<size>_<name>``: one prior size's validation score, the size written out in digits (MLflow
+    refuses the "+" of ``3e+06``)."""
+    return f"val_ne_{size:.0f}_{name}"
 
 
 def with_prior_size(inp: WindowInputs, ne: float) -> WindowInputs:

@@ -292,6 +292,8 @@ def test_report_pairs_each_embrag_row_with_every_model_free_baseline():
                if line.startswith("| embrag-v18 − vote"))
     assert "*" not in row
     assert report.versus_markdown(spread_cells, ["beagle-5.4", "vote"]) == ""  # no embrag row: no table
+    every = ["beagle-5.4", "vote", "copy-top1", "embrag-v18", "x"]
+    assert report.versus_markdown(spread_cells, every) in report.markdown_tables(spread_cells, spread)
 
 
 def _stats_est(r2: np.ndarray, est: np.ndarray) -> SiteStats:
@@ -362,8 +364,10 @@ def test_ablation_rows_are_valid_configs_adding_one_step_each():
 
     configs = [RunConfig().replace(**overrides) for _, overrides in ABLATION]
     assert configs[-1] == RunConfig().replace(model__k=16, model__prior_gate=0.0, model__prior_gate_choices=(),
-                                              model__depth_choices=("transformer",))  # the default model then
+                                              model__depth_choices=("transformer",),
+                                              retrieval__hmm_ne_choices=())  # the default model then
     assert all(c.model.depth_choices == ("transformer",) for c in configs)  # the whole model, as measured
+    assert all(c.retrieval.hmm_ne_choices == () for c in configs)  # and its prior at the trained size
     assert all(c.model.k == 16 for c in configs[2:])  # rows a3-a6 keep K = 16, so each adds one step
     first = configs[0]
     assert (first.retrieval.rank, first.model.k, first.model.copy_head, first.mask.design) == ("index", 4, False, "random")

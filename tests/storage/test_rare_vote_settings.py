@@ -46,3 +46,13 @@ def test_the_inference_only_rare_vote_is_no_part_of_the_lineage(tiny_run_dir, ti
     record_variant(layout, tiny_cfg, prepared)
     check_variant(layout, tiny_cfg.replace(model__rare_vote=0.25, model__rare_vote_maf=0.05, model__rare_vote_k=8,
                                            model__rare_vote_power=4.0), prepared)
+
+
+def test_the_prior_size_choices_are_no_part_of_the_lineage(tiny_run_dir, tiny_cfg):
+    """Kills: the retrieval entry dropped from INFERENCE_ONLY (runs recorded before the choice would be refused
+    and the benchmark would retrain them)."""
+    layout = RunLayout(tiny_run_dir)
+    prepared = PreparedData(layout.prepared)
+    record_variant(layout, tiny_cfg, prepared)
+    check_variant(layout, tiny_cfg.replace(retrieval__hmm_ne_choices=(1e4,), retrieval__hmm_ne_iqs_tolerance=0.5),
+                  prepared)

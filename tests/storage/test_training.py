@@ -160,18 +160,22 @@ def test_validation_chooses_the_cheapest_gate_and_depth_near_the_best_and_record
 
 def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_fixture, tmp_path, monkeypatch):
     """Each size of ``retrieval.hmm_ne_choices`` is validated with its own prior (a pass each, the trained size
-    first), scored in the metrics, chosen by ``preferred_within`` and recorded in the calibration, whose size an
-    imputation then runs its prior at. Kills: the passes all at the trained size, the trained size recorded
-    whatever won, the cost of one pass reported, the calibration's size ignored by imputation."""
+    first), scored in the metrics, chosen by ``choose_prior_size`` and recorded in the calibration, whose size an
+    imputation then runs its prior at; when the gate and depth chosen at that size are not the starting pair,
+    validation runs again at the chosen size. Kills: the passes all at the trained size, the trained size recorded
+    whatever won, the second pass at the trained size, a pass left out of the cost, the calibration's size
+    ignored by imputation."""
     import storage.training as st
     from embrag.validate import choose_prior_size
     from storage.checkpoints import calibration_path
     from storage.impute import prior_size, read_calibration
 
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
-    cfg = cfg.replace(train__epochs=1, model__prior_gate_choices=(), model__depth_choices=(),
-                      retrieval__hmm_ne=3e4, retrieval__hmm_ne_choices=(3e2, 3e4, 3e7),
+    cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.3),
+                      model__depth_choices=("transformer", "copy"), retrieval__hmm_ne=3e4,
+                      retrieval__hmm_ne_choices=(3e2, 3e4, 3e7),
                       model__prior_gate_tolerance=0.0)  # the best size, whichever it is
+    monkeypatch.setattr(st, "cheapest_within", lambda scores, tol: (0.3, "copy"))  # not the start: a second pass
     sizes, seconds = [], []
     real = st.validate
 
@@ -184,15 +188,16 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     monkeypatch.setattr(st, "validate", spy)
     run = VariantRun(layout, cfg)
     metrics = run_epochs(run)[-1]
-    assert sizes == [3e4, 3e2, 3e7]  # one pass per size, the trained one first; no second pass (nothing to choose)
-    scores = {ne: metrics[f"val_ne_{ne:g}_r2site_all"] for ne in (3e2, 3e4, 3e7)}
-    iqs = {ne: metrics[f"val_ne_{ne:g}_iqs_maf_0-0.5pct"] for ne in (3e2, 3e4, 3e7)}
+    scores = {ne: metrics[st.size_metric(ne, "r2site_all")] for ne in (3e2, 3e4, 3e7)}
+    iqs = {ne: metrics[st.size_metric(ne, "iqs_maf_0-0.5pct")] for ne in (3e2, 3e4, 3e7)}
     assert all(np.isfinite(x) for x in scores.values()) and len(set(scores.values())) > 1  # the priors differ
     chosen = choose_prior_size(scores, iqs, 3e4, 0.0, cfg.retrieval.hmm_ne_iqs_tolerance)
-    assert metrics["val_hmm_ne"] == chosen and metrics["val_r2site_all"] == pytest.approx(scores[chosen], abs=1e-9)
-    assert metrics["val_seconds"] == pytest.approx(sum(seconds))
+    assert sizes == [3e4, 3e2, 3e7, chosen]  # one pass per size, the trained one first, then again at the choice
+    assert metrics["val_hmm_ne"] == chosen and (metrics["val_prior_gate"], metrics["val_depth"]) == (0.3, 1.0)
+    assert metrics["val_seconds"] == pytest.approx(sum(seconds))  # every pass
+    assert st.size_metric(3e7, "r2site_all") == "val_ne_30000000_r2site_all"  # no "+": MLflow refuses it
     calibration = read_json(calibration_path(run.paths.checkpoint(0)))
-    assert calibration["hmm_ne"] == chosen
+    assert calibration["hmm_ne"] == chosen and (calibration["prior_gate"], calibration["depth"]) == (0.3, "copy")
     fitted = read_calibration(run.paths.checkpoint(0))
     assert fitted.hmm_ne == chosen and prior_size(cfg, fitted.hmm_ne).retrieval.hmm_ne == chosen
     assert prior_size(cfg, None) is cfg  # a calibration from before the choice: the checkpoint's own size
