@@ -172,7 +172,8 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
 
     The prior's effective size: with the Li-Stephens prior, validation runs once per size in
     ``retrieval.hmm_ne_choices`` (and ``retrieval.hmm_ne``) and keeps ``hmm_ne`` unless another size's best
-    mean per-site r2 beats it by more than ``model.prior_gate_tolerance`` (``embrag.validate.preferred_within``).
+    (gate, depth) pair beats it by more than ``model.prior_gate_tolerance`` in mean per-site r2 without losing
+    more than ``retrieval.hmm_ne_iqs_tolerance`` of rarest-bin IQS (``embrag.validate.choose_prior_size``).
     The gate and the depth: validation runs under ``model.prior_gate`` and ``model.depth``, computes what each
     pair of ``model.prior_gate_choices`` x ``model.depth_choices`` would give (the model at that depth on
     every row and the prior alone, composed: ``embrag.validate.compose``), picks the cheapest within
