@@ -201,3 +201,33 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     fitted = read_calibration(run.paths.checkpoint(0))
     assert fitted.hmm_ne == chosen and prior_size(cfg, fitted.hmm_ne).retrieval.hmm_ne == chosen
     assert prior_size(cfg, None) is cfg  # a calibration from before the choice: the checkpoint's own size
+
+
+def test_a_size_that_loses_rare_iqs_is_not_chosen(tiny_prepared_fixture, tmp_path, monkeypatch):
+    """The rarest-bin IQS validation measured at each size reaches the choice: with every other size made to lose
+    more IQS than the tolerance (the tiny panel has no rare site to score), the trained size is kept whatever the
+    r2 says, and the metrics report the IQS the choice saw. Kills: the IQS read under another key (NaN: no loss),
+    the IQS condition dropped."""
+    import storage.training as st
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate_choices=(), model__depth_choices=(),
+                      retrieval__hmm_ne=3e4, retrieval__hmm_ne_choices=(3e2, 3e7), model__prior_gate_tolerance=0.0)
+    rare_iqs = {3e4: 0.8, 3e2: 0.5, 3e7: 0.5}
+    current = []
+    real_validate, real_report = st.validate, st.validation_report
+    monkeypatch.setattr(st, "validate", lambda model, windows, inputs, *a, **kw: current.append(
+        inputs(int(windows[0])).retrieval.hmm_ne) or real_validate(model, windows, inputs, *a, **kw))
+
+    def report(*a, **kw):
+        out = real_report(*a, **kw)
+        if not kw.get("prefix"):  # the deployed predictions' scores, at the size validated last
+            out["val_iqs_maf_0-0.5pct"] = rare_iqs[current[-1]]
+        return out
+
+    monkeypatch.setattr(st, "validation_report", report)
+    metrics = run_epochs(VariantRun(layout, cfg))[-1]
+    scores = {ne: metrics[st.size_metric(ne, "r2site_all")] for ne in (3e2, 3e4, 3e7)}
+    assert max(scores.values()) > scores[3e4], "another size must win on r2 here, or the guard is not tested"
+    assert metrics["val_hmm_ne"] == 3e4  # kept: the winner on r2 loses 0.3 of rare IQS
+    assert {ne: metrics[st.size_metric(ne, "iqs_maf_0-0.5pct")] for ne in rare_iqs} == rare_iqs
