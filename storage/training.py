@@ -171,9 +171,10 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     """The epoch's validation metrics and calibration record (``validate_epoch`` writes them).
 
     The prior's effective size: with the Li-Stephens prior, validation runs once per size in
-    ``retrieval.hmm_ne_choices`` (and ``retrieval.hmm_ne``) and keeps ``hmm_ne`` unless another size's best
-    (gate, depth) pair beats it by more than ``model.prior_gate_tolerance`` in mean per-site r2 without losing
-    more than ``retrieval.hmm_ne_iqs_tolerance`` of rarest-bin IQS (``embrag.validate.choose_prior_size``).
+    ``retrieval.hmm_ne_choices`` (and ``retrieval.hmm_ne``) and keeps ``hmm_ne`` unless another size beats it
+    by more than ``model.prior_gate_tolerance`` in mean per-site r2 without losing more than
+    ``retrieval.hmm_ne_iqs_tolerance`` of rarest-bin IQS (``embrag.validate.choose_prior_size``), each size
+    scored at the (gate, depth) pair it would deploy (``deployed_report``).
     The gate and the depth: validation runs under ``model.prior_gate`` and ``model.depth``, computes what each
     pair of ``model.prior_gate_choices`` x ``model.depth_choices`` would give (the model at that depth on
     every row and the prior alone, composed: ``embrag.validate.compose``), picks the cheapest within
@@ -210,13 +211,12 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
 
     sizes = tuple(dict.fromkeys((r.hmm_ne, *r.hmm_ne_choices))) if m.uses_hmm else (r.hmm_ne,)
     passes = {}
-    for ne in sizes:  # per size: its pass, the r2 of every (gate, depth) pair, and the best pair's report
+    for ne in sizes:  # per size: its pass, the r2 of every (gate, depth) pair, and the deployed pair's report
         v = run_validation(ne, m.prior_gate, m.depth, gates)
         reports = pair_reports(v)
         scores = {pair: x.get("val_r2site_all", np.nan) for pair, x in reports.items()}
-        finite = [pair for pair, x in scores.items() if np.isfinite(x)]
-        best = reports[max(finite, key=scores.get)] if finite else report(v.result.predictions)
-        passes[ne] = (v, scores, best)
+        passes[ne] = (v, scores, deployed_report(reports, m.prior_gate_tolerance)
+                      or report(v.result.predictions))
     ne = choose_prior_size({size: b.get("val_r2site_all", np.nan) for size, (_, _, b) in passes.items()},
                            {size: b.get(f"val_iqs_{RARE_BIN}", np.nan) for size, (_, _, b) in passes.items()},
                            r.hmm_ne, m.prior_gate_tolerance, r.hmm_ne_iqs_tolerance)
@@ -239,7 +239,7 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
                "val_prior_gate": v.prior_gate, "val_depth": float(DEPTHS.index(v.depth)), "val_hmm_ne": ne,
                **{_score_name(g, d): x for (g, d), x in scores.items()}}
-    if len(passes) > 1:  # each size's best pair: what the choice saw
+    if len(passes) > 1:  # each size's deployed pair: what the choice saw
         for size, (_, _, best) in passes.items():
             metrics[size_metric(size, "r2site_all")] = best.get("val_r2site_all", np.nan)
             metrics[size_metric(size, f"iqs_{RARE_BIN}")] = best.get(f"val_iqs_{RARE_BIN}", np.nan)
@@ -247,6 +247,16 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     for name, predictions in v.baselines.items():  # what the model must beat: its own neighbours, copied
         metrics.update(validation_report(run.prepared, predictions, masks, truth=truth, prefix=f"val_{name}"))
     return metrics, calibration
+
+
+def deployed_report(reports: dict[tuple[float, str], dict[str, float]], tolerance: float) -> dict[str, float] | None:
+    """The validation report of the (gate, depth) pair ``cheapest_within`` would deploy; None without a finite
+    pair. Why not the best pair's: a prior size is chosen for what imputation will run at it, and the deployed
+    pair (often the prior alone on most rows) can score another rare IQS than the best pair within tolerance."""
+    scores = {pair: x.get("val_r2site_all", np.nan) for pair, x in reports.items()}
+    if not any(np.isfinite(v) for v in scores.values()):
+        return None
+    return reports[cheapest_within(scores, tolerance)]
 
 
 def size_metric(size: float, name: str) -> str:

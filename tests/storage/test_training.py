@@ -231,3 +231,18 @@ def test_a_size_that_loses_rare_iqs_is_not_chosen(tiny_prepared_fixture, tmp_pat
     assert max(scores.values()) > scores[3e4], "another size must win on r2 here, or the guard is not tested"
     assert metrics["val_hmm_ne"] == 3e4  # kept: the winner on r2 loses 0.3 of rare IQS
     assert {ne: metrics[st.size_metric(ne, "iqs_maf_0-0.5pct")] for ne in rare_iqs} == rare_iqs
+
+
+def test_a_size_is_scored_at_the_pair_it_would_deploy():
+    """``deployed_report`` gives the report of ``cheapest_within``'s pair, not the best pair's: here the prior
+    alone at the widest gate is within the tolerance of the transformer's r2 but scores another rare IQS, and the
+    size choice must see that one. Kills: the best pair's report (the IQS 0.9), the starting pair's; no finite
+    pair gives None (the caller falls back to the pass's own predictions)."""
+    from storage.training import deployed_report
+
+    reports = {(0.0, "transformer"): {"val_r2site_all": 0.9008, "val_iqs_maf_0-0.5pct": 0.9},
+               (0.45, "prior"): {"val_r2site_all": 0.9000, "val_iqs_maf_0-0.5pct": 0.7},
+               (0.45, "transformer"): {"val_r2site_all": 0.8980, "val_iqs_maf_0-0.5pct": 0.8}}
+    assert deployed_report(reports, 0.001)["val_iqs_maf_0-0.5pct"] == 0.7
+    assert deployed_report(reports, 0.0)["val_iqs_maf_0-0.5pct"] == 0.9  # no tolerance: the best is deployed
+    assert deployed_report({(0.0, "prior"): {"val_r2site_all": np.nan}}, 0.001) is None
