@@ -128,8 +128,9 @@ def train_in_budget(layout: RunLayout, cfg: RunConfig, minutes: float, threads: 
     run = VariantRun(layout, run_cfg)
     noted = run.paths.root / "benchmark-training.json"  # the cost of the training that made the checkpoints
     if noted.exists() and run.paths.checkpoint(cfg.train.epochs - 1).exists():
-        saved_cost = read_json(noted)
-        return saved_cost["history"], Cost(**saved_cost["cost"]), run
+        # trained: the history as it is now (an epoch whose calibration was chosen under other inference settings
+        # or an older rule is validated again: storage.training.calibration_is_current), the training's cost
+        return run_epochs(run), Cost(**read_json(noted)["cost"]), run
     t0, c0 = time.perf_counter(), time.process_time()
     history = run_epochs(run)
     cost = Cost(time.perf_counter() - t0, time.process_time() - c0, 0.0, threads)

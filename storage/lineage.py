@@ -51,6 +51,13 @@ INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tole
                   "retrieval": ("hmm_ne_choices", "hmm_ne_iqs_tolerance")}
 
 
+def inference_settings(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """``cfg``'s ``INFERENCE_ONLY`` settings as JSON reads them back: what a checkpoint's validation chose its
+    gate, depth, prior size and vote under (recorded in its calibration, so a change is seen)."""
+    full = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as read back from JSON
+    return {name: {f: full[name][f] for f in fields} for name, fields in INFERENCE_ONLY.items()}
+
+
 def _lost_record(here: Path) -> str:
     """The fix for a damaged lineage record: nothing can rebuild what the artifacts were made from."""
     return f"what {here} was trained on is unknown now; move {here} away and train again, or use a new run dir"

@@ -15,6 +15,7 @@ the epoch's row. :func:`run_epochs` runs them in order without an orchestrator; 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -50,9 +51,12 @@ from storage.epoch_inputs import (
 from storage.epoch_plan import EpochPlan, read_plan
 from storage.index_files import index_paths, read_index
 from storage.layout import index_name
+from storage.lineage import inference_settings
 from storage.metrics_report import validation_report
 from storage.queries import QuerySet, query_context, query_set
 from storage.variant import VariantRun, load_trainable, save_trainable
+
+log = logging.getLogger(__name__)
 
 RARE_BIN = MAF_BIN_NAMES[0]  # the rarest MAF bin, whose IQS the prior size must not lose
 
@@ -153,13 +157,32 @@ def validation_inputs(run: VariantRun, queries: QuerySet,
     return inputs, masks
 
 
+# The rule by which validation chooses what it records (the gate, depth, prior size): a calibration chosen by
+# another rule, or under other inference settings, is chosen again (``calibration_is_current``).
+# 1: the size recorded (2026-12-01); 2: each size scored at the pair it would deploy (``deployed_report``).
+VALIDATION_RULE = 2
+
+
+def calibration_is_current(run: VariantRun, epoch: int) -> bool:
+    """The checkpoint of ``epoch`` has a calibration chosen by today's rule under the run's inference settings
+    (``storage.lineage.inference_settings``). Why it matters: those settings are not in the lineage (a run
+    resumes and a checkpoint imputes under new ones), so a calibration chosen under others would be deployed
+    as if validation had seen today's."""
+    path = calibration_path(run.paths.checkpoint(epoch))
+    if not path.exists():
+        return False
+    record = read_json(path)
+    return record.get("rule") == VALIDATION_RULE and record.get("inference") == inference_settings(run.cfg)
+
+
 def validate_epoch(run: VariantRun, epoch: int) -> dict:
     """Validation = deployment: the model after ``epoch`` imputes the validation queries under the
     fixed validation mask with its own fp32 tables and the imputation path; writes epoch metrics and
     the checkpoint's calibration (the prior gate validation chose, and a temperature fitted on the
-    predictions of the rows that gate leaves to the model)."""
+    predictions of the rows that gate leaves to the model). Done again when the calibration is not
+    current (``calibration_is_current``): the metrics and the calibration are then replaced."""
     path = run.paths.epoch_metrics(epoch)
-    if path.exists():
+    if path.exists() and calibration_is_current(run, epoch):
         return read_json(path)
     metrics, calibration = validate_checkpoint(run, epoch)
     write_json(calibration_path(run.paths.checkpoint(epoch)), calibration)
@@ -234,6 +257,7 @@ def validate_checkpoint(run: VariantRun, epoch: int) -> tuple[dict, dict]:
     # the gate and depth decide which logits the temperature was fitted on: recorded, so imputation uses them
     calibration = {"temperature": temperature, "epoch": epoch, "n_sites": int(len(v.labels)),
                    "prior_gate": v.prior_gate, "depth": v.depth, "hmm_ne": ne,
+                   "rule": VALIDATION_RULE, "inference": inference_settings(run.cfg),  # what it was chosen under
                    # the vote validation mixed in (inference-only: the run's config, not the checkpoint's)
                    "rare_vote": {f: getattr(m, f) for f in RARE_VOTE_FIELDS}}
     metrics = {**read_json(run.paths.train_metrics(epoch)), **v.result.metrics("val"), "val_temperature": temperature,
@@ -302,12 +326,34 @@ def epoch_row(plan: EpochPlan, embeddings: dict, indexes: dict, metrics: dict, r
 
 
 def finish_epoch(run: VariantRun, epoch: int, embeddings: dict, indexes: dict, metrics: dict, reencode: dict) -> dict:
-    """Write the epoch's row (:func:`epoch_row`) last: from now on the epoch is finished (and its row kept)."""
-    if run.paths.epoch_summary(epoch).exists():
-        return read_json(run.paths.epoch_summary(epoch))
+    """Write the epoch's row (:func:`epoch_row`) last: from now on the epoch is finished (and its row kept,
+    but for its validation metrics, which follow ``metrics`` when validation ran again: ``with_validation``)."""
+    done = run.paths.epoch_summary(epoch)
+    if done.exists():
+        return with_validation(run, epoch, read_json(done), metrics)
     row = epoch_row(read_plan(run, epoch), embeddings, indexes, metrics, reencode)
+    write_json(done, row)
+    return row
+
+
+def with_validation(run: VariantRun, epoch: int, row: dict, metrics: dict) -> dict:
+    """A finished epoch's row with its validation metrics replaced by ``metrics`` (rewritten if they differ):
+    every ``val_*`` value of the row comes from one validation, never from two."""
+    fresh = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    if fresh == {k: v for k, v in row.items() if k.startswith("val_")}:
+        return row
+    row = {**{k: v for k, v in row.items() if not k.startswith("val_")}, **fresh}
     write_json(run.paths.epoch_summary(epoch), row)
     return row
+
+
+def revalidate(run: VariantRun, epoch: int, row: dict) -> dict:
+    """A finished epoch's row, validated again first if its calibration is not current (``validate_epoch``)."""
+    if calibration_is_current(run, epoch):
+        return row
+    log.info("epoch %d of %s: validating again (its calibration was chosen under other inference settings "
+             "or an older rule)", epoch, run.variant)
+    return with_validation(run, epoch, row, validate_epoch(run, epoch))
 
 
 def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
@@ -318,8 +364,15 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[d
         if is_writer() and done.exists() and not run.paths.checkpoint(epoch).exists():
             done.unlink()  # its checkpoint was deleted (the fix of an integrity error): the epoch is redone
         barrier()  # data parallel: every rank sees the same answer below
-        # written last: a finished epoch is not redone (its embeddings may be pruned)
-        row = read_json(done) if done.exists() else _epoch(run, epoch)
+        # written last: a finished epoch is not redone (its embeddings may be pruned); only its validation,
+        # when the inference settings or the rule changed since (validation needs no stored embedding)
+        if done.exists():
+            if is_writer():
+                revalidate(run, epoch, read_json(done))
+            barrier()
+            row = read_json(done)
+        else:
+            row = _epoch(run, epoch)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)

@@ -477,3 +477,27 @@ def test_isotonic_split_pearson_does_not_depend_on_the_order_of_tied_estimates()
     swapped = emp.copy()
     swapped[[i, j]] = swapped[[j, i]]
     assert isotonic_split_pearson(est, swapped) == pytest.approx(base, abs=1e-12)
+
+
+def test_a_trained_budgeted_run_returns_its_history_as_it_is_now(tmp_path, monkeypatch):
+    """A replicate trained before keeps its training cost but takes its history from ``run_epochs`` (which
+    validates again an epoch whose calibration is not current), so the epoch chosen and the calibration imputed
+    with follow today's inference settings. Kills: the history saved with the cost returned as it was."""
+    import benchmarks.embrag_tool as et
+    from benchmarks.tools import Cost
+    from embrag.config import RunConfig
+    from storage.atomic import write_json
+    from storage.layout import RunLayout
+
+    layout, cfg = RunLayout(tmp_path), RunConfig().replace(train__epochs=1)
+    write_json(layout.root / f"probe-{cfg.model.variant}" / "probe.json", [1.0, 0.0])
+    checkpoint = tmp_path / "epoch-000.pt"
+    checkpoint.write_bytes(b"")
+    fake = type("Run", (), {"paths": type("Paths", (), {"root": tmp_path, "checkpoint": lambda self, e: checkpoint})()})()
+    monkeypatch.setattr(et, "VariantRun", lambda layout, cfg: fake)
+    cost = Cost(10.0, 20.0, 0.0, 2)
+    write_json(tmp_path / "benchmark-training.json", {"history": [{"epoch": 0, "val_r2site_all": 0.1}],
+                                                      "cost": dataclasses.asdict(cost), "batches": 5})
+    monkeypatch.setattr(et, "run_epochs", lambda run: [{"epoch": 0, "val_r2site_all": 0.5}] if run is fake else None)
+    history, got, run = et.train_in_budget(layout, cfg, 5.0, 2)
+    assert history == [{"epoch": 0, "val_r2site_all": 0.5}] and got == cost and run is fake

@@ -246,3 +246,40 @@ def test_a_size_is_scored_at_the_pair_it_would_deploy():
     assert deployed_report(reports, 0.001)["val_iqs_maf_0-0.5pct"] == 0.7
     assert deployed_report(reports, 0.0)["val_iqs_maf_0-0.5pct"] == 0.9  # no tolerance: the best is deployed
     assert deployed_report({(0.0, "prior"): {"val_r2site_all": np.nan}}, 0.001) is None
+
+
+def test_a_finished_epoch_is_validated_again_when_its_inference_settings_or_the_rule_change(
+        tiny_prepared_fixture, tmp_path, monkeypatch):
+    """Inference settings are not in the lineage, so a finished run resumes under new ones: its epochs' calibrations
+    must then be chosen again (not deployed as if validation had seen the new settings), with no training, and the
+    epoch's row must carry the new validation's metrics only. Kills: the cached metrics returned whatever the
+    settings (the calibration's gate stays 0), no re-validation of a calibration from an older rule, the old row's
+    stale ``val_*`` keys kept, re-validating a current calibration, retraining."""
+    import storage.training as st
+    from storage.atomic import write_json
+    from storage.checkpoints import calibration_path
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(), model__depth_choices=(),
+                      retrieval__hmm_ne_choices=())
+    run_epochs(VariantRun(layout, cfg))
+    paths = VariantRun(layout, cfg).paths
+    calibration, summary = calibration_path(paths.checkpoint(0)), paths.epoch_summary(0)
+    stamp = paths.checkpoint(0).stat().st_mtime_ns
+    assert read_json(calibration)["rule"] == st.VALIDATION_RULE and read_json(summary)["val_prior_gate"] == 0.0
+    calls, real = [], st.validate_checkpoint
+    monkeypatch.setattr(st, "validate_checkpoint", lambda run, epoch: calls.append(epoch) or real(run, epoch))
+    monkeypatch.setattr(st, "train_epoch", lambda *a, **kw: pytest.fail("a finished epoch was trained again"))
+    run_epochs(VariantRun(layout, cfg))
+    assert calls == []  # current: read as it is
+    write_json(summary, {**read_json(summary), "val_stale_metric": 1.0})  # from a validation under older settings
+    new = cfg.replace(model__prior_gate=0.3)  # inference only: the run resumes under it
+    row = run_epochs(VariantRun(layout, new))[0]
+    assert calls == [0] and row["val_prior_gate"] == 0.3 and "val_stale_metric" not in row
+    assert read_json(summary) == row and read_json(paths.epoch_metrics(0))["val_prior_gate"] == 0.3
+    record = read_json(calibration)
+    assert record["prior_gate"] == 0.3 and record["inference"]["model"]["prior_gate"] == 0.3
+    write_json(calibration, {**record, "rule": st.VALIDATION_RULE - 1})  # chosen by an older rule
+    run_epochs(VariantRun(layout, new))
+    assert calls == [0, 0] and read_json(calibration)["rule"] == st.VALIDATION_RULE
+    assert paths.checkpoint(0).stat().st_mtime_ns == stamp
