@@ -189,11 +189,12 @@ class Tracker:
         """Log one epoch's metrics at ``step=epoch`` (option-B refreshes at their global step).
 
         One ``log_batch`` (one transaction) whose last metric is ``epoch`` itself, the marker that
-        the epoch is logged; returns False and logs nothing when it already is.
+        the epoch is logged; returns False and logs nothing when it already is, unless its validation
+        metrics changed since (``relog_validation``).
         """
         epoch = int(row["epoch"])
         if epoch in self.logged_epochs(run_id):
-            return False
+            return self.relog_validation(run_id, row)
         if self.status(run_id) != "RUNNING":  # a finished run trained further (e.g. epochs=1, then 2)
             self.client.update_run(run_id, status="RUNNING")
             if run_id in _SYSTEM_RUNS:
@@ -205,7 +206,19 @@ class Tracker:
                 if _number(refresh.get(key)):
                     metrics.append(Metric(f"batch_refresh_{key}", float(refresh[key]), ts, int(refresh["step"])))
         metrics.append(Metric("epoch", float(epoch), ts, epoch))
-        self.client.log_batch(run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(*validation_tag(row))])
+        return True
+
+    def relog_validation(self, run_id: str, row: dict) -> bool:
+        """An epoch already logged whose ``val_*`` metrics changed (validated again under other inference
+        settings: ``storage.training.revalidate``): log them again at its step, so the MLflow UI shows the
+        validation the run's files hold. False when they did not change."""
+        key, digest = validation_tag(row)
+        if self.client.get_run(run_id).data.tags.get(key) == digest:
+            return False
+        ts, epoch = int(time.time() * 1000), int(row["epoch"])
+        metrics = [Metric(k, v, ts, epoch) for k, v in epoch_metrics(row).items() if k.startswith("val_")]
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(key, digest)])
         return True
 
 
@@ -233,6 +246,12 @@ def _unwatch_system(run_id: str) -> None:
         monitor = _MONITORS.pop(run_id, None)
     if monitor is not None:
         monitor.finish()
+
+
+def validation_tag(row: dict) -> tuple[str, str]:
+    """(tag, digest of the row's ``val_*`` values): which validation of the epoch MLflow holds."""
+    values = sorted((k, v) for k, v in epoch_metrics(row).items() if k.startswith("val_"))
+    return f"embrag.validation.{int(row['epoch'])}", hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
 def epoch_metrics(row: dict) -> dict[str, float]:

@@ -185,8 +185,9 @@ def validate_epoch(run: VariantRun, epoch: int) -> dict:
     if path.exists() and calibration_is_current(run, epoch):
         return read_json(path)
     metrics, calibration = validate_checkpoint(run, epoch)
-    write_json(calibration_path(run.paths.checkpoint(epoch)), calibration)
     write_json(path, metrics)
+    # last: a current calibration vouches for the metrics beside it (a crash between the two is redone)
+    write_json(calibration_path(run.paths.checkpoint(epoch)), calibration)
     return metrics
 
 
@@ -348,11 +349,12 @@ def with_validation(run: VariantRun, epoch: int, row: dict, metrics: dict) -> di
 
 
 def revalidate(run: VariantRun, epoch: int, row: dict) -> dict:
-    """A finished epoch's row, validated again first if its calibration is not current (``validate_epoch``)."""
-    if calibration_is_current(run, epoch):
-        return row
-    log.info("epoch %d of %s: validating again (its calibration was chosen under other inference settings "
-             "or an older rule)", epoch, run.variant)
+    """A finished epoch's row with the validation metrics of ``validate_epoch`` (which validates again if the
+    calibration is not current). Always through ``with_validation``: a row left behind by a crash after the
+    metrics were rewritten catches up."""
+    if not calibration_is_current(run, epoch):
+        log.info("epoch %d of %s: validating again (its calibration was chosen under other inference settings "
+                 "or an older rule)", epoch, run.variant)
     return with_validation(run, epoch, row, validate_epoch(run, epoch))
 
 

@@ -494,10 +494,12 @@ def test_a_trained_budgeted_run_returns_its_history_as_it_is_now(tmp_path, monke
     checkpoint = tmp_path / "epoch-000.pt"
     checkpoint.write_bytes(b"")
     fake = type("Run", (), {"paths": type("Paths", (), {"root": tmp_path, "checkpoint": lambda self, e: checkpoint})()})()
-    monkeypatch.setattr(et, "VariantRun", lambda layout, cfg: fake)
+    seen = []
+    monkeypatch.setattr(et, "VariantRun", lambda layout, cfg: seen.append(cfg) or fake)
     cost = Cost(10.0, 20.0, 0.0, 2)
     write_json(tmp_path / "benchmark-training.json", {"history": [{"epoch": 0, "val_r2site_all": 0.1}],
                                                       "cost": dataclasses.asdict(cost), "batches": 5})
     monkeypatch.setattr(et, "run_epochs", lambda run: [{"epoch": 0, "val_r2site_all": 0.5}] if run is fake else None)
     history, got, run = et.train_in_budget(layout, cfg, 5.0, 2)
     assert history == [{"epoch": 0, "val_r2site_all": 0.5}] and got == cost and run is fake
+    assert seen[0].train.max_train_batches == max(10, int(5.0 * 60 / cfg.train.epochs / 1.0))  # the budgeted config

@@ -213,3 +213,19 @@ def test_ui_link_addresses_the_compare_page_of_the_runs(tmp_path, monkeypatch):
     assert link.lines() == [f"start the MLflow UI: {link.start}", link.url]
     one = tracking.ui_link(layout, ids[1:])
     assert one.url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{ids[1]}?workflowType=machine_learning"
+
+
+def test_an_epoch_validated_again_is_logged_again_at_its_step(tmp_path):
+    """A finished epoch validated again under other inference settings (``storage.training.revalidate``) gets its
+    new ``val_*`` values logged at its step, once, and nothing else logged twice. Kills: the early return for a
+    logged epoch kept (MLflow shows the old validation), every metric logged again, a re-log on every rerun."""
+    tracker = Tracker(RunLayout(tmp_path))
+    run_id = tracker.start_run("v18", {}, {})
+    assert tracker.log_epoch(run_id, _row(0))
+    assert not tracker.log_epoch(run_id, _row(0))
+    assert tracker.log_epoch(run_id, _row(0, val_f1=0.6))  # validated again
+    history = tracker.client.get_metric_history(run_id, "val_f1")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.timestamp)] == [(0, 0.5), (0, 0.6)]
+    assert tracker.client.get_run(run_id).data.metrics["val_f1"] == 0.6
+    assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 1
+    assert not tracker.log_epoch(run_id, _row(0, val_f1=0.6))

@@ -283,3 +283,107 @@ def test_a_finished_epoch_is_validated_again_when_its_inference_settings_or_the_
     run_epochs(VariantRun(layout, new))
     assert calls == [0, 0] and read_json(calibration)["rule"] == st.VALIDATION_RULE
     assert paths.checkpoint(0).stat().st_mtime_ns == stamp
+
+
+def test_a_size_with_one_unscored_pair_is_still_scored_at_its_deployed_pair():
+    """One NaN pair (nothing scored there) does not send the size back to its starting pass's report. Kills: the
+    fallback taken unless every pair is finite."""
+    from storage.training import deployed_report
+
+    reports = {(0.0, "transformer"): {"val_r2site_all": np.nan},
+               (0.45, "prior"): {"val_r2site_all": 0.9, "val_iqs_maf_0-0.5pct": 0.7}}
+    assert deployed_report(reports, 0.001)["val_iqs_maf_0-0.5pct"] == 0.7
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("model", "prior_gate", 0.3), ("model", "prior_gate_choices", (0.0,)), ("model", "prior_gate_tolerance", 0.5),
+    ("model", "depth", "copy"), ("model", "depth_choices", ("copy",)), ("model", "rare_vote", 0.25),
+    ("model", "rare_vote_k", 8), ("retrieval", "hmm_ne_choices", (1e5,)), ("retrieval", "hmm_ne_iqs_tolerance", 0.5)])
+def test_every_inference_setting_makes_a_calibration_stale(tmp_path, section, field, value):
+    """A calibration is current only under the settings it was chosen under: each ``INFERENCE_ONLY`` field
+    changed alone makes it stale. Kills: a section or a field left out of ``inference_settings``."""
+    from embrag.config import RunConfig
+    from storage.atomic import write_json
+    from storage.checkpoints import calibration_path
+    from storage.lineage import INFERENCE_ONLY, inference_settings
+    from storage.training import VALIDATION_RULE, calibration_is_current
+
+    assert field in INFERENCE_ONLY[section]
+    cfg = RunConfig()
+    checkpoint = tmp_path / "epoch-000.pt"
+    write_json(calibration_path(checkpoint), {"rule": VALIDATION_RULE, "inference": inference_settings(cfg)})
+    paths = type("Paths", (), {"checkpoint": lambda self, epoch: checkpoint})()
+    run = lambda c: type("Run", (), {"paths": paths, "cfg": c})()  # noqa: E731
+    assert calibration_is_current(run(cfg), 0)
+    assert not calibration_is_current(run(cfg.replace(**{f"{section}__{field}": value})), 0)
+
+
+def test_a_crash_while_validating_again_is_redone_on_resume(tiny_prepared_fixture, tmp_path):
+    """Metrics rewritten but the calibration not yet (a crash between the two): the calibration is stale, so the
+    resume validates again; metrics and calibration current but the row not yet rewritten: the resume brings the
+    row up to date. Kills: the calibration written first (a stale state then judged current), ``revalidate``
+    returning a current epoch's row as it is."""
+    import storage.training as st
+    from storage.atomic import write_json
+    from storage.checkpoints import calibration_path
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(), model__depth_choices=(),
+                      retrieval__hmm_ne_choices=())
+    run_epochs(VariantRun(layout, cfg))
+    paths = VariantRun(layout, cfg).paths
+    calibration, summary, metrics = calibration_path(paths.checkpoint(0)), paths.epoch_summary(0), paths.epoch_metrics(0)
+    new = cfg.replace(model__prior_gate=0.3)
+    written = []
+    real_write = st.write_json
+
+    def crash_after_metrics(path, data):
+        real_write(path, data)
+        written.append(path)
+        if path == metrics:
+            raise KeyboardInterrupt  # killed before the calibration is written
+
+    st.write_json = crash_after_metrics
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_epochs(VariantRun(layout, new))
+    finally:
+        st.write_json = real_write
+    assert written == [metrics] and read_json(calibration)["prior_gate"] == 0.0  # stale
+    run_epochs(VariantRun(layout, new))
+    assert read_json(calibration)["prior_gate"] == 0.3 and read_json(summary)["val_prior_gate"] == 0.3
+    write_json(summary, {**read_json(summary), "val_prior_gate": 0.0})  # metrics current, the row not rewritten
+    assert run_epochs(VariantRun(layout, new))[0]["val_prior_gate"] == 0.3 == read_json(summary)["val_prior_gate"]
+
+
+def test_the_flow_path_records_a_finished_epoch_with_its_new_validation(tiny_prepared_fixture, tmp_path):
+    """``finish_epoch`` on an epoch already finished (the flow's record stage after a validation under new
+    settings) returns and writes the row with the new ``val_*`` metrics. Kills: the finished row returned as it
+    was."""
+    from storage.training import finish_epoch
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1)
+    run = VariantRun(layout, cfg)
+    row = run_epochs(run)[0]
+    metrics = {**{k: v for k, v in row.items() if k.startswith("val_")}, "val_prior_gate": 0.3}
+    out = finish_epoch(run, 0, {}, {}, metrics, {})
+    assert out["val_prior_gate"] == 0.3 == read_json(run.paths.epoch_summary(0))["val_prior_gate"]
+    assert out["train_loss"] == row["train_loss"]  # the rest of the row kept
+
+
+def test_the_size_metrics_are_the_deployed_pairs(tiny_prepared_fixture, tmp_path):
+    """With every pair within the tolerance, each size's reported score is its deployed pair's (the widest gate,
+    the shallowest depth), the same number as that pair's own metric. Kills: the sizes scored at the best pair
+    (tolerance 0 passed to ``deployed_report``)."""
+    import storage.training as st
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.3),
+                      model__depth_choices=("transformer", "copy"), retrieval__hmm_ne=3e4,
+                      retrieval__hmm_ne_choices=(3e2,), model__prior_gate_tolerance=1.0)
+    metrics = run_epochs(VariantRun(layout, cfg))[-1]
+    pairs = {k: v for k, v in metrics.items() if k.startswith("val_gate_")}
+    assert len(set(pairs.values())) > 1, "the pairs must differ, or the deployed one is not singled out"
+    assert metrics["val_hmm_ne"] == 3e4 and (metrics["val_prior_gate"], metrics["val_depth"]) == (0.3, 1.0)
+    assert metrics[st.size_metric(3e4, "r2site_all")] == metrics["val_gate_0.3_copy_r2site_all"]
