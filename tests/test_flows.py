@@ -180,7 +180,8 @@ def test_rerun_after_a_failure_redoes_only_the_failed_stage(reference, tiny_run_
 
     ended = _mlflow_run(tiny_run_dir, "v18")[1].info.end_time
     again = train_flow(run_dir=str(tiny_run_dir), variant="v18", return_state=True)
-    planned = ("track", "publish", "embed-plan", "embed-finish", "index-plan", "index-finish")  # live: they only look
+    planned = ("track", "publish", "embed-plan", "embed-finish", "index-plan", "index-finish",
+               "validate")  # live: they only look
     states = _task_states(again.state_details.flow_run_id, expect=stages - {reencode_1})
     assert {n: s for n, s in states.items() if not n.startswith(planned) and s != "Cached"} == {}
     client, run = _mlflow_run(tiny_run_dir, "v18")
