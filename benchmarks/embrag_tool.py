@@ -144,6 +144,10 @@ def best_epoch(history: list[dict], key: str = "val_r2site_all") -> int:
 
 
 class Embrag:
+    # choices made again on every run (benchmarks.protocol.tune_all): the epoch and its calibration follow the run's
+    # validation, redone without training when the inference settings or the rule changed; seconds when nothing did
+    live_choices = True
+
     def __init__(self, variant: str = "v18", minutes: float = 5.0, *, label: str | None = None,
                  overrides: dict | None = None) -> None:
         self.variant, self.minutes, self.overrides = variant, minutes, dict(overrides or {})

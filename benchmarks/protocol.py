@@ -87,6 +87,9 @@ class ToolRun:
 
 class Tool(Protocol):
     name: str
+    # optional ``live_choices: bool``: True when the tool's choices may change without its inputs changing and
+    # are cheap to make again from its cached work (embrag: its run's validation is redone when the inference
+    # settings or the rule change, storage.training.calibration_is_current), so a rerun makes them again
 
     def tune(self, inputs: Inputs, work: Path) -> dict:
         """Choices from the panel and the validation target only (JSON-able)."""
@@ -139,12 +142,16 @@ def build_inputs(public: PublicSim, out: Path, *, val_samples: int, seed: int, t
 
 
 def tune_all(tools: list[Tool], inputs: Inputs, work: Path) -> dict[str, dict]:
-    """Every tool's choices, written to ``choices.json`` (reused when it holds every tool)."""
+    """Every tool's choices, written to ``choices.json``: reused when it holds every tool, but for the tools
+    whose choices are live (``live_choices``), which are made again (from their cached work, so cheaply)."""
     path = work / CHOICES
-    if path.exists() and set(saved := read_json(path)) >= {t.name for t in tools}:
-        return saved
-    choices = {t.name: t.tune(inputs, work / t.name) for t in tools}
-    write_json(path, choices)
+    saved = read_json(path) if path.exists() else {}
+    if set(saved) >= {t.name for t in tools}:
+        choices = saved | {t.name: t.tune(inputs, work / t.name) for t in tools if getattr(t, "live_choices", False)}
+    else:
+        choices = {t.name: t.tune(inputs, work / t.name) for t in tools}
+    if choices != saved:
+        write_json(path, choices)
     return choices
 
 

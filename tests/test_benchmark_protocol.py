@@ -503,3 +503,27 @@ def test_a_trained_budgeted_run_returns_its_history_as_it_is_now(tmp_path, monke
     history, got, run = et.train_in_budget(layout, cfg, 5.0, 2)
     assert history == [{"epoch": 0, "val_r2site_all": 0.5}] and got == cost and run is fake
     assert seen[0].train.max_train_batches == max(10, int(5.0 * 60 / cfg.train.epochs / 1.0))  # the budgeted config
+
+
+def test_a_tool_with_live_choices_chooses_again_on_a_rerun(tmp_path):
+    """Saved choices are reused, but a tool whose choices are live (embrag: its validation is redone when the
+    inference settings change) makes them again and ``choices.json`` follows. Kills: every saved choice reused
+    (a replicate keeps a calibration chosen under old settings), the non-live tools tuned again, the file not
+    rewritten."""
+    from storage.atomic import read_json, write_json
+
+    class Fake:
+        def __init__(self, name, live, answer):
+            self.name, self.live_choices, self.answer, self.calls = name, live, answer, 0
+
+        def tune(self, inputs, work):
+            self.calls += 1
+            return self.answer
+
+    live, fixed = Fake("embrag-v18", True, {"epoch": 2}), Fake("beagle-5.4", False, {"ne": 1})
+    write_json(tmp_path / protocol.CHOICES, {"embrag-v18": {"epoch": 1}, "beagle-5.4": {"ne": 0}})
+    choices = protocol.tune_all([live, fixed], None, tmp_path)
+    assert choices == {"embrag-v18": {"epoch": 2}, "beagle-5.4": {"ne": 0}} == read_json(tmp_path / protocol.CHOICES)
+    assert (live.calls, fixed.calls) == (1, 0)
+    from benchmarks.embrag_tool import Embrag
+    assert Embrag().live_choices
