@@ -37,7 +37,7 @@ from embrag.validate import (
     validation_windows,
 )
 from storage.atomic import read_json, write_json
-from storage.checkpoints import calibration_path
+from storage.checkpoints import calibration_path, copy_calibration
 from storage.distributed import barrier, is_writer
 from storage.epoch_inputs import (
     build_indexes,
@@ -378,7 +378,21 @@ def run_epochs(run: VariantRun, epochs: int | None = None, on_epoch: Callable[[d
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+    if is_writer():
+        refresh_best_calibration(run)
     return history
+
+
+def refresh_best_calibration(run: VariantRun) -> None:
+    """``best.pt`` (a copy of an epoch's checkpoint, made by the tracked flow) with the calibration its epoch has
+    now: an epoch validated again (``revalidate``) would otherwise leave the copy imputing under the old one."""
+    best = run.paths.best_checkpoint
+    if not calibration_path(best).exists():
+        return
+    epoch = read_json(calibration_path(best)).get("epoch")
+    source = calibration_path(run.paths.checkpoint(int(epoch))) if epoch is not None else None
+    if source is not None and source.exists() and read_json(source) != read_json(calibration_path(best)):
+        copy_calibration(run.paths.checkpoint(int(epoch)), best)
 
 
 def _epoch(run: VariantRun, epoch: int) -> dict:

@@ -387,3 +387,26 @@ def test_the_size_metrics_are_the_deployed_pairs(tiny_prepared_fixture, tmp_path
     assert len(set(pairs.values())) > 1, "the pairs must differ, or the deployed one is not singled out"
     assert metrics["val_hmm_ne"] == 3e4 and (metrics["val_prior_gate"], metrics["val_depth"]) == (0.3, 1.0)
     assert metrics[st.size_metric(3e4, "r2site_all")] == metrics["val_gate_0.3_copy_r2site_all"]
+
+
+def test_best_checkpoint_follows_its_epochs_new_calibration(tiny_prepared_fixture, tmp_path):
+    """``best.pt`` is a copy of an epoch's checkpoint with its calibration; when that epoch is validated again,
+    a resume gives the copy the new calibration (imputing with ``best.pt`` must not deploy the old choice).
+    Kills: the copy's calibration left as it was."""
+    from storage.atomic import write_json
+    from storage.checkpoints import calibration_path, copy_calibration, copy_checkpoint
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(), model__depth_choices=(),
+                      retrieval__hmm_ne_choices=())
+    run = VariantRun(layout, cfg)
+    run_epochs(run)
+    best = copy_checkpoint(run.paths.checkpoint(0), run.paths.best_checkpoint)  # as the tracked flow makes it
+    copy_calibration(run.paths.checkpoint(0), best)
+    assert read_json(calibration_path(best))["prior_gate"] == 0.0
+    run_epochs(VariantRun(layout, cfg.replace(model__prior_gate=0.3)))
+    assert read_json(calibration_path(best)) == read_json(calibration_path(run.paths.checkpoint(0)))
+    assert read_json(calibration_path(best))["prior_gate"] == 0.3
+    write_json(calibration_path(best), {**read_json(calibration_path(best)), "epoch": None})  # no source: kept
+    run_epochs(VariantRun(layout, cfg.replace(model__prior_gate=0.3)))
+    assert read_json(calibration_path(best))["epoch"] is None
