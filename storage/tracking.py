@@ -63,6 +63,7 @@ from storage.checkpoints import copy_calibration, copy_checkpoint
 from storage.epoch_inputs import index_folder
 from storage.index_files import index_paths
 from storage.layout import RunLayout, index_name
+from storage.lineage import INFERENCE_ONLY
 from storage.prepared import PreparedData, store_digest
 from storage.variant import VariantRun
 
@@ -139,8 +140,11 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str], *, system_metrics: bool = False) -> str:
-        """Reuse the run with this key or create it; add params and tags.
+    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str], *, system_metrics: bool = False,
+                  mutable: Iterable[str] = ()) -> str:
+        """Reuse the run with this key or create it; add params and tags. A logged param may differ only if it
+        is ``mutable`` (a setting of inference only): MLflow keeps a param's first value, so the current one
+        goes to the tag ``embrag.now.<param>``; any other difference is refused.
 
         A reused FAILED or KILLED run resumes (RUNNING again); a FINISHED one stays FINISHED until
         :meth:`log_epoch` logs a new epoch to it. ``system_metrics``: sample ``system/*`` metrics
@@ -151,7 +155,7 @@ class Tracker:
             run_id = self.client.create_run(self.experiment_id(), run_name=name, tags={RUN_KEY: self.run_key(name)}).info.run_id
         elif self.status(run_id) in ("FAILED", "KILLED"):
             self.client.update_run(run_id, status="RUNNING")
-        self._log_new_params(run_id, params)
+        self._log_new_params(run_id, params, frozenset(mutable))
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if system_metrics:
             _SYSTEM_RUNS.add(run_id)
@@ -169,9 +173,14 @@ class Tracker:
             return
         self.client.set_terminated(run_id, status=status)
 
-    def _log_new_params(self, run_id: str, params: dict[str, str]) -> None:
+    def _log_new_params(self, run_id: str, params: dict[str, str], mutable: frozenset[str] = frozenset()) -> None:
         existing = self.client.get_run(run_id).data.params
         changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
+        # an inference-only setting changed since (the run resumes under it, validating again): its value now
+        now = [RunTag(f"embrag.now.{k}", params[k]) for k in sorted(mutable & params.keys()) if k in changed]
+        if now:
+            self.client.log_batch(run_id, tags=now)
+        changed = {k: v for k, v in changed.items() if k not in mutable}
         if changed:
             raise ValueError(
                 f"MLflow run {run_id} of {self.layout.root} was logged with a different config "
@@ -286,6 +295,12 @@ def config_params(cfg: RunConfig, drop: Iterable[str] = ()) -> dict[str, str]:
     return {k: str(v) for k, v in cfg.flat().items() if k not in set(drop)}
 
 
+def inference_params() -> frozenset[str]:
+    """The params of the settings of inference only (``storage.lineage.INFERENCE_ONLY``): a run resumes under
+    new values of these (``Tracker.start_run``'s ``mutable``)."""
+    return frozenset(f"{section}.{field}" for section, fields in INFERENCE_ONLY.items() for field in fields)
+
+
 def variant_params(run: VariantRun) -> dict[str, str]:
     """The config, with ``index.kind`` the index the variant really searches (V17: ``token``, whatever
     the config's embedding index; ``none`` for the model without retrieval)."""
@@ -333,7 +348,7 @@ def start_variant_run(run: VariantRun, *, comparison_run_id: str | None = None, 
         tags["prefect.flow_run_id"] = flow_run_id
     if comparison_run_id:
         tags[COMPARISON] = comparison_run_id
-    run_id = tracker.start_run(run.variant, variant_params(run), tags, system_metrics=True)
+    run_id = tracker.start_run(run.variant, variant_params(run), tags, system_metrics=True, mutable=inference_params())
     tracker.client.log_dict(run_id, run.cfg.to_dict(), "config/config.json")
     log_prepared_input(tracker, run_id, run.prepared)
     return run_id
@@ -345,7 +360,8 @@ def start_parent_run(layout: RunLayout, cfg: RunConfig, *, variants: Iterable[st
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     tracker = Tracker(layout)
-    run_id = tracker.start_run("compare", config_params(cfg, drop=["model.variant", "index.kind"]), tags)
+    run_id = tracker.start_run("compare", config_params(cfg, drop=["model.variant", "index.kind"]), tags,
+                               mutable=inference_params())
     tracker.client.set_tag(run_id, COMPARISON, run_id)  # the compare run is in its own group
     return run_id
 

@@ -558,3 +558,26 @@ def test_cli_impute_several_targets_into_a_folder_and_refuses_a_truth_for_them(r
     assert (tmp_path / "out" / "test_array.v18.vcf.gz").exists() and (tmp_path / "out" / "batch2.v18.vcf.gz").exists()
     clash = CliRunner().invoke(app, [*base[:-2], "--target", str(vcf / "test_array.vcf.gz")])  # the same name twice
     assert clash.exit_code != 0 and "same file name" in str(clash.exception)  # `run` prints it as one line
+
+
+def test_a_tracked_rerun_under_a_new_gate_validates_again_without_training(prepared_template, tmp_path):
+    """The train flow resumed with a new inference-only setting (here the gate validation may choose): no epoch
+    is trained again, each finished epoch is validated again under it (metrics, calibration, the epoch's row),
+    and MLflow's run shows the new validation. Kills: the flow refusing the setting (MLflow params), the
+    validate stage cached on its inputs, the row or MLflow keeping the old validation."""
+    run_dir = _copy_run(prepared_template, tmp_path / "run")
+    train_flow(run_dir=str(run_dir), variant="v18", epochs=1)
+    paths = RunLayout(run_dir).variant("v18")
+    stamp = paths.checkpoint(0).stat().st_mtime_ns
+    config = json.loads((run_dir / "config.json").read_text())
+    assert json.loads(paths.epoch_metrics(0).read_text())["val_prior_gate"] != 0.3
+    config["model"].update(prior_gate=0.3, prior_gate_choices=[0.3])
+    (tmp_path / "new.json").write_text(json.dumps(config))
+    train_flow(run_dir=str(run_dir), variant="v18", config_path=str(tmp_path / "new.json"), epochs=1)
+    assert paths.checkpoint(0).stat().st_mtime_ns == stamp  # not trained again
+    assert json.loads(paths.epoch_metrics(0).read_text())["val_prior_gate"] == 0.3
+    assert json.loads(paths.epoch_summary(0).read_text())["val_prior_gate"] == 0.3
+    from storage.checkpoints import calibration_path
+    assert json.loads(calibration_path(paths.checkpoint(0)).read_text())["prior_gate"] == 0.3
+    client, run = _mlflow_run(run_dir, "v18")
+    assert run.data.metrics["val_prior_gate"] == 0.3 and run.data.tags["embrag.now.model.prior_gate"] == "0.3"

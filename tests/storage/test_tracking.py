@@ -229,3 +229,20 @@ def test_an_epoch_validated_again_is_logged_again_at_its_step(tmp_path):
     assert tracker.client.get_run(run_id).data.metrics["val_f1"] == 0.6
     assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 1
     assert not tracker.log_epoch(run_id, _row(0, val_f1=0.6))
+
+
+def test_a_run_resumes_under_a_new_inference_setting_and_tags_it(tmp_path):
+    """A param of an inference-only setting may change on a rerun (the run validates again under it): MLflow keeps
+    the first value, the current one goes to ``embrag.now.<param>``; a trained setting still may not change.
+    Kills: every changed param refused (a tracked resume under a new gate fails), every one accepted."""
+    from storage.tracking import inference_params
+
+    tracker = Tracker(RunLayout(tmp_path))
+    mutable = inference_params()
+    assert "model.prior_gate" in mutable and "retrieval.hmm_ne_choices" in mutable and "train.lr" not in mutable
+    run_id = tracker.start_run("v18", {"model.prior_gate": "0.05", "train.lr": "0.001"}, {}, mutable=mutable)
+    assert tracker.start_run("v18", {"model.prior_gate": "0.3", "train.lr": "0.001"}, {}, mutable=mutable) == run_id
+    data = tracker.client.get_run(run_id).data
+    assert data.params["model.prior_gate"] == "0.05" and data.tags["embrag.now.model.prior_gate"] == "0.3"
+    with pytest.raises(ValueError, match="different config"):
+        tracker.start_run("v18", {"model.prior_gate": "0.3", "train.lr": "0.01"}, {}, mutable=mutable)
