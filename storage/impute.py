@@ -33,7 +33,7 @@ from storage.checkpoints import calibration_path, checkpoint_lineage, load_check
 from storage.errors import VcfInputError
 from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write_report
 from storage.layout import RunLayout, evaluation_dir
-from storage.lineage import check_checkpoint, provenance_tag
+from storage.lineage import check_checkpoint, inference_settings, provenance_tag
 from storage.prepared import PreparedData
 from storage.queries import match_context
 from storage.target import Target, exclude_rows, output_contigs, panel_af, read_target
@@ -279,6 +279,25 @@ def calibration_mismatch(checkpoint: Path, fitted: Calibration, gate: float, dep
             "dosages are calibrated for the haplotypes that gate let through, at that depth")
 
 
+def stale_calibration(checkpoint: Path, run_dir: Path) -> str | None:
+    """A warning when the checkpoint's calibration was chosen under other inference settings (gate, depth, prior
+    size, rare-site vote candidates and tolerances) than ``run_dir``'s config.json holds now: it is used as
+    chosen, and training the run again validates its epochs under the new ones (no retraining). None for a
+    calibration that records none (older) or without a config.json."""
+    path, config = calibration_path(checkpoint), RunLayout(run_dir).config
+    if not (path.exists() and config.exists()):
+        return None
+    recorded = read_json(path).get("inference")
+    now = inference_settings(RunConfig.from_dict(read_json(config)))
+    if recorded is None or recorded == now:
+        return None
+    changed = sorted(f"{section}.{name}" for section, fields in now.items() for name, value in fields.items()
+                     if recorded.get(section, {}).get(name) != value)
+    return (f"{checkpoint.name}'s calibration was chosen under other inference settings than {config} holds now "
+            f"({', '.join(changed)}); it is used as chosen: run `embrag train --run-dir {run_dir}` to validate its "
+            "epochs again under the new ones (no retraining)")
+
+
 def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1,
                  prior_gate: float | None = None, depth: str | None = None) -> None:
     """What can be refused before a checkpoint is loaded: a missing target, an output that is the target,
@@ -358,7 +377,8 @@ class Imputer:
             exclude = exclude_rows(target.samples, prepared, allow_panel_overlap, target_vcf, withheld_samples)
             untyped = 1.0 - float(target.typed.mean())
             warning = "; ".join(w for w in (design_mismatch(cfg, prepared, target.typed),
-                                            calibration_mismatch(checkpoint, fitted, gate, depth)) if w) or None
+                                            calibration_mismatch(checkpoint, fitted, gate, depth),
+                                            stale_calibration(checkpoint, self.run_dir)) if w) or None
             shape = (len(prepared.sites), len(target.samples), 2)
             probs = np.lib.format.open_memmap(work / "probs.npy", "w+", np.uint16, shape)
             chunk = prior_chunk(cfg, prepared, target.typed, sample_chunk)

@@ -688,3 +688,27 @@ def test_window_tokens_are_read_from_disk_once_and_cannot_be_changed(run, monkey
         first[0, 0] = 0
     if "study" in p.roles:
         assert p.tokens("study", 1).shape[0] == p.n_haplotypes("study") and reads == ["panel", "study"]
+
+
+def test_imputation_warns_when_the_calibration_was_chosen_under_other_inference_settings(tmp_path):
+    """The run's config.json changed an inference-only setting after validation: the calibration is still used
+    as chosen, and the warning names the setting and the fix. Kills: no warning, a warning for an unchanged
+    config, a warning for a calibration that records no settings (written before they were recorded)."""
+    from embrag.config import RunConfig
+    from storage.atomic import write_json
+    from storage.checkpoints import calibration_path
+    from storage.impute import stale_calibration
+    from storage.layout import RunLayout
+    from storage.lineage import inference_settings
+
+    checkpoint, layout = tmp_path / "epoch-000.pt", RunLayout(tmp_path / "run")
+    write_json(calibration_path(checkpoint), {"temperature": 1.0, "inference": inference_settings(RunConfig())})
+    assert stale_calibration(checkpoint, layout.root) is None  # no config.json
+    write_json(layout.config, RunConfig().to_dict())
+    assert stale_calibration(checkpoint, layout.root) is None
+    write_json(layout.config, RunConfig().replace(model__prior_gate_choices=(0.3,)).to_dict())
+    warning = stale_calibration(checkpoint, layout.root)
+    assert "model.prior_gate_choices" in warning and "embrag train --run-dir" in warning
+    assert "model.prior_gate," not in warning and "retrieval." not in warning  # only what changed
+    write_json(calibration_path(checkpoint), {"temperature": 1.0})
+    assert stale_calibration(checkpoint, layout.root) is None
