@@ -174,10 +174,13 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def _log_new_params(self, run_id: str, params: dict[str, str], mutable: frozenset[str] = frozenset()) -> None:
-        existing = self.client.get_run(run_id).data.params
+        data = self.client.get_run(run_id).data
+        existing = data.params
         changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
-        # an inference-only setting changed since (the run resumes under it, validating again): its value now
-        now = [RunTag(f"embrag.now.{k}", params[k]) for k in sorted(mutable & params.keys()) if k in changed]
+        # an inference-only setting changed since (the run resumes under it, validating again): its value now,
+        # also when it is back to the first value after another
+        now = [RunTag(f"embrag.now.{k}", params[k]) for k in sorted(mutable & params.keys())
+               if k in changed or data.tags.get(f"embrag.now.{k}", params[k]) != params[k]]
         if now:
             self.client.log_batch(run_id, tags=now)
         changed = {k: v for k, v in changed.items() if k not in mutable}

@@ -246,3 +246,5 @@ def test_a_run_resumes_under_a_new_inference_setting_and_tags_it(tmp_path):
     assert data.params["model.prior_gate"] == "0.05" and data.tags["embrag.now.model.prior_gate"] == "0.3"
     with pytest.raises(ValueError, match="different config"):
         tracker.start_run("v18", {"model.prior_gate": "0.3", "train.lr": "0.01"}, {}, mutable=mutable)
+    tracker.start_run("v18", {"model.prior_gate": "0.05", "train.lr": "0.001"}, {}, mutable=mutable)  # back again
+    assert tracker.client.get_run(run_id).data.tags["embrag.now.model.prior_gate"] == "0.05"
