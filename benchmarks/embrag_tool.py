@@ -129,7 +129,7 @@ def train_in_budget(layout: RunLayout, cfg: RunConfig, minutes: float, threads: 
     noted = run.paths.root / "benchmark-training.json"  # the cost of the training that made the checkpoints
     if noted.exists() and run.paths.checkpoint(cfg.train.epochs - 1).exists():
         # trained: the history as it is now (an epoch whose calibration was chosen under other inference settings
-        # or an older rule is validated again: storage.training.calibration_is_current), the training's cost
+        # or an older rule is validated again: storage.validation.calibration_is_current), the training's cost
         return run_epochs(run), Cost(**read_json(noted)["cost"]), run
     t0, c0 = time.perf_counter(), time.process_time()
     history = run_epochs(run)

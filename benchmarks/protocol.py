@@ -89,7 +89,7 @@ class Tool(Protocol):
     name: str
     # optional ``live_choices: bool``: True when the tool's choices may change without its inputs changing and
     # are cheap to make again from its cached work (embrag: its run's validation is redone when the inference
-    # settings or the rule change, storage.training.calibration_is_current), so a rerun makes them again
+    # settings or the rule change, storage.validation.calibration_is_current), so a rerun makes them again
 
     def tune(self, inputs: Inputs, work: Path) -> dict:
         """Choices from the panel and the validation target only (JSON-able)."""

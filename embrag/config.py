@@ -280,8 +280,8 @@ class RetrievalConfig:
     # effective size here and keeps ``hmm_ne`` (the one it trained with) unless another beats it by more than
     # ``model.prior_gate_tolerance`` in mean per-site r2 without losing more than ``hmm_ne_iqs_tolerance`` of
     # rarest-bin IQS (embrag.validate.choose_prior_size); the calibration records it and imputation uses it.
-    # Why: 3e4 was chosen on CEU and YRI, and a population with another history wants another size: on an admixed one (stdpopsim AmericanAdmixture_4B18 ADMIX, 2 replicates of the accuracy
-    # protocol) the validation targets' mean per-site r2 was 0.846 / 0.845 at 3e4, 0.849 / 0.850 at 1e5 and
+    # Why: 3e4 was chosen on CEU and YRI, and a population with another history wants another size: on an
+    # admixed one (stdpopsim AmericanAdmixture_4B18 ADMIX, 2 replicates of the accuracy protocol) the validation targets' mean per-site r2 was 0.846 / 0.845 at 3e4, 0.849 / 0.850 at 1e5 and
     # 0.848 / 0.854 at 3e5, where the whole-contig HMM baseline, tuned on validation, chose 3e5 and beat
     # embrag on the test targets. 3e5 is not a default candidate: with the IQS condition it won on none of the
     # 15 protocol replicates validated with it, and each candidate costs a validation pass (in the demo,

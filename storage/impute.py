@@ -224,7 +224,7 @@ def design_mismatch(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray) -
 
 
 class Calibration(NamedTuple):
-    """What validation fitted and chose for a checkpoint (``storage.training.validate_checkpoint``)."""
+    """What validation fitted and chose for a checkpoint (``storage.validation.validate_checkpoint``)."""
 
     temperature: float  # 1.0 without a calibration
     prior_gate: float | None  # the gate it was fitted under; None: no calibration, or one from before gates
@@ -253,7 +253,7 @@ def prior_size(cfg: RunConfig, chosen: float | None) -> RunConfig:
     """``cfg`` with the prior's effective size validation chose for the checkpoint (None: its own)."""
     if chosen is None or chosen == cfg.retrieval.hmm_ne:
         return cfg
-    return dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, hmm_ne=chosen))
+    return cfg.replace(retrieval__hmm_ne=chosen)
 
 
 def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:

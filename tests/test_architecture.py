@@ -92,7 +92,8 @@ def test_every_stage_reads_the_written_plan(v18_run, monkeypatch):
     import storage.epoch_plan as epoch_plan
     from storage.atomic import read_json, write_json
     from storage.epoch_inputs import prepare_epoch_inputs
-    from storage.training import train_one_epoch, validate_epoch
+    from storage.training import train_one_epoch
+    from storage.validation import validate_epoch
 
     epoch_plan.write_plan(v18_run, 0)
     path = v18_run.paths.plan(0)

@@ -25,7 +25,8 @@ from storage.impute import _window_inputs, target_context
 from storage.layout import RunLayout
 from storage.queries import query_set
 from storage.target import exclude_rows, read_target
-from storage.training import StoreSource, run_epochs, validate_epoch, validation_inputs
+from storage.training import StoreSource, run_epochs
+from storage.validation import validate_epoch, validation_inputs
 from storage.variant import VariantRun
 
 

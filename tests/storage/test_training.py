@@ -128,7 +128,7 @@ def test_validation_chooses_the_cheapest_gate_and_depth_near_the_best_and_record
     the tolerance of the best, the calibration records it, and the deployed metrics are validated under it
     (a second validation when it is not the starting pair). Kills: the best instead of the cheapest, the
     starting gate or depth recorded, metrics of the starting pair kept after choosing another."""
-    import storage.training as st
+    import storage.validation as st
     from embrag.validate import cheapest_within
     from storage.checkpoints import calibration_path
 
@@ -165,7 +165,7 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     validation runs again at the chosen size. Kills: the passes all at the trained size, the trained size recorded
     whatever won, the second pass at the trained size, a pass left out of the cost, the calibration's size
     ignored by imputation."""
-    import storage.training as st
+    import storage.validation as st
     from embrag.validate import choose_prior_size
     from storage.checkpoints import calibration_path
     from storage.impute import prior_size, read_calibration
@@ -208,7 +208,7 @@ def test_a_size_that_loses_rare_iqs_is_not_chosen(tiny_prepared_fixture, tmp_pat
     more IQS than the tolerance (the tiny panel has no rare site to score), the trained size is kept whatever the
     r2 says, and the metrics report the IQS the choice saw. Kills: the IQS read under another key (NaN: no loss),
     the IQS condition dropped."""
-    import storage.training as st
+    import storage.validation as st
 
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate_choices=(), model__depth_choices=(),
@@ -238,7 +238,7 @@ def test_a_size_is_scored_at_the_pair_it_would_deploy():
     alone at the widest gate is within the tolerance of the transformer's r2 but scores another rare IQS, and the
     size choice must see that one. Kills: the best pair's report (the IQS 0.9), the starting pair's; no finite
     pair gives None (the caller falls back to the pass's own predictions)."""
-    from storage.training import deployed_report
+    from storage.validation import deployed_report
 
     reports = {(0.0, "transformer"): {"val_r2site_all": 0.9008, "val_iqs_maf_0-0.5pct": 0.9},
                (0.45, "prior"): {"val_r2site_all": 0.9000, "val_iqs_maf_0-0.5pct": 0.7},
@@ -256,6 +256,7 @@ def test_a_finished_epoch_is_validated_again_when_its_inference_settings_or_the_
     settings (the calibration's gate stays 0), no re-validation of a calibration from an older rule, the old row's
     stale ``val_*`` keys kept, re-validating a current calibration, retraining."""
     import storage.training as st
+    import storage.validation as sv
     from storage.atomic import write_json
     from storage.checkpoints import calibration_path
 
@@ -266,9 +267,9 @@ def test_a_finished_epoch_is_validated_again_when_its_inference_settings_or_the_
     paths = VariantRun(layout, cfg).paths
     calibration, summary = calibration_path(paths.checkpoint(0)), paths.epoch_summary(0)
     stamp = paths.checkpoint(0).stat().st_mtime_ns
-    assert read_json(calibration)["rule"] == st.VALIDATION_RULE and read_json(summary)["val_prior_gate"] == 0.0
-    calls, real = [], st.validate_checkpoint
-    monkeypatch.setattr(st, "validate_checkpoint", lambda run, epoch: calls.append(epoch) or real(run, epoch))
+    assert read_json(calibration)["rule"] == sv.VALIDATION_RULE and read_json(summary)["val_prior_gate"] == 0.0
+    calls, real = [], sv.validate_checkpoint
+    monkeypatch.setattr(sv, "validate_checkpoint", lambda run, epoch: calls.append(epoch) or real(run, epoch))
     monkeypatch.setattr(st, "train_epoch", lambda *a, **kw: pytest.fail("a finished epoch was trained again"))
     run_epochs(VariantRun(layout, cfg))
     assert calls == []  # current: read as it is
@@ -279,16 +280,16 @@ def test_a_finished_epoch_is_validated_again_when_its_inference_settings_or_the_
     assert read_json(summary) == row and read_json(paths.epoch_metrics(0))["val_prior_gate"] == 0.3
     record = read_json(calibration)
     assert record["prior_gate"] == 0.3 and record["inference"]["model"]["prior_gate"] == 0.3
-    write_json(calibration, {**record, "rule": st.VALIDATION_RULE - 1})  # chosen by an older rule
+    write_json(calibration, {**record, "rule": sv.VALIDATION_RULE - 1})  # chosen by an older rule
     run_epochs(VariantRun(layout, new))
-    assert calls == [0, 0] and read_json(calibration)["rule"] == st.VALIDATION_RULE
+    assert calls == [0, 0] and read_json(calibration)["rule"] == sv.VALIDATION_RULE
     assert paths.checkpoint(0).stat().st_mtime_ns == stamp
 
 
 def test_a_size_with_one_unscored_pair_is_still_scored_at_its_deployed_pair():
     """One NaN pair (nothing scored there) does not send the size back to its starting pass's report. Kills: the
     fallback taken unless every pair is finite."""
-    from storage.training import deployed_report
+    from storage.validation import deployed_report
 
     reports = {(0.0, "transformer"): {"val_r2site_all": np.nan},
                (0.45, "prior"): {"val_r2site_all": 0.9, "val_iqs_maf_0-0.5pct": 0.7}}
@@ -306,7 +307,7 @@ def test_every_inference_setting_makes_a_calibration_stale(tmp_path, section, fi
     from storage.atomic import write_json
     from storage.checkpoints import calibration_path
     from storage.lineage import INFERENCE_ONLY, inference_settings
-    from storage.training import VALIDATION_RULE, calibration_is_current
+    from storage.validation import VALIDATION_RULE, calibration_is_current
 
     assert field in INFERENCE_ONLY[section]
     cfg = RunConfig()
@@ -323,7 +324,7 @@ def test_a_crash_while_validating_again_is_redone_on_resume(tiny_prepared_fixtur
     resume validates again; metrics and calibration current but the row not yet rewritten: the resume brings the
     row up to date. Kills: the calibration written first (a stale state then judged current), ``revalidate``
     returning a current epoch's row as it is."""
-    import storage.training as st
+    import storage.validation as st
     from storage.atomic import write_json
     from storage.checkpoints import calibration_path
 
@@ -376,7 +377,7 @@ def test_the_size_metrics_are_the_deployed_pairs(tiny_prepared_fixture, tmp_path
     """With every pair within the tolerance, each size's reported score is its deployed pair's (the widest gate,
     the shallowest depth), the same number as that pair's own metric. Kills: the sizes scored at the best pair
     (tolerance 0 passed to ``deployed_report``)."""
-    import storage.training as st
+    import storage.validation as st
 
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.3),
