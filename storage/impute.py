@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -28,12 +27,18 @@ from embrag.model import build_model, resolve_device
 from embrag.neighbours import MatchContext, tie_seed, token_alleles
 from embrag.retrieval import index_kind
 from embrag.tokens import haplotype_tokens, window_slice
-from storage.atomic import read_json
-from storage.checkpoints import calibration_path, checkpoint_lineage, load_checkpoint
+from storage.calibration import (
+    calibration_mismatch,
+    choose_setting,
+    prior_size,
+    read_calibration,
+    stale_calibration,
+)
+from storage.checkpoints import checkpoint_lineage, load_checkpoint
 from storage.errors import VcfInputError
 from storage.evaluate import EvaluationReport, ReportFiles, evaluate_vcfs, write_report
 from storage.layout import RunLayout, evaluation_dir
-from storage.lineage import check_checkpoint, inference_settings, provenance_tag
+from storage.lineage import check_checkpoint, provenance_tag
 from storage.prepared import PreparedData
 from storage.queries import match_context
 from storage.target import Target, exclude_rows, output_contigs, panel_af, read_target
@@ -42,7 +47,6 @@ from storage.workspace import impute_workspace
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T", float, str)
 
 _Q = 65535  # probabilities stored as uint16 p * 65535: 1.5e-5 resolution everywhere (float16 is 5e-4 near 1)
 _SLAB_VALUES = 1 << 21  # sites x samples per write slab (~16 MB as float32 haplotype pairs)
@@ -221,81 +225,6 @@ def design_mismatch(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray) -
         return None
     return (f"the target leaves {untyped:.0%} of the panel sites untyped but the model was trained with random masks "
             f"hiding at most {trained:.0%}; expect poorly calibrated dosages; {recipe}")
-
-
-class Calibration(NamedTuple):
-    """What validation fitted and chose for a checkpoint (``storage.validation.validate_checkpoint``)."""
-
-    temperature: float  # 1.0 without a calibration
-    prior_gate: float | None  # the gate it was fitted under; None: no calibration, or one from before gates
-    depth: str | None  # the depth it was fitted at ("transformer" for one from before depths); None: no calibration
-    # the rare-site vote validation mixed in (ModelConfig.rare_vote* fields); None: the checkpoint's own config
-    rare_vote: dict | None = None
-    # the prior's effective size validation chose (retrieval.hmm_ne_choices); None: the checkpoint's hmm_ne
-    hmm_ne: float | None = None
-
-
-def read_calibration(checkpoint: Path) -> Calibration:
-    """The calibration of ``checkpoint``: ``(1.0, None, None)`` without one; gate None for one written before
-    gates were recorded, depth "transformer" for one written before depths (its temperature was fitted on the
-    transformer's logits)."""
-    path = calibration_path(checkpoint)
-    if not path.exists():
-        log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
-        return Calibration(1.0, None, None)
-    record = read_json(path)
-    ne = record.get("hmm_ne")
-    return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"),
-                       record.get("rare_vote"), None if ne is None else float(ne))
-
-
-def prior_size(cfg: RunConfig, chosen: float | None) -> RunConfig:
-    """``cfg`` with the prior's effective size validation chose for the checkpoint (None: its own)."""
-    if chosen is None or chosen == cfg.retrieval.hmm_ne:
-        return cfg
-    return cfg.replace(retrieval__hmm_ne=chosen)
-
-
-def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:
-    """The prior gate or depth an imputation runs under: the one given, else the one validation chose and the
-    checkpoint's calibration records, else the checkpoint's ``model.prior_gate`` / ``model.depth`` (no
-    calibration, or one from before it was recorded)."""
-    if given is not None:
-        return given
-    return configured if calibrated is None else calibrated
-
-
-def calibration_mismatch(checkpoint: Path, fitted: Calibration, gate: float, depth: str) -> str | None:
-    """A warning when the temperature was fitted under another prior gate or depth than the ones imputing: it was
-    fitted on the logits of the haplotypes that gate handed to the model at that depth, so others get a
-    temperature not fitted on them."""
-    same_gate = fitted.prior_gate is None or abs(fitted.prior_gate - gate) < 1e-12
-    same_depth = fitted.depth is None or fitted.depth == depth
-    if same_gate and same_depth:
-        return None
-    fitted_gate = gate if fitted.prior_gate is None else fitted.prior_gate
-    return (f"{checkpoint.name}'s temperature was fitted with prior gate {fitted_gate:g} at depth "
-            f"{fitted.depth or depth} (validation), this imputation uses {gate:g} at depth {depth}: the model's "
-            "dosages are calibrated for the haplotypes that gate let through, at that depth")
-
-
-def stale_calibration(checkpoint: Path, run_dir: Path) -> str | None:
-    """A warning when the checkpoint's calibration was chosen under other inference settings (gate, depth, prior
-    size, rare-site vote candidates and tolerances) than ``run_dir``'s config.json holds now: it is used as
-    chosen, and training the run again validates its epochs under the new ones (no retraining). None for a
-    calibration that records none (older) or without a config.json."""
-    path, config = calibration_path(checkpoint), RunLayout(run_dir).config
-    if not (path.exists() and config.exists()):
-        return None
-    recorded = read_json(path).get("inference")
-    now = inference_settings(RunConfig.from_dict(read_json(config)))
-    if recorded is None or recorded == now:
-        return None
-    changed = sorted(f"{section}.{name}" for section, fields in now.items() for name, value in fields.items()
-                     if recorded.get(section, {}).get(name) != value)
-    return (f"{checkpoint.name}'s calibration was chosen under other inference settings than {config} holds now "
-            f"({', '.join(changed)}); it is used as chosen: run `embrag train --run-dir {run_dir}` to validate its "
-            "epochs again under the new ones (no retraining)")
 
 
 def check_target(target_vcf: Path, out_vcf: Path, *, batch_size: int = 1, sample_chunk: int = 1,

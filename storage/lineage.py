@@ -45,7 +45,7 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # with another gate or depth (``embrag impute --prior-gate / --depth``). What validation computes under them
 # (its metrics, the temperature fitted on the logits of the rows the gate let through, at that depth) records
 # them (``val_prior_gate``, ``val_depth``, the calibration file), and imputing under others warns
-# (``storage.impute.calibration_mismatch``).
+# (``storage.calibration.calibration_mismatch``).
 INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices",
                             *RARE_VOTE_FIELDS),
                   "retrieval": ("hmm_ne_choices", "hmm_ne_iqs_tolerance")}

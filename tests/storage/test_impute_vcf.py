@@ -651,8 +651,8 @@ def test_a_calibration_from_before_depths_was_fitted_at_the_transformer(tmp_path
     transformer's logits, so imputing at another depth warns. Kills: a missing depth read as "whatever
     imputes now" (a shallower depth silently given the transformer's temperature)."""
     from storage.atomic import write_json
+    from storage.calibration import calibration_mismatch, read_calibration
     from storage.checkpoints import calibration_path
-    from storage.impute import calibration_mismatch, read_calibration
 
     ckpt = tmp_path / "epoch-000.pt"
     write_json(calibration_path(ckpt), {"temperature": 1.2, "epoch": 0, "n_sites": 10, "prior_gate": 0.05})
@@ -665,7 +665,7 @@ def test_a_calibration_from_before_depths_was_fitted_at_the_transformer(tmp_path
 
 def test_imputation_follows_the_given_gate_then_the_calibrated_then_the_configured():
     """Kills: the configured gate winning over validation's choice, a missing calibration gate passed on as None."""
-    from storage.impute import choose_setting
+    from storage.calibration import choose_setting
 
     assert choose_setting(0.0, 0.45, 0.05) == 0.0  # --prior-gate 0: the model everywhere, whatever was chosen
     assert choose_setting(None, 0.45, 0.05) == 0.45
@@ -696,8 +696,8 @@ def test_imputation_warns_when_the_calibration_was_chosen_under_other_inference_
     config, a warning for a calibration that records no settings (written before they were recorded)."""
     from embrag.config import RunConfig
     from storage.atomic import write_json
+    from storage.calibration import stale_calibration
     from storage.checkpoints import calibration_path
-    from storage.impute import stale_calibration
     from storage.layout import RunLayout
     from storage.lineage import inference_settings
 

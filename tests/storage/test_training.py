@@ -167,8 +167,8 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     ignored by imputation."""
     import storage.validation as st
     from embrag.validate import choose_prior_size
+    from storage.calibration import prior_size, read_calibration
     from storage.checkpoints import calibration_path
-    from storage.impute import prior_size, read_calibration
 
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.3),
