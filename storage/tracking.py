@@ -370,7 +370,9 @@ def start_parent_run(layout: RunLayout, cfg: RunConfig, *, variants: Iterable[st
 
 
 def log_prepared_input(tracker: Tracker, run_id: str, prepared: PreparedData) -> None:
-    """The prepared store as the run's training dataset (MLflow keeps one input per dataset digest)."""
+    """The prepared store as the run's training dataset. MLflow keeps one dataset per (name, digest) and
+    experiment, with the source of the first run that logged it: a second run dir with the same data shows the
+    first one's URI there, so the run's own store is also the tag ``embrag.prepared_uri``."""
     sha = store_digest(prepared.path)
     summary = prepared.attrs.get("summary", {})
     profile = {"sha256": sha, **{k: summary[k] for k in ("n_sites", "n_windows", "window_size", "samples") if k in summary}}
@@ -379,6 +381,7 @@ def log_prepared_input(tracker: Tracker, run_id: str, prepared: PreparedData) ->
                       profile=json.dumps(profile))
     tracker.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
     tracker.client.set_tag(run_id, "embrag.prepared_sha256", sha)
+    tracker.client.set_tag(run_id, "embrag.prepared_uri", prepared.path.resolve().as_uri())
 
 
 def record_epoch(run: VariantRun, run_id: str, row: dict) -> dict:

@@ -106,7 +106,11 @@ def test_a_failed_run_resumes_running(tmp_path):
     assert tracker.start_run("v17", {}, {}) == run_id and tracker.status(run_id) == "RUNNING"
 
 
-def test_variant_run_carries_config_data_code_and_prefect_ids(tiny_run_dir, tiny_cfg):
+def test_variant_run_carries_config_data_code_and_prefect_ids(tiny_run_dir, tiny_cfg, tmp_path, monkeypatch):
+    # the run dir's own store: in the session-wide one a dataset of the same digest logged by an earlier test
+    # keeps that test's source URI (MLflow dedups datasets), which made this test depend on the order
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
     layout = RunLayout(tiny_run_dir)
     cfg = tiny_cfg.replace(model__variant="v17")
     run = VariantRun(layout, cfg)
@@ -131,6 +135,7 @@ def test_variant_run_carries_config_data_code_and_prefect_ids(tiny_run_dir, tiny
     assert json.loads(dataset.dataset.source)["uri"] == layout.prepared.as_uri()
     assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
     assert tags["embrag.prepared_sha256"] == store_digest(layout.prepared)
+    assert tags["embrag.prepared_uri"] == layout.prepared.resolve().as_uri()  # this run's, whoever logged first
     parent_data = client.get_run(parent).data
     assert "model.variant" not in parent_data.params and "index.kind" not in parent_data.params
     assert parent_data.tags["prefect.flow_run_id"] == "flow-1" and parent_data.tags["embrag.comparison"] == parent
