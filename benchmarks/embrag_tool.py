@@ -185,7 +185,7 @@ class Embrag:
         return {"epoch": epoch, "checkpoint": str(ckpt), "run_dir": str(layout.root),
                 "epochs": [{k: row.get(k) for k in ("epoch", "val_r2site_all", "val_top1_r2site_all",
                                                     "val_vote_r2site_all", "val_rare_alt_f1", "val_temperature", "val_prior_gate",
-                                                    "val_depth", "val_hmm_ne")}
+                                                    "val_depth", "val_hmm_ne", "val_hmm_ne_rare")}
                            for row in history],
                 "mask": {"design": cfg.mask.design, "array_per_mb": cfg.mask.array_per_mb,
                          "array_min_maf": cfg.mask.array_min_maf}, "overrides": self.overrides,

@@ -288,6 +288,16 @@ class RetrievalConfig:
     # validation takes as long as training). Empty: ``hmm_ne`` only.
     hmm_ne_choices: tuple[float, ...] = (30_000.0, 100_000.0)
     hmm_ne_iqs_tolerance: float = 0.01
+    # The prior's effective size at slots whose panel MAF is below 0.5 % (the rarest bin of ``MAF_BINS``),
+    # ``hmm_ne`` at the others; None: ``hmm_ne`` everywhere. Inference only, set from the checkpoint's
+    # calibration (validation's choice); training's prior runs ``hmm_ne`` everywhere. Why two sizes: on the
+    # accuracy protocol's validation targets (the prior alone, 4 seeds of CEU, YRI, CHB and ADMIX) a larger size
+    # raises mean per-site r2 above 0.5 % MAF (ADMIX 1e5 vs 3e4: +0.008 / +0.005 / +0.004 by bin) and lowers IQS
+    # in every bin, and the rarest bin's IQS is what a larger size must not lose.
+    hmm_ne_rare: float | None = None
+    # validation also tries the prior split by MAF class: the rarest bin's best size there, the others' best
+    # size elsewhere (``storage.validation``), one more validation pass when they differ
+    hmm_ne_split: bool = True
     hmm_eps: float = 1e-3
     hmm_flank: int = 64
     # at most this many states per query, the positional-BWT neighbours at the window edges, as
@@ -307,6 +317,8 @@ class RetrievalConfig:
                  f"pbwt_radius >= 0, got {self.candidates}, {self.pbwt_radius}")
         _require(self.hmm_ne > 0 and 0 < self.hmm_eps < 0.5 and self.hmm_flank >= 1, f"retrieval.hmm_ne must be "
                  f"> 0, hmm_eps in (0, 0.5) and hmm_flank >= 1, got {self.hmm_ne}, {self.hmm_eps}, {self.hmm_flank}")
+        _require(self.hmm_ne_rare is None or self.hmm_ne_rare > 0,
+                 f"retrieval.hmm_ne_rare must be > 0 (or None), got {self.hmm_ne_rare}")
         _require(all(ne > 0 for ne in self.hmm_ne_choices) and self.hmm_ne_iqs_tolerance >= 0,
                  f"retrieval.hmm_ne_choices must all be > 0 and hmm_ne_iqs_tolerance >= 0, got "
                  f"{self.hmm_ne_choices}, {self.hmm_ne_iqs_tolerance}")

@@ -22,7 +22,7 @@ from embrag.constants import ALT, REF
 from embrag.embedding import lookup_query_tables
 from embrag.loss import masked_loss
 from embrag.lshmm import window_prior
-from embrag.metrics import f1_from_counts
+from embrag.metrics import f1_from_counts, maf_bin_index
 from embrag.model import reference_alleles
 from embrag.neighbours import MatchContext, Neighbours, select_neighbours
 from embrag.progress import progress
@@ -156,9 +156,25 @@ def batch_prior(data: WindowData, rows: np.ndarray) -> np.ndarray:
     if data.match is None:
         return query_af(data.af, data.panel_tokens, exclude, len(rows))  # (B, L)
     r = data.retrieval
-    return window_prior(data.match, data.window, data.query_ids[rows], data.panel_tokens, data.af,
-                        exclude_rows=exclude, ne=r.hmm_ne, eps=r.hmm_eps, flank=r.hmm_flank,
-                        states=r.hmm_states, block=r.hmm_block)  # (B, L)
+
+    def prior(ne: float) -> np.ndarray:
+        return window_prior(data.match, data.window, data.query_ids[rows], data.panel_tokens, data.af,
+                            exclude_rows=exclude, ne=ne, eps=r.hmm_eps, flank=r.hmm_flank,
+                            states=r.hmm_states, block=r.hmm_block)  # (B, L)
+
+    out = prior(r.hmm_ne)
+    rare = rare_prior_slots(data.af, r)  # (L,)
+    if rare.any():  # the prior split by MAF class (retrieval.hmm_ne_rare)
+        out[:, rare] = prior(r.hmm_ne_rare)[:, rare]
+    return out
+
+
+def rare_prior_slots(af: np.ndarray, retrieval: RetrievalConfig) -> np.ndarray:
+    """``bool (L,)``: the slots whose prior runs at ``retrieval.hmm_ne_rare`` (panel MAF ``af (L,)`` below
+    0.5 %, the rarest bin of ``constants.MAF_BINS``); none without a second size."""
+    if retrieval.hmm_ne_rare is None or retrieval.hmm_ne_rare == retrieval.hmm_ne:
+        return np.zeros(af.shape, bool)
+    return maf_bin_index(np.minimum(af, 1.0 - af)) == 0  # float32 AF read as the VCF's counts (see there)
 
 
 def retrieve(data: WindowData, rows: np.ndarray, k: int, *, prior: bool = False,

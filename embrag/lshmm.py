@@ -185,8 +185,9 @@ def window_prior(ctx: MatchContext, w: int, queries: np.ndarray, panel_tokens: n
         return np.broadcast_to(af.astype(np.float32), (len(queries), len(g.position))).copy()
     start, end = block_windows(ctx, w, block)
     excl = None if exclude_rows is None else np.asarray(exclude_rows, np.int64)
-    block_key = (start, end, g.block, ne, eps, flank, states)
-    key = (queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
+    block_key = (start, end, g.block, eps, flank, states)
+    # ne in the batch's key, not the block's: a prior split by MAF class (two sizes) alternates per window
+    key = (ne, queries.tobytes(), None if excl is None else (excl.shape, excl.tobytes()))
     cache = ctx.prior_cache  # {"block": key, "sites": {windows: _Sites}, "priors": {batch: {window: prior}}}
     if cache.get("block") != block_key:
         cache.clear()

@@ -26,6 +26,7 @@ from embrag.constants import MAF_BIN_NAMES, MAF_BINS, RARE_MAF
 
 ZERO_VAR = 1e-12  # per-pair variance below this is "no variance" (float noise of a constant column)
 ALL_BIN = "all"
+ABOVE_RAREST = "maf_0.5-50pct"  # every bin but the rarest (above_rarest)
 
 
 # ---------------------------------------------------------------------------------------- F1
@@ -356,6 +357,12 @@ def bin_metrics(stats: SiteStats, maf: np.ndarray) -> list[BinMetrics]:
         raise ValueError(f"maf {idx.shape} does not match {stats.n.shape[0]} sites")
     rows = [_bin_row(name, stats, idx == i) for i, name in enumerate(MAF_BIN_NAMES)]
     return rows + [_bin_row(ALL_BIN, stats, idx >= 0)]
+
+
+def above_rarest(stats: SiteStats, maf: np.ndarray) -> BinMetrics:
+    """One row over the sites above the rarest MAF bin (``ABOVE_RAREST``): what a prior split by MAF class
+    sizes apart from the rarest bin (``storage.validation``)."""
+    return _bin_row(ABOVE_RAREST, stats, maf_bin_index(maf) >= 1)
 
 
 def dosage_r2(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from embrag.progress import progress
 from embrag.rare_vote import mix
 
 _EPS = 1e-6
+K = TypeVar("K")  # a prior size, or a (common, rare) pair of sizes
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def cheapest_within(r2: dict[tuple[float, str], float], tolerance: float) -> tup
     return max(within, key=lambda key: (key[1] == "prior", key[0], DEPTHS.index(key[1])))
 
 
-def preferred_within(scores: dict[float, float], preferred: float, tolerance: float) -> float:
+def preferred_within(scores: dict[K, float], preferred: K, tolerance: float) -> K:
     """The key of ``scores`` to use: ``preferred`` unless another's score beats it by more than ``tolerance``,
     then the best one. A NaN score never wins; with none finite (or ``preferred`` the best), ``preferred``. Why
     a preference: the prior's effective size the model trained with (``retrieval.hmm_ne``) changes only where
@@ -156,16 +158,23 @@ def preferred_within(scores: dict[float, float], preferred: float, tolerance: fl
     return preferred if mine >= finite[best] - tolerance else best
 
 
-def choose_prior_size(r2: dict[float, float], rare_iqs: dict[float, float], trained: float, r2_tolerance: float,
-                      iqs_tolerance: float) -> float:
-    """The prior's effective size to impute with: ``trained`` unless another size's validation mean per-site r2
-    beats it by more than ``r2_tolerance`` (``preferred_within``) without a rarest-bin IQS more than
-    ``iqs_tolerance`` below the trained size's. Why the second condition: a larger size smooths the prior,
-    which gains common-site r2 and costs rare IQS (the protocol's CHB seed 12 validation: +0.009 r2 at 3e5 for
-    -0.056 rare IQS), and both are what the tool is measured on. A NaN IQS (no rare site scored) is no loss."""
+def choose_prior_size(r2: dict[K, float], rare_iqs: dict[K, float], trained: K, r2_tolerance: float,
+                      iqs_tolerance: float) -> K:
+    """The prior's effective size to impute with (a size, or a (common, rare) pair of a prior split by MAF
+    class): ``trained`` unless another's validation mean per-site r2 beats it by more than ``r2_tolerance``
+    without a rarest-bin IQS more than ``iqs_tolerance`` below the trained size's; then, of those within
+    ``r2_tolerance`` of the best such r2, the one with the highest rarest-bin IQS. Why the IQS: a larger size
+    smooths the prior, which gains common-site r2 and costs rare IQS (the protocol's CHB seed 12 validation:
+    +0.009 r2 at 3e5 for -0.056 rare IQS), and both are what the tool is measured on; a prior split by MAF class
+    keeps the rare IQS of the smaller size for about the r2 of the larger. A NaN IQS (no rare site scored) is
+    no loss, and loses a tie."""
     base = rare_iqs.get(trained, np.nan)
-    admissible = {ne: v for ne, v in r2.items() if ne == trained or not rare_iqs.get(ne, np.nan) < base - iqs_tolerance}
-    return preferred_within(admissible, trained, r2_tolerance)
+    admissible = {k: v for k, v in r2.items() if k == trained or not rare_iqs.get(k, np.nan) < base - iqs_tolerance}
+    if preferred_within(admissible, trained, r2_tolerance) == trained:
+        return trained
+    best = max(v for v in admissible.values() if np.isfinite(v))
+    within = [k for k, v in admissible.items() if np.isfinite(v) and v >= best - r2_tolerance]
+    return max(within, key=lambda k: (np.nan_to_num(rare_iqs.get(k, np.nan), nan=-np.inf), admissible[k]))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, grid: np.ndarray | None = None) -> float:

@@ -441,8 +441,10 @@ def _print_imputed(s: dict, *, warn: bool) -> None:
                f"dropped {s['n_ambiguous_dropped']}, not in panel {s['n_absent']}, skipped {s['n_skipped']}, "
                f"missing calls {s['n_missing_calls']}")
     if s.get("prior_gate"):
+        size = f"effective size {s.get('hmm_ne', 0):g}" + (f", {s['hmm_ne_rare']:g} below 0.5 % MAF"
+                                                          if s.get("hmm_ne_rare") else "")
         typer.echo(f"  the prior decided {s['prior_decided']:.0%} of haplotype-windows alone (prior gate "
-                   f"{s['prior_gate']:g}, effective size {s.get('hmm_ne', 0):g}); the model imputed the rest "
+                   f"{s['prior_gate']:g}, {size}); the model imputed the rest "
                    f"(depth {s.get('depth', 'transformer')})")
     if s.get("warning") and warn:
         typer.echo(f"  warning: {s['warning']}", err=True)

@@ -29,6 +29,8 @@ class Calibration(NamedTuple):
     rare_vote: dict | None = None
     # the prior's effective size validation chose (retrieval.hmm_ne_choices); None: the checkpoint's hmm_ne
     hmm_ne: float | None = None
+    # the size at the rarest bin's slots of a prior split by MAF class (retrieval.hmm_ne_rare); None: hmm_ne there
+    hmm_ne_rare: float | None = None
 
 
 def read_calibration(checkpoint: Path) -> Calibration:
@@ -40,16 +42,21 @@ def read_calibration(checkpoint: Path) -> Calibration:
         log.warning("%s: no calibration (%s); dosages are not calibrated", checkpoint, path.name)
         return Calibration(1.0, None, None)
     record = read_json(path)
-    ne = record.get("hmm_ne")
+    ne, rare = record.get("hmm_ne"), record.get("hmm_ne_rare")
+    ne = None if ne is None else float(ne)
+    rare = None if rare is None or float(rare) == ne else float(rare)
     return Calibration(float(record["temperature"]), record.get("prior_gate"), record.get("depth", "transformer"),
-                       record.get("rare_vote"), None if ne is None else float(ne))
+                       record.get("rare_vote"), ne, rare)
 
 
-def prior_size(cfg: RunConfig, chosen: float | None) -> RunConfig:
-    """``cfg`` with the prior's effective size validation chose for the checkpoint (None: its own)."""
-    if chosen is None or chosen == cfg.retrieval.hmm_ne:
+def prior_size(cfg: RunConfig, chosen: float | None, rare: float | None = None) -> RunConfig:
+    """``cfg`` with the prior's effective size validation chose for the checkpoint (None: its own) and, for a
+    prior split by MAF class, the size at the rarest bin's slots (``retrieval.hmm_ne_rare``; None: one size)."""
+    ne = cfg.retrieval.hmm_ne if chosen is None else chosen
+    rare = None if rare == ne else rare
+    if (ne, rare) == (cfg.retrieval.hmm_ne, cfg.retrieval.hmm_ne_rare):
         return cfg
-    return cfg.replace(retrieval__hmm_ne=chosen)
+    return cfg.replace(retrieval__hmm_ne=ne, retrieval__hmm_ne_rare=rare)
 
 
 def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:

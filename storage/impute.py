@@ -78,6 +78,7 @@ class ImputeSummary:
     prior_decided: float  # haplotype-windows the prior answered without the model
     depth: str  # how far the others went through the model: given, else validation's choice, else model.depth
     hmm_ne: float = RetrievalConfig.hmm_ne  # the prior's size: validation's choice, else the checkpoint's hmm_ne
+    hmm_ne_rare: float | None = None  # at the rarest bin's slots, when validation split the prior by MAF class
     warning: str | None = None  # the target is masked far beyond what the model was trained on
 
 
@@ -157,7 +158,8 @@ def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sampl
     first_site = np.array([np.argmax(prepared.sites.contig == name) for name in names])  # (C,)
     most = lshmm.most_windows_per_block(counts[w.start], counts[first_site][contig_id], contig_id,
                                         cfg.retrieval.hmm_block)
-    per_sample = 2 * lshmm.cached_bytes_per_query(most, prepared.window_size)
+    sizes = 1 if cfg.retrieval.hmm_ne_rare in (None, cfg.retrieval.hmm_ne) else 2  # a split prior keeps both
+    per_sample = 2 * sizes * lshmm.cached_bytes_per_query(most, prepared.window_size)
     return max(1, min(sample_chunk, lshmm.PRIOR_CACHE_BYTES // per_sample))
 
 
@@ -296,7 +298,7 @@ class Imputer:
                              "pass one of those (embrag impute --depth)")
         if fitted.rare_vote is not None:  # the vote validation mixed in: an inference setting, not the checkpoint's
             self.model.cfg = dataclasses.replace(self.model.cfg, **fitted.rare_vote)
-        prepared, cfg, checkpoint = self.prepared, prior_size(self.cfg, fitted.hmm_ne), self.checkpoint
+        prepared, cfg, checkpoint = self.prepared, prior_size(self.cfg, fitted.hmm_ne, fitted.hmm_ne_rare), self.checkpoint
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
             target, gt = read_target(target_vcf, prepared, work)
@@ -331,6 +333,7 @@ class Imputer:
             n_panel_overlap=0 if exclude is None else int((exclude[::2, 0] >= 0).sum()),
             n_windows=len(prepared.windows), seconds=time.perf_counter() - t0, untyped_fraction=untyped,
             prior_gate=gate, prior_decided=decided, depth=depth, hmm_ne=cfg.retrieval.hmm_ne,
+            hmm_ne_rare=cfg.retrieval.hmm_ne_rare,
             warning=warning,
         )
 

@@ -48,7 +48,7 @@ VARIANT_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name
 # (``storage.calibration.calibration_mismatch``).
 INFERENCE_ONLY = {"model": ("prior_gate", "prior_gate_choices", "prior_gate_tolerance", "depth", "depth_choices",
                             *RARE_VOTE_FIELDS),
-                  "retrieval": ("hmm_ne_choices", "hmm_ne_iqs_tolerance")}
+                  "retrieval": ("hmm_ne_choices", "hmm_ne_iqs_tolerance", "hmm_ne_rare", "hmm_ne_split")}
 
 
 def inference_settings(cfg: RunConfig) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from embrag.constants import RARE_MAF
-from embrag.metrics import alt_f1, bin_metrics, dosage_r2, gp_from_hap_dosage, info_r2, site_stats
+from embrag.metrics import (
+    ABOVE_RAREST,
+    above_rarest,
+    alt_f1,
+    bin_metrics,
+    dosage_r2,
+    gp_from_hap_dosage,
+    info_r2,
+    site_stats,
+)
 from embrag.tokens import alleles_from_tokens
 from storage.prepared import PreparedData
 
@@ -79,7 +88,7 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
                       ) -> dict[str, float]:
     """Flat ``val_*`` metrics of the masked, owned validation sites.
 
-    Per panel-MAF bin (and ``all``): ``val_r2`` (aggregate), ``val_r2site`` (mean per-site r2, a
+    Per panel-MAF bin (and ``all``; ``val_r2site_maf_0.5-50pct`` over every bin but the rarest): ``val_r2`` (aggregate), ``val_r2site`` (mean per-site r2, a
     constant dosage = 0), ``val_nconst`` (such sites), ``val_iqs``, ``val_nrd``, ``val_nsites``,
     ``val_estemp`` (Pearson of the INFO R2 the imputed VCF would carry and the empirical r2).
     ``val_rare_alt_f1``: ALT-class F1 of the haplotype calls at sites whose panel ALT frequency is
@@ -106,6 +115,8 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
         out[f"{prefix}_nrd_{row.bin}"] = row.nrd
         out[f"{prefix}_nsites_{row.bin}"] = float(row.n_sites)
         out[f"{prefix}_estemp_{row.bin}"] = row.est_emp_pearson  # Pearson(INFO R2, empirical r2): calibration
+    # what a prior split by MAF class is chosen on apart from the rarest bin (storage.validation)
+    out[f"{prefix}_r2site_{ABOVE_RAREST}"] = above_rarest(stats, maf).r2_mean_site
     out[f"{prefix}_rare_alt_f1"] = alt_f1_at(v, prepared.sites.af[v.site] < rare_maf)
     if prefix == "val":
         baseline = np.broadcast_to(2 * prepared.sites.af[v.site], v.dosage.shape)

@@ -14,6 +14,7 @@ embedding version) -> the epoch's row. :func:`run_epochs` runs them in order wit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class StoreSource:
         self.queries = query_set(run.prepared, "train")
         self.n_windows = len(run.prepared.windows)
         self.n_query_haplotypes = len(self.queries)
+        self.retrieval = dataclasses.replace(run.cfg.retrieval, hmm_ne_rare=None)
         ev = plan.embedding_version
         # The layer that encoded version ev (after epoch ev - 1): references at each query's own AF.
         self.embedding = run.model(ev - 1).embedding.eval() if run.uses_embeddings else None
@@ -82,7 +84,8 @@ class StoreSource:
             mask=self.masks[w], index=index, panel_tokens=panel,
             embedding=self.embedding,
             exclude_rows=self.queries.exclude_rows, match=self.match, query_ids=self.queries.ids,
-            retrieval=self.run.cfg.retrieval, seed=tie_seed(self.run.cfg.retrieval.seed, self.epoch, w),
+            # hmm_ne everywhere: a prior split by MAF class is validation's choice for inference, not trained
+            retrieval=self.retrieval, seed=tie_seed(self.run.cfg.retrieval.seed, self.epoch, w),
         )
 
 

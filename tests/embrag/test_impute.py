@@ -478,6 +478,23 @@ def test_another_prior_size_must_gain_r2_without_losing_rare_iqs():
     assert choose_prior_size({3e4: 0.9, 1e5: 0.8}, {3e4: 0.7, 1e5: 0.9}, 3e4, 0.001, 0.01) == 3e4  # r2 first
 
 
+def test_among_priors_level_on_r2_the_higher_rare_iqs_wins():
+    """Once the trained size loses by more than the tolerance, the candidates within the tolerance of the best r2
+    go to the one with the highest rarest-bin IQS (a prior split by MAF class keeps the smaller size's rare IQS for
+    about the larger's r2); keys may be (common, rare) pairs. Kills: the best r2 taken whatever the IQS, the
+    tolerance band measured from the trained size, a NaN IQS winning the tie."""
+    from embrag.validate import choose_prior_size
+
+    one, big, split = (3e4, 3e4), (1e5, 1e5), (1e5, 3e4)
+    r2 = {one: 0.900, big: 0.9030, split: 0.9025}
+    assert choose_prior_size(r2, {one: 0.70, big: 0.695, split: 0.70}, one, 0.001, 0.01) == split
+    assert choose_prior_size(r2, {one: 0.70, big: 0.695, split: 0.70}, one, 0.0001, 0.01) == big  # 0.0005 behind
+    assert choose_prior_size(r2, {one: 0.70, big: 0.695, split: 0.70}, one, 0.003, 0.01) == one  # the trained: level
+    assert choose_prior_size(r2, {one: 0.70, big: 0.695, split: float("nan")}, one, 0.001, 0.01) == big
+    assert choose_prior_size(r2, {one: float("nan"), big: float("nan"), split: float("nan")}, one, 0.001,
+                             0.01) == big  # no IQS anywhere: the best r2
+
+
 def test_the_gate_leaves_validation_baselines_whole(rng):
     """Validation's no-model copies (top1, vote, hmm) and the model alone (model) cover every row whatever
     the gate, the model's being what it says with no gate. Kills: the baselines computed for the model's

@@ -412,3 +412,48 @@ def test_the_compiled_prior_equals_the_numpy_chain_and_interpolation(seed, q, h,
     lshmm.prior_at_sites(query, np.ascontiguousarray(panel.T), rows, allowed.astype(np.float32), stay, land, 0.01,
                          a0, ptr, site, w_left, *lshmm._carriers(site_alt.T), got)
     np.testing.assert_allclose(np.clip(got, 0, 1), want, atol=2e-5)
+
+
+def test_a_prior_split_by_maf_class_takes_each_size_at_its_own_slots():
+    """With ``retrieval.hmm_ne_rare``, ``batch_prior`` gives the rarest bin's slots (panel MAF < 0.5 %) the prior
+    at that size and the others the prior at ``hmm_ne``, each equal to a cold ``window_prior`` at its size, window
+    after window with the block's cache warm (both sizes cached side by side). Kills: the cache keyed without
+    ``ne`` (the second size served the first's prior), the classes swapped, ``hmm_ne_rare`` ignored."""
+    from embrag.config import RetrievalConfig
+    from embrag.epoch import WindowData, batch_prior, rare_prior_slots
+
+    rng = np.random.default_rng(11)
+    panel = rng.integers(0, 2, (16, 120)).astype(np.uint8)
+    query = panel[[3, 9]] ^ (rng.random((2, 120)) < 0.05)
+    ctx, windows = _context(panel, query.astype(np.uint8), np.arange(0, 120, 4), 10)
+    ctx = _reading_ahead(ctx, panel, windows)
+    r = RetrievalConfig(hmm_ne=3e4, hmm_ne_rare=30.0, hmm_block=16, hmm_flank=6, hmm_states=0)
+    rows, ids = np.array([0, 1]), np.array([16, 17])
+    differ = 0
+    for w in range(len(windows)):
+        lo, hi = windows.start[w], windows.stop[w]
+        tokens = np.where(panel[:, lo:hi] == 1, ALT, REF).astype(np.uint8)
+        af = panel[:, lo:hi].mean(0).astype(np.float32)
+        af[::3] = 0.002  # the rarest bin's slots (a 16-haplotype panel has none of its own)
+        real = np.ones(hi - lo, bool)
+        data = WindowData(window=w, query_tokens=tokens[:2], af=af, position=np.linspace(0, 1, hi - lo), real=real,
+                          mask=real, index=None, panel_tokens=tokens, match=ctx, query_ids=ids, retrieval=r)
+        got = batch_prior(data, rows)  # (2, L), the cache warm from the block's earlier windows
+
+        def cold(ne, w=w, tokens=tokens, af=af):
+            saved = dict(ctx.prior_cache)
+            ctx.prior_cache.clear()
+            out = lshmm.window_prior(ctx, w, ids, tokens, af, exclude_rows=None, ne=ne, eps=r.hmm_eps,
+                                     flank=r.hmm_flank, states=0, block=r.hmm_block)
+            ctx.prior_cache.clear()
+            ctx.prior_cache.update(saved)
+            return out
+
+        rare = rare_prior_slots(af, r)
+        assert np.array_equal(rare, np.arange(hi - lo) % 3 == 0)
+        np.testing.assert_allclose(got[:, rare], cold(30.0)[:, rare], atol=1e-6)
+        np.testing.assert_allclose(got[:, ~rare], cold(3e4)[:, ~rare], atol=1e-6)
+        differ += not np.allclose(cold(30.0)[:, rare], cold(3e4)[:, rare], atol=1e-3)
+    assert differ > 0, "the two sizes must give other priors somewhere, or the split is not tested"
+    assert not rare_prior_slots(af, RetrievalConfig(hmm_ne=3e4)).any()  # one size: no split
+    assert not rare_prior_slots(af, RetrievalConfig(hmm_ne=3e4, hmm_ne_rare=3e4)).any()

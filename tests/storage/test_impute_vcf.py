@@ -354,6 +354,33 @@ def test_the_prior_size_of_the_calibration_is_the_one_imputation_runs(run, monke
     assert run["summary"].hmm_ne == (fitted.hmm_ne or CFG.retrieval.hmm_ne)  # without the patch: the recorded size
 
 
+def test_a_prior_split_by_maf_class_in_the_calibration_runs_both_sizes(run, monkeypatch):
+    """A calibration that records a second size for the rarest bin's slots (``hmm_ne_rare``) gets a prior at both
+    sizes in every window that has such slots, and the summary says so; the sample chunk halves (both priors are
+    cached). Kills: the rare size dropped between the calibration and the prior, the chunk not counting it."""
+    import storage.impute as si
+    from storage.impute import prior_chunk
+
+    fitted = si.read_calibration(run["ckpt"])
+    common = fitted.hmm_ne or CFG.retrieval.hmm_ne
+    monkeypatch.setattr(si, "read_calibration", lambda ckpt: fitted._replace(hmm_ne=common, hmm_ne_rare=300.0))
+    seen = set()
+    real = epoch.window_prior
+    monkeypatch.setattr(epoch, "window_prior", lambda *a, **kw: seen.add(kw["ne"]) or real(*a, **kw))
+    summary = si.Imputer(run["ckpt"], run["root"]).impute(run["sim"].test_array_vcf, run["root"] / "split.vcf.gz")
+    assert seen == {common, 300.0} and (summary.hmm_ne, summary.hmm_ne_rare) == (common, 300.0)
+    assert run["summary"].hmm_ne_rare is None
+    typed = np.zeros(len(run["prepared"].sites), bool)
+    typed[::3] = True
+    from embrag import lshmm
+
+    one = prior_chunk(CFG, run["prepared"], typed, 10**9)
+    monkeypatch.setattr(lshmm, "PRIOR_CACHE_BYTES", lshmm.PRIOR_CACHE_BYTES // one * 8)  # room for 8 samples
+    assert prior_chunk(CFG, run["prepared"], typed, 500) == 8
+    assert prior_chunk(CFG.replace(retrieval__hmm_ne_rare=CFG.retrieval.hmm_ne / 10), run["prepared"], typed,
+                       500) == 4
+
+
 def test_sample_chunks_do_not_change_output(run):
     _, small = _impute(run, run["sim"].test_array_vcf, "chunk2", sample_chunk=2, batch_size=3)
     _, large = _impute(run, run["sim"].test_array_vcf, "chunk100", sample_chunk=100)

@@ -173,7 +173,7 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
     cfg = cfg.replace(train__epochs=1, model__prior_gate=0.0, model__prior_gate_choices=(0.0, 0.3),
                       model__depth_choices=("transformer", "copy"), retrieval__hmm_ne=3e4,
-                      retrieval__hmm_ne_choices=(3e2, 3e4, 3e7),
+                      retrieval__hmm_ne_choices=(3e2, 3e4, 3e7), retrieval__hmm_ne_split=False,  # (its own test)
                       model__prior_gate_tolerance=0.0)  # the best size, whichever it is
     monkeypatch.setattr(st, "cheapest_within", lambda scores, tol: (0.3, "copy"))  # not the start: a second pass
     sizes, seconds = [], []
@@ -201,6 +201,83 @@ def test_validation_chooses_the_prior_size_and_imputation_uses_it(tiny_prepared_
     fitted = read_calibration(run.paths.checkpoint(0))
     assert fitted.hmm_ne == chosen and prior_size(cfg, fitted.hmm_ne).retrieval.hmm_ne == chosen
     assert prior_size(cfg, None) is cfg  # a calibration from before the choice: the checkpoint's own size
+
+
+def test_validation_tries_the_prior_split_by_maf_class_and_imputation_uses_it(tiny_prepared_fixture, tmp_path,
+                                                                               monkeypatch):
+    """When the sizes' passes point to a prior split by MAF class (``split_prior``), validation runs a pass with it
+    (the common size, the rare size at the rarest bin's slots), offers it to ``choose_prior_size`` beside the
+    single sizes, scores it in the metrics and records both sizes in the calibration, from which an imputation's
+    config takes them. With ``retrieval.hmm_ne_split`` off (an inference setting: the epoch is validated again)
+    there is no such pass and one size is recorded. Training's prior never splits. Kills: the split pass run at
+    one size, the split left out of the choice, the rare size not recorded or not read back, the switch ignored,
+    training reading ``hmm_ne_rare``."""
+    import storage.validation as st
+    from storage.calibration import prior_size, read_calibration
+    from storage.epoch_plan import write_plan
+    from storage.training import StoreSource
+
+    layout, cfg = _copy(tiny_prepared_fixture, tmp_path)
+    cfg = cfg.replace(train__epochs=1, model__prior_gate_choices=(), model__depth_choices=(), retrieval__hmm_ne=3e4,
+                      retrieval__hmm_ne_choices=(3e2,), model__prior_gate_tolerance=0.0)
+    split = (3e2, 3e4)
+    monkeypatch.setattr(st, "split_prior", lambda reports, *a: split)  # the tiny panel has no rarest-bin site
+    seen, offered = [], []
+    real = st.validate
+
+    def spy(model, windows, inputs, *a, **kw):
+        r = inputs(int(windows[0])).retrieval
+        seen.append((r.hmm_ne, r.hmm_ne_rare))
+        return real(model, windows, inputs, *a, **kw)
+
+    def choose(r2, iqs, trained, *a):
+        offered.append(set(r2))
+        return split if split in r2 else trained
+
+    monkeypatch.setattr(st, "validate", spy)
+    monkeypatch.setattr(st, "choose_prior_size", choose)
+    run = VariantRun(layout, cfg)
+    metrics = run_epochs(run)[-1]
+    assert seen == [(3e4, None), (3e2, None), (3e2, 3e4)]
+    assert offered == [{(3e4, 3e4), (3e2, 3e2), split}]
+    assert (metrics["val_hmm_ne"], metrics["val_hmm_ne_rare"]) == split
+    assert np.isfinite(metrics["val_ne_300_rare_30000_r2site_all"]) and st.size_metric(split, "x") == \
+        "val_ne_300_rare_30000_x"
+    fitted = read_calibration(run.paths.checkpoint(0))
+    assert (fitted.hmm_ne, fitted.hmm_ne_rare) == split
+    deployed = prior_size(cfg, fitted.hmm_ne, fitted.hmm_ne_rare).retrieval
+    assert (deployed.hmm_ne, deployed.hmm_ne_rare) == split
+    asked = VariantRun(layout, cfg.replace(retrieval__hmm_ne_rare=1e3))  # even when a config asks for a split
+    assert StoreSource(asked, write_plan(asked, 0)).window(0).retrieval.hmm_ne_rare is None  # training: one size
+
+    seen.clear()
+    off = VariantRun(layout, cfg.replace(retrieval__hmm_ne_split=False))
+    metrics = run_epochs(off)[-1]
+    assert seen == [(3e4, None), (3e2, None)]  # validated again (the switch is an inference setting), no split
+    fitted = read_calibration(off.paths.checkpoint(0))
+    assert fitted.hmm_ne == 3e4 and fitted.hmm_ne_rare is None  # one size: recorded as both, read back as none
+    assert prior_size(cfg, fitted.hmm_ne, fitted.hmm_ne_rare) is cfg
+
+
+def test_the_split_takes_the_rarest_bins_size_there_and_the_best_size_elsewhere():
+    """``split_prior``: the rarest bin's size by its r2 without losing its IQS, the others' by the r2 above the
+    rarest bin, each kept at the trained size unless another beats it by more than the tolerance; None when one
+    size wins both. Kills: the two classes swapped, the IQS guard dropped at the rare slots, the common size read
+    off all sites or off the rarest bin."""
+    import storage.validation as st
+
+    rare, iqs, above, all_ = ("val_r2site_maf_0-0.5pct", "val_iqs_maf_0-0.5pct", "val_r2site_maf_0.5-50pct",
+                              "val_r2site_all")
+    reports = {3e4: {rare: 0.80, iqs: 0.70, above: 0.90, all_: 0.85},
+               1e5: {rare: 0.805, iqs: 0.68, above: 0.91, all_: 0.86}}
+    assert st.split_prior(reports, 3e4, 0.001, 0.01) == (1e5, 3e4)  # 1e5 loses 0.02 of rare IQS
+    reports[1e5][iqs] = 0.695
+    assert st.split_prior(reports, 3e4, 0.001, 0.01) is None  # 1e5 wins both classes
+    reports[1e5][above], reports[1e5][all_] = 0.9005, 0.95
+    assert st.split_prior(reports, 3e4, 0.001, 0.01) == (3e4, 1e5)  # level above the rarest bin: the trained
+    nan = float("nan")
+    reports = {3e4: {rare: nan, iqs: nan, above: 0.90}, 1e5: {rare: nan, iqs: nan, above: 0.91}}
+    assert st.split_prior(reports, 3e4, 0.001, 0.01) == (1e5, 3e4)  # no rare site scored: the trained size there
 
 
 def test_a_size_that_loses_rare_iqs_is_not_chosen(tiny_prepared_fixture, tmp_path, monkeypatch):
