@@ -123,3 +123,33 @@ def test_tune_takes_the_candidate_with_the_best_validation_score(monkeypatch):
     assert (choice.k, choice.power, choice.unit) == (16, 2.0, "bp")
     assert len(scores) == len(baselines.GRID_K) * len(baselines.GRID_POWER) * len(baselines.UNITS)
     assert all(t is val_truth for t in seen)
+
+
+def test_prior_sizes_rows_are_the_hmm_at_each_size_scored_site_by_site():
+    """``benchmarks.prior_sizes.size_rows``: per size, the "all" row's mean per-site r2 equals a loop of squared
+    Pearson correlations between the HMM's dosage at that size and the validation truth (a constant dosage 0),
+    over the untyped panel-polymorphic sites, and the sizes differ. Kills: the sizes not passed to the HMM,
+    typed sites scored, the haplotype doses not summed per sample."""
+    from benchmarks import prior_sizes
+
+    rng = np.random.default_rng(3)
+    keys = [("20", 1000 * (j + 1), "A", "G") for j in range(30)]
+    panel = _haps(keys, rng.integers(0, 2, (24, 30)), [f"P{i}" for i in range(12)])
+    val_samples = ["P2", "P5", "P9"]
+    typed = list(range(0, 30, 3))
+    rows = panel.rows_of(val_samples).ravel()
+    val_target = _haps([keys[j] for j in typed], panel.alleles[rows][:, typed], val_samples)
+    val_truth = panel.alleles[rows].reshape(3, 2, 30).sum(1)
+    got = prior_sizes.size_rows(panel, val_target, val_truth, [10.0, 1e6])
+    af = panel.alleles.mean(0)
+    query = baselines.align(panel, val_target)
+    for ne in (10.0, 1e6):
+        dosage = baselines.hmm_impute(panel, query, ne).reshape(3, 2, 30).sum(1)
+        r2 = []
+        for j in range(30):
+            if j in typed or min(af[j], 1 - af[j]) == 0 or val_truth[:, j].std() == 0:
+                continue
+            r2.append(0.0 if dosage[:, j].std() < 1e-9 else np.corrcoef(dosage[:, j], val_truth[:, j])[0, 1] ** 2)
+        assert got[f"{ne:g}"]["all"][0] == pytest.approx(np.mean(r2), abs=1e-9)
+        assert got[f"{ne:g}"]["all"][2] == len(r2)
+    assert got["10"]["all"][0] != pytest.approx(got["1e+06"]["all"][0])
