@@ -298,7 +298,8 @@ class Imputer:
                              "pass one of those (embrag impute --depth)")
         if fitted.rare_vote is not None:  # the vote validation mixed in: an inference setting, not the checkpoint's
             self.model.cfg = dataclasses.replace(self.model.cfg, **fitted.rare_vote)
-        prepared, cfg, checkpoint = self.prepared, prior_size(self.cfg, fitted.hmm_ne, fitted.hmm_ne_rare), self.checkpoint
+        prepared, checkpoint = self.prepared, self.checkpoint
+        cfg = prior_size(self.cfg, fitted.hmm_ne, fitted.hmm_ne_rare)
         out_vcf.parent.mkdir(parents=True, exist_ok=True)
         with impute_workspace(out_vcf) as work:  # locks out_vcf; removed on exit and, after a kill, by the next run
             target, gt = read_target(target_vcf, prepared, work)

@@ -88,8 +88,8 @@ def validation_report(prepared: PreparedData, predictions: dict[int, np.ndarray]
                       ) -> dict[str, float]:
     """Flat ``val_*`` metrics of the masked, owned validation sites.
 
-    Per panel-MAF bin (and ``all``; ``val_r2site_maf_0.5-50pct`` over every bin but the rarest): ``val_r2`` (aggregate), ``val_r2site`` (mean per-site r2, a
-    constant dosage = 0), ``val_nconst`` (such sites), ``val_iqs``, ``val_nrd``, ``val_nsites``,
+    Per panel-MAF bin (and ``all``): ``val_r2`` (aggregate), ``val_r2site`` (mean per-site r2, a
+    constant dosage = 0; also ``val_r2site_maf_0.5-50pct``, every bin but the rarest), ``val_nconst`` (such sites), ``val_iqs``, ``val_nrd``, ``val_nsites``,
     ``val_estemp`` (Pearson of the INFO R2 the imputed VCF would carry and the empirical r2).
     ``val_rare_alt_f1``: ALT-class F1 of the haplotype calls at sites whose panel ALT frequency is
     below ``rare_maf``. Not "MAF below": where ALT is the common allele (AF > 0.95) calling ALT for
