@@ -327,6 +327,16 @@ class RetrievalConfig:
         _require(self.rank in ("match", "index") and self.run_unit in ("sites", "bp"), f"retrieval.rank must be "
                  f"'match' or 'index' and run_unit 'sites' or 'bp', got {self.rank!r}, {self.run_unit!r}")
 
+    @property
+    def prior_split(self) -> bool:
+        """The prior runs at a second size at the rarest bin's slots (``hmm_ne_rare``, not ``hmm_ne``)."""
+        return self.hmm_ne_rare is not None and self.hmm_ne_rare != self.hmm_ne
+
+    def with_prior_sizes(self, ne: float, rare: float | None = None) -> RetrievalConfig:
+        """This config with the prior at ``ne`` and at ``rare`` on the rarest bin's slots (None or ``ne``: one
+        size, recorded as ``hmm_ne_rare`` None)."""
+        return dataclasses.replace(self, hmm_ne=ne, hmm_ne_rare=None if rare == ne else rare)
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -172,7 +172,7 @@ def batch_prior(data: WindowData, rows: np.ndarray) -> np.ndarray:
 def rare_prior_slots(af: np.ndarray, retrieval: RetrievalConfig) -> np.ndarray:
     """``bool (L,)``: the slots whose prior runs at ``retrieval.hmm_ne_rare`` (panel MAF ``af (L,)`` below
     0.5 %, the rarest bin of ``constants.MAF_BINS``); none without a second size."""
-    if retrieval.hmm_ne_rare is None or retrieval.hmm_ne_rare == retrieval.hmm_ne:
+    if not retrieval.prior_split:
         return np.zeros(af.shape, bool)
     return maf_bin_index(np.minimum(af, 1.0 - af)) == 0  # float32 AF read as the VCF's counts (see there)
 

@@ -52,11 +52,8 @@ def read_calibration(checkpoint: Path) -> Calibration:
 def prior_size(cfg: RunConfig, chosen: float | None, rare: float | None = None) -> RunConfig:
     """``cfg`` with the prior's effective size validation chose for the checkpoint (None: its own) and, for a
     prior split by MAF class, the size at the rarest bin's slots (``retrieval.hmm_ne_rare``; None: one size)."""
-    ne = cfg.retrieval.hmm_ne if chosen is None else chosen
-    rare = None if rare == ne else rare
-    if (ne, rare) == (cfg.retrieval.hmm_ne, cfg.retrieval.hmm_ne_rare):
-        return cfg
-    return cfg.replace(retrieval__hmm_ne=ne, retrieval__hmm_ne_rare=rare)
+    retrieval = cfg.retrieval.with_prior_sizes(cfg.retrieval.hmm_ne if chosen is None else chosen, rare)
+    return cfg if retrieval == cfg.retrieval else cfg.replace(retrieval=retrieval)
 
 
 def choose_setting(given: T | None, calibrated: T | None, configured: T) -> T:

@@ -158,7 +158,7 @@ def prior_chunk(cfg: RunConfig, prepared: PreparedData, typed: np.ndarray, sampl
     first_site = np.array([np.argmax(prepared.sites.contig == name) for name in names])  # (C,)
     most = lshmm.most_windows_per_block(counts[w.start], counts[first_site][contig_id], contig_id,
                                         cfg.retrieval.hmm_block)
-    sizes = 1 if cfg.retrieval.hmm_ne_rare in (None, cfg.retrieval.hmm_ne) else 2  # a split prior keeps both
+    sizes = 2 if cfg.retrieval.prior_split else 1  # a split prior keeps both sizes' priors
     per_sample = 2 * sizes * lshmm.cached_bytes_per_query(most, prepared.window_size)
     return max(1, min(sample_chunk, lshmm.PRIOR_CACHE_BYTES // per_sample))
 

@@ -218,10 +218,8 @@ def with_prior_size(inp: WindowInputs, prior: float | Prior) -> WindowInputs:
     """``inp`` with the Li-Stephens prior at effective size ``prior`` (``retrieval.hmm_ne``), or split by MAF
     class: ``(common, rare)`` (``retrieval.hmm_ne``, ``retrieval.hmm_ne_rare``)."""
     common, rare = prior if isinstance(prior, tuple) else (prior, prior)
-    rare = None if rare == common else rare
-    if (inp.retrieval.hmm_ne, inp.retrieval.hmm_ne_rare) == (common, rare):
-        return inp
-    return dataclasses.replace(inp, retrieval=dataclasses.replace(inp.retrieval, hmm_ne=common, hmm_ne_rare=rare))
+    retrieval = inp.retrieval.with_prior_sizes(common, rare)
+    return inp if retrieval == inp.retrieval else dataclasses.replace(inp, retrieval=retrieval)
 
 
 def _score_name(gate: float, depth: str) -> str:
